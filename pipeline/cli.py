@@ -23,27 +23,28 @@ def _click_type(annotation):
     return annotation
 
 
-def config_options(config_class):
+def config_options(config_class, **default_overrides):
     """Decorator: one --flag per dataclass field (underscores become dashes), help and default from the field;
-    the command receives a ready `config` instance."""
+    the command receives a ready `config` instance (stacked decorators pass one instance each, top first)."""
     hints = typing.get_type_hints(config_class)
 
     def decorate(func):
         @functools.wraps(func)
-        def wrapper(**kwargs):
+        def wrapper(*configs, **kwargs):
             names = {f.name for f in dataclasses.fields(config_class)}
             config = config_class(**{k: v for k, v in kwargs.items() if k in names})
             rest = {k: v for k, v in kwargs.items() if k not in names}
-            return func(config, **rest)
+            return func(*configs, config, **rest)
 
         for field in reversed(dataclasses.fields(config_class)):
             kind = _click_type(hints[field.name])
             flag = "--" + field.name.replace("_", "-")
             help_text = field.metadata.get("help", "")
+            default = default_overrides.get(field.name, field.default)
             if kind is bool:
-                wrapper = click.option(flag + "/--no-" + field.name.replace("_", "-"), default=field.default, show_default=True, help=help_text)(wrapper)
+                wrapper = click.option(flag + "/--no-" + field.name.replace("_", "-"), default=default, show_default=True, help=help_text)(wrapper)
             else:
-                wrapper = click.option(flag, type=kind, default=field.default, show_default=True, help=help_text)(wrapper)
+                wrapper = click.option(flag, type=kind, default=default, show_default=True, help=help_text)(wrapper)
         return wrapper
 
     return decorate
@@ -86,6 +87,37 @@ def data(config):
     from pipeline.data import prepare_data
 
     run_stage(prepare_data, config)
+
+
+@main.command("cache-logits")
+@config_options(cfg.CacheConfig)
+def cache_logits(config):
+    """Run the teacher once over train and val and store its sparse next-token distributions (HDF5).
+
+    Resumable (rerun after a kill) and distributed: under `torchrun` / `accelerate launch` every process writes its own shard."""
+    from pipeline.cache import build_cache
+
+    run_stage(build_cache, config)
+
+
+@main.command()
+@config_options(cfg.TrainConfig)
+@config_options(cfg.StudentConfig)
+def distill(config, student):
+    """Train a student from the cache: alpha * CE + (1 - alpha) * T^2 * KD(teacher || student)."""
+    from pipeline.train import train
+
+    run_stage(train, config, student, distill=True)
+
+
+@main.command()
+@config_options(cfg.TrainConfig, out_dir="checkpoints/default-baseline")
+@config_options(cfg.StudentConfig)
+def baseline(config, student):
+    """Train the same student on the same rows, order and steps with cross-entropy only (the cache is ignored)."""
+    from pipeline.train import train
+
+    run_stage(train, config, student, distill=False)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,86 @@ class CacheConfig:
 
 def as_dict(config) -> dict:
     return asdict(config)
+
+
+@dataclass
+class StudentConfig:
+    """Which student to train: a fresh small Llama, a slice of the teacher, or an existing model."""
+
+    student: Optional[str] = opt(None, "start from this Hugging Face causal LM (folder or hub id) instead of a new one; must share the tokenizer")
+    student_init: str = opt("random", "random (new Llama decoder) | teacher-layers (teacher embeddings, norm and every n-th block)")
+    n_layer: int = opt(4, "student decoder blocks")
+    n_embd: int = opt(256, "student width (ignored with teacher-layers: the teacher's width is kept)")
+    n_head: int = opt(4, "attention heads")
+    n_kv_head: int = opt(4, "key/value heads (grouped-query attention when smaller than --n-head)")
+    mlp_size: int = opt(768, "MLP hidden size")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.student_init not in ("random", "teacher-layers"):
+            problems.append(f"--student-init must be random or teacher-layers, got {self.student_init!r}")
+        if self.student and self.student_init != "random":
+            problems.append("Can't provide both `--student` and `--student-init teacher-layers`. Choose one.")
+        for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.n_embd % max(self.n_head, 1) or self.n_head % max(self.n_kv_head, 1):
+            problems.append(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}), and --n-head by --n-kv-head ({self.n_kv_head})")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """Distill (hard + soft loss from the cache) or baseline (cross-entropy only) training."""
+
+    data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
+    cache_dir: str = opt("cache/default", "teacher-logit cache folder (make cache-logits); ignored by baseline")
+    teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder: tokenizer, and weights for --student-init teacher-layers")
+    out_dir: str = opt("checkpoints/default-distill", "run folder: final model, metrics.jsonl, state/")
+    seq_len: int = opt(512, "tokens per sequence; must equal the cache's")
+    max_rows: Optional[int] = opt(None, "use only the first N train rows (smoke runs); must equal the cache's")
+    alpha: float = opt(0.5, "weight of the hard loss: total = alpha*CE + (1-alpha)*T^2*KD")
+    temperature: Optional[float] = opt(None, "KD temperature; default and only allowed value: the cache's")
+    kd_loss: str = opt("forward-kl", "forward-kl | reverse-kl | jsd (topk cache: over the stored ids + a tail bucket)")
+    jsd_beta: float = opt(0.5, "beta of --kd-loss jsd")
+    topk_renormalize: bool = opt(False, "renormalise the top-k teacher mass instead of keeping the tail bucket")
+    batch_size: int = opt(8, "sequences per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_steps: int = opt(300, "optimizer steps")
+    lr: float = opt(2e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
+    warmup_steps: int = opt(30, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not on norms and biases)")
+    grad_clip: float = opt(1.0, "gradient norm clip (0: off)")
+    mixed_precision: str = opt("auto", "auto (bf16 if supported, else fp16 on GPU, else no) | bf16 | fp16 | no")
+    seed: int = opt(0, "seed of the initialisation and the data order")
+    eval_every: int = opt(50, "steps between validation evaluations")
+    eval_rows: int = opt(64, "val rows used by each evaluation (0: all)")
+    save_every: int = opt(100, "steps between saved training states (resume points)")
+    log_every: int = opt(10, "steps between log lines")
+    resume: bool = opt(False, "continue from the latest saved state in --out-dir")
+    num_workers: int = opt(1, "DataLoader worker processes")
+    loss_chunk: int = opt(2048, "token positions per chunk of the loss (bounds float32 [tokens, vocab] memory)")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature is not None and self.temperature <= 0:
+            problems.append(f"--temperature must be positive, got {self.temperature}")
+        if self.kd_loss not in ("forward-kl", "reverse-kl", "jsd"):
+            problems.append(f"--kd-loss must be forward-kl, reverse-kl or jsd, got {self.kd_loss!r}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            problems.append(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "loss_chunk"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.max_rows is not None and self.max_rows <= 0:
+            problems.append(f"--max-rows must be positive, got {self.max_rows}")
+        if self.lr <= 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.eval_rows < 0 or self.num_workers < 0:
+            problems.append("--warmup-steps, --eval-rows and --num-workers must not be negative")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            problems.append(f"--mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        return problems

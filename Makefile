@@ -1,0 +1,109 @@
+# Offline knowledge distillation pipeline.  `make compare` runs every stage whose output is missing or stale.
+#   make compare                  # full default run on the embedded teacher + corpus (about 30 min on 2 CPU cores)
+#   make compare SMOKE=1          # the same path on a tiny slice (a few minutes)
+#   make test                     # the test suite (what CI runs)
+# Variables pass options through: CORPUS, TEACHER, NAME, SEQ_LEN, MODE, K, NUM_SAMPLES, TEMPERATURE, ALPHA, STEPS, ...
+# Each stage command is itself a no-op when its inputs and options match what is on disk.
+
+PYTHON        ?= python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+TORCH_SPEC    ?= torch==2.13.0
+CONSTRAINTS   ?= constraints.txt
+SMOKE         ?=
+
+CORPUS        ?= shakespeare
+TEACHER       ?= checkpoints/teacher
+TEACHER_SOURCE ?= embedded
+SEQ_LEN       ?= 512
+MODE          ?= topk
+K             ?= 64
+NUM_SAMPLES   ?= 50
+TEMPERATURE   ?= 1.0
+ALPHA         ?= 0.5
+STEPS         ?= 300
+BATCH         ?= 8
+CACHE_BATCH   ?= 4
+STUDENT_ARGS  ?=
+TRAIN_ARGS    ?=
+DATA_ARGS     ?=
+CACHE_ARGS    ?=
+COMPARE_ARGS  ?=
+LAUNCH        ?= $(PY) -m pipeline
+
+ifeq ($(SMOKE),1)
+NAME          ?= smoke
+DATA_ARGS     += --max-tokens 12000
+SEQ_LEN       := 128
+STEPS         := 40
+BATCH         := 8
+TRAIN_ARGS    += --eval-every 20 --save-every 20 --warmup-steps 5 --eval-rows 8
+STUDENT_ARGS  += --n-layer 2 --n-embd 128 --n-head 2 --n-kv-head 2 --mlp-size 256
+COMPARE_ARGS  += --max-new-tokens 24 --eval-rows 8
+endif
+NAME          ?= default
+
+DATA_DIR      := data/$(NAME)
+CACHE_DIR     := cache/$(NAME)
+DISTILL_DIR   := checkpoints/$(NAME)-distill
+BASELINE_DIR  := checkpoints/$(NAME)-baseline
+COMPARE_DIR   := checkpoints/$(if $(filter default,$(NAME)),compare,$(NAME)-compare)
+
+# A stamp file per stage holds its options; it is rewritten (making the stage stale) only when they change.
+define stamp
+$(shell mkdir -p $(dir $(1)) && if [ "$$(cat $(1) 2>/dev/null)" != "$(2)" ]; then echo "$(2)" > $(1); fi)$(1)
+endef
+
+DATA_OPTS     := --corpus $(CORPUS) --tokenizer $(TEACHER) --out-dir $(DATA_DIR) $(DATA_ARGS)
+CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_DIR) --mode $(MODE) --k $(K) \
+                 --num-samples $(NUM_SAMPLES) --temperature $(TEMPERATURE) --seq-len $(SEQ_LEN) --batch-size $(CACHE_BATCH) $(CACHE_ARGS)
+TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --seq-len $(SEQ_LEN) --max-steps $(STEPS) \
+                 --batch-size $(BATCH) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)
+
+.PHONY: help install teacher data cache-logits distill baseline compare test bench clean
+.DEFAULT_GOAL := help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet "$(TORCH_SPEC)")
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the package (TORCH_SPEC= to keep your own torch)
+
+teacher: $(TEACHER)/teacher_info.json  ## fetch the embedded teacher and save it as a Hugging Face folder
+$(TEACHER)/teacher_info.json: $(VENV)/.installed
+	$(PY) -m pipeline teacher --source $(TEACHER_SOURCE) --out-dir $(TEACHER)
+
+data: $(DATA_DIR)/meta.json  ## tokenize CORPUS into data/NAME
+$(DATA_DIR)/meta.json: $(TEACHER)/teacher_info.json $(call stamp,$(DATA_DIR)/.options,$(DATA_OPTS))
+	$(PY) -m pipeline data $(DATA_OPTS)
+
+cache-logits: $(CACHE_DIR)/manifest.json  ## run the teacher once and cache its sparse logits in cache/NAME
+$(CACHE_DIR)/manifest.json: $(DATA_DIR)/meta.json $(call stamp,$(CACHE_DIR)/.options,$(CACHE_OPTS))
+	$(LAUNCH) cache-logits $(CACHE_OPTS)
+
+distill: $(DISTILL_DIR)/model.safetensors  ## train the student from the cache (hard + soft loss)
+$(DISTILL_DIR)/model.safetensors: $(CACHE_DIR)/manifest.json $(call stamp,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) --alpha $(ALPHA))
+	$(LAUNCH) distill $(TRAIN_OPTS) --alpha $(ALPHA) --cache-dir $(CACHE_DIR) --out-dir $(DISTILL_DIR)
+
+baseline: $(BASELINE_DIR)/model.safetensors  ## train the same student with cross-entropy only
+$(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(call stamp,$(BASELINE_DIR)/.options,$(TRAIN_OPTS))
+	$(LAUNCH) baseline $(TRAIN_OPTS) --out-dir $(BASELINE_DIR)
+
+compare: $(DISTILL_DIR)/model.safetensors $(BASELINE_DIR)/model.safetensors  ## report perplexity, KL, agreement, speed, samples
+	$(PY) -m pipeline compare --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) --teacher $(TEACHER) \
+	  --distilled $(DISTILL_DIR) --baseline $(BASELINE_DIR) --out-dir $(COMPARE_DIR) $(COMPARE_ARGS)
+
+test: $(VENV)/.installed  ## run the test suite
+	$(PY) -m pytest -q
+
+bench: $(TEACHER)/teacher_info.json $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
+	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(BENCH_ARGS)
+
+clean:  ## remove generated data, caches and checkpoints (keeps downloads and the teacher)
+	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR)

@@ -1,0 +1,278 @@
+"""Stage 1: run the teacher once over the tokenized corpus and cache its sparse next-token
+distribution in HDF5 shards (format in `cache_format.py`).
+
+For every packed sequence row (seq_len + 1 tokens; the teacher reads the first seq_len) and every
+position j, the cache holds the teacher's distribution over token j+1 given tokens 0..j, at the
+cache temperature, computed over the full vocabulary before anything is cut:
+  - mode "topk": the K most likely ids, their log-probs, and the exact log of the tail mass;
+  - mode "sampled": N draws with replacement (Anshumann et al. 2025), stored as distinct ids + counts,
+    plus the teacher entropy (so the count-weighted cross-entropy becomes a KL estimate).
+
+Work is split into parts of `rows_per_part` rows. Each finished part is written atomically, so a
+killed run resumes where it stopped; parts are assigned to processes in contiguous blocks (one shard
+per process and split), and the same parts give the same batches whatever the number of processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import cache_format
+from pipeline.config import CacheConfig
+from pipeline.data import load_tokens, read_meta
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_write_json, folder_lock, read_json
+from pipeline.teacher import load_teacher, teacher_identity
+
+SPLITS = ("train", "val")
+
+
+def num_rows(num_tokens: int, seq_len: int, max_rows: int | None = None) -> int:
+    """Packed rows of seq_len + 1 tokens, consecutive rows sharing one token (row i starts at i*seq_len)."""
+    rows = max(0, (num_tokens - 1) // seq_len)
+    return min(rows, max_rows) if max_rows else rows
+
+
+def row_tokens(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
+    """Row `index` of a split: tokens[index*seq_len : index*seq_len + seq_len + 1] as int64."""
+    start = index * seq_len
+    return np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
+
+
+def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: int) -> dict:
+    """The attributes every shard of this cache carries: what it takes to refuse a wrong pairing."""
+    return {
+        "format_version": cache_format.FORMAT_VERSION,
+        "mode": config.mode,
+        "teacher_name": identity["teacher_name"],
+        "teacher_hash": identity["teacher_hash"],
+        "tokenizer_hash": identity["tokenizer_hash"],
+        "vocab_size": int(vocab_size),
+        "seq_len": int(config.seq_len),
+        "temperature": float(config.temperature),
+        "k": int(config.k) if config.mode == "topk" else 0,
+        "num_samples": int(config.num_samples) if config.mode == "sampled" else 0,
+        "seed": int(config.seed),
+        "corpus_name": meta["corpus_name"],
+        "train_tokens_sha256": meta["train_sha256"],
+        "val_tokens_sha256": meta["val_sha256"],
+        "max_rows": int(config.max_rows or 0),
+    }
+
+
+# ---------------------------------------------------------------- teacher -> sparse targets
+
+
+def topk_targets(logprobs: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """logprobs [B, L, V] float32 (full vocabulary, at the cache temperature) ->
+    topk_ids [B, L, K], topk_logprobs [B, L, K] and tail_logprob [B, L] = log of the mass outside the K ids.
+    The tail is a logsumexp over the remaining ids (exact even when the top-K mass is within 1e-7 of 1)."""
+    values, ids = logprobs.topk(k, dim=-1)  # sorted, most likely first
+    tail = logprobs.scatter_(-1, ids, float("-inf")).logsumexp(-1)  # in place: logprobs is not used again
+    tail = torch.nan_to_num(tail, neginf=-1e4)  # K == V: no tail mass at all
+    return {"topk_ids": ids.cpu().numpy(), "topk_logprobs": values.cpu().numpy(), "tail_logprob": tail.cpu().numpy()}
+
+
+def sampled_targets(logprobs: torch.Tensor, num_samples: int, row_seeds: list[int]) -> dict[str, np.ndarray]:
+    """logprobs [B, L, V] -> draws of num_samples ids per position with replacement from the teacher,
+    stored as distinct ids with counts (flat, position by position), num_distinct [B, L] and
+    teacher_entropy [B, L]. Each row draws from its own generator, seeded by its global row index, so
+    the draws do not depend on batching or on the number of processes."""
+    batch, seq_len, vocab = logprobs.shape
+    probs = logprobs.exp()
+    entropy = -(probs * logprobs).nan_to_num(0.0).sum(-1)  # 0 * log 0 = 0
+    draws = []
+    for row, seed in enumerate(row_seeds):
+        generator = torch.Generator(device=probs.device).manual_seed(seed)
+        draws.append(torch.multinomial(probs[row], num_samples, replacement=True, generator=generator))
+    draws = torch.stack(draws).reshape(batch * seq_len, num_samples).sort(-1).values.cpu()  # (B*L, N)
+    # Runs of equal ids in each sorted row are the distinct ids; their lengths are the counts.
+    is_start = torch.ones_like(draws, dtype=torch.bool)
+    is_start[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    flat_start = is_start.flatten().nonzero().squeeze(1)
+    flat_draws = draws.flatten()
+    counts = torch.diff(flat_start, append=torch.tensor([flat_draws.numel()]))
+    return {
+        "sample_ids": flat_draws[flat_start].numpy(),
+        "sample_counts": counts.numpy().astype(np.uint8),
+        "num_distinct": is_start.sum(-1).reshape(batch, seq_len).numpy().astype(np.uint8),
+        "teacher_entropy": entropy.float().cpu().numpy(),
+    }
+
+
+class TeacherRunner:
+    """Runs the teacher on [B, L] token batches and turns its logits into the cache's sparse targets."""
+
+    def __init__(self, model, config: CacheConfig, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+
+    @torch.inference_mode()
+    def logprobs(self, input_ids: np.ndarray) -> torch.Tensor:
+        """[B, L] ids -> [B, L, V] float32 log-probs at the cache temperature."""
+        ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        with autocast:
+            logits = self.model(input_ids=ids).logits
+        return torch.log_softmax(logits.float() / self.config.temperature, dim=-1)
+
+    def targets(self, rows: np.ndarray, row_seeds: list[int]) -> dict[str, np.ndarray]:
+        """rows [B, L+1] -> the part arrays for these rows (tokens included)."""
+        logprobs = self.logprobs(rows[:, :-1])
+        if self.config.mode == "topk":
+            sparse = topk_targets(logprobs, self.config.k)
+        else:
+            sparse = sampled_targets(logprobs, self.config.num_samples, row_seeds)
+        return {"tokens": rows, **sparse}
+
+
+def concat_parts(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+
+
+def row_seed(seed: int, split: str, index: int) -> int:
+    return (seed * 1_000_003 + SPLITS.index(split) * 7_919 + index) % (2**63)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _validate_against_teacher(config: CacheConfig, model_config, meta: dict, identity: dict) -> int:
+    problems = []
+    vocab_size = int(model_config.vocab_size)
+    max_positions = getattr(model_config, "max_position_embeddings", None)
+    if max_positions and config.seq_len > max_positions:
+        problems.append(f"--seq-len {config.seq_len} is longer than the teacher's context ({max_positions}); pass SEQ_LEN={max_positions} or less")
+    if config.mode == "topk" and config.k > vocab_size:
+        problems.append(f"--k {config.k} is larger than the vocabulary ({vocab_size}); pass K={vocab_size} or less")
+    if meta["tokenizer_hash"] != identity["tokenizer_hash"]:
+        problems.append(f"{config.data_dir} was tokenized with another tokenizer than the teacher {config.teacher}'s; rerun make data with TEACHER={config.teacher}")
+    if meta["vocab_size"] > vocab_size:
+        problems.append(f"the tokenizer has {meta['vocab_size']} tokens but the teacher's vocabulary only {vocab_size}")
+    if problems:
+        raise PipelineError("; ".join(problems))
+    return vocab_size
+
+
+def build_cache(config: CacheConfig) -> dict:
+    """Compute the cache for the train and val splits into `config.out_dir` (resumable; a no-op when complete).
+
+    Works as a single process or under a distributed launch (torchrun / accelerate launch): each
+    process computes its block of parts and writes its own shard per split; the main process writes
+    manifest.json last."""
+    from accelerate import PartialState
+
+    config.validate()
+    state = PartialState()
+    out_dir = Path(config.out_dir)
+    meta = read_meta(config.data_dir)
+    identity = teacher_identity(config.teacher)
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(config.teacher)
+    vocab_size = _validate_against_teacher(config, model_config, meta, identity)
+    attrs = common_attrs(config, meta, identity, vocab_size)
+
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest = cache_format.read_manifest(out_dir)
+        if {k: manifest.get(k) for k in attrs} == attrs:
+            state.print(f"cache: {out_dir} is up to date ({manifest['splits']['train']['rows']} train rows)")
+            return manifest
+        state.print(f"cache: settings or inputs changed, rebuilding {out_dir}")
+    lock = folder_lock(out_dir, "a cache-logits run") if state.is_main_process else contextlib.nullcontext()
+    with lock:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            manifest_path.unlink(missing_ok=True)
+            _reset_parts_if_stale(out_dir, attrs)
+        state.wait_for_everyone()
+        model = load_teacher(config.teacher).to(state.device)
+        runner = TeacherRunner(model, config, state.device)
+        entries = []
+        for split in SPLITS:
+            entries.append(_build_shard(runner, config, attrs, split, state))
+        atomic_write_json(out_dir / f".entry-{state.process_index:05d}.json", entries)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            all_entries = []
+            for rank in range(state.num_processes):
+                all_entries.extend(read_json(out_dir / f".entry-{rank:05d}.json"))
+            cache_format.write_manifest(out_dir, attrs, all_entries)
+            for rank in range(state.num_processes):
+                (out_dir / f".entry-{rank:05d}.json").unlink()
+            shutil.rmtree(out_dir / ".parts", ignore_errors=True)
+            manifest = cache_format.read_manifest(out_dir)
+            splits = manifest["splits"]
+            print(f"cache: wrote {out_dir}: {splits['train']['rows']} train / {splits['val']['rows']} val rows, "
+                  f"{splits['train']['bytes_per_token']:.1f} bytes/token ({config.mode})")
+        state.wait_for_everyone()
+    return cache_format.read_manifest(out_dir)
+
+
+def _reset_parts_if_stale(out_dir: Path, attrs: dict) -> None:
+    """Parts left by a killed run are reused only if they were computed with the same settings."""
+    parts_dir = out_dir / ".parts"
+    attrs_path = parts_dir / "attrs.json"
+    if parts_dir.exists() and (not attrs_path.exists() or read_json(attrs_path) != attrs):
+        shutil.rmtree(parts_dir)
+    for old in out_dir.glob("*.h5"):
+        old.unlink()  # shards are rebuilt from the parts below
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    if not attrs_path.exists():
+        atomic_write_json(attrs_path, attrs)
+
+
+def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split: str, state) -> dict:
+    """Compute this process's parts of `split` (skipping parts already on disk) and assemble its shard."""
+    out_dir = Path(config.out_dir)
+    tokens = load_tokens(config.data_dir, split)
+    rows = num_rows(len(tokens), config.seq_len, config.max_rows)
+    if rows == 0:
+        raise PipelineError(f"the {split} split has {len(tokens)} tokens, fewer than one sequence of {config.seq_len + 1}; lower SEQ_LEN or use a bigger corpus")
+    num_parts = -(-rows // config.rows_per_part)
+    first_part = num_parts * state.process_index // state.num_processes
+    last_part = num_parts * (state.process_index + 1) // state.num_processes
+    row_start = first_part * config.rows_per_part
+    row_end = min(rows, last_part * config.rows_per_part)
+    name = cache_format.shard_name(split, state.process_index, state.num_processes)
+    parts_dir = out_dir / ".parts" / name
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    part_paths = [parts_dir / f"part-{p:06d}.npz" for p in range(first_part, last_part)]
+
+    progress = tqdm(total=row_end - row_start, desc=f"cache {split} [{state.process_index}]", unit="row",
+                    disable=not state.is_local_main_process)
+    with ThreadPoolExecutor(max_workers=1) as writer:  # disk writes overlap the next teacher forward
+        pending = []
+        for part, path in zip(range(first_part, last_part), part_paths):
+            start, end = part * config.rows_per_part, min(rows, (part + 1) * config.rows_per_part)
+            if path.exists():
+                progress.update(end - start)
+                continue
+            pieces = []
+            for batch_start in range(start, end, config.batch_size):
+                indices = range(batch_start, min(end, batch_start + config.batch_size))
+                batch_rows = np.stack([row_tokens(tokens, i, config.seq_len) for i in indices])
+                pieces.append(runner.targets(batch_rows, [row_seed(config.seed, split, i) for i in indices]))
+                progress.update(len(indices))
+            pending.append(writer.submit(cache_format.write_part, path, concat_parts(pieces)))
+        for future in pending:
+            future.result()  # surfaces a disk-full error here, before the shard is assembled
+    progress.close()
+
+    shard_attrs = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"],
+                   "shard_index": state.process_index, "num_shards": state.num_processes,
+                   "row_start": row_start, "rows": row_end - row_start}
+    entry = cache_format.assemble_shard(out_dir / name, shard_attrs, part_paths)
+    entry.update({"split": split, "shard_index": state.process_index, "num_shards": state.num_processes, "row_start": row_start})
+    return entry

@@ -120,5 +120,27 @@ def baseline(config, student):
     run_stage(train, config, student, distill=False)
 
 
+@main.command()
+@config_options(cfg.CompareConfig)
+@config_options(cfg.SampleConfig)
+@click.option("--prompt", "prompts", multiple=True, help="an extra prompt for the samples (repeatable)")
+def compare(config, sample, prompts):
+    """Compare teacher, distilled and baseline students on the val split; write report.json/.md and curves.png."""
+    from pipeline.compare import compare as run_compare
+
+    run_stage(run_compare, config, sample, prompts)
+
+
+@main.command()
+@click.argument("model_dir")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="text to continue (repeatable)")
+@config_options(cfg.SampleConfig)
+def generate(sample, model_dir, prompts):
+    """Sample continuations of --prompt from any checkpoint folder MODEL_DIR."""
+    from pipeline.generate import generate as run_generate
+
+    run_stage(run_generate, model_dir, list(prompts), sample)
+
+
 if __name__ == "__main__":
     main()

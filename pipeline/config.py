@@ -182,3 +182,52 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             problems.append(f"--mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
         return problems
+
+
+@dataclass
+class SampleConfig:
+    """Text generation settings (generate and the samples in compare)."""
+
+    max_new_tokens: int = opt(64, "tokens generated per prompt")
+    sample_temperature: float = opt(0.8, "sampling temperature (0: greedy)")
+    top_k: int = opt(50, "sample from the k most likely tokens (0: off)")
+    top_p: float = opt(0.95, "nucleus sampling mass (1.0: off)")
+    seed: int = opt(0, "sampling seed")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.max_new_tokens <= 0:
+            problems.append(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.sample_temperature < 0:
+            problems.append(f"--sample-temperature must not be negative, got {self.sample_temperature}")
+        if self.top_k < 0:
+            problems.append(f"--top-k must not be negative, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        return problems
+
+
+@dataclass
+class CompareConfig:
+    """Evaluate teacher, distilled and baseline students on the same held-out rows."""
+
+    data_dir: str = opt("data/default", "tokenized corpus folder")
+    cache_dir: str = opt("cache/default", "teacher-logit cache (its val split gives the KL estimate)")
+    teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder")
+    distilled: str = opt("checkpoints/default-distill", "distilled student run folder")
+    baseline: str = opt("checkpoints/default-baseline", "baseline student run folder")
+    out_dir: str = opt("checkpoints/compare", "where report.json, report.md and curves.png go")
+    eval_rows: int = opt(0, "val rows evaluated (0: all)")
+    batch_size: int = opt(4, "rows per evaluation forward")
+    num_prompts: int = opt(3, "openings taken from the val split as sample prompts")
+    prompt_tokens: int = opt(16, "tokens in each val-split opening")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.eval_rows < 0:
+            problems.append(f"--eval-rows must not be negative, got {self.eval_rows}")
+        if self.batch_size <= 0:
+            problems.append(f"--batch-size must be positive, got {self.batch_size}")
+        if self.num_prompts < 0 or self.prompt_tokens <= 0:
+            problems.append("--num-prompts must not be negative and --prompt-tokens must be positive")
+        return problems

@@ -19,7 +19,7 @@ import math
 from typing import Mapping, NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 
@@ -244,25 +244,55 @@ def sampled_divergence(student_logits: torch.Tensor, sample_ids: torch.Tensor, s
 # ----------------------------------------------------------------------------- training loss
 
 def _chunk_sums(logits, labels, mask, *teacher, mode, kind, beta, renormalize, temperature, num_samples):
-    """(sum of CE, sum of KD) over the masked-in rows of one chunk; KD omitted when mode is None.
-
-    Runs under checkpoint, so its float32 [chunk,V] tensors live only while this chunk is
-    computed, in the forward and again in the backward.
-    """
+    """[sum of CE] or [sum of CE, sum of KD] over the masked-in rows of one chunk (KD if mode is set)."""
     x = logits.to(_compute_dtype(logits))
     lse = torch.logsumexp(x, dim=1, keepdim=True)
     ce = _masked_sum(_ce_rows(x, lse, labels), mask)
     if mode is None:
-        return ce
+        return [ce]
     # At T = 1 the KD softmax is the CE softmax: reuse it rather than build a second [chunk,V].
-    z, lse_t = (x, lse) if temperature == 1.0 else (x / temperature, None)
-    if lse_t is None:
+    if temperature == 1.0:
+        z, lse_t = x, lse
+    else:
+        z = x / temperature
         lse_t = torch.logsumexp(z, dim=1, keepdim=True)
     if mode == "topk":
         rows = _topk_rows(z, lse_t, *teacher, kind, beta, renormalize)
     else:
         rows = _sampled_rows(z, lse_t, teacher[0], teacher[1], num_samples, teacher[2])
-    return ce, _masked_sum(rows, mask)
+    return [ce, _masked_sum(rows, mask)]
+
+
+class _ChunkedSums(torch.autograd.Function):
+    """Sums of _chunk_sums over row chunks; the backward recomputes one chunk at a time.
+
+    This is activation checkpointing done by hand. torch.utils.checkpoint over slices of the
+    logits would save the same (nothing but the inputs), but every slice's backward materialises
+    a zero-padded gradient the size of all the logits, which autograd then adds into theirs: a
+    second [N,V] buffer. Here each chunk's gradient is written straight into one buffer.
+    First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, step, chunks, logits, labels, mask, *teacher):
+        ctx.step, ctx.chunks = step, chunks
+        ctx.save_for_backward(logits, labels, mask, *teacher)
+        sums = [torch.zeros((), dtype=_compute_dtype(logits), device=logits.device) for _ in range(2)]
+        for rows in chunks:  # forward runs without a graph: the float32 temporaries die per chunk
+            for i, part in enumerate(step(logits[rows], labels[rows], mask[rows], *(t[rows] for t in teacher))):
+                sums[i] = sums[i] + part
+        return tuple(sums)
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kd):
+        logits, labels, mask, *teacher = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # rows of chunks with nothing masked in stay 0
+        for rows in ctx.chunks:
+            with torch.enable_grad():
+                x = logits[rows].detach().requires_grad_(True)
+                parts = ctx.step(x, labels[rows], mask[rows], *(t[rows] for t in teacher))
+                (grad[rows],) = torch.autograd.grad(parts, x, [grad_ce, grad_kd][:len(parts)])
+        return (None, None, grad, None, None) + (None,) * len(teacher)
 
 
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -277,10 +307,10 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     CE is at temperature 1; KD is topk_divergence / sampled_divergence at `temperature`, and T^2
     keeps its gradient on the scale of the CE's (Hinton et al. 2015).
 
-    Memory: rows are processed in chunks of chunk_size, each under activation checkpointing, so
-    at most a few float32 [chunk_size,V] tensors exist at once (forward or backward) next to the
-    logits and their gradient. Per-chunk sums are divided by the masked-in count at the end, so
-    the result equals the unchunked mean. Chunks with no masked-in row are skipped.
+    Memory: rows are processed in chunks of chunk_size and recomputed in the backward (see
+    _ChunkedSums), so besides the logits and their gradient only a few float32 [chunk_size,V]
+    temporaries ever exist. Per-chunk sums are divided by the masked-in count at the end, so the
+    result equals the unchunked mean. Chunks with no masked-in row are skipped.
     """
     check_options(alpha, temperature, kd_loss, jsd_beta)
     if chunk_size < 1:
@@ -312,24 +342,11 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
 
     step = functools.partial(_chunk_sums, mode=mode, kind=kd_loss, beta=jsd_beta, renormalize=topk_renormalize,
                              temperature=float(temperature), num_samples=num_samples)
-    # An empty slice summed: 0 that still has a grad path, so backward() works when every row is
-    # masked (and gives zeros).
-    ce_sum = logits[:0].to(dtype).sum()
-    kd_sum = ce_sum
-    starts = range(0, n, chunk_size)
+    n_chunks = -(-n // chunk_size)
     # One host sync for the whole batch, to skip chunks that are all padding.
-    busy = torch.nn.functional.pad(mask, (0, len(starts) * chunk_size - n)).view(-1, chunk_size).any(1).tolist()
-    recompute = torch.is_grad_enabled() and logits.requires_grad
-    for start, has_rows in zip(starts, busy):
-        if not has_rows:
-            continue
-        rows = slice(start, start + chunk_size)
-        args = (logits[rows], labels[rows], mask[rows], *(t[rows] for t in teacher))
-        out = checkpoint(step, *args, use_reentrant=False, preserve_rng_state=False) if recompute else step(*args)
-        if mode is None:
-            ce_sum = ce_sum + out
-        else:
-            ce_sum, kd_sum = ce_sum + out[0], kd_sum + out[1]
+    busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()
+    chunks = [slice(i * chunk_size, (i + 1) * chunk_size) for i, b in enumerate(busy) if b]
+    ce_sum, kd_sum = _ChunkedSums.apply(step, chunks, logits, labels, mask, *teacher)
 
     count = _count(mask)
     ce, kd = ce_sum / count, kd_sum / count

@@ -1,0 +1,431 @@
+"""pipeline.losses against dense references built directly from full softmaxes."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+from pipeline.losses import (LossParts, distillation_loss, hard_ce, sampled_divergence,
+                             topk_divergence)
+
+V = 50
+
+
+def _setup(n=8, v=V, k=5, temperature=1.0, seed=0, dtype=torch.float64):
+    """Random student/teacher logits and a top-k cache (ids = teacher's top-k at T)."""
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).to(dtype)
+    teacher = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    logp_full = torch.log_softmax(teacher / temperature, dim=1)
+    topk_logprobs, topk_ids = logp_full.topk(k, dim=1)
+    kept = topk_logprobs.exp().sum(1)
+    tail = torch.log1p(-kept) if k < v else torch.full((n,), float("-inf"), dtype=torch.float64)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[1] = mask[n - 2] = False
+    labels = torch.randint(0, v, (n,), generator=g)
+    return dict(student=student, teacher=teacher, logp_full=logp_full, ids=topk_ids,
+                logprobs=topk_logprobs.to(dtype), tail=tail.to(dtype), mask=mask, labels=labels)
+
+
+def _buckets(full_probs, ids):
+    """[n,V] probabilities -> [n,K+1]: the K ids, then everything else."""
+    kept = full_probs.gather(1, ids)
+    return torch.cat([kept, (full_probs.sum(1) - kept.sum(1))[:, None]], dim=1)
+
+
+def _kl(p, q):
+    """KL(p||q) per row, 0 log 0 = 0."""
+    return F.kl_div(q.log(), p, reduction="none").sum(1)
+
+
+def _dense_ref(s, kind, temperature, renormalize=False, beta=0.5):
+    """Per-row reference divergence [n] on the bucketed (or renormalised) dense distributions."""
+    p_full = s["logp_full"].exp()
+    q_full = torch.softmax(s["student"].double() / temperature, dim=1)
+    if renormalize:
+        p = p_full.gather(1, s["ids"])
+        q = q_full.gather(1, s["ids"])
+        p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+    else:
+        p, q = _buckets(p_full, s["ids"]), _buckets(q_full, s["ids"])
+    if kind == "forward-kl":
+        return _kl(p, q)
+    if kind == "reverse-kl":
+        return _kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+
+
+def _masked_mean(rows, mask):
+    return rows[mask].mean()
+
+
+def _topk(s, temperature, **kw):
+    return topk_divergence(s["student"], s["ids"], s["logprobs"], s["tail"], s["mask"], temperature, **kw)
+
+
+# ------------------------------------------------------------------------------ hard CE
+
+def test_hard_ce_matches_cross_entropy_on_masked_positions():
+    s = _setup(dtype=torch.float32)
+    labels = s["labels"].clone()
+    labels[~s["mask"]] = -100  # garbage where masked out must not matter
+    got = hard_ce(s["student"], labels, s["mask"])
+    want = F.cross_entropy(s["student"][s["mask"]], labels[s["mask"]])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------ top-k
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_topk_matches_dense_bucketed_reference(temperature, kind, renormalize):
+    s = _setup(temperature=temperature)
+    got = _topk(s, temperature, kind=kind, renormalize=renormalize, jsd_beta=0.3)
+    want = _masked_mean(_dense_ref(s, kind, temperature, renormalize, beta=0.3), s["mask"])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert got.item() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_topk_float32_matches_reference(temperature):
+    s32 = _setup(temperature=temperature, dtype=torch.float32)
+    s64 = dict(s32, student=s32["student"].double())
+    got = _topk(s32, temperature)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _masked_mean(_dense_ref(s64, "forward-kl", temperature), s32["mask"]),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail_value", [float("-inf"), -1e4, -30.0])
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+def test_topk_with_full_vocab_equals_full_dense_divergence(tail_value, kind):
+    # K = V: the tail bucket is empty, whatever tail mass the cache reports.
+    s = _setup(k=V, temperature=2.0)
+    s["tail"] = torch.full_like(s["tail"], tail_value)
+    student = s["student"].clone().requires_grad_(True)
+    got = topk_divergence(student, s["ids"], s["logprobs"], s["tail"], s["mask"], 2.0, kind=kind)
+    p = s["logp_full"].exp()
+    q = torch.softmax(s["student"] / 2.0, dim=1)
+    if kind == "forward-kl":
+        rows = _kl(p, q)
+    elif kind == "reverse-kl":
+        rows = _kl(q, p)
+    else:
+        m = 0.5 * (p + q)
+        rows = 0.5 * _kl(p, m) + 0.5 * _kl(q, m)
+    torch.testing.assert_close(got, _masked_mean(rows, s["mask"]), rtol=1e-9, atol=1e-12)
+    got.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_teacher_tail_is_finite(dtype):
+    # The teacher says (almost) nothing lies outside the ids; the student disagrees strongly.
+    s = _setup(k=5, dtype=dtype)
+    student = s["student"].clone().requires_grad_(True)
+    for tail_value in (-1e4, float("-inf"), -85.0):
+        for kind in ("forward-kl", "reverse-kl", "jsd"):
+            tail = torch.full_like(s["tail"], tail_value)
+            out = topk_divergence(student, s["ids"], s["logprobs"], tail, s["mask"], 1.0, kind=kind)
+            (grad,) = torch.autograd.grad(out, student)
+            assert torch.isfinite(out) and torch.isfinite(grad).all(), (tail_value, kind)
+
+
+def test_student_tail_is_accurate_when_ids_hold_nearly_all_mass():
+    # Student puts ~1 - 1e-12 on the stored ids: log(1 - sum q_k) in float32 would be log(0).
+    n, v = 4, 20
+    student = torch.full((n, v), -30.0)
+    student[:, :3] = 0.0
+    ids = torch.arange(3).expand(n, 3)
+    # Teacher: uniform over the 3 ids with 10% tail mass.
+    logprobs = torch.full((n, 3), math.log(0.3))
+    tail = torch.full((n,), math.log(0.1))
+    mask = torch.ones(n, dtype=torch.bool)
+    got = topk_divergence(student, ids, logprobs, tail, mask, 1.0)
+    q_tail = (v - 3) * math.exp(-30.0) / (3 + (v - 3) * math.exp(-30.0))
+    q_k = (1 - q_tail) / 3
+    want = 3 * 0.3 * math.log(0.3 / q_k) + 0.1 * math.log(0.1 / q_tail)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_identical_teacher_and_student_give_zero():
+    s = _setup(temperature=1.5)
+    s["student"] = s["teacher"].clone()
+    for kind in ("forward-kl", "reverse-kl", "jsd"):
+        for renormalize in (False, True):
+            assert abs(_topk(s, 1.5, kind=kind, renormalize=renormalize).item()) < 1e-12
+
+
+# ------------------------------------------------------------------------------ sampled
+
+def _dense_kl(s, temperature):
+    p = s["logp_full"].exp()
+    q = torch.softmax(s["student"].double() / temperature, dim=1)
+    return _kl(p, q)
+
+
+def _entropy(s):
+    return -(s["logp_full"].exp() * s["logp_full"]).sum(1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_sampled_with_expected_counts_equals_dense_kl(temperature):
+    s = _setup(temperature=temperature)
+    n, num_samples = s["student"].shape[0], 50
+    ids = torch.arange(V).expand(n, V)
+    counts = s["logp_full"].exp() * num_samples  # count / N = p exactly
+    got = sampled_divergence(s["student"], ids, counts, num_samples, _entropy(s), s["mask"], temperature)
+    torch.testing.assert_close(got, _masked_mean(_dense_kl(s, temperature), s["mask"]), rtol=1e-9, atol=1e-12)
+
+
+def _draw(logp_full, num_samples, generator):
+    """num_samples draws with replacement per row -> (distinct ids, counts), padded with count 0."""
+    draws = torch.multinomial(logp_full.exp(), num_samples, replacement=True, generator=generator)
+    full_counts = torch.zeros_like(logp_full).scatter_add_(1, draws, torch.ones_like(draws, dtype=logp_full.dtype))
+    width = int((full_counts > 0).sum(1).max())
+    counts, ids = full_counts.sort(dim=1, descending=True)
+    return ids[:, :width], counts[:, :width]  # zero-count tail entries are the padding
+
+
+def test_sampled_estimate_is_unbiased_monte_carlo():
+    temperature, num_samples, reps = 2.0, 50, 300
+    s = _setup(n=4, temperature=temperature, seed=3)
+    s["mask"] = torch.ones(4, dtype=torch.bool)
+    g = torch.Generator().manual_seed(1234)
+    entropy = _entropy(s)
+    estimates = []
+    for _ in range(reps):
+        ids, counts = _draw(s["logp_full"], num_samples, g)
+        assert (counts.sum(1) == num_samples).all()
+        estimates.append(sampled_divergence(s["student"], ids, counts, num_samples, entropy, s["mask"],
+                                            temperature).item())
+    est = torch.tensor(estimates, dtype=torch.float64)
+    want = _dense_kl(s, temperature).mean().item()
+    stderr = est.std().item() / math.sqrt(reps)
+    assert stderr > 0
+    assert abs(est.mean().item() - want) < 4 * stderr, (est.mean().item(), want, stderr)
+
+
+def test_sampled_rejects_other_kinds():
+    s = _setup()
+    ids, counts = s["ids"], torch.ones(s["ids"].shape, dtype=torch.float64)
+    for kind in ("reverse-kl", "jsd"):
+        with pytest.raises(PipelineError, match="forward-kl"):
+            sampled_divergence(s["student"], ids, counts, 5, _entropy(s), s["mask"], 1.0, kind=kind)
+        with pytest.raises(PipelineError, match="forward-kl"):
+            distillation_loss(s["student"], s["labels"], s["mask"],
+                              dict(sample_ids=ids, sample_counts=counts, num_samples=5, teacher_entropy=_entropy(s)),
+                              alpha=0.5, temperature=1.0, kd_loss=kind)
+
+
+# ------------------------------------------------------------------------------ gradcheck
+
+def _small(k=3, n=5, v=7, temperature=1.7, seed=5):
+    s = _setup(n=n, v=v, k=k, temperature=temperature, seed=seed)
+    s["student"] = s["student"].detach().requires_grad_(True)
+    return s
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("k", [3, 7])
+def test_gradcheck_topk(kind, renormalize, k):
+    s = _small(k=k)
+    f = lambda x: topk_divergence(x, s["ids"], s["logprobs"], s["tail"], s["mask"], 1.7, kind=kind,
+                                  jsd_beta=0.3, renormalize=renormalize)
+    assert torch.autograd.gradcheck(f, (s["student"],))
+
+
+def test_gradcheck_sampled():
+    s = _small()
+    g = torch.Generator().manual_seed(0)
+    ids, counts = _draw(s["logp_full"], 10, g)
+    f = lambda x: sampled_divergence(x, ids, counts, 10, _entropy(s), s["mask"], 1.7)
+    assert torch.autograd.gradcheck(f, (s["student"],))
+
+
+def _targets(s, mode, num_samples=10, seed=0):
+    if mode == "topk":
+        return dict(topk_ids=s["ids"], topk_logprobs=s["logprobs"], tail_logprob=s["tail"])
+    if mode == "sampled":
+        ids, counts = _draw(s["logp_full"], num_samples, torch.Generator().manual_seed(seed))
+        return dict(sample_ids=ids, sample_counts=counts, num_samples=num_samples, teacher_entropy=_entropy(s))
+    return None
+
+
+@pytest.mark.parametrize("mode,kind", [("topk", "forward-kl"), ("topk", "jsd"), ("sampled", "forward-kl"),
+                                       (None, "forward-kl")])
+def test_gradcheck_distillation_loss_chunked(mode, kind):
+    s = _small()
+    targets = _targets(s, mode)
+    f = lambda x: distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.3, temperature=1.7,
+                                    kd_loss=kind, chunk_size=2).total
+    assert torch.autograd.gradcheck(f, (s["student"],))
+
+
+# ------------------------------------------------------------------------------ distillation_loss
+
+@pytest.mark.parametrize("mode", ["topk", "sampled", None])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_loss_combines_its_parts(mode, temperature):
+    s = _setup(temperature=temperature)
+    targets = _targets(s, mode)
+    out = distillation_loss(s["student"], s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature,
+                            kd_loss="forward-kl", chunk_size=3)
+    assert isinstance(out, LossParts)
+    ce = hard_ce(s["student"], s["labels"], s["mask"])
+    torch.testing.assert_close(out.ce, ce)
+    if mode is None:
+        assert out.kd.item() == 0.0
+        torch.testing.assert_close(out.total, ce)
+        return
+    if mode == "topk":
+        kd = _topk(s, temperature)
+    else:
+        kd = sampled_divergence(s["student"], targets["sample_ids"], targets["sample_counts"], targets["num_samples"],
+                                targets["teacher_entropy"], s["mask"], temperature)
+    torch.testing.assert_close(out.kd, kd)
+    torch.testing.assert_close(out.total, 0.3 * ce + 0.7 * temperature ** 2 * kd)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", [("topk", "forward-kl", False), ("topk", "reverse-kl", False),
+                                                   ("topk", "jsd", True), ("sampled", "forward-kl", False),
+                                                   (None, "forward-kl", False)])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_chunked_equals_unchunked(mode, kind, renormalize, temperature):
+    s = _setup(n=10, temperature=temperature, dtype=torch.float32)
+    targets = _targets(s, mode)
+    results = []
+    for chunk_size in (3, 10_000):
+        x = s["student"].clone().requires_grad_(True)
+        out = distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.4, temperature=temperature,
+                                kd_loss=kind, topk_renormalize=renormalize, chunk_size=chunk_size)
+        out.total.backward()
+        results.append((out, x.grad))
+    (a, ga), (b, gb) = results
+    for u, w in zip(a, b):
+        torch.testing.assert_close(u, w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_bf16_logits_give_float32_loss_close_to_float32(mode):
+    s = _setup(n=12, temperature=2.0, dtype=torch.float32)
+    targets = _targets(s, mode)
+    x32 = s["student"].clone().requires_grad_(True)
+    x16 = s["student"].to(torch.bfloat16).requires_grad_(True)
+    kw = dict(alpha=0.5, temperature=2.0, chunk_size=5)
+    out32 = distillation_loss(x32, s["labels"], s["mask"], targets, **kw)
+    out16 = distillation_loss(x16, s["labels"], s["mask"], targets, **kw)
+    assert all(t.dtype == torch.float32 for t in out16)
+    for u, w in zip(out16, out32):
+        torch.testing.assert_close(u, w, rtol=2e-2, atol=2e-2)
+    out16.total.backward()
+    out32.total.backward()
+    assert x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.grad.float(), x32.grad, rtol=5e-2, atol=5e-3)
+
+
+def _with_garbage_in_masked_rows(s, targets):
+    """Values a padded position may hold in a real batch: none may leak into value or gradient."""
+    labels = s["labels"].clone()
+    labels[~s["mask"]] = -100
+    if targets is None:
+        return labels, None
+    targets = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in targets.items()}
+    bad = ~s["mask"]
+    if "topk_ids" in targets:
+        targets["topk_ids"][bad] = -1
+        targets["topk_logprobs"][bad] = float("nan")
+        targets["tail_logprob"][bad] = float("inf")
+    else:
+        targets["sample_ids"][bad] = 10 ** 9
+        targets["sample_counts"][bad] = float("nan")
+        targets["teacher_entropy"][bad] = float("nan")
+    return labels, targets
+
+
+@pytest.mark.parametrize("mode,kind", [("topk", "forward-kl"), ("topk", "reverse-kl"), ("topk", "jsd"),
+                                       ("sampled", "forward-kl"), (None, "forward-kl")])
+def test_masked_positions_get_no_gradient_even_with_garbage(mode, kind):
+    s = _setup(temperature=2.0, dtype=torch.float32)
+    clean = _targets(s, mode)
+    labels, targets = _with_garbage_in_masked_rows(s, clean)
+    x = s["student"].clone().requires_grad_(True)
+    out = distillation_loss(x, labels, s["mask"], targets, alpha=0.5, temperature=2.0, kd_loss=kind, chunk_size=3)
+    ref = distillation_loss(s["student"], s["labels"], s["mask"], clean, alpha=0.5, temperature=2.0, kd_loss=kind)
+    torch.testing.assert_close(out.total, ref.total)
+    out.total.backward()
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[~s["mask"]] == 0).all()
+    assert (x.grad[s["mask"]].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("mode,kind", [("topk", "forward-kl"), ("topk", "jsd"), ("sampled", "forward-kl"),
+                                       (None, "forward-kl")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_masked_gives_zeros(mode, kind, dtype):
+    s = _setup(temperature=2.0, dtype=torch.float32)
+    s["mask"] = torch.zeros_like(s["mask"])
+    labels, targets = _with_garbage_in_masked_rows(s, _targets(s, mode))
+    x = s["student"].to(dtype).requires_grad_(True)
+    out = distillation_loss(x, labels, s["mask"], targets, alpha=0.5, temperature=2.0, kd_loss=kind, chunk_size=3)
+    assert [t.item() for t in out] == [0.0, 0.0, 0.0]
+    out.total.backward()
+    assert x.grad is not None and (x.grad == 0).all()
+    for fn_out in (hard_ce(x, labels, s["mask"]),
+                   topk_divergence(x, s["ids"], s["logprobs"], s["tail"], s["mask"], 2.0, kind=kind)):
+        assert fn_out.item() == 0.0
+
+
+def test_no_grad_evaluation_works():
+    s = _setup(dtype=torch.float32)
+    with torch.no_grad():
+        out = distillation_loss(s["student"], s["labels"], s["mask"], _targets(s, "topk"), 0.5, 1.0, chunk_size=3)
+    ref = distillation_loss(s["student"], s["labels"], s["mask"], _targets(s, "topk"), 0.5, 1.0)
+    torch.testing.assert_close(out.total, ref.total)
+
+
+# ------------------------------------------------------------------------------ options
+
+@pytest.mark.parametrize("kwargs,option", [
+    (dict(alpha=-0.1), "--alpha"), (dict(alpha=1.5), "--alpha"), (dict(alpha=float("nan")), "--alpha"),
+    (dict(temperature=0.0), "--temperature"), (dict(temperature=-1.0), "--temperature"),
+    (dict(temperature=float("inf")), "--temperature"),
+    (dict(kd_loss="kl"), "--kd-loss"), (dict(kd_loss="jsd", jsd_beta=0.0), "--jsd-beta"),
+    (dict(kd_loss="jsd", jsd_beta=1.0), "--jsd-beta"),
+])
+def test_invalid_options_raise(kwargs, option):
+    s = _setup(dtype=torch.float32)
+    args = dict(alpha=0.5, temperature=1.0) | kwargs
+    with pytest.raises(PipelineError, match=option):
+        distillation_loss(s["student"], s["labels"], s["mask"], _targets(s, "topk"), **args)
+    if "alpha" not in kwargs:
+        with pytest.raises(PipelineError, match=option):
+            topk_divergence(s["student"], s["ids"], s["logprobs"], s["tail"], s["mask"],
+                            args["temperature"], kind=args.get("kd_loss", "forward-kl"),
+                            jsd_beta=args.get("jsd_beta", 0.5))
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled", None])
+def test_no_float32_vocab_sized_activation_is_kept_for_backward(mode):
+    # Checkpointing: between forward and backward, autograd may keep the chunks' inputs (views of
+    # the logits) but none of their float32 [chunk,V] intermediates.
+    s = _setup(n=12, temperature=2.0, dtype=torch.float32)
+    x = s["student"].to(torch.bfloat16).requires_grad_(True)
+    kept = []
+
+    def pack(t):
+        if t.is_floating_point() and t.dtype != torch.bfloat16 and t.numel() >= V:
+            kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = distillation_loss(x, s["labels"], s["mask"], _targets(s, mode), 0.5, 2.0, chunk_size=4)
+    assert kept == []
+    out.total.backward()
+    assert torch.isfinite(x.grad).all()

@@ -1,21 +1,24 @@
 """Distillation losses of a student against a sparse teacher cache.
 
 Shapes: N token positions (flatten batch x sequence first), V vocabulary, K stored top-k ids,
-S distinct sampled ids. The student only enters through a few per-row statistics of its
-logits x, all computed in float32 (float64 inputs stay float64, for gradcheck):
+S distinct sampled ids. Every loss sees the student's logits x [N,V] only through a few
+per-row statistics (_Stats), computed in float32 (float64 inputs stay float64, for gradcheck):
 
-    z       = x / T
-    log q_v = z_v - logsumexp_v(z)                                       (full-vocab softmax)
-    log q_o = logsumexp_{v not in ids}(z_v) - logsumexp_v(z)             (the student's tail)
+    z        = x / T
+    log q_v  = z_v - logsumexp_v(z)                              (full-vocabulary softmax)
+    log q_o  = logsumexp_{v not in ids}(z_v) - logsumexp_v(z)    (the student's tail bucket)
+
+That is what lets distillation_loss go through the rows in chunks and, in the backward, build
+each chunk's [chunk,V] gradient from saved [N] / [N,K] statistics (_ChunkedLoss).
 
 Masked-out positions are replaced by harmless dummies before any arithmetic, so garbage in
-them (label -100, NaN log-probs) reaches neither the value nor the gradient; a mean over zero
-positions is 0.
+them (label -100, NaN log-probs, id -1) reaches neither the value nor the gradient; a mean over
+zero positions is 0.
 """
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
 import torch
@@ -56,40 +59,64 @@ def _check_sampled_kind(kind: str) -> None:
             "estimate of forward KL only. Use --kd-loss forward-kl or build a top-k cache")
 
 
-# ----------------------------------------------------------------------------- row statistics
+# ----------------------------------------------------------------------------- student statistics
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
-def _count(mask: torch.Tensor) -> torch.Tensor:
-    return mask.sum().clamp_min(1)  # all masked: sums are 0, so the mean is 0 rather than 0/0
+class _Stats(NamedTuple):
+    """What the losses need from x [n,V]; each None unless asked for."""
+    lse: torch.Tensor | None      # [n,1] logsumexp(x)                  (CE)
+    x_label: torch.Tensor | None  # [n,1] x at the label                 (CE)
+    lse_t: torch.Tensor | None    # [n,1] logsumexp(z), z = x / T
+    z_ids: torch.Tensor | None    # [n,K] z at the teacher's ids
+    lse_out: torch.Tensor | None  # [n,1] logsumexp(z outside the ids); a finite stand-in if empty
+    empty: torch.Tensor | None    # [n,1] bool: no vocabulary id lies outside the ids (K = V)
 
+
+def _student_stats(x, temperature: float, labels=None, ids=None, tail: bool = False) -> _Stats:
+    """Differentiable statistics of x [n,V] (compute dtype); labels [n], ids [n,K] long."""
+    lse = x_label = lse_t = z_ids = lse_out = empty = None
+    if labels is not None:
+        lse = torch.logsumexp(x, dim=1, keepdim=True)
+        x_label = x.gather(1, labels[:, None])
+    if ids is not None:
+        if temperature == 1.0 and lse is not None:
+            z, lse_t = x, lse  # the KD softmax is the CE softmax: no second [n,V]
+        else:
+            z = x / temperature
+            lse_t = torch.logsumexp(z, dim=1, keepdim=True)
+        z_ids = z.gather(1, ids)
+        if tail:
+            lse_out, empty = _logsumexp_outside(z, ids)
+    return _Stats(lse, x_label, lse_t, z_ids, lse_out, empty)
+
+
+def _logsumexp_outside(z, ids):
+    """logsumexp over the entries of z [n,V] not in ids [n,K] -> ([n,1], empty [n,1]).
+
+    Summed over the logits outside the ids rather than as log(1 - sum_k q_k): that subtraction
+    loses every digit in float32 once the ids hold nearly all of the student's mass, which is
+    when the tail term pulls hardest. An empty outside (K = V) gets the stand-in 0, with log(0)
+    kept out of the graph so the gradient stays finite.
+    """
+    outside = z.scatter(1, ids, float("-inf"))
+    shift = outside.detach().amax(dim=1, keepdim=True)  # any constant is exact; the max keeps exp <= 1
+    empty = torch.isneginf(shift)
+    shift = torch.where(empty, 0.0, shift)
+    total = outside.sub_(shift).exp_().sum(dim=1, keepdim=True)  # in place: one [n,V] temporary; >= 1 unless empty
+    return torch.where(empty, 1.0, total).log() + shift, empty
+
+
+# ----------------------------------------------------------------------------- divergences
 
 def _masked_sum(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, rows, 0.0).sum()
 
 
-def _ce_rows(x: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """-log softmax(x)[label] per row. x [n,V], lse [n,1] = logsumexp(x), labels [n] -> [n]."""
-    return (lse - x.gather(1, labels[:, None])).squeeze(1)
-
-
-def _student_tail(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor):
-    """log q_o = logsumexp(z outside ids) - logsumexp(z) per row [n], and whether the outside is empty.
-
-    Summed over the logits outside the ids rather than as log(1 - sum_k q_k): the subtraction
-    loses every digit in float32 once the ids hold nearly all of the student's mass, which is
-    exactly when the tail term matters for the gradient. When the ids cover the whole vocabulary
-    (K = V) the tail is empty; log(0) is kept out of the graph so its gradient stays finite.
-    """
-    outside = z.scatter(1, ids, float("-inf"))
-    shift = outside.amax(dim=1, keepdim=True).detach()  # any constant works; the max keeps exp <= 1
-    empty = torch.isneginf(shift)
-    shift = torch.where(empty, 0.0, shift)
-    total = torch.exp(outside - shift).sum(dim=1, keepdim=True)  # >= 1 unless empty
-    total = torch.where(empty, 1.0, total)
-    return (total.log() + shift - lse).squeeze(1), empty.squeeze(1)
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    return mask.sum().clamp_min(1)  # all masked: the sums are 0, so the mean is 0 rather than 0/0
 
 
 def _bucket_divergence(log_p, zero_p, log_q, zero_q, kind: str, beta: float) -> torch.Tensor:
@@ -113,42 +140,40 @@ def _bucket_divergence(log_p, zero_p, log_q, zero_q, kind: str, beta: float) -> 
     if kind == "reverse-kl":
         return (q * (log_q - log_p)).sum(1)
     log_b, log_1mb = math.log(beta), math.log1p(-beta)
-    # log m in log space (masses can sit below float32's range); the mixture of a zero-mass side
-    # is just the other side, which also keeps the stand-ins out of m exactly.
+    # log m in log space (masses can sit below float32's range); the mixture with a zero-mass
+    # side is just the other side, which also keeps the stand-ins out of m exactly.
     log_m = torch.logaddexp(log_p + log_b, log_q + log_1mb)
     log_m = torch.where(zero_p, log_q + log_1mb, log_m)
     log_m = torch.where(zero_q, log_p + log_b, log_m)
     return beta * (p * (log_p - log_m)).sum(1) + (1.0 - beta) * (q * (log_q - log_m)).sum(1)
 
 
-def _topk_rows(z, lse, ids, t_logp, t_tail, kind, beta, renormalize) -> torch.Tensor:
-    """Per-row top-k divergence [n]. z [n,V] = x/T, lse [n,1], ids/t_logp [n,K], t_tail [n]."""
-    z_ids = z.gather(1, ids)
+def _topk_rows(st: _Stats, t_logp, t_tail, kind: str, beta: float, renormalize: bool) -> torch.Tensor:
+    """Per-row top-k divergence [n]; t_logp [n,K] and t_tail [n] are the teacher's."""
     zero_ids = ~(t_logp > LOG_ZERO)  # also catches -inf and NaN
     if renormalize:
         # Both sides conditioned on the K ids: no tail bucket, and the student's softmax is over
-        # the K gathered logits only, so lse is not used.
+        # the K gathered logits only.
         t_logp = torch.where(zero_ids, LOG_ZERO, t_logp)
         log_p = t_logp - torch.logsumexp(t_logp, dim=1, keepdim=True)
-        log_q = torch.log_softmax(z_ids, dim=1)
+        log_q = st.z_ids - torch.logsumexp(st.z_ids, dim=1, keepdim=True)
         return _bucket_divergence(log_p, zero_ids, log_q, torch.zeros_like(zero_ids), kind, beta)
-    log_q_tail, empty = _student_tail(z, ids, lse)
-    log_q = torch.cat([z_ids - lse, log_q_tail[:, None]], dim=1)
+    log_q = torch.cat([st.z_ids, st.lse_out], dim=1) - st.lse_t
     log_p = torch.cat([t_logp, t_tail[:, None]], dim=1)
     # An empty tail (K = V) is not a bucket: whatever tail mass the teacher reports is rounding.
-    zero_q = torch.cat([torch.zeros_like(zero_ids), empty[:, None]], dim=1)
+    zero_q = torch.cat([torch.zeros_like(zero_ids), st.empty], dim=1)
     zero_p = torch.cat([zero_ids, ~(t_tail > LOG_ZERO)[:, None]], dim=1) | zero_q
     return _bucket_divergence(log_p, zero_p, log_q, zero_q, kind, beta)
 
 
-def _sampled_rows(z, lse, ids, counts, num_samples: int, entropy) -> torch.Tensor:
-    """Per-row sampled forward-KL estimate [n]. z [n,V], lse [n,1], ids/counts [n,S], entropy [n].
+def _sampled_rows(st: _Stats, counts, num_samples: int, entropy) -> torch.Tensor:
+    """Per-row sampled forward-KL estimate [n]; counts [n,S] at the ids, entropy [n].
 
     E[count_s / num_samples] = p(id_s), so the first term is an unbiased estimate of the
     cross-entropy H(p, q); subtracting the exact H(p) turns it into a KL estimate without
     changing its gradient. Padding entries have count 0 and drop out.
     """
-    log_q = z.gather(1, ids) - lse
+    log_q = st.z_ids - st.lse_t
     return -(counts * log_q).sum(1) / num_samples - entropy
 
 
@@ -174,12 +199,6 @@ def _prepare_sampled(ids, counts, entropy, mask, dtype, device):
     return ids, counts, entropy
 
 
-def _scaled(logits: torch.Tensor, temperature: float):
-    """(z, logsumexp(z)[n,1]) for z = logits / T in the compute dtype."""
-    z = logits.to(_compute_dtype(logits)) / temperature
-    return z, torch.logsumexp(z, dim=1, keepdim=True)
-
-
 # ----------------------------------------------------------------------------- public losses
 
 def hard_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -189,9 +208,8 @@ def hard_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> t
     mask [N] bool. Returns a float32 scalar.
     """
     mask = mask.bool()
-    x, lse = _scaled(logits, 1.0)
-    rows = _ce_rows(x, lse, torch.where(mask, labels.long(), 0))
-    return _masked_sum(rows, mask) / _count(mask)
+    st = _student_stats(logits.to(_compute_dtype(logits)), 1.0, labels=torch.where(mask, labels.long(), 0))
+    return _masked_sum((st.lse - st.x_label).squeeze(1), mask) / _count(mask)
 
 
 def topk_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
@@ -206,18 +224,18 @@ def topk_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_l
 
     Buckets are the K ids plus the tail: p_k = exp(topk_logprobs), p_o = exp(tail_logprob);
     q = softmax(student_logits / T) over the full vocabulary, q_k gathered at the ids and
-    q_o = 1 - sum_k q_k (see _student_tail). The divergence (see _bucket_divergence) is exact for
-    this coarse-graining; with K = V it is the full-vocabulary divergence.
+    q_o = 1 - sum_k q_k (see _logsumexp_outside). The divergence (see _bucket_divergence) is exact
+    for this coarse-graining; with K = V it is the full-vocabulary divergence.
 
     renormalize=True is the common variant kept for comparison: p_k / sum_k p_k against
     softmax over the K gathered student logits, no tail bucket.
     """
     check_options(0.0, temperature, kind, jsd_beta)
+    x = student_logits.to(_compute_dtype(student_logits))
+    ids, logp, tail = _prepare_topk(topk_ids, topk_logprobs, tail_logprob, mask, x.dtype, x.device)
+    st = _student_stats(x, temperature, ids=ids, tail=not renormalize)
     mask = mask.bool()
-    z, lse = _scaled(student_logits, temperature)
-    ids, logp, tail = _prepare_topk(topk_ids, topk_logprobs, tail_logprob, mask, z.dtype, z.device)
-    rows = _topk_rows(z, lse, ids, logp, tail, kind, jsd_beta, renormalize)
-    return _masked_sum(rows, mask) / _count(mask)
+    return _masked_sum(_topk_rows(st, logp, tail, kind, jsd_beta, renormalize), mask) / _count(mask)
 
 
 def sampled_divergence(student_logits: torch.Tensor, sample_ids: torch.Tensor, sample_counts: torch.Tensor,
@@ -234,65 +252,122 @@ def sampled_divergence(student_logits: torch.Tensor, sample_ids: torch.Tensor, s
     """
     check_options(0.0, temperature, kind, 0.5)
     _check_sampled_kind(kind)
+    x = student_logits.to(_compute_dtype(student_logits))
+    ids, counts, entropy = _prepare_sampled(sample_ids, sample_counts, teacher_entropy, mask, x.dtype, x.device)
+    st = _student_stats(x, temperature, ids=ids)
     mask = mask.bool()
-    z, lse = _scaled(student_logits, temperature)
-    ids, counts, entropy = _prepare_sampled(sample_ids, sample_counts, teacher_entropy, mask, z.dtype, z.device)
-    rows = _sampled_rows(z, lse, ids, counts, int(num_samples), entropy)
-    return _masked_sum(rows, mask) / _count(mask)
+    return _masked_sum(_sampled_rows(st, counts, int(num_samples), entropy), mask) / _count(mask)
 
 
 # ----------------------------------------------------------------------------- training loss
 
-def _chunk_sums(logits, labels, mask, *teacher, mode, kind, beta, renormalize, temperature, num_samples):
-    """[sum of CE] or [sum of CE, sum of KD] over the masked-in rows of one chunk (KD if mode is set)."""
-    x = logits.to(_compute_dtype(logits))
-    lse = torch.logsumexp(x, dim=1, keepdim=True)
-    ce = _masked_sum(_ce_rows(x, lse, labels), mask)
-    if mode is None:
-        return [ce]
-    # At T = 1 the KD softmax is the CE softmax: reuse it rather than build a second [chunk,V].
-    if temperature == 1.0:
-        z, lse_t = x, lse
-    else:
-        z = x / temperature
-        lse_t = torch.logsumexp(z, dim=1, keepdim=True)
-    if mode == "topk":
-        rows = _topk_rows(z, lse_t, *teacher, kind, beta, renormalize)
-    else:
-        rows = _sampled_rows(z, lse_t, teacher[0], teacher[1], num_samples, teacher[2])
-    return [ce, _masked_sum(rows, mask)]
+@dataclass(frozen=True)
+class _Config:
+    mode: str | None  # "topk", "sampled" or None (CE only)
+    kind: str
+    beta: float
+    renormalize: bool
+    temperature: float
+    num_samples: int
+
+    @property
+    def tail(self) -> bool:
+        return self.mode == "topk" and not self.renormalize
+
+    @property
+    def uses_lse_t(self) -> bool:
+        return self.mode is not None and not (self.mode == "topk" and self.renormalize)
 
 
-class _ChunkedSums(torch.autograd.Function):
-    """Sums of _chunk_sums over row chunks; the backward recomputes one chunk at a time.
+class _ChunkedLoss(torch.autograd.Function):
+    """(sum of CE, sum of KD) over the masked-in rows, a chunk of rows at a time.
 
-    This is activation checkpointing done by hand. torch.utils.checkpoint over slices of the
-    logits would save the same (nothing but the inputs), but every slice's backward materialises
-    a zero-padded gradient the size of all the logits, which autograd then adds into theirs: a
-    second [N,V] buffer. Here each chunk's gradient is written straight into one buffer.
-    First-order gradients only.
+    Forward: per chunk, the float32 [chunk,V] statistics pass runs without a graph; what the
+    divergence needs ([chunk,1] and [chunk,K] statistics) goes through autograd at once, and its
+    gradients with respect to those statistics are kept, [N] and [N,K] in all.
+    Backward: per chunk, the gradient with respect to the logits is assembled from them:
+        d logsumexp(x) / dx      = softmax(x)
+        d x_label / dx           = onehot(label)
+        d logsumexp(x/T) / dx    = softmax(x/T) / T
+        d z_ids / dx             = onehot(ids) / T
+        d lse_out / dx           = softmax(x/T restricted to the outside of ids) / T
+    written into one [N,V] buffer. torch.utils.checkpoint would instead rerun the whole chunk and
+    materialise each slice's gradient at full [N,V] size before adding it up; this keeps a few
+    [chunk,V] temporaries and no second [N,V]. First-order gradients only.
     """
 
     @staticmethod
-    def forward(ctx, step, chunks, logits, labels, mask, *teacher):
-        ctx.step, ctx.chunks = step, chunks
-        ctx.save_for_backward(logits, labels, mask, *teacher)
-        sums = [torch.zeros((), dtype=_compute_dtype(logits), device=logits.device) for _ in range(2)]
-        for rows in chunks:  # forward runs without a graph: the float32 temporaries die per chunk
-            for i, part in enumerate(step(logits[rows], labels[rows], mask[rows], *(t[rows] for t in teacher))):
-                sums[i] = sums[i] + part
-        return tuple(sums)
+    def forward(ctx, logits, labels, mask, cfg: _Config, chunks, *teacher):
+        n, dtype, device = logits.shape[0], _compute_dtype(logits), logits.device
+        ids = teacher[0] if cfg.mode is not None else None
+        k = ids.shape[1] if ids is not None else 0
+        lse, lse_t, lse_out, d_lse_t, d_lse_out = (torch.zeros(n, 1, dtype=dtype, device=device) for _ in range(5))
+        d_z_ids = torch.zeros(n, k, dtype=dtype, device=device)
+        ce_sum, kd_sum = (torch.zeros((), dtype=dtype, device=device) for _ in range(2))
+        for rows in chunks:
+            st = _student_stats(logits[rows].to(dtype), cfg.temperature, labels[rows],
+                                None if ids is None else ids[rows], cfg.tail)
+            lse[rows] = st.lse
+            ce_sum += _masked_sum((st.lse - st.x_label).squeeze(1), mask[rows])
+            if cfg.mode is None:
+                continue
+            with torch.enable_grad():  # small tensors only: [chunk,1] and [chunk,K]
+                leaves = [s.detach().requires_grad_(True) for s in (st.lse_t, st.z_ids, st.lse_out) if s is not None]
+                small = _Stats(None, None, leaves[0], leaves[1], leaves[2] if cfg.tail else None, st.empty)
+                part = [t[rows] for t in teacher[1:]]
+                if cfg.mode == "topk":
+                    kd_rows = _topk_rows(small, *part, cfg.kind, cfg.beta, cfg.renormalize)
+                else:
+                    kd_rows = _sampled_rows(small, part[0], cfg.num_samples, part[1])
+                kd_part = _masked_sum(kd_rows, mask[rows])
+                grads = torch.autograd.grad(kd_part, leaves, allow_unused=True)
+            kd_sum += kd_part.detach()
+            lse_t[rows], d_lse_t[rows] = st.lse_t, _or_zero(grads[0])
+            d_z_ids[rows] = _or_zero(grads[1])
+            if cfg.tail:
+                lse_out[rows], d_lse_out[rows] = st.lse_out, _or_zero(grads[2])
+        ctx.cfg, ctx.chunks = cfg, chunks
+        ctx.save_for_backward(logits, labels, mask, ids, lse, lse_t, lse_out, d_lse_t, d_z_ids, d_lse_out)
+        return ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kd):
-        logits, labels, mask, *teacher = ctx.saved_tensors
-        grad = torch.zeros_like(logits)  # rows of chunks with nothing masked in stay 0
+        saved = ctx.saved_tensors
+        grad = torch.zeros_like(saved[0])  # rows of chunks with nothing masked in stay 0
         for rows in ctx.chunks:
-            with torch.enable_grad():
-                x = logits[rows].detach().requires_grad_(True)
-                parts = ctx.step(x, labels[rows], mask[rows], *(t[rows] for t in teacher))
-                (grad[rows],) = torch.autograd.grad(parts, x, [grad_ce, grad_kd][:len(parts)])
-        return (None, None, grad, None, None) + (None,) * len(teacher)
+            # One call per chunk: its [chunk,V] temporaries are freed before the next chunk's exist.
+            grad[rows] = _chunk_grad(ctx.cfg, grad_ce, grad_kd, *(None if t is None else t[rows] for t in saved))
+        return (grad, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def _chunk_grad(cfg: _Config, grad_ce, grad_kd, logits, labels, mask, ids, lse, lse_t, lse_out,
+                d_lse_t, d_z_ids, d_lse_out) -> torch.Tensor:
+    """d(grad_ce * CE sum + grad_kd * KD sum) / d logits for one chunk, from the saved statistics."""
+    dtype = _compute_dtype(logits)
+    x = logits.to(dtype, copy=True)  # a private copy: it is scaled in place below
+    w_ce = grad_ce * mask[:, None].to(dtype)
+    # CE: w (softmax(x) - onehot(label)). At T = 1 the KD softmax term is the same softmax.
+    shared = cfg.temperature == 1.0 and cfg.uses_lse_t
+    g = torch.sub(x, lse).exp_().mul_(w_ce + grad_kd * d_lse_t if shared else w_ce)
+    g.scatter_add_(1, labels[:, None], -w_ce)
+    if cfg.mode is None:
+        return g
+    scale = grad_kd / cfg.temperature  # dz/dx = 1/T
+    z = x if cfg.temperature == 1.0 else x.div_(cfg.temperature)  # as in the forward, to the bit
+    if cfg.uses_lse_t and not shared:
+        g.add_(torch.sub(z, lse_t).exp_().mul_(scale * d_lse_t))
+    if cfg.tail:
+        # exp(z - lse_out) may overflow at the ids; they are zeroed before the product.
+        g.add_(torch.sub(z, lse_out).exp_().scatter_(1, ids, 0.0).mul_(scale * d_lse_out))
+    return g.scatter_add_(1, ids, scale * d_z_ids)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.reshape(n, t.shape[-1])  # [..., K] -> [N,K]; explicit K so that N = 0 works
+
+
+def _or_zero(grad):
+    return 0.0 if grad is None else grad
 
 
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -307,10 +382,10 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     CE is at temperature 1; KD is topk_divergence / sampled_divergence at `temperature`, and T^2
     keeps its gradient on the scale of the CE's (Hinton et al. 2015).
 
-    Memory: rows are processed in chunks of chunk_size and recomputed in the backward (see
-    _ChunkedSums), so besides the logits and their gradient only a few float32 [chunk_size,V]
-    temporaries ever exist. Per-chunk sums are divided by the masked-in count at the end, so the
-    result equals the unchunked mean. Chunks with no masked-in row are skipped.
+    Memory: rows go through in chunks of chunk_size (see _ChunkedLoss), so besides the logits and
+    their gradient only about three float32 [chunk_size,V] temporaries exist at once, forward or
+    backward. Per-chunk sums are divided by the masked-in count at the end, so the result equals
+    the unchunked mean. Chunks with no masked-in row are skipped.
     """
     check_options(alpha, temperature, kd_loss, jsd_beta)
     if chunk_size < 1:
@@ -326,7 +401,7 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     if targets is not None:
         if "topk_ids" in targets:
             mode = "topk"
-            teacher = _prepare_topk(targets["topk_ids"].reshape(n, -1), targets["topk_logprobs"].reshape(n, -1),
+            teacher = _prepare_topk(_rows(targets["topk_ids"], n), _rows(targets["topk_logprobs"], n),
                                     targets["tail_logprob"].reshape(n), mask, dtype, device)
         elif "sample_ids" in targets:
             _check_sampled_kind(kd_loss)
@@ -335,18 +410,17 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
             mode, num_samples = "sampled", int(targets["num_samples"])
             if num_samples < 1:
                 raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-            teacher = _prepare_sampled(targets["sample_ids"].reshape(n, -1), targets["sample_counts"].reshape(n, -1),
+            teacher = _prepare_sampled(_rows(targets["sample_ids"], n), _rows(targets["sample_counts"], n),
                                        targets["teacher_entropy"].reshape(n), mask, dtype, device)
         else:
             raise ValueError(f"targets holds neither topk_ids nor sample_ids: {sorted(targets)}")
 
-    step = functools.partial(_chunk_sums, mode=mode, kind=kd_loss, beta=jsd_beta, renormalize=topk_renormalize,
-                             temperature=float(temperature), num_samples=num_samples)
+    cfg = _Config(mode, kd_loss, float(jsd_beta), bool(topk_renormalize), float(temperature), num_samples)
     n_chunks = -(-n // chunk_size)
     # One host sync for the whole batch, to skip chunks that are all padding.
     busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()
     chunks = [slice(i * chunk_size, (i + 1) * chunk_size) for i, b in enumerate(busy) if b]
-    ce_sum, kd_sum = _ChunkedSums.apply(step, chunks, logits, labels, mask, *teacher)
+    ce_sum, kd_sum = _ChunkedLoss.apply(logits, labels, mask, cfg, chunks, *teacher)
 
     count = _count(mask)
     ce, kd = ce_sum / count, kd_sum / count

@@ -257,14 +257,20 @@ def _targets(s, mode, num_samples=10, seed=0):
     return None
 
 
-@pytest.mark.parametrize("mode,kind", [("topk", "forward-kl"), ("topk", "jsd"), ("sampled", "forward-kl"),
-                                       (None, "forward-kl")])
-def test_gradcheck_distillation_loss_chunked(mode, kind):
-    s = _small()
+@pytest.mark.parametrize("mode,kind,renormalize,k,temperature", [
+    ("topk", "forward-kl", False, 3, 1.7), ("topk", "reverse-kl", False, 3, 1.7), ("topk", "jsd", False, 3, 1.7),
+    ("topk", "forward-kl", True, 3, 1.7), ("topk", "jsd", True, 3, 1.0), ("topk", "reverse-kl", False, 7, 1.7),
+    ("topk", "jsd", False, 7, 1.0), ("topk", "forward-kl", False, 3, 1.0), ("sampled", "forward-kl", False, 3, 1.7),
+    ("sampled", "forward-kl", False, 3, 1.0), (None, "forward-kl", False, 3, 1.0)])
+def test_gradcheck_distillation_loss_chunked(mode, kind, renormalize, k, temperature):
+    # The backward is assembled by hand (_ChunkedLoss): check it against finite differences, with
+    # a chunk that is all padding (rows 2-3) and so skipped.
+    s = _small(k=k, n=7, temperature=temperature)
+    mask = torch.tensor([True, False, False, False, True, True, True])
     targets = _targets(s, mode)
-    f = lambda x: distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.3, temperature=1.7,
-                                    kd_loss=kind, chunk_size=2).total
-    assert torch.autograd.gradcheck(f, (s["student"],))
+    f = lambda x: distillation_loss(x, s["labels"], mask, targets, alpha=0.3, temperature=temperature,
+                                    kd_loss=kind, topk_renormalize=renormalize, chunk_size=2)
+    assert torch.autograd.gradcheck(lambda x: f(x).total, (s["student"],))
 
 
 # ------------------------------------------------------------------------------ distillation_loss
@@ -413,14 +419,14 @@ def test_invalid_options_raise(kwargs, option):
 
 @pytest.mark.parametrize("mode", ["topk", "sampled", None])
 def test_no_float32_vocab_sized_activation_is_kept_for_backward(mode):
-    # Checkpointing: between forward and backward, autograd may keep the chunks' inputs (views of
-    # the logits) but none of their float32 [chunk,V] intermediates.
+    # Recompute in the backward: between forward and backward autograd may keep the inputs (the
+    # bf16 logits, the small teacher tensors) but none of the float32 [chunk,V] intermediates.
     s = _setup(n=12, temperature=2.0, dtype=torch.float32)
     x = s["student"].to(torch.bfloat16).requires_grad_(True)
     kept = []
 
     def pack(t):
-        if t.is_floating_point() and t.dtype != torch.bfloat16 and t.numel() >= V:
+        if t.is_floating_point() and t.dtype != torch.bfloat16 and t.shape[-1] == V:
             kept.append(tuple(t.shape))
         return t
 
@@ -429,3 +435,44 @@ def test_no_float32_vocab_sized_activation_is_kept_for_backward(mode):
     assert kept == []
     out.total.backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("part", ["ce", "kd"])
+def test_gradient_of_each_part_alone(part):
+    # The parts share one recomputing backward; each must still get its own gradient.
+    s = _setup(temperature=2.0, dtype=torch.float32)
+    x = s["student"].clone().requires_grad_(True)
+    out = distillation_loss(x, s["labels"], s["mask"], _targets(s, "topk"), 0.5, 2.0, kd_loss="jsd", chunk_size=3)
+    (got,) = torch.autograd.grad(getattr(out, part), x)
+    y = s["student"].clone().requires_grad_(True)
+    ref = hard_ce(y, s["labels"], s["mask"]) if part == "ce" else \
+        topk_divergence(y, s["ids"], s["logprobs"], s["tail"], s["mask"], 2.0, kind="jsd")
+    (want,) = torch.autograd.grad(ref, y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_cache_dtypes_and_batch_shape(mode):
+    # The cache stores int32 ids, float16 log-probs / entropies and uint8 counts; the trainer may
+    # pass [B,L,...] tensors. Same loss as float64 / int64 [N,...] inputs up to float16 rounding.
+    s = _setup(n=12, temperature=2.0, dtype=torch.float32)
+    targets = _targets(s, mode)
+    small = {k: v.to(torch.int32) if k.endswith("_ids") else
+             v.to(torch.uint8) if k == "sample_counts" else
+             v.half() if torch.is_tensor(v) else v for k, v in targets.items()}
+    shaped = {k: v.reshape(3, 4, *v.shape[1:]) if torch.is_tensor(v) else v for k, v in small.items()}
+    want = distillation_loss(s["student"], s["labels"], s["mask"], targets, 0.5, 2.0)
+    got = distillation_loss(s["student"].reshape(3, 4, V), s["labels"].reshape(3, 4), s["mask"].reshape(3, 4),
+                            shaped, 0.5, 2.0)
+    for u, w in zip(got, want):
+        torch.testing.assert_close(u, w, rtol=2e-3, atol=2e-3)
+
+
+def test_empty_batch():
+    x = torch.zeros(0, V, requires_grad=True)
+    targets = dict(topk_ids=torch.zeros(0, 3, dtype=torch.long), topk_logprobs=torch.zeros(0, 3),
+                   tail_logprob=torch.zeros(0))
+    out = distillation_loss(x, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), targets, 0.5, 2.0)
+    assert [t.item() for t in out] == [0.0, 0.0, 0.0]
+    out.total.backward()
+    assert x.grad.shape == (0, V)

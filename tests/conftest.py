@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny randomly initialised Llama teacher with a small BPE tokenizer trained on
+The Wind in the Willows, written to a temp folder, and helpers to run the real CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WILLOWS = REPO.parent / "shared" / "data" / "wind_in_the_willows.txt"
+
+
+def willows_text() -> str:
+    if not WILLOWS.exists():
+        raise FileNotFoundError(f"{WILLOWS} is missing: the tests read The Wind in the Willows from ../shared/data")
+    return WILLOWS.read_text(encoding="utf-8")
+
+
+def make_tokenizer(text: str, vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on `text`, with an EOS token, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def make_tiny_teacher(folder: Path, tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 256) -> Path:
+    """A randomly initialised LlamaForCausalLM sized to the tokenizer, saved with it as a HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a sharper-than-random teacher: scale the output so its distributions are not flat
+        model.model.embed_tokens.weight.mul_(20.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer(willows_text()[:200_000])
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Folder of a tiny random Llama teacher (vocab ~384, 2 layers, width 32) with its tokenizer."""
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-teacher", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A ~40k-character slice of The Wind in the Willows as a .txt file."""
+    path = tmp_path_factory.mktemp("corpus") / "willows-slice.txt"
+    path.write_text(willows_text()[20_000:60_000], encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = False):
+    """Run `python -m pipeline ARGS` in a subprocess (the real CLI). Returns the CompletedProcess."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd or REPO, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
+    """The tiny corpus tokenized with the tiny teacher's tokenizer (data stage output folder)."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    run_cli("data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1", check=True)
+    return out

@@ -10,14 +10,16 @@ cache temperature, computed over the full vocabulary before anything is cut:
 
 Work is split into parts of `rows_per_part` rows. Each finished part is written atomically, so a
 killed run resumes where it stopped; parts are assigned to processes in contiguous blocks (one shard
-per process and split), and the same parts give the same batches whatever the number of processes.
+per process and split, fewer when a split has fewer parts than processes), and the same parts give
+the same batches whatever the number of processes.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +48,20 @@ def row_tokens(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
     return np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
 
 
-def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: int) -> dict:
-    """The attributes every shard of this cache carries: what it takes to refuse a wrong pairing."""
+def compute_dtype(dtype: str, device: torch.device) -> str:
+    """The dtype the teacher runs in: --dtype, with "auto" = bfloat16 on GPU, float32 elsewhere."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
+def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: int, dtype: str) -> dict:
+    """The attributes every shard of this cache carries: what it takes to refuse a wrong pairing, and
+    every setting that changes the stored numbers (a rerun with another one rebuilds)."""
     return {
         "format_version": cache_format.FORMAT_VERSION,
         "mode": config.mode,
+        "compute_dtype": dtype,
         "teacher_name": identity["teacher_name"],
         "teacher_hash": identity["teacher_hash"],
         "tokenizer_hash": identity["tokenizer_hash"],
@@ -117,9 +128,7 @@ class TeacherRunner:
 
     def __init__(self, model, config: CacheConfig, device: torch.device):
         self.model, self.config, self.device = model, config, device
-        dtype = config.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = compute_dtype(config.dtype, device)
         self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
 
     @torch.inference_mode()
@@ -147,7 +156,22 @@ def concat_parts(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def row_seed(seed: int, split: str, index: int) -> int:
-    return (seed * 1_000_003 + SPLITS.index(split) * 7_919 + index) % (2**63)
+    """Seed of the sampled draws of row `index` of `split`: a hash of all three, so no two rows of
+    any split or seed share their draws (a linear mix like seed*P + index collides across splits)."""
+    digest = hashlib.blake2b(f"{seed}:{split}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63
+
+
+def shard_block(num_parts: int, process_index: int, num_processes: int) -> tuple[int, int, int, int] | None:
+    """The contiguous block of parts one process computes for a split:
+    (shard_index, num_shards, first_part, last_part), with num_shards = min(processes, parts) so
+    that every shard holds at least one part; None for a process left without parts."""
+    num_shards = min(num_processes, num_parts)
+    if process_index >= num_shards:
+        return None
+    first = num_parts * process_index // num_shards
+    last = num_parts * (process_index + 1) // num_shards
+    return process_index, num_shards, first, last
 
 
 # ---------------------------------------------------------------- the stage
@@ -179,7 +203,13 @@ def build_cache(config: CacheConfig) -> dict:
     from accelerate import PartialState
 
     config.validate()
-    state = PartialState()
+    # On a CPU-only machine accelerate sees a torchrun launch only with cpu=True (else every rank
+    # would think it is alone and compute the whole cache).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise PipelineError(f"launched as {launched} processes but accelerate sees {state.num_processes}; "
+                            "run cache-logits under torchrun or accelerate launch, or as one plain process")
     out_dir = Path(config.out_dir)
     meta = read_meta(config.data_dir)
     identity = teacher_identity(config.teacher)
@@ -187,12 +217,12 @@ def build_cache(config: CacheConfig) -> dict:
 
     model_config = AutoConfig.from_pretrained(config.teacher)
     vocab_size = _validate_against_teacher(config, model_config, meta, identity)
-    attrs = common_attrs(config, meta, identity, vocab_size)
+    attrs = common_attrs(config, meta, identity, vocab_size, compute_dtype(config.dtype, state.device))
 
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
         manifest = cache_format.read_manifest(out_dir)
-        if {k: manifest.get(k) for k in attrs} == attrs:
+        if {k: manifest.get(k) for k in attrs} == attrs and _shards_present(out_dir, manifest):
             state.print(f"cache: {out_dir} is up to date ({manifest['splits']['train']['rows']} train rows)")
             return manifest
         state.print(f"cache: settings or inputs changed, rebuilding {out_dir}")
@@ -207,7 +237,9 @@ def build_cache(config: CacheConfig) -> dict:
         runner = TeacherRunner(model, config, state.device)
         entries = []
         for split in SPLITS:
-            entries.append(_build_shard(runner, config, attrs, split, state))
+            entry = _build_shard(runner, config, attrs, split, state)
+            if entry is not None:
+                entries.append(entry)
         atomic_write_json(out_dir / f".entry-{state.process_index:05d}.json", entries)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -226,32 +258,41 @@ def build_cache(config: CacheConfig) -> dict:
     return cache_format.read_manifest(out_dir)
 
 
+def _shards_present(out_dir: Path, manifest: dict) -> bool:
+    """Every shard the manifest lists exists with its listed size (cheap; verify_cache hashes them)."""
+    return all((out_dir / e["file"]).is_file() and (out_dir / e["file"]).stat().st_size == e["bytes"]
+               for e in manifest["shards"])
+
+
 def _reset_parts_if_stale(out_dir: Path, attrs: dict) -> None:
     """Parts left by a killed run are reused only if they were computed with the same settings."""
     parts_dir = out_dir / ".parts"
     attrs_path = parts_dir / "attrs.json"
     if parts_dir.exists() and (not attrs_path.exists() or read_json(attrs_path) != attrs):
         shutil.rmtree(parts_dir)
-    for old in out_dir.glob("*.h5"):
-        old.unlink()  # shards are rebuilt from the parts below
+    for old in [*out_dir.glob("*.h5"), *out_dir.glob(".*.tmp")]:
+        old.unlink()  # shards are rebuilt from the parts below; temp files of a killed run go
     parts_dir.mkdir(parents=True, exist_ok=True)
     if not attrs_path.exists():
         atomic_write_json(attrs_path, attrs)
 
 
-def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split: str, state) -> dict:
-    """Compute this process's parts of `split` (skipping parts already on disk) and assemble its shard."""
+def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split: str, state) -> dict | None:
+    """Compute this process's parts of `split` (skipping parts already on disk) and assemble its shard.
+    Returns its manifest entry, or None when the split has fewer parts than processes and this one has none."""
     out_dir = Path(config.out_dir)
     tokens = load_tokens(config.data_dir, split)
     rows = num_rows(len(tokens), config.seq_len, config.max_rows)
     if rows == 0:
         raise PipelineError(f"the {split} split has {len(tokens)} tokens, fewer than one sequence of {config.seq_len + 1}; lower SEQ_LEN or use a bigger corpus")
     num_parts = -(-rows // config.rows_per_part)
-    first_part = num_parts * state.process_index // state.num_processes
-    last_part = num_parts * (state.process_index + 1) // state.num_processes
+    block = shard_block(num_parts, state.process_index, state.num_processes)
+    if block is None:
+        return None
+    shard_index, num_shards, first_part, last_part = block
     row_start = first_part * config.rows_per_part
     row_end = min(rows, last_part * config.rows_per_part)
-    name = cache_format.shard_name(split, state.process_index, state.num_processes)
+    name = cache_format.shard_name(split, shard_index, num_shards)
     parts_dir = out_dir / ".parts" / name
     parts_dir.mkdir(parents=True, exist_ok=True)
     part_paths = [parts_dir / f"part-{p:06d}.npz" for p in range(first_part, last_part)]
@@ -277,8 +318,8 @@ def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split:
     progress.close()
 
     shard_attrs = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"],
-                   "shard_index": state.process_index, "num_shards": state.num_processes,
+                   "shard_index": shard_index, "num_shards": num_shards,
                    "row_start": row_start, "rows": row_end - row_start}
     entry = cache_format.assemble_shard(out_dir / name, shard_attrs, part_paths)
-    entry.update({"split": split, "shard_index": state.process_index, "num_shards": state.num_processes, "row_start": row_start})
+    entry.update({"split": split, "shard_index": shard_index, "num_shards": num_shards, "row_start": row_start})
     return entry

@@ -20,7 +20,8 @@ import sys
 import tarfile
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -71,39 +72,66 @@ def strip_gutenberg(text: str) -> str:
     return text.strip("\ufeff\r\n ") + "\n"
 
 
+_LAST_RUN_START = re.compile(r"(?s:.*)\S(\s)")  # greedy: the last whitespace run that follows a non-space
+_FIRST_RUN_START = re.compile(r"\S(\s)")
+
+
+def whitespace_cut(text: str, start: int, end: int) -> int:
+    """The cut for a piece text[start:cut] of at most end - start characters: the start of the last
+    whitespace run inside (start, end), i.e. just after a non-space. Byte-level BPE pre-tokens never
+    hold a non-space followed by a space, so tokenizing both sides separately gives the same ids as
+    tokenizing the whole. Without such a run the piece grows to the first one after `end` (or the end
+    of the text): never a cut inside a word or inside a run of spaces."""
+    if end >= len(text):
+        return len(text)
+    match = _LAST_RUN_START.match(text, start, end)
+    if match:
+        return match.start(1)
+    match = _FIRST_RUN_START.search(text, max(start, end - 1))
+    return match.start(1) if match else len(text)
+
+
 def split_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """Cut text into pieces of about piece_chars, each cut placed just before a whitespace so that
-    tokenizing the pieces separately gives the same words as tokenizing the whole."""
+    """Cut text into pieces of about piece_chars at whitespace_cut; "".join(pieces) == text."""
     start = 0
     while start < len(text):
-        end = min(start + piece_chars, len(text))
-        if end < len(text):
-            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
-            end = cut if cut > start else end
+        end = whitespace_cut(text, start, start + piece_chars)
         yield text[start:end]
         start = end
 
 
-def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """Stream a huge (possibly single-line) UTF-8 file as pieces cut before whitespace; text8 is one
-    100 MB line and is never held whole in a tokenizer call."""
-    reader = io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="")
+def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, name: str = "the corpus") -> Iterator[str]:
+    """Stream a huge (possibly single-line) UTF-8 file as pieces cut at whitespace_cut; text8 is one
+    100 MB line and is never held whole in a tokenizer call. "".join(pieces) == the decoded file.
+    Raises PipelineError for bytes that are not UTF-8 text (invalid sequences, NUL bytes)."""
+    reader = io.TextIOWrapper(binary, encoding="utf-8", errors="strict", newline="")
     carry = ""
-    while block := reader.read(piece_chars):
+    while True:
+        try:
+            block = reader.read(piece_chars)
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{name} is not UTF-8 text ({exc.reason}); convert it to UTF-8 first") from exc
+        if not block:
+            break
+        if "\x00" in block:
+            raise PipelineError(f"{name} looks like a binary file (it contains NUL bytes); pass a UTF-8 text file")
         block = carry + block
-        cut = max(block.rfind(" "), block.rfind("\n"))
-        if cut <= 0:
+        match = _LAST_RUN_START.match(block, 0)
+        if match is None:  # no cut point yet: keep reading
             carry = block
             continue
-        yield block[:cut]
-        carry = block[cut:]
+        yield block[: match.start(1)]
+        carry = block[match.start(1):]
     if carry:
         yield carry
 
 
 def _read_text_file(path: Path) -> str:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    if b"\x00" in raw[:1 << 20]:
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise PipelineError(f"{path} cannot be read ({type(exc).__name__}: {exc}); pass a readable UTF-8 .txt or a valid .txt.gz") from exc
+    if b"\x00" in raw:
         raise PipelineError(f"{path} looks like a binary file (it contains NUL bytes); pass a UTF-8 text file")
     try:
         return raw.decode("utf-8")
@@ -168,6 +196,8 @@ def text_file_corpus(path: Path, name: str | None = None) -> Corpus:
 
 def _zip_corpus(path: Path, name: str) -> Corpus:
     """A zip of text files (text8.zip holds one 100 MB line): streamed member by member."""
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(f"{path} is not a valid zip archive; pass a .zip of UTF-8 text files or the text file itself")
 
     def documents():
         with zipfile.ZipFile(path) as archive:
@@ -175,7 +205,7 @@ def _zip_corpus(path: Path, name: str) -> Corpus:
                 if member.endswith("/"):
                     continue
                 with archive.open(member) as f:
-                    yield member, stream_pieces(f)
+                    yield member, stream_pieces(f, name=f"{path}:{member}")
 
     return Corpus(name, sha256_file(path), documents)
 
@@ -214,7 +244,8 @@ def hf_dataset_corpus(spec: str, config: DataConfig) -> Corpus:
         for index, text in enumerate(dataset[config.text_column]):
             yield f"{spec}[{index}]", split_pieces(text)
 
-    return Corpus(Path(spec).name or spec, dataset._fingerprint, documents)
+    # the column is part of the identity: another --text-column is another corpus
+    return Corpus(Path(spec).name or spec, f"{dataset._fingerprint}:{config.text_column}", documents)
 
 
 def resolve_corpus(config: DataConfig) -> Corpus:
@@ -233,7 +264,7 @@ def resolve_corpus(config: DataConfig) -> Corpus:
         if path.stat().st_size > 256 << 20 or path.name == "text8":  # huge single files are streamed
             def documents():
                 with open(path, "rb") as f:
-                    yield path.name, stream_pieces(f)
+                    yield path.name, stream_pieces(f, name=str(path))
             return Corpus(path.name, sha256_file(path), documents)
         return text_file_corpus(path)
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
@@ -248,7 +279,8 @@ def resolve_corpus(config: DataConfig) -> Corpus:
 
 def tokenize_documents(corpus: Corpus, tokenizer, val_fraction: float, max_tokens: int | None):
     """Tokenize each document (batched fast-tokenizer calls over its pieces), append EOS, and send the
-    last `val_fraction` of it to val. Returns (train_ids, val_ids, documents) as int64 arrays."""
+    last `val_fraction` of it to val. Documents that hold only whitespace are skipped.
+    Returns (train_ids, val_ids, documents): two int64 arrays and the number of documents kept."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PipelineError("the tokenizer has no EOS token; documents cannot be joined")
@@ -257,16 +289,18 @@ def tokenize_documents(corpus: Corpus, tokenizer, val_fraction: float, max_token
     for _, pieces in corpus.documents():
         doc_ids: list[np.ndarray] = []
         batch: list[str] = []
+        has_text = False
         for piece in pieces:
+            has_text = has_text or not piece.isspace()
             batch.append(piece)
             if len(batch) == 64:
                 doc_ids.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
                 batch = []
         if batch:
             doc_ids.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
+        if not has_text:
+            continue  # an empty or whitespace-only document adds nothing
         ids = np.concatenate(doc_ids + [np.array([eos], dtype=np.int64)])
-        if len(ids) <= 1:
-            continue  # an empty document adds nothing
         if max_tokens is not None and total + len(ids) > max_tokens:
             ids = ids[: max_tokens - total]
         n_val = int(round(len(ids) * val_fraction))
@@ -307,6 +341,16 @@ def read_meta(data_dir: str | Path) -> dict:
     return read_json(path)
 
 
+def _token_files_intact(out_dir: Path, meta: dict) -> bool:
+    """train.bin and val.bin exist with the sizes meta.json gives (a cheap check; no hashing)."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        path = out_dir / f"{split}.bin"
+        if not path.exists() or path.stat().st_size != meta[f"{split}_tokens"] * itemsize:
+            return False
+    return True
+
+
 def prepare_data(config: DataConfig) -> dict:
     """Tokenize the corpus into `config.out_dir`; a no-op when the same inputs are already there."""
     config.validate()
@@ -326,15 +370,17 @@ def prepare_data(config: DataConfig) -> dict:
         meta_path = out_dir / "meta.json"
         if meta_path.exists():
             meta = read_json(meta_path)
-            if meta.get("inputs") == inputs and all((out_dir / f"{s}.bin").exists() for s in ("train", "val")):
+            if meta.get("inputs") == inputs and _token_files_intact(out_dir, meta):
                 print(f"data: {out_dir} is up to date ({meta['train_tokens']} train / {meta['val_tokens']} val tokens)")
                 return meta
             print(f"data: inputs changed, rebuilding {out_dir}")
             meta_path.unlink()  # the old files no longer describe these inputs
 
         train_ids, val_ids, n_docs = tokenize_documents(corpus, tokenizer, config.val_fraction, config.max_tokens)
+        if n_docs == 0:
+            raise PipelineError(f"corpus {config.corpus} holds no text (it is empty or only whitespace); pass a non-empty UTF-8 text corpus")
         if len(train_ids) < 2 or len(val_ids) < 2:
-            raise PipelineError(f"corpus {config.corpus} holds too little text ({len(train_ids) + len(val_ids)} tokens after tokenizing); pass a non-empty UTF-8 text corpus")
+            raise PipelineError(f"corpus {config.corpus} holds too little text ({len(train_ids) + len(val_ids)} tokens after tokenizing); pass a bigger UTF-8 text corpus or a larger --val-fraction")
         vocab_size = len(tokenizer)
         dtype = token_dtype(vocab_size)
         write_tokens(out_dir / "train.bin", train_ids, dtype)

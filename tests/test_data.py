@@ -1,0 +1,340 @@
+"""Data stage: corpora -> train.bin / val.bin / meta.json.
+
+Issue: "Re-running with the same inputs is a no-op; different inputs never silently reuse old files."
+Expected token ids are computed independently here with the tokenizer (one call per document) and
+compared with what the stage wrote; the CLI is run as a subprocess for the stage-level behaviour.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_teacher, run_cli, willows_text
+from pipeline.config import DataConfig
+from pipeline.data import load_tokens, prepare_data, read_meta, split_pieces, stream_pieces, strip_gutenberg
+from pipeline.errors import PipelineError
+from pipeline.fsutil import sha256_file
+
+GUTENBERG_HEADER = ("The Project Gutenberg eBook of Test Book\nThis eBook is for the use of anyone anywhere.\n"
+                    "*** START OF THE PROJECT GUTENBERG EBOOK TEST BOOK ***\n\n\n")
+GUTENBERG_FOOTER = ("\n\n*** END OF THE PROJECT GUTENBERG EBOOK TEST BOOK ***\n"
+                    "Updated editions will replace the previous one. Project Gutenberg licence text.\n")
+UNICODE_TEXT = ("Съешь же ещё этих мягких французских булок, да выпей чаю.\n"
+                "中文测试：你好，世界。我们在这里测试分词器。\n"
+                "Emoji: 😀🚀 thumbs 👍🏽 family 👨‍👩‍👧 and flags 🇫🇷.\n")
+
+
+def build(corpus, tokenizer_dir, out_dir, **options) -> dict:
+    """The data stage in-process (for fine-grained checks); returns meta.json."""
+    return prepare_data(DataConfig(corpus=str(corpus), tokenizer=str(tokenizer_dir), out_dir=str(out_dir), **options))
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def expected_splits(tokenizer, documents: list[str], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each document tokenized in one call + EOS; its last round(len * val_fraction) ids go to val."""
+    train, val = [], []
+    for text in documents:
+        ids = encode(tokenizer, text) + [tokenizer.eos_token_id]
+        n_val = int(round(len(ids) * val_fraction))
+        train += ids[: len(ids) - n_val]
+        val += ids[len(ids) - n_val:]
+    return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
+
+
+def split_ids(out_dir: Path, split: str) -> np.ndarray:
+    return np.asarray(load_tokens(out_dir, split), dtype=np.int64)
+
+
+def assert_error_line(result, *fragments: str) -> None:
+    """Exit code 2, no traceback, exactly one `error:` line on stderr naming every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def assert_nothing_written(out_dir: Path) -> None:
+    for name in ("meta.json", "train.bin", "val.bin"):
+        assert not (out_dir / name).exists(), f"{name} was written although the run failed"
+
+
+# ---------------------------------------------------------------- outputs of each corpus kind
+
+
+def test_txt_corpus_gives_tokens_of_the_text_joined_with_eos(tiny_data, tiny_corpus, tiny_tokenizer):
+    """The session fixture ran `python -m pipeline data --corpus willows-slice.txt --val-fraction 0.1`."""
+    meta = read_meta(tiny_data)
+    text = tiny_corpus.read_text(encoding="utf-8")
+    document = text.strip("\r\n ") + "\n"  # the stage trims the ends of a document to one newline
+    train_expected, val_expected = expected_splits(tiny_tokenizer, [document], 0.1)
+    train, val = split_ids(tiny_data, "train"), split_ids(tiny_data, "val")
+    np.testing.assert_array_equal(train, train_expected)
+    np.testing.assert_array_equal(val, val_expected)
+    # val is the last ~10% of the document, which ends with EOS; the round trip gives the text back
+    assert abs(len(val) / (len(train) + len(val)) - 0.1) < 1e-3
+    assert val[-1] == tiny_tokenizer.eos_token_id and tiny_tokenizer.eos_token_id not in train
+    assert tiny_tokenizer.decode(np.concatenate([train, val[:-1]])) == document
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(tiny_tokenizer) == 384
+    assert (tiny_data / "train.bin").stat().st_size == 2 * len(train)
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val) and meta["documents"] == 1
+    assert meta["train_sha256"] == sha256_file(tiny_data / "train.bin")
+    assert meta["val_sha256"] == sha256_file(tiny_data / "val.bin")
+    assert meta["inputs"]["corpus_sha256"] == sha256_file(tiny_corpus)
+    assert meta["eos_token_id"] == tiny_tokenizer.eos_token_id
+
+
+def test_txt_gz_corpus(tmp_path, tiny_teacher, tiny_tokenizer):
+    """(The folder test below runs a .txt.gz through the CLI.)"""
+    text = willows_text()[100_000:112_000].strip() + "\n"
+    corpus = tmp_path / "slice.txt.gz"
+    corpus.write_bytes(gzip.compress(text.encode("utf-8")))
+    out = tmp_path / "gz"
+    build(corpus, tiny_teacher, out, val_fraction=0.2)
+    train_expected, val_expected = expected_splits(tiny_tokenizer, [text], 0.2)
+    np.testing.assert_array_equal(split_ids(out, "train"), train_expected)
+    np.testing.assert_array_equal(split_ids(out, "val"), val_expected)
+    meta = read_meta(out)
+    assert meta["corpus_name"] == "slice" and meta["inputs"]["corpus_sha256"] == sha256_file(corpus)
+    assert meta["train_sha256"] == sha256_file(out / "train.bin")
+
+
+def test_folder_of_txt_and_txt_gz_via_cli_strips_gutenberg_and_splits_every_document(tmp_path, tiny_teacher, tiny_tokenizer):
+    body_a = "It was a bright cold day in April, and the Rat was rowing.\nThe Mole sat in the stern.\n" * 30
+    text_b = willows_text()[150_000:158_000].strip() + "\n"
+    folder = tmp_path / "books"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(GUTENBERG_HEADER + body_a + GUTENBERG_FOOTER, encoding="utf-8")
+    (folder / "sub" / "b.txt.gz").write_bytes(gzip.compress(text_b.encode("utf-8")))
+    (folder / "notes.md").write_text("not a .txt: ignored\n", encoding="utf-8")
+    out = tmp_path / "folder"
+    run_cli("data", "--corpus", folder, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.25", check=True)
+
+    train_expected, val_expected = expected_splits(tiny_tokenizer, [body_a, text_b], 0.25)
+    train, val = split_ids(out, "train"), split_ids(out, "val")
+    np.testing.assert_array_equal(train, train_expected)
+    np.testing.assert_array_equal(val, val_expected)
+    # both documents end with EOS in val: the held-out range is the tail of every document
+    eos = tiny_tokenizer.eos_token_id
+    assert (val == eos).sum() == 2 and (train == eos).sum() == 0
+    decoded = tiny_tokenizer.decode(np.concatenate([train, val]))
+    assert "Gutenberg" not in decoded and "GUTENBERG" not in decoded and "licence" not in decoded
+    assert read_meta(out)["documents"] == 2
+
+
+def test_strip_gutenberg_keeps_only_the_body():
+    body = "CHAPTER I\n\nThe Mole had been working very hard all the morning.\n"
+    assert strip_gutenberg(GUTENBERG_HEADER + body + GUTENBERG_FOOTER) == body
+    assert strip_gutenberg("\ufeff" + body) == body  # no markers: only the BOM and blank ends go
+    assert strip_gutenberg(body.replace("\n", "\r\n")) == body.replace("\n", "\r\n").rstrip("\r\n") + "\n"
+
+
+def test_unicode_text_works(tmp_path, tiny_teacher, tiny_tokenizer):
+    corpus = tmp_path / "unicode.txt"
+    corpus.write_text(UNICODE_TEXT * 20, encoding="utf-8")
+    build(corpus, tiny_teacher, tmp_path / "unicode", val_fraction=0.1)
+    train_expected, val_expected = expected_splits(tiny_tokenizer, [UNICODE_TEXT * 20], 0.1)
+    train, val = split_ids(tmp_path / "unicode", "train"), split_ids(tmp_path / "unicode", "val")
+    np.testing.assert_array_equal(train, train_expected)
+    np.testing.assert_array_equal(val, val_expected)
+    assert tiny_tokenizer.decode(np.concatenate([train, val[:-1]])) == UNICODE_TEXT * 20
+
+
+# ---------------------------------------------------------------- pieces and streaming
+
+
+def test_split_pieces_cut_only_where_tokenization_is_unchanged(tiny_tokenizer):
+    """Cuts fall at the start of a whitespace run, never inside a word or inside a run of spaces, so
+    tokenizing the pieces one by one gives exactly the ids of one call over the whole text."""
+    text = ("The  Mole   had\tbeen working\n\nvery hard   all the\r\nmorning, " + UNICODE_TEXT + "  end \n") * 3
+    for piece_chars in (1, 5, 16, 64, 1000):
+        pieces = list(split_pieces(text, piece_chars))
+        assert "".join(pieces) == text
+        for piece in pieces[1:]:
+            assert piece[0].isspace()
+        for piece in pieces[:-1]:
+            assert not piece[-1].isspace()
+        ids = [i for piece in pieces for i in encode(tiny_tokenizer, piece)]
+        assert ids == encode(tiny_tokenizer, text), piece_chars
+    word = "x" * 50
+    assert list(split_pieces(word + " tail", 10)) == [word, " tail"]  # a long word is never cut
+
+
+def test_stream_pieces_of_one_huge_line_cut_only_at_spaces(tiny_tokenizer):
+    rng = random.Random(0)
+    words = willows_text()[:50_000].split()
+    line = " ".join(rng.choice(words) for _ in range(40_000))  # ~230k characters, no newline
+    pieces = list(stream_pieces(io.BytesIO(line.encode("utf-8")), piece_chars=4096))
+    assert "".join(pieces) == line
+    assert len(pieces) > 40 and max(len(p) for p in pieces) <= 4096 + 64
+    assert all(p.startswith(" ") for p in pieces[1:]) and all(not p.endswith(" ") for p in pieces[:-1])
+    small = line[:3000]
+    small_pieces = list(stream_pieces(io.BytesIO(small.encode("utf-8")), piece_chars=100))
+    assert [i for p in small_pieces for i in encode(tiny_tokenizer, p)] == encode(tiny_tokenizer, small)
+    # multi-byte characters straddling block boundaries decode intact
+    assert "".join(stream_pieces(io.BytesIO((UNICODE_TEXT * 50).encode()), piece_chars=7)) == UNICODE_TEXT * 50
+
+
+def test_three_megabyte_single_line_file_is_streamed(tmp_path, tiny_teacher, tiny_tokenizer):
+    """A file named text8 (one line, no newline) goes through the streaming reader."""
+    rng = random.Random(1)
+    words = sorted(set(willows_text()[:200_000].lower().split()))
+    chunks = []
+    while sum(map(len, chunks)) < 3_000_000:
+        chunks.append(" " + " ".join(rng.choice(words) for _ in range(1000)))
+    line = "".join(chunks)[1:]
+    corpus = tmp_path / "text8"
+    corpus.write_text(line, encoding="utf-8")
+    assert corpus.stat().st_size >= 3_000_000 and "\n" not in line
+    meta = build(corpus, tiny_teacher, tmp_path / "text8-data", val_fraction=0.05)
+    ids = np.concatenate([split_ids(tmp_path / "text8-data", "train"), split_ids(tmp_path / "text8-data", "val")])
+    # a head and a tail of the line cut at a space tokenize (in one call each) to the ends of the output
+    head = encode(tiny_tokenizer, line[: line.index(" ", 200_000)])
+    tail = encode(tiny_tokenizer, line[line.rindex(" ", 0, len(line) - 200_000):])
+    np.testing.assert_array_equal(ids[: len(head)], head)
+    np.testing.assert_array_equal(ids[-len(tail) - 1:], tail + [tiny_tokenizer.eos_token_id])
+    assert (ids == tiny_tokenizer.eos_token_id).sum() == 1 and len(ids) > len(head) + len(tail)
+    assert meta["documents"] == 1 and meta["val_tokens"] == round(len(ids) * 0.05)
+
+
+def test_zip_with_one_member_like_text8_zip(tmp_path, tiny_teacher, tiny_tokenizer):
+    line = " ".join(willows_text()[30_000:90_000].lower().split())
+    archive = tmp_path / "text8.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("text8", line)
+    meta = build(archive, tiny_teacher, tmp_path / "zip-data", val_fraction=0.1)
+    train_expected, val_expected = expected_splits(tiny_tokenizer, [line], 0.1)
+    np.testing.assert_array_equal(split_ids(tmp_path / "zip-data", "train"), train_expected)
+    np.testing.assert_array_equal(split_ids(tmp_path / "zip-data", "val"), val_expected)
+    assert meta["corpus_name"] == "text8" and meta["inputs"]["corpus_sha256"] == sha256_file(archive)
+
+
+# ---------------------------------------------------------------- reruns
+
+
+def test_rerun_is_a_noop_and_changed_inputs_rebuild(tmp_path, tiny_teacher, tiny_tokenizer):
+    corpus = tmp_path / "story.txt"
+    text = willows_text()[200_000:215_000].strip() + "\n"
+    corpus.write_text(text, encoding="utf-8")
+    out = tmp_path / "story"
+    first = build(corpus, tiny_teacher, out, val_fraction=0.1)
+    stamps = {name: (out / name).stat().st_mtime_ns for name in ("train.bin", "val.bin", "meta.json")}
+
+    again = run_cli("data", "--corpus", corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1", check=True)
+    assert "up to date" in again.stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    assert read_meta(out) == first
+
+    meta = build(corpus, tiny_teacher, out, val_fraction=0.2)
+    assert meta["inputs"]["val_fraction"] == 0.2 and meta["val_tokens"] > first["val_tokens"]
+    np.testing.assert_array_equal(split_ids(out, "val"), expected_splits(tiny_tokenizer, [text], 0.2)[1])
+
+    # same path, new bytes: rebuilt, never reused
+    new_text = text + "A new closing paragraph about the River Bank.\n"
+    corpus.write_text(new_text, encoding="utf-8")
+    rebuilt = build(corpus, tiny_teacher, out, val_fraction=0.2)
+    assert rebuilt["inputs"]["corpus_sha256"] == sha256_file(corpus) != meta["inputs"]["corpus_sha256"]
+    np.testing.assert_array_equal(split_ids(out, "val"), expected_splits(tiny_tokenizer, [new_text], 0.2)[1])
+
+    # a damaged token file is noticed (size check) and rebuilt
+    with open(out / "train.bin", "ab") as f:
+        f.write(b"\0\0")
+    build(corpus, tiny_teacher, out, val_fraction=0.2)
+    assert sha256_file(out / "train.bin") == rebuilt["train_sha256"]
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_corpus_file_exits_2(tmp_path, tiny_teacher):
+    out = tmp_path / "missing"
+    result = run_cli("data", "--corpus", tmp_path / "no-such-file.txt", "--tokenizer", tiny_teacher, "--out-dir", out)
+    assert_error_line(result, "no-such-file.txt", "does not exist")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("image.txt", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8, "binary file .it contains NUL bytes"),
+    ("empty.txt", b"", "holds no text"),
+    ("blank.txt", b" \n\t\t  \r\n\n   \t\n" * 200, "holds no text"),
+    ("latin1.txt", "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.\n".encode("latin-1") * 50, "not UTF-8"),
+    ("late-nul.txt", b"plain words " * 100_000 + b"\x00", "binary"),
+    ("broken.txt.gz", b"this is not gzip data at all", "valid .txt.gz"),
+    ("broken.zip", b"PK but not really a zip archive", "not a valid zip"),
+])
+def test_bad_corpus_raises_one_line_error_and_writes_nothing(tmp_path, tiny_teacher, name, content, message):
+    corpus = tmp_path / name
+    corpus.write_bytes(content)
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError, match=message) as info:
+        build(corpus, tiny_teacher, out)
+    assert "\n" not in str(info.value)
+    assert_nothing_written(out)
+
+
+def test_failed_rebuild_leaves_no_meta(tmp_path, tiny_teacher):
+    """A rebuild that fails removes the old meta.json: the folder never describes inputs it was not built from."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(willows_text()[5_000:9_000], encoding="utf-8")
+    out = tmp_path / "out"
+    build(corpus, tiny_teacher, out)
+    corpus.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(PipelineError, match="not UTF-8"):
+        build(corpus, tiny_teacher, out)
+    corpus.write_text("   \n", encoding="utf-8")
+    with pytest.raises(PipelineError, match="holds no text"):
+        build(corpus, tiny_teacher, out)
+    assert not (out / "meta.json").exists()
+
+
+# ---------------------------------------------------------------- vocabularies beyond uint16
+
+
+def make_big_vocab_teacher(folder: Path, vocab_words: int = 70_000) -> tuple[Path, object]:
+    """A word-level tokenizer with vocab_words + 2 tokens (ids above 65535) and a matching tiny Llama."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(vocab_words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", bos_token="<eos>")
+    make_tiny_teacher(folder, tokenizer, hidden=8, layers=1, max_positions=64)
+    return folder, tokenizer
+
+
+def test_vocabulary_over_65536_is_stored_as_uint32_through_data_and_cache(tmp_path):
+    from pipeline.cache import build_cache
+    from pipeline.cache_format import CacheReader
+    from pipeline.config import CacheConfig
+
+    teacher, tokenizer = make_big_vocab_teacher(tmp_path / "big-teacher")
+    rng = np.random.default_rng(0)
+    word_ids = np.concatenate([rng.integers(65_530, 70_000, 300), rng.integers(0, 70_000, 300)])
+    text = " ".join(f"w{i}" for i in word_ids) + "\n"
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(text, encoding="utf-8")
+    meta = build(corpus, teacher, tmp_path / "big-data", val_fraction=0.2)
+    assert meta["vocab_size"] == 70_002 and meta["dtype"] == "uint32"
+    ids = np.concatenate([split_ids(tmp_path / "big-data", "train"), split_ids(tmp_path / "big-data", "val")])
+    np.testing.assert_array_equal(ids, np.append(word_ids + 2, 0))  # not wrapped modulo 65536
+    assert ids.max() >= 65_536 and (tmp_path / "big-data" / "train.bin").stat().st_size == 4 * meta["train_tokens"]
+
+    build_cache(CacheConfig(data_dir=str(tmp_path / "big-data"), teacher=str(teacher), out_dir=str(tmp_path / "big-cache"),
+                            k=4, seq_len=16, max_rows=3, batch_size=3, rows_per_part=3))
+    reader = CacheReader(tmp_path / "big-cache", "train", verify=True)
+    assert reader.attrs["id_dtype"] == "uint32" and reader.vocab_size == 70_002
+    for index in range(len(reader)):
+        row = reader.row(index)
+        np.testing.assert_array_equal(row["tokens"], ids[index * 16: index * 16 + 17])
+    assert reader.row(0)["tokens"].max() >= 65_536

@@ -51,7 +51,7 @@ class CacheRows(Dataset):
 class StepBatches(Sampler):
     """Yields the row indices of each micro-batch from `start_step` on.
 
-    The global order is a fresh permutation of all rows per epoch (seeded by seed + epoch); optimizer
+    The global order is a fresh permutation of all rows per epoch (seeded by (seed, epoch)); optimizer
     step s consumes the next batch_size * grad_accum * world_size indices, and this process takes its
     interleaved share. Nothing depends on anything but (seed, step), so resume is exact."""
 
@@ -65,7 +65,7 @@ class StepBatches(Sampler):
         out, position = [], start
         while count > 0:
             epoch, offset = divmod(position, self.num_rows)
-            order = np.random.default_rng(self.seed + epoch).permutation(self.num_rows)
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.num_rows)  # not seed + epoch: seed 1 would replay seed 0's epoch 1
             take = order[offset : offset + count]
             out.append(take)
             position += len(take)

@@ -25,7 +25,7 @@ from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, 
 from pipeline.generate import continue_prompts
 from pipeline.losses import hard_ce, sampled_divergence, topk_divergence
 from pipeline.student import count_parameters
-from pipeline.teacher import load_teacher, load_tokenizer
+from pipeline.teacher import load_teacher, load_tokenizer, teacher_identity
 
 # What two runs must share to be compared; each key is read from run_config.json.
 MUST_MATCH = {
@@ -154,6 +154,9 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         raise PipelineError(f"the runs were trained on other data than {config.data_dir}; pass the matching --data-dir")
     val_cache = CacheReader(config.cache_dir, "val")
     check_compatible(val_cache.attrs, {"seq_len": seq_len, "tokens_sha256": meta["val_sha256"], "tokenizer_hash": meta["tokenizer_hash"]})
+    if teacher_identity(config.teacher)["teacher_hash"] != val_cache.attrs["teacher_hash"]:  # KL and agreement must refer to one teacher
+        raise PipelineError(f"the cache {config.cache_dir} was built by another teacher than {config.teacher}; "
+                            f"pass the cache's teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})")
     temperature = float(val_cache.attrs["temperature"])
     rows = TokenRows(config.data_dir, "val", seq_len)
     count = len(val_cache) if config.eval_rows == 0 else min(config.eval_rows, len(val_cache))
@@ -190,6 +193,10 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     atomic_write_bytes(out_dir / "report.md", render_markdown(report).encode())
     print(render_table(report))
     print(f"compare: wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {out_dir / 'curves.png'}")
+    from pipeline.export import EXPORT_DIR, add_export_rows, export_files
+
+    if export_files(Path(config.distilled) / EXPORT_DIR):  # `make export` ran: rows for its GGUF / int8 files (report["exports"])
+        add_export_rows(report, config)
     return report
 
 
@@ -210,6 +217,11 @@ def render_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell or a one-line quote: pipes escaped, newlines as spaces."""
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def render_markdown(report: dict) -> str:
     labels = list(report["models"])
     out = ["# Distillation report", "",
@@ -217,12 +229,11 @@ def render_markdown(report: dict) -> str:
            f"KL from the {report['eval']['cache_mode']} val cache at T={report['eval']['kl_temperature']}; device: {report['device']}.", "",
            "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for title, key, fmt in ROWS:
-        out.append(f"| {title} | " + " | ".join(_cell(fmt, key, report["models"][label][key]) for label in labels) + " |")
+        out.append(f"| {_md_cell(title)} | " + " | ".join(_cell(fmt, key, report["models"][label][key]) for label in labels) + " |")
     out += ["", "![validation perplexity against training tokens](curves.png)", "", "## Samples", "",
             f"Settings: {report['samples']['settings']}", ""]
     for index, prompt in enumerate(report["samples"]["prompts"]):
-        out += [f"### Prompt {index + 1}", "", f"> {prompt}", ""]
+        out += [f"### Prompt {index + 1}", "", f"> {_md_cell(prompt)}", ""]
         for label in labels:
-            text = report["samples"][label][index].replace("\n", " ")
-            out += [f"**{label}**: {text}", ""]
+            out += [f"**{label}**: {_md_cell(report['samples'][label][index])}", ""]
     return "\n".join(out) + "\n"

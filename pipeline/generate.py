@@ -19,13 +19,22 @@ def _generation_kwargs(config: SampleConfig, tokenizer) -> dict:
     return kwargs
 
 
+def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """[1, n] ids of the prompt; an empty prompt starts from the BOS (or EOS) token: an unconditional sample."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] == 0:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[start]], dtype=torch.long)
+    return ids
+
+
 @torch.inference_mode()
 def continue_prompts(model, tokenizer, prompts: list[str], config: SampleConfig, device=None) -> tuple[list[str], float]:
     """Continue each prompt (one at a time, seeded per prompt). Returns (continuations, generated tokens/s);
     the first prompt is run once before timing as a warm-up."""
     device = device or next(model.parameters()).device
     kwargs = _generation_kwargs(config, tokenizer)
-    encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids.to(device) for p in prompts]
+    encoded = [_prompt_ids(tokenizer, p).to(device) for p in prompts]
     if encoded:
         model.generate(encoded[0], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
     texts, generated, elapsed = [], 0, 0.0
@@ -44,7 +53,7 @@ def generate(model_dir: str, prompts: list[str], config: SampleConfig) -> list[s
     """Print and return continuations of `prompts` by the model in `model_dir`."""
     raise_problems(config.validate())
     tokenizer = load_tokenizer(model_dir)
-    model = load_teacher(model_dir)
+    model = load_teacher(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     texts, speed = continue_prompts(model, tokenizer, prompts, config)
     for prompt, text in zip(prompts, texts):
         print(f"--- {prompt!r}\n{prompt}{text}\n")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.batches import CacheRows, StepBatches, TokenRows, collate_rows, loss_targets
-from pipeline.cache_format import CacheReader, check_compatible, verify_cache
+from pipeline.cache_format import CacheReader, check_compatible, manifest_attrs, read_manifest, verify_cache
 from pipeline.config import StudentConfig, TrainConfig, raise_problems
 from pipeline.data import read_meta
 from pipeline.errors import PipelineError
@@ -94,6 +94,23 @@ def input_identity(config: TrainConfig, distill: bool) -> dict:
     return identity
 
 
+def check_cache(config: TrainConfig, meta: dict, vocab_size: int) -> dict:
+    """The cache's common attributes (from its manifest), after checking that it fits the run's data,
+    options and teacher; the shards themselves are verified later, by the main process only."""
+    attrs = manifest_attrs(read_manifest(config.cache_dir))
+    cache_temperature = float(attrs["temperature"])
+    if config.temperature is not None and abs(config.temperature - cache_temperature) > 1e-6:
+        raise PipelineError(f"--temperature {config.temperature} differs from the cache's {cache_temperature}; "
+                            f"rebuild the cache at that temperature (make cache-logits TEMPERATURE={config.temperature}) or drop --temperature")
+    check_compatible(attrs, {"seq_len": config.seq_len, "tokenizer_hash": meta["tokenizer_hash"],
+                             "train_tokens_sha256": meta["train_sha256"], "max_rows": int(config.max_rows or 0)})
+    if config.kd_loss != "forward-kl" and attrs["mode"] == "sampled":
+        raise PipelineError(f"--kd-loss {config.kd_loss} needs a topk cache; the sampled cache only estimates forward KL")
+    if int(attrs["vocab_size"]) != vocab_size:
+        raise PipelineError(f"the cache's vocabulary ({attrs['vocab_size']}) differs from the teacher {config.teacher}'s ({vocab_size}); rebuild it: make cache-logits")
+    return attrs
+
+
 def _latest_state(out_dir: Path) -> Path | None:
     states = sorted((out_dir / STATE_DIR).glob("step_[0-9]*"))
     states = [s for s in states if (s / "trainer_state.json").exists()]
@@ -123,55 +140,65 @@ def _append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short by a kill mid-write is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records past the resumed step so a resumed run's metrics read like an uninterrupted one's."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in _read_metrics(path) if record.get("step", last_step + 1) <= last_step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
-def train(config: TrainConfig, student_config: StudentConfig, distill: bool) -> Path:
-    """Train a student; returns the run folder. `distill=False` is the baseline (cache ignored)."""
+def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, run_kind: str | None = None,
+          extra_inputs: dict | None = None) -> Path:
+    """Train a student; returns the run folder. `distill=False` is the baseline (cache ignored).
+
+    `run_kind` (default "distill" / "baseline") names the run in logs and run_config.json; `extra_inputs`
+    adds hashes to the run's identity, so a change in them makes the folder stale (finetune.py: the source teacher)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     raise_problems(config.validate() + student_config.validate())
     out_dir = Path(config.out_dir)
-    run_kind = "distill" if distill else "baseline"
+    run_kind = run_kind or ("distill" if distill else "baseline")
+
+    # ---- inputs checked against each other and the options (manifest only: cheap, before any setup)
+    meta = read_meta(config.data_dir)
+    vocab_size = teacher_vocab_size(config.teacher)
+    temperature, num_samples = 1.0, 0
+    if distill:
+        cache_attrs = check_cache(config, meta, vocab_size)
+        temperature, num_samples = float(cache_attrs["temperature"]), int(cache_attrs.get("num_samples", 0))
 
     # ---- accelerator
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum)
+    # cpu=True on a CPU-only machine: only then does Accelerate join the ranks of a torchrun launch.
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum,
+                              cpu=not torch.cuda.is_available())
     device = accelerator.device
 
-    # ---- data: cache rows (distill) or token rows (baseline), checked against each other and the options
-    meta = read_meta(config.data_dir)
-    temperature, num_samples = 1.0, 0
+    # ---- data: cache rows (distill) or token rows (baseline)
     if distill:
         if accelerator.is_main_process:
             verify_cache(config.cache_dir, "train")  # checksums: a truncated or bit-flipped shard stops here
         accelerator.wait_for_everyone()
-        reader = CacheReader(config.cache_dir, "train")
-        cache_temperature = float(reader.attrs["temperature"])
-        if config.temperature is not None and abs(config.temperature - cache_temperature) > 1e-6:
-            raise PipelineError(f"--temperature {config.temperature} differs from the cache's {cache_temperature}; "
-                                f"rebuild the cache at that temperature (make cache-logits TEMPERATURE={config.temperature}) or drop --temperature")
-        check_compatible(reader.attrs, {"seq_len": config.seq_len, "tokenizer_hash": meta["tokenizer_hash"],
-                                        "train_tokens_sha256": meta["train_sha256"], "max_rows": int(config.max_rows or 0)})
-        if config.kd_loss != "forward-kl" and reader.mode == "sampled":
-            raise PipelineError(f"--kd-loss {config.kd_loss} needs a topk cache; the sampled cache only estimates forward KL")
-        temperature, num_samples = cache_temperature, int(reader.attrs.get("num_samples", 0))
-        train_rows = CacheRows(reader, config.max_rows)
+        train_rows = CacheRows(CacheReader(config.cache_dir, "train"), config.max_rows)
     else:
         train_rows = TokenRows(config.data_dir, "train", config.seq_len, config.max_rows)
     val_rows = TokenRows(config.data_dir, "val", config.seq_len)
-    vocab_size = teacher_vocab_size(config.teacher)
-    if distill and int(reader.attrs["vocab_size"]) != vocab_size:
-        raise PipelineError(f"the cache's vocabulary ({reader.attrs['vocab_size']}) differs from the teacher {config.teacher}'s ({vocab_size}); rebuild it: make cache-logits")
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise PipelineError(f"not enough tokens for one sequence of {config.seq_len + 1} in train and val; lower --seq-len")
 
     resolved = {"kind": run_kind, "train": dataclasses.asdict(config), "student": dataclasses.asdict(student_config),
-                "temperature": temperature, "inputs": input_identity(config, distill)}
+                "temperature": temperature, "inputs": {**input_identity(config, distill), **(extra_inputs or {})}}
     for volatile in ("resume", "num_workers", "out_dir"):
         resolved["train"].pop(volatile)
     run_config_path = out_dir / "run_config.json"
@@ -194,7 +221,7 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool) -> 
         saved = out_dir / "resolved_config.json"
         latest = _latest_state(out_dir) if config.resume else None
         if latest is not None:
-            if read_json(saved) != resolved:
+            if not saved.exists() or read_json(saved) != resolved:
                 raise PipelineError(f"the saved state in {out_dir} was made with other settings or inputs; delete {out_dir / STATE_DIR} to start over or pass the same options")
             accelerator.load_state(str(latest))
             trainer_state = read_json(latest / "trainer_state.json")
@@ -206,6 +233,7 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool) -> 
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(saved, resolved)
         if accelerator.is_main_process:
+            run_config_path.unlink(missing_ok=True)  # an unfinished folder must never look finished (up to date, comparable)
             _truncate_metrics(out_dir / "metrics.jsonl", start_step)
 
         sampler = StepBatches(len(train_rows), config.batch_size, config.grad_accum, config.seed, start_step, config.max_steps,
@@ -244,6 +272,7 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool) -> 
             tokens_seen += labels.numel() * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step's update used
             scheduler.step()
             step += 1
             progress.update(1)
@@ -253,7 +282,7 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool) -> 
                 elapsed = time.perf_counter() - window["time"]
                 record = {"step": step, "tokens_seen": tokens_seen, "ce": window["ce"] / window["micro"],
                           "kd": window["kd"] / window["micro"], "total": window["total"] / window["micro"],
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
+                          "lr": step_lr, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
                 if step % config.eval_every == 0 or is_last:
                     val_ce = evaluate_ce(accelerator.unwrap_model(model), val_rows, config.batch_size, device, config.eval_rows, accelerator.autocast)
                     record.update({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0))})
@@ -271,7 +300,7 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool) -> 
             final_model = accelerator.unwrap_model(model)
             final_model.save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
-            last = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+            last = _read_metrics(out_dir / "metrics.jsonl")
             atomic_write_json(run_config_path, {"resolved": resolved, "parameters": count_parameters(final_model),
                                                 "final": last[-1] if last else {}})
             accelerator.print(f"{run_kind}: wrote {out_dir} (val ppl {last[-1].get('val_ppl', float('nan')):.2f})")

@@ -1,0 +1,170 @@
+"""Compare and generate stages: the report's figures recomputed independently in the test (perplexity from
+the models' own Hugging Face loss, top-1 agreement from argmaxes, a dense KL against a cache with K equal to
+the vocabulary), the files written, refusals of runs that cannot be compared, and seeded generation."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_teacher, run_cli
+
+from pipeline.batches import TokenRows
+from pipeline.cli import main
+
+SEQ_LEN, ROWS, TEMPERATURE = 32, 24, 2.0
+STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def invoke(*args, check: bool = False):
+    """The CLI in this process (no interpreter start); Accelerate's training state is cleared afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    if check and result.exit_code != 0:
+        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output[-3000:]}") from result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_data, tiny_teacher) -> dict:
+    """A K = vocabulary cache at T = 2 over 24 rows per split, a distilled and a baseline student, and their report."""
+    root = tmp_path_factory.mktemp("compare")
+    vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
+    run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", root / "cache", "--seq-len", SEQ_LEN,
+            "--k", vocab, "--temperature", TEMPERATURE, "--max-rows", ROWS, "--dtype", "float32", check=True)  # float32 on GPUs too
+    train = ["--data-dir", tiny_data, "--cache-dir", root / "cache", "--teacher", tiny_teacher, "--seq-len", SEQ_LEN,
+             "--max-rows", ROWS, "--batch-size", 4, "--max-steps", 6, "--warmup-steps", 1, "--lr", 0.02, "--eval-every", 3,
+             "--eval-rows", 8, "--save-every", 6, "--num-workers", 0, "--mixed-precision", "no", *STUDENT]
+    invoke("distill", *train, "--out-dir", root / "distill", check=True)
+    invoke("baseline", *train, "--out-dir", root / "baseline", check=True)
+    compare_options = ["--data-dir", tiny_data, "--cache-dir", root / "cache", "--teacher", tiny_teacher,
+                       "--distilled", root / "distill", "--baseline", root / "baseline", "--batch-size", 5,
+                       "--max-new-tokens", 6, "--num-prompts", 2]
+    result = run_cli("compare", *compare_options, "--out-dir", root / "report", check=True)
+    return {"root": root, "vocab": vocab, "stdout": result.stdout, "options": compare_options,
+            "report": json.loads((root / "report" / "report.json").read_text())}
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_report_figures_match_an_independent_computation(runs, tiny_data, tiny_teacher):
+    report, root = runs["report"], runs["root"]
+    assert set(report["models"]) == {"teacher", "distilled", "baseline"}
+    val = TokenRows(str(tiny_data), "val", SEQ_LEN)
+    count = min(len(val), ROWS)  # the cache holds the first 24 val rows; eval_rows 0 means all of them
+    rows = torch.stack([torch.from_numpy(val[i]["tokens"]) for i in range(count)])
+    assert report["eval"] == {"rows": count, "seq_len": SEQ_LEN, "positions": count * SEQ_LEN,
+                              "kl_temperature": TEMPERATURE, "cache_mode": "topk"}
+    paths = {"teacher": tiny_teacher, "distilled": root / "distill", "baseline": root / "baseline"}
+    with torch.no_grad():
+        models = {label: load(path) for label, path in paths.items()}
+        logits = {label: model(input_ids=rows[:, :-1]).logits for label, model in models.items()}
+        teacher_logp = torch.log_softmax(logits["teacher"] / TEMPERATURE, dim=-1)
+        for label, model in models.items():
+            figures = report["models"][label]
+            hf_loss = model(input_ids=rows, labels=rows).loss.item()  # mean next-token CE over every position
+            assert figures["val_ppl"] == pytest.approx(math.exp(hf_loss), rel=1e-5), label
+            agreement = (logits[label].argmax(-1) == logits["teacher"].argmax(-1)).double().mean().item()
+            assert figures["top1_agreement"] == pytest.approx(agreement, abs=1.5 / (count * SEQ_LEN)), label
+            student_logp = torch.log_softmax(logits[label] / TEMPERATURE, dim=-1)
+            dense_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean().item()  # KL(teacher || model) at T
+            assert figures["kl_to_teacher"] == pytest.approx(dense_kl, rel=1e-4, abs=1e-4), label  # cache log-probs are float16
+            unique = {id(p): p for p in model.parameters()}.values()
+            assert figures["parameters"] == sum(p.numel() for p in unique)
+            assert figures["size_bytes"] == sum(p.stat().st_size for p in Path(paths[label]).glob("*.safetensors"))
+            assert figures["generate_tokens_per_s"] > 0 and figures["positions"] == count * SEQ_LEN
+    assert report["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-4)
+    assert report["models"]["distilled"]["kl_to_teacher"] > 0.1  # a real difference, not a degenerate zero
+    assert report["models"]["teacher"]["top1_agreement"] == 1.0
+
+
+def test_report_files_and_samples(runs):
+    out = runs["root"] / "report"
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "report.json", "report.md"]
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    report = runs["report"]
+    prompts = report["samples"]["prompts"]
+    assert len(prompts) == 2 and all(prompts)
+    for label in ("teacher", "distilled", "baseline"):
+        assert len(report["samples"][label]) == len(prompts) and all(report["samples"][label])
+    assert report["runs"]["distilled"]["resolved"]["kind"] == "distill"
+    assert report["runs"]["baseline"]["resolved"]["kind"] == "baseline"
+    markdown = (out / "report.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 6
+    for line in table:  # every row has the header's 4 cells: no stray | inside a cell (KL(teacher || model))
+        assert len(re.split(r"(?<!\\)\|", line)) == 4 + 2, line
+    assert f"{report['models']['distilled']['val_ppl']:.2f}" in markdown and "curves.png" in markdown
+    assert "val perplexity" in runs["stdout"] and "report.json" in runs["stdout"]
+
+
+def edited_copy(run: Path, dest: Path, section: str, key: str, value) -> Path:
+    """A copy of a finished run whose run_config.json claims another setting (as if trained with it)."""
+    shutil.copytree(run, dest)
+    config = json.loads((dest / "run_config.json").read_text())
+    config["resolved"][section][key] = value
+    (dest / "run_config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("section, key, value, named", [("train", "seq_len", 64, "sequence length: distilled 32 vs baseline 64"),
+                                                         ("inputs", "train_sha256", "0" * 64, "train data (sha256)")])
+def test_runs_that_differ_are_refused_naming_the_difference(runs, tmp_path, section, key, value, named):
+    other = edited_copy(runs["root"] / "baseline", tmp_path / "baseline", section, key, value)
+    options = [*runs["options"], "--baseline", other, "--out-dir", tmp_path / "report"]
+    result = invoke("compare", *options)
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: the two runs cannot be compared") and named in line
+    assert not (tmp_path / "report").exists()
+
+
+def test_missing_run_folder_is_refused(runs, tmp_path):
+    missing = tmp_path / "never-trained"
+    result = invoke("compare", *runs["options"], "--distilled", missing, "--out-dir", tmp_path / "report")
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert str(missing) in line and "distill" in line
+
+
+def test_a_cache_of_another_teacher_is_refused(runs, tmp_path, tiny_tokenizer):
+    other = make_tiny_teacher(tmp_path / "other-teacher", tiny_tokenizer, seed=7)  # same tokenizer, other weights
+    result = invoke("compare", *runs["options"], "--teacher", other, "--out-dir", tmp_path / "report")
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "another teacher" in line and str(other) in line and "cache-logits" in line
+
+
+def continuations(output: str) -> str:
+    """The printed prompts and continuations, without the speed line."""
+    return "\n".join(line for line in output.splitlines() if not re.match(r"^\(\d+(\.\d+)? tokens/s", line))
+
+
+def test_generate_prints_seeded_continuations(runs):
+    student = runs["root"] / "distill"
+    args = ["generate", student, "--prompt", "The Mole", "--prompt", "", "--max-new-tokens", 12, "--sample-temperature", 1.0]
+    first = run_cli(*args, "--seed", 3, check=True)
+    text = continuations(first.stdout)
+    assert "--- 'The Mole'\nThe Mole" in text and "--- ''" in text  # an empty prompt samples from the start token
+    again = invoke(*args, "--seed", 3, check=True)  # another process, same seed
+    assert continuations(again.stdout) == text
+    other = invoke(*args, "--seed", 4, check=True)
+    assert continuations(other.stdout) != text
+    greedy = [continuations(invoke(*args, "--sample-temperature", 0, "--seed", seed, check=True).stdout) for seed in (1, 2)]
+    assert greedy[0] == greedy[1]  # greedy decoding ignores the seed

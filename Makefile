@@ -29,6 +29,8 @@ TRAIN_ARGS    ?=
 DATA_ARGS     ?=
 CACHE_ARGS    ?=
 COMPARE_ARGS  ?=
+FINETUNE_ARGS ?=
+EXPORT_ARGS   ?=
 LAUNCH        ?= $(PY) -m pipeline
 
 ifeq ($(SMOKE),1)
@@ -40,6 +42,8 @@ BATCH         := 8
 TRAIN_ARGS    += --eval-every 20 --save-every 20 --warmup-steps 5 --eval-rows 8
 STUDENT_ARGS  += --n-layer 2 --n-embd 128 --n-head 2 --n-kv-head 2 --mlp-size 256
 COMPARE_ARGS  += --max-new-tokens 24 --eval-rows 8
+FINETUNE_ARGS += --max-steps 10 --seq-len 128 --eval-every 5 --save-every 5 --eval-rows 4
+EXPORT_ARGS   += --eval-rows 8
 endif
 NAME          ?= default
 
@@ -47,6 +51,8 @@ DATA_DIR      := data/$(NAME)
 CACHE_DIR     := cache/$(NAME)
 DISTILL_DIR   := checkpoints/$(NAME)-distill
 BASELINE_DIR  := checkpoints/$(NAME)-baseline
+TEACHER_FT_DIR := checkpoints/$(NAME)-teacher-ft
+EXPORT_DIR    := $(DISTILL_DIR)/export
 COMPARE_DIR   := checkpoints/$(if $(filter default,$(NAME)),compare,$(NAME)-compare)
 
 # A stamp file per stage holds its options; it is rewritten (making the stage stale) only when they change.
@@ -60,7 +66,7 @@ CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_D
 TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --seq-len $(SEQ_LEN) --max-steps $(STEPS) \
                  --batch-size $(BATCH) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)
 
-.PHONY: help install teacher data cache-logits distill baseline compare test bench clean
+.PHONY: help install teacher data cache-logits distill baseline compare test bench clean finetune-teacher export
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -98,6 +104,16 @@ $(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(call stamp,$(BASELINE
 compare: $(DISTILL_DIR)/model.safetensors $(BASELINE_DIR)/model.safetensors  ## report perplexity, KL, agreement, speed, samples
 	$(PY) -m pipeline compare --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) --teacher $(TEACHER) \
 	  --distilled $(DISTILL_DIR) --baseline $(BASELINE_DIR) --out-dir $(COMPARE_DIR) $(COMPARE_ARGS)
+
+FINETUNE_OPTS := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(TEACHER_FT_DIR) --resume $(FINETUNE_ARGS)
+finetune-teacher: $(TEACHER_FT_DIR)/teacher_info.json  ## fine-tune the teacher on the train split (then: make ... TEACHER=checkpoints/NAME-teacher-ft)
+$(TEACHER_FT_DIR)/teacher_info.json: $(DATA_DIR)/meta.json $(call stamp,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
+	$(LAUNCH) finetune-teacher $(FINETUNE_OPTS)
+
+EXPORT_OPTS   := --model $(DISTILL_DIR) --data-dir $(DATA_DIR) $(EXPORT_ARGS)
+export: $(EXPORT_DIR)/export_report.json  ## GGUF (f16, q8_0) + int8 exports of the distilled student with size, perplexity, tokens/s
+$(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call stamp,$(EXPORT_DIR)/.options,$(EXPORT_OPTS))
+	$(PY) -m pipeline export $(EXPORT_OPTS) --overwrite
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q

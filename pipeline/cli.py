@@ -120,6 +120,29 @@ def baseline(config, student):
     run_stage(train, config, student, distill=False)
 
 
+from pipeline.export import ExportConfig  # noqa: E402  (finetune.py and export.py import torch lazily: --help stays fast)
+from pipeline.finetune import FinetuneConfig  # noqa: E402
+
+
+@main.command("finetune-teacher")
+@config_options(FinetuneConfig)
+def finetune_teacher(config):
+    """Fine-tune the teacher on the train split (cross-entropy, the students' loop); prints val perplexity before -> after.
+    The result is a teacher folder: pass it as --teacher (make ... TEACHER=OUT_DIR) to cache its logits."""
+    from pipeline.finetune import finetune_teacher as run_finetune
+
+    run_stage(run_finetune, config)
+
+
+@main.command()
+@config_options(ExportConfig)
+def export(config):
+    """Export a student to GGUF (f16, q8_0; llama architecture) and int8 safetensors, with size, perplexity and tokens/s."""
+    from pipeline.export import export_model
+
+    run_stage(export_model, config)
+
+
 @main.command()
 @config_options(cfg.CompareConfig)
 @config_options(cfg.SampleConfig)
@@ -140,6 +163,20 @@ def generate(sample, model_dir, prompts):
     from pipeline.generate import generate as run_generate
 
     run_stage(run_generate, model_dir, list(prompts), sample)
+
+
+from pipeline.bench import BenchConfig  # noqa: E402  (bench.py imports torch lazily: --help stays fast)
+
+
+@main.command()
+@config_options(BenchConfig)
+@config_options(cfg.StudentConfig)
+def bench(config, student):
+    """Benchmark cache-logits vs the teacher forward, KD vs CE training steps, the data path, memory, and
+    (--quality) the student each loss gives at equal steps. Writes OUT_DIR/bench.json and bench.md."""
+    from pipeline.bench import run_bench
+
+    run_stage(run_bench, config, student)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio at max_steps (a multiplier for LambdaLR)."""
+    """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio at max_steps (a multiplier of --lr)."""
     if step < config.warmup_steps:
         return (step + 1) / (config.warmup_steps + 1)
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
@@ -212,9 +212,9 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
         tokenizer = load_tokenizer(config.teacher)
         model = build_student(student_config, config.teacher, vocab_size, config.seed)
         optimizer = make_optimizer(model, config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config))
+        # The learning rate is a function of the step alone (set before each update below), so a resume
+        # needs no scheduler state: nothing but tensors and safetensors is loaded back.
         model, optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(scheduler)
 
         # ---- resume or start fresh
         start_step, tokens_seen = 0, 0
@@ -252,6 +252,9 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
         for batch in loader:
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             tokens = batch["tokens"]
+            step_lr = config.lr * lr_at(step, config)  # the rate this step's update uses
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
             with accelerator.accumulate(model):
                 logits = model(input_ids=tokens[:, :-1]).logits  # (B, L, V) in the mixed-precision dtype
                 labels = tokens[:, 1:].reshape(-1)
@@ -272,8 +275,6 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
             tokens_seen += labels.numel() * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            step_lr = scheduler.get_last_lr()[0]  # the rate this step's update used
-            scheduler.step()
             step += 1
             progress.update(1)
 

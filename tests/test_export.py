@@ -1,0 +1,221 @@
+"""Exports (pipeline/export.py): GGUF f16 / q8_0 read back with gguf and loaded by transformers, int8 safetensors
+reloaded without pickle, the figures compare shows, and the refusals.
+
+The model is a tiny Llama on the conftest BPE tokenizer with grouped-query attention (4 heads, 2 kv heads) so
+that q_proj and k_proj are permuted with different head counts, an MLP width of 80 (not a multiple of Q8_0's
+32-wide blocks: ffn_down falls back to f16), and weights at std 0.1 so that its log-probs are far from
+uniform and a wrong permutation shows (checked: ~0.26 nats mean |delta| without it, against 4e-4 with it).
+
+Tolerances on mean |delta log-prob| against the float32 model on held-out rows:
+    f16 GGUF < 1e-2 (measured ~4e-4), q8_0 GGUF < 5e-2 (~1e-2), int8 < 1e-1 (~4e-2; activations are quantized too).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, willows_text
+from pipeline import export as ex
+from pipeline.batches import TokenRows
+from pipeline.errors import PipelineError
+from pipeline.export import ExportConfig, export_model
+
+SEQ_LEN, EVAL_ROWS = 32, 8
+TOLERANCE = {"gguf-f16": 1e-2, "gguf-q8_0": 5e-2, "int8": 1e-1}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+                         initializer_range=0.1, rms_norm_eps=1e-5, bos_token_id=tiny_tokenizer.eos_token_id,
+                         eos_token_id=tiny_tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("student") / "tiny-distill"
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(student, tiny_data) -> dict:
+    """The export report of all three formats into the default place, student/export."""
+    return export_model(ExportConfig(model=str(student), data_dir=str(tiny_data), seq_len=SEQ_LEN, eval_rows=EVAL_ROWS, max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def reference(student, tiny_data) -> torch.Tensor:
+    """log p(next token) of the float32 student on the first EVAL_ROWS val rows [EVAL_ROWS, SEQ_LEN]."""
+    from pipeline.teacher import load_teacher
+
+    return ex.next_token_logprobs(load_teacher(student), TokenRows(str(tiny_data), "val", SEQ_LEN), EVAL_ROWS, 4)
+
+
+def fields(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}, {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_gguf_reads_back_with_llama_metadata_tokenizer_and_tensor_types(exported, student, tiny_tokenizer, qtype):
+    from gguf import GGMLQuantizationType as Q
+
+    meta, tensors = fields(student / "export" / f"model-{qtype}.gguf")
+    expected = {"general.architecture": "llama", "llama.context_length": 128, "llama.embedding_length": 64, "llama.block_count": 2,
+                "llama.feed_forward_length": 80, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+                "llama.rope.dimension_count": 16, "llama.rope.freq_base": 10000.0, "llama.vocab_size": 384,
+                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "general.file_type": {"f16": 1, "q8_0": 7}[qtype],
+                "tokenizer.ggml.eos_token_id": tiny_tokenizer.eos_token_id, "tokenizer.ggml.bos_token_id": tiny_tokenizer.bos_token_id,
+                "tokenizer.ggml.add_bos_token": False}
+    assert {k: meta[k] for k in expected} == expected
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    vocab = tiny_tokenizer.get_vocab()
+    assert meta["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert len(meta["tokenizer.ggml.merges"]) == len(vocab) - 257 and all(m.count(" ") == 1 for m in meta["tokenizer.ggml.merges"])
+    assert meta["tokenizer.ggml.token_type"][tiny_tokenizer.eos_token_id] == 3 and set(meta["tokenizer.ggml.token_type"]) == {1, 3}
+
+    assert "output.weight" not in tensors and len(tensors) == 2 + 2 * 9  # tied head: token_embd is the output
+    matrix = Q.F16 if qtype == "f16" else Q.Q8_0
+    assert tensors["blk.0.attn_q.weight"].tensor_type == matrix and tensors["token_embd.weight"].tensor_type == matrix
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == Q.F16  # rows of 80: no whole Q8_0 blocks
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32 and tensors["output_norm.weight"].tensor_type == Q.F32
+    assert [int(n) for n in tensors["blk.0.attn_k.weight"].shape] == [64, 32]  # ggml order: [in, out]
+
+
+def test_gguf_q_and_k_rows_are_in_llama_cpp_rope_order(exported, student):
+    """llama.cpp rotates dimension pairs (2j, 2j+1) of each head; HF rotates (j, j + head_dim/2). So GGUF row
+    h*d + 2j must be HF row h*d + j and row h*d + 2j + 1 must be HF row h*d + j + d/2, for q (4 heads) and k (2)."""
+    from safetensors.torch import load_file
+
+    hf = load_file(student / "model.safetensors")
+    _, tensors = fields(student / "export" / "model-f16.gguf")
+    d = 16
+    for name, heads in (("q_proj", 4), ("k_proj", 2)):
+        source = hf[f"model.layers.1.self_attn.{name}.weight"].numpy()
+        written = np.asarray(tensors[f"blk.1.attn_{name[0]}.weight"].data, dtype=np.float32).reshape(heads * d, 64)
+        for h in range(heads):
+            for j in range(d // 2):
+                np.testing.assert_allclose(written[h * d + 2 * j], source[h * d + j], atol=1e-3)
+                np.testing.assert_allclose(written[h * d + 2 * j + 1], source[h * d + j + d // 2], atol=1e-3)
+
+
+@pytest.mark.parametrize("label", ["gguf-f16", "gguf-q8_0"])
+def test_gguf_loads_in_transformers_with_matching_log_likelihood(exported, student, tiny_data, reference, label):
+    model = ex.load_gguf(student / "export" / ex.GGUF_FILES[label[5:]])
+    logprobs = ex.next_token_logprobs(model, TokenRows(str(tiny_data), "val", SEQ_LEN), EVAL_ROWS, 4)
+    delta = (logprobs - reference).abs().mean().item()
+    assert delta < TOLERANCE[label]
+    assert exported["variants"][label]["mean_abs_logprob_delta"] == pytest.approx(delta, rel=1e-6)
+    assert exported["variants"][label]["val_ppl"] == pytest.approx(math.exp(-logprobs.mean().item()), rel=1e-9)
+
+
+def test_a_missing_permutation_would_fail_the_log_likelihood_check(student, tiny_data, reference, tmp_path, monkeypatch):
+    from pipeline.teacher import load_teacher, load_tokenizer
+
+    monkeypatch.setattr(ex, "permute_qk", lambda weight, n_head: weight)
+    path = ex.write_gguf(load_teacher(student), load_tokenizer(student), tmp_path / "unpermuted.gguf", "f16", "x")
+    logprobs = ex.next_token_logprobs(ex.load_gguf(path), TokenRows(str(tiny_data), "val", SEQ_LEN), EVAL_ROWS, 4)
+    assert (logprobs - reference).abs().mean().item() > 10 * TOLERANCE["gguf-f16"]
+
+
+def test_gguf_tokenizer_round_trips_through_transformers(exported, student, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(student / "export", gguf_file="model-f16.gguf")
+    text = willows_text()[150_000:152_000] + "\n\n 1234 naïve café <|endoftext|> Toad!"
+    assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+    assert loaded.eos_token == tiny_tokenizer.eos_token
+
+
+def test_tiny_teacher_exports_to_f16_within_tolerance(tiny_teacher, tiny_data, tmp_path):
+    """The conftest teacher (2 heads = 2 kv heads, embeddings x20: large logits) through the same path."""
+    from pipeline.teacher import load_teacher, load_tokenizer
+
+    model = load_teacher(tiny_teacher)
+    path = ex.write_gguf(model, load_tokenizer(tiny_teacher), tmp_path / "teacher-f16.gguf", "f16", "tiny")
+    rows = TokenRows(str(tiny_data), "val", SEQ_LEN)
+    delta = (ex.next_token_logprobs(ex.load_gguf(path), rows, 4, 4) - ex.next_token_logprobs(model, rows, 4, 4)).abs().mean().item()
+    assert delta < TOLERANCE["gguf-f16"]
+
+
+def test_int8_is_safetensors_int8_and_reloads_close_to_float(exported, student, reference, tiny_data):
+    from safetensors import safe_open
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    folder = student / "export" / "int8"
+    assert sorted(p.suffix for p in folder.iterdir() if p.suffix not in (".json", ".jinja")) == [".safetensors"]  # no pickle
+    with safe_open(str(folder / ex.INT8_WEIGHTS), framework="pt") as f:
+        dtypes = {key: f.get_tensor(key).dtype for key in f.keys()}
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.int8 and dtypes["lm_head.weight"] == torch.int8
+    assert dtypes["model.layers.0.mlp.down_proj.weight_scale"] == torch.float32
+    assert "model.embed_tokens.weight" not in dtypes  # tied: rebuilt from lm_head's int8 rows
+
+    model = ex.load_int8(folder)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nnqd.Linear) and isinstance(model.lm_head, nnqd.Linear)
+    logprobs = ex.next_token_logprobs(model, TokenRows(str(tiny_data), "val", SEQ_LEN), EVAL_ROWS, 4)
+    assert (logprobs - reference).abs().mean().item() < TOLERANCE["int8"]
+    float_ppl, int8_ppl = exported["variants"]["float32"]["val_ppl"], exported["variants"]["int8"]["val_ppl"]
+    assert int8_ppl == pytest.approx(math.exp(-logprobs.mean().item()), rel=1e-6)
+    assert abs(int8_ppl / float_ppl - 1) < 0.05
+
+
+def test_report_has_size_speed_and_perplexity_per_variant(exported, student):
+    variants = exported["variants"]
+    assert list(variants) == ["float32", "gguf-f16", "gguf-q8_0", "int8"]
+    assert variants["float32"]["size_bytes"] == (student / "model.safetensors").stat().st_size
+    assert variants["gguf-f16"]["size_bytes"] == (student / "export" / "model-f16.gguf").stat().st_size
+    assert variants["int8"]["size_bytes"] < 0.4 * variants["float32"]["size_bytes"]
+    assert variants["gguf-q8_0"]["size_bytes"] < variants["gguf-f16"]["size_bytes"] < variants["float32"]["size_bytes"]
+    assert variants["float32"]["tokens_per_s"] > 0 and variants["int8"]["tokens_per_s"] > 0 and variants["gguf-f16"]["tokens_per_s"] is None
+    assert json.loads((student / "export" / "export_report.json").read_text())["variants"] == json.loads(json.dumps(variants))
+
+
+def test_compare_hook_adds_the_export_rows(exported, student, tiny_data, tmp_path):
+    report = {"eval": {"rows": 4, "seq_len": SEQ_LEN}, "samples": {"prompts": ["The Mole"], "settings": {"max_new_tokens": 4}}}
+    (tmp_path / "report.md").write_text("# Distillation report\n")
+    config = SimpleNamespace(distilled=str(student), data_dir=str(tiny_data), batch_size=4, out_dir=str(tmp_path))
+    figures = ex.add_export_rows(report, config)
+    assert set(figures["variants"]) == {"float32", "gguf-f16", "gguf-q8_0", "int8"} and figures["eval"]["rows"] == 4
+    assert json.loads((tmp_path / "report.json").read_text())["exports"]["variants"]["int8"]["size_bytes"] > 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith("# Distillation report") and "| gguf-q8_0 |" in markdown
+
+
+def test_refusals(exported, student, tiny_data, tmp_path):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(PipelineError, match="already exists; pass --overwrite"):
+        export_model(ExportConfig(model=str(student), formats="f16", measure=False))
+    before = (student / "export" / "model-f16.gguf").stat().st_mtime_ns
+    export_model(ExportConfig(model=str(student), formats="f16", measure=False, overwrite=True))
+    assert (student / "export" / "model-f16.gguf").stat().st_mtime_ns > before
+
+    with pytest.raises(PipelineError, match="not a model folder"):
+        export_model(ExportConfig(model=str(tiny_data)))
+    BertModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(PipelineError, match="not a causal language model"):
+        export_model(ExportConfig(model=str(tmp_path / "bert")))
+    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(PipelineError, match="supports the llama architecture only"):
+        export_model(ExportConfig(model=str(tmp_path / "gpt2"), formats="q8_0"))
+    with pytest.raises(PipelineError, match="--formats must list"):
+        export_model(ExportConfig(model=str(student), formats="q4_k"))
+
+
+def test_cli_refuses_an_unsupported_architecture_in_one_line(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    result = run_cli("export", "--model", tmp_path / "gpt2")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "llama" in result.stderr and not (tmp_path / "gpt2" / "export").exists()

@@ -2,6 +2,7 @@
 #   make compare                  # full default run on the embedded teacher + corpus (about 30 min on 2 CPU cores)
 #   make compare SMOKE=1          # the same path on a tiny slice (a few minutes)
 #   make test                     # the test suite (what CI runs)
+#   make compare FINETUNE=1       # fine-tune the teacher on the corpus first, then distil from it
 # Variables pass options through: CORPUS, TEACHER, NAME, SEQ_LEN, MODE, K, NUM_SAMPLES, TEMPERATURE, ALPHA, STEPS, ...
 # Each stage command is itself a no-op when its inputs and options match what is on disk.
 
@@ -13,8 +14,9 @@ CONSTRAINTS   ?= constraints.txt
 SMOKE         ?=
 
 CORPUS        ?= shakespeare
-TEACHER       ?= checkpoints/teacher
+BASE_TEACHER  ?= checkpoints/teacher
 TEACHER_SOURCE ?= embedded
+FINETUNE      ?=
 SEQ_LEN       ?= 512
 MODE          ?= topk
 K             ?= 64
@@ -47,6 +49,16 @@ EXPORT_ARGS   += --eval-rows 8
 endif
 NAME          ?= default
 
+# The teacher that builds the cache: the base teacher (embedded default, or TEACHER_SOURCE=...), its
+# fine-tuned copy with FINETUNE=1, or any Hugging Face folder given as TEACHER=path.
+ifeq ($(FINETUNE),1)
+TEACHER       := checkpoints/$(NAME)-teacher-ft
+TEACHER_DEP   := $(TEACHER)/teacher_info.json
+else
+TEACHER       ?= $(BASE_TEACHER)
+TEACHER_DEP   := $(TEACHER)/config.json
+endif
+
 DATA_DIR      := data/$(NAME)
 CACHE_DIR     := cache/$(NAME)
 DISTILL_DIR   := checkpoints/$(NAME)-distill
@@ -60,7 +72,7 @@ define stamp
 $(shell mkdir -p $(dir $(1)) && if [ "$$(cat $(1) 2>/dev/null)" != "$(2)" ]; then echo "$(2)" > $(1); fi)$(1)
 endef
 
-DATA_OPTS     := --corpus $(CORPUS) --tokenizer $(TEACHER) --out-dir $(DATA_DIR) $(DATA_ARGS)
+DATA_OPTS     := --corpus $(CORPUS) --tokenizer $(BASE_TEACHER) --out-dir $(DATA_DIR) $(DATA_ARGS)
 CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_DIR) --mode $(MODE) --k $(K) \
                  --num-samples $(NUM_SAMPLES) --temperature $(TEMPERATURE) --seq-len $(SEQ_LEN) --batch-size $(CACHE_BATCH) $(CACHE_ARGS)
 TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --seq-len $(SEQ_LEN) --max-steps $(STEPS) \
@@ -81,16 +93,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 
 install: $(VENV)/.installed  ## create .venv and install the package (TORCH_SPEC= to keep your own torch)
 
-teacher: $(TEACHER)/teacher_info.json  ## fetch the embedded teacher and save it as a Hugging Face folder
-$(TEACHER)/teacher_info.json: $(VENV)/.installed
-	$(PY) -m pipeline teacher --source $(TEACHER_SOURCE) --out-dir $(TEACHER)
+teacher: $(BASE_TEACHER)/config.json  ## fetch the embedded teacher (or TEACHER_SOURCE) and save it as a Hugging Face folder
+$(BASE_TEACHER)/config.json: $(VENV)/.installed $(call stamp,checkpoints/.teacher-options,$(TEACHER_SOURCE))
+	$(PY) -m pipeline teacher --source $(TEACHER_SOURCE) --out-dir $(BASE_TEACHER)
 
 data: $(DATA_DIR)/meta.json  ## tokenize CORPUS into data/NAME
-$(DATA_DIR)/meta.json: $(TEACHER)/teacher_info.json $(call stamp,$(DATA_DIR)/.options,$(DATA_OPTS))
+$(DATA_DIR)/meta.json: $(BASE_TEACHER)/config.json $(call stamp,$(DATA_DIR)/.options,$(DATA_OPTS))
 	$(PY) -m pipeline data $(DATA_OPTS)
 
 cache-logits: $(CACHE_DIR)/manifest.json  ## run the teacher once and cache its sparse logits in cache/NAME
-$(CACHE_DIR)/manifest.json: $(DATA_DIR)/meta.json $(call stamp,$(CACHE_DIR)/.options,$(CACHE_OPTS))
+$(CACHE_DIR)/manifest.json: $(DATA_DIR)/meta.json $(TEACHER_DEP) $(call stamp,$(CACHE_DIR)/.options,$(CACHE_OPTS))
 	$(LAUNCH) cache-logits $(CACHE_OPTS)
 
 distill: $(DISTILL_DIR)/model.safetensors  ## train the student from the cache (hard + soft loss)
@@ -105,8 +117,8 @@ compare: $(DISTILL_DIR)/model.safetensors $(BASELINE_DIR)/model.safetensors  ## 
 	$(PY) -m pipeline compare --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) --teacher $(TEACHER) \
 	  --distilled $(DISTILL_DIR) --baseline $(BASELINE_DIR) --out-dir $(COMPARE_DIR) $(COMPARE_ARGS)
 
-FINETUNE_OPTS := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(TEACHER_FT_DIR) --resume $(FINETUNE_ARGS)
-finetune-teacher: $(TEACHER_FT_DIR)/teacher_info.json  ## fine-tune the teacher on the train split (then: make ... TEACHER=checkpoints/NAME-teacher-ft)
+FINETUNE_OPTS := --data-dir $(DATA_DIR) --teacher $(BASE_TEACHER) --out-dir $(TEACHER_FT_DIR) --resume $(FINETUNE_ARGS)
+finetune-teacher: $(TEACHER_FT_DIR)/teacher_info.json  ## fine-tune the teacher on the train split (make compare FINETUNE=1 distils from it)
 $(TEACHER_FT_DIR)/teacher_info.json: $(DATA_DIR)/meta.json $(call stamp,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
 	$(LAUNCH) finetune-teacher $(FINETUNE_OPTS)
 
@@ -118,8 +130,8 @@ $(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call stamp,
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q
 
-bench: $(TEACHER)/teacher_info.json $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
+bench: $(TEACHER_DEP) $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
 	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(BENCH_ARGS)
 
 clean:  ## remove generated data, caches and checkpoints (keeps downloads and the teacher)
-	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR)
+	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR) $(TEACHER_FT_DIR)

@@ -1,5 +1,10 @@
 """Command line: one click command per stage. It only maps flags onto the stage's config dataclass
-and calls the stage's entry function; a PipelineError becomes one line on stderr and exit code 2."""
+and calls the stage's entry function.
+
+Exit codes: 0 done; 2 a PipelineError (bad input or options: change them as the one `error:` line
+says); 1 the disk, the file size limit or the quota ran out while writing (one `error:` line naming
+the file; free space and rerun the same command: completed parts and saved states are kept and
+resumed); 130 interrupted (rerun to resume)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +17,7 @@ import click
 
 from pipeline import config as cfg
 from pipeline.errors import PipelineError
+from pipeline.fsutil import DISK_FULL_ERRNOS
 
 
 def _click_type(annotation):
@@ -50,13 +56,28 @@ def config_options(config_class, **default_overrides):
     return decorate
 
 
+def _fail(line: str, code: int) -> None:
+    """Close the progress bars a failed stage left open (so the error starts its own line), print it, exit."""
+    from tqdm.std import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    click.echo(line, err=True)
+    sys.exit(code)
+
+
 def run_stage(entry, *args, **kwargs):
-    """Call a stage, turning a PipelineError into one line and exit code 2."""
+    """Call a stage, turning a PipelineError into one line and exit code 2, and a full disk
+    (OSError ENOSPC / EFBIG / EDQUOT, see fsutil.writing) into one line and exit code 1."""
     try:
         return entry(*args, **kwargs)
     except PipelineError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(f"error: {exc}", 2)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        _fail(f"error: could not write {exc.filename or 'an output file'} ({exc.strerror}); free disk space "
+              "and rerun the same command: what was completed is kept and resumed", 1)
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(130)

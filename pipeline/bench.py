@@ -1,0 +1,992 @@
+"""`bench`: throughput, memory and quality of the pipeline's hot paths, measured in one process on the same batches.
+
+Sections (bench.json keys; bench.md and the terminal get the same tables):
+  stage1  teacher forward alone vs the cache-logits path (forward + log-softmax + sparse extraction + part
+          write, through cache.TeacherRunner / topk_targets / sampled_targets / cache_format.write_part) for
+          each mode; ratio of tokens/s (target >= 0.95); bytes/token of each mode vs dense fp16 logits (2 V);
+          on a GPU the forward's model FLOPs utilisation, (2 P + 4 n_layer d_attn L) tokens / time / peak.
+  stage2  tokens/s of one training step (forward, loss, backward, clip, AdamW): (a) CE only, (b) KD from the
+          topk cache, (c) KD from the sampled cache, (d) online KD: the teacher inside the step under
+          no_grad and a dense full-vocabulary KL (`dense_kd_loss`). Variants run interleaved a b c d a b c d
+          (machine drift hits all alike); medians. Also the loss alone, forward + backward on fixed logits.
+  data    CacheRows + StepBatches + collate_rows through a DataLoader, rows/s, against the rows/s a step eats.
+  memory  per step variant: peak RSS (CPU; VmHWM reset through /proc/self/clear_refs before each variant) or
+          peak allocated (GPU), and the [tokens, vocab] tensors the loss saves for backward (saved-tensor hook).
+  quality (--quality) students trained for the same steps on the same rows with CE, topk+tail KD,
+          topk-renormalised KD, sampled KD and online dense KD: val perplexity, KL to the teacher.
+
+The stage 1 passes write real parts; they are assembled into small topk and sampled caches in
+`out_dir/cache-topk` and `out_dir/cache-sampled`, which stages 2-3 read (or --topk-cache / --sampled-cache).
+Heavy imports are local so that `python -m pipeline --help` stays fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pipeline.config import DEFAULT_TEACHER_DIR, StudentConfig, opt, raise_problems
+from pipeline.errors import PipelineError
+
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, most specific first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12),
+)
+TOKENS_PER_GPU_BATCH = 32768  # --batch-size auto on a GPU: rows = this // seq_len
+CPU_AUTO_BATCH = 2
+TARGET_CACHE_RATIO = 0.95  # cache-logits tokens/s over plain forward tokens/s
+TARGET_STEP_RATIO = 1.05   # offline KD step time over CE step time
+
+STEP_VARIANTS = {  # key: (label, cache mode read, topk renormalised, teacher inside the step)
+    "ce": ("(a) CE only", None, False, False),
+    "topk": ("(b) KD, topk cache", "topk", False, False),
+    "sampled": ("(c) KD, sampled cache", "sampled", False, False),
+    "online": ("(d) online dense KD", None, False, True),
+}
+QUALITY_VARIANTS = {
+    "ce": ("CE only", None, False, False),
+    "topk": ("KD topk + tail", "topk", False, False),
+    "topk-renorm": ("KD topk renormalised", "topk", True, False),
+    "sampled": ("KD sampled", "sampled", False, False),
+    "online": ("online dense KD", None, False, True),
+}
+
+
+@dataclass
+class BenchConfig:
+    """What `bench` measures and how big the run is (the defaults take a few minutes on 2 CPU cores)."""
+
+    data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
+    teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder (make teacher)")
+    out_dir: str = opt("checkpoints/bench", "where bench.json, bench.md and the bench caches go")
+    seq_len: int = opt(512, "tokens per row (the pipeline's default SEQ_LEN)")
+    batch_size: str = opt("auto", f"rows per batch, or auto: {CPU_AUTO_BATCH} on CPU, {TOKENS_PER_GPU_BATCH} // seq_len on a GPU")
+    batches: int = opt(2, "stage 1: teacher batches per timed pass (the bench cache holds batches x batch-size rows)")
+    repeats: int = opt(3, "stage 1: timed passes per variant (interleaved; the median is reported)")
+    steps: int = opt(6, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
+    k: int = opt(64, "topk mode: ids per position")
+    num_samples: int = opt(50, "sampled mode: draws per position")
+    temperature: float = opt(1.0, "teacher temperature of the caches and the KD losses")
+    alpha: float = opt(0.5, "weight of the hard loss in the KD steps")
+    lr: float = opt(2e-3, "AdamW learning rate (quality runs: peak of the warmup + cosine schedule)")
+    loss_chunk: int = opt(2048, "token positions per chunk of distillation_loss")
+    mixed_precision: str = opt("auto", "auto (bf16 if supported) | bf16 | fp16 | no, as in training")
+    num_workers: int = opt(1, "data path: DataLoader workers")
+    data_batches: int = opt(64, "data path: batches read per measurement")
+    topk_cache: Optional[str] = opt(None, "read stages 2-3 (and quality) from this existing topk cache instead of the bench's")
+    sampled_cache: Optional[str] = opt(None, "read stages 2-3 (and quality) from this existing sampled cache instead of the bench's")
+    quality: bool = opt(False, "also train one student per loss for --quality-steps and compare val perplexity and KL (slow)")
+    quality_steps: int = opt(100, "quality: optimizer steps per student")
+    quality_rows: int = opt(64, "quality: train rows in the bench caches")
+    eval_rows: int = opt(16, "quality: val rows evaluated")
+    seed: int = opt(0, "seed of the students, the row order and the sampled draws")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size) > 0):
+            problems.append(f"--batch-size must be auto or a positive integer, got {self.batch_size!r}")
+        for name in ("seq_len", "batches", "repeats", "steps", "k", "loss_chunk", "data_batches",
+                     "quality_steps", "quality_rows", "eval_rows"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.num_samples <= 255:
+            problems.append(f"--num-samples must be in 1..255, got {self.num_samples}")
+        if self.temperature <= 0:
+            problems.append(f"--temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.lr <= 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if self.num_workers < 0:
+            problems.append(f"--num-workers must not be negative, got {self.num_workers}")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            problems.append(f"--mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        return problems
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_batch_size(choice: str, seq_len: int, device) -> int:
+    """auto: CPU_AUTO_BATCH rows on a CPU, TOKENS_PER_GPU_BATCH // seq_len rows on a GPU."""
+    if choice != "auto":
+        return int(choice)
+    return max(1, TOKENS_PER_GPU_BATCH // seq_len) if device.type == "cuda" else CPU_AUTO_BATCH
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Datasheet dense bf16 FLOP/s of a known GPU, else None."""
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment in device_name:
+            return flops
+    return None
+
+
+def forward_flops(model_config, params: int, tokens: int, seq_len: int) -> float:
+    """Model FLOPs of a forward over `tokens` tokens in rows of seq_len: 2 P per token (matmuls, the tied
+    output head included) + 4 n_layer (n_head head_dim) seq_len per token (QK^T and AV, PaLM's count)."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return 2.0 * params * tokens + 4.0 * model_config.num_hidden_layers * heads * head_dim * seq_len * tokens
+
+
+def machine_info(device) -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block, isolated from what ran before it.
+
+    GPU: torch.cuda.reset_peak_memory_stats, then max_memory_allocated. CPU: Linux keeps the process's
+    peak RSS (VmHWM) and lets a process reset it to the current RSS by writing 5 to /proc/self/clear_refs,
+    so each block gets a fresh peak (ru_maxrss cannot be reset). Where that fails, a thread samples RSS
+    every millisecond. Results in MB: peak, before (at entry) and increase = peak - before. Freed pages
+    the allocator keeps (small blocks) are in `before` and can be reused unseen, so the increase is a
+    lower bound; tensors over glibc's mmap threshold (every [tokens, vocab] tensor) are always seen."""
+
+    def __init__(self, device):
+        self.device, self.method, self.result = device, None, {}
+
+    def __enter__(self):
+        import torch
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
+            return self
+        self.before = (_rss_kb("VmRSS") or 0) * 1024
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "peak RSS: VmHWM reset via /proc/self/clear_refs before each variant"
+            self._sampler = None
+        except OSError:
+            self._start_sampler()
+        return self
+
+    def _start_sampler(self):
+        import threading
+
+        import psutil
+
+        process, self._peak, self._stop = psutil.Process(), self.before, threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, process.memory_info().rss)
+                time.sleep(0.001)
+
+        self._sampler = threading.Thread(target=sample, daemon=True)
+        self._sampler.start()
+        self.method = "peak RSS: psutil sampled every 1 ms"
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._sampler is None:
+            peak = (_rss_kb("VmHWM") or 0) * 1024
+        else:
+            self._stop.set()
+            self._sampler.join()
+            peak = self._peak
+        self.result = {"peak_mb": peak / 2**20, "before_mb": self.before / 2**20,
+                       "increase_mb": max(0, peak - self.before) / 2**20}
+        return False
+
+
+class SavedTensorCounter:
+    """Counts what autograd saves for backward inside the block (torch.autograd.graph.saved_tensors_hooks,
+    which also sees custom Functions' save_for_backward). A tensor is "full-vocab" when numel >= tokens * vocab.
+    Storages are counted once (views of one buffer are one buffer)."""
+
+    def __init__(self, big_numel: int):
+        self.big_numel, self.storages, self.big = big_numel, {}, {}
+
+    def pack(self, tensor):
+        key = (tensor.untyped_storage().data_ptr(), tensor.device.type)
+        self.storages[key] = tensor.untyped_storage().nbytes()
+        if tensor.numel() >= self.big_numel and tensor.is_floating_point():
+            self.big[key] = str(tensor.dtype).replace("torch.", "")
+        return tensor
+
+    def hooks(self):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+    def summary(self) -> dict:
+        dtypes = sorted(self.big.values())
+        return {"full_vocab_saved": len(dtypes), "full_vocab_float32_saved": dtypes.count("float32"),
+                "full_vocab_dtypes": dtypes, "saved_mb": sum(self.storages.values()) / 2**20}
+
+
+def dense_kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
+    """Online KD as most distillation scripts write it: full-vocabulary softmaxes of both models in float32,
+        total = alpha CE(student, labels) + (1 - alpha) T^2 KL(softmax(t/T) || softmax(s/T)),
+    KL summed over V and averaged over the N positions. student_logits, teacher_logits [N, V]; labels [N]."""
+    import torch.nn.functional as F
+
+    from pipeline.losses import LossParts
+
+    student = student_logits.float()
+    ce = F.cross_entropy(student, labels)
+    kd = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+                  log_target=True, reduction="batchmean")
+    return LossParts(total=alpha * ce + (1 - alpha) * temperature ** 2 * kd, ce=ce, kd=kd)
+
+
+# ---------------------------------------------------------------- stage 1: teacher forward vs cache-logits
+
+
+def _cache_config(config: BenchConfig, mode: str, batch_size: int, rows: int, out_dir: Path):
+    from pipeline.config import CacheConfig
+
+    return CacheConfig(data_dir=config.data_dir, teacher=config.teacher, out_dir=str(out_dir), mode=mode, k=config.k,
+                       num_samples=config.num_samples, temperature=config.temperature, seq_len=config.seq_len,
+                       batch_size=batch_size, rows_per_part=batch_size, max_rows=rows, seed=config.seed)
+
+
+def _split_batches(config: BenchConfig, split: str, first_row: int, rows: int, batch_size: int):
+    """[(row indices, rows [B, L+1] int64)] covering rows first_row .. first_row + rows - 1 of a split."""
+    import numpy as np
+
+    from pipeline.cache import row_tokens
+    from pipeline.data import load_tokens
+
+    tokens = load_tokens(config.data_dir, split)
+    out = []
+    for start in range(first_row, first_row + rows, batch_size):
+        indices = list(range(start, min(first_row + rows, start + batch_size)))
+        out.append((indices, np.stack([row_tokens(tokens, i, config.seq_len) for i in indices])))
+    return out
+
+
+def _forward_pass(runner, batches) -> dict:
+    """The plain teacher forward (logits only, same autocast and inference mode as the cache path)."""
+    import contextlib
+
+    import torch
+
+    device = runner.device
+    autocast = torch.autocast(device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        for _, rows in batches:
+            ids = torch.from_numpy(rows[:, :-1]).to(device, non_blocking=True)
+            runner.model(input_ids=ids).logits
+    _sync(device)
+    return {"seconds": time.perf_counter() - start}
+
+
+def _cache_pass(runner, batches, part_paths, split: str) -> dict:
+    """What cache-logits does per batch: logprobs (forward + float32 log-softmax), sparse targets of the
+    runner's mode, and the part write on a writer thread (overlapping the next forward, as in cache.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from pipeline.cache import row_seed, sampled_targets, topk_targets
+    from pipeline.cache_format import write_part
+
+    def timed_write(path, arrays):
+        began = time.perf_counter()
+        write_part(path, arrays)
+        return time.perf_counter() - began
+
+    config, device = runner.config, runner.device
+    phases = {"logprobs": 0.0, "extract": 0.0, "write": 0.0, "write_wait": 0.0}
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as writer, torch.inference_mode():
+        pending = []
+        for (indices, rows), path in zip(batches, part_paths):
+            t0 = time.perf_counter()
+            logprobs = runner.logprobs(rows[:, :-1])
+            _sync(device)
+            t1 = time.perf_counter()
+            if config.mode == "topk":
+                sparse = topk_targets(logprobs, config.k)
+            else:
+                sparse = sampled_targets(logprobs, config.num_samples, [row_seed(config.seed, split, i) for i in indices])
+            del logprobs
+            phases["logprobs"] += t1 - t0
+            phases["extract"] += time.perf_counter() - t1
+            pending.append(writer.submit(timed_write, path, {"tokens": rows, **sparse}))
+        t_wait = time.perf_counter()
+        for future in pending:
+            phases["write"] += future.result()
+        phases["write_wait"] = time.perf_counter() - t_wait
+    return {"seconds": time.perf_counter() - start, **phases}
+
+
+def _part_paths(work_dir: Path, mode: str, split: str, first_batch: int, count: int) -> list[Path]:
+    return [work_dir / "parts" / mode / split / f"part-{i:06d}.npz" for i in range(first_batch, first_batch + count)]
+
+
+def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: Path) -> tuple[dict, dict]:
+    """Interleaved passes (forward, topk, sampled) over the same batches. Returns (section, runners)."""
+    from pipeline.cache import TeacherRunner
+
+    rows = config.batches * batch_size
+    batches = _split_batches(config, "train", 0, rows, batch_size)
+    runners = {mode: TeacherRunner(teacher, _cache_config(config, mode, batch_size, rows, work_dir), device)
+               for mode in ("topk", "sampled")}
+    paths = {mode: _part_paths(work_dir, mode, "train", 0, len(batches)) for mode in runners}
+    # Warm-up: one batch of each (kernel selection, allocator growth, first-touch of the weights).
+    _forward_pass(runners["topk"], batches[:1])
+    for mode, runner in runners.items():
+        _cache_pass(runner, batches[:1], paths[mode][:1], "train")
+    timings = {"forward": [], "topk": [], "sampled": []}
+    for repeat in range(config.repeats):
+        _log(f"stage 1: pass {repeat + 1}/{config.repeats} (forward, topk, sampled) over {rows} rows x {config.seq_len}")
+        timings["forward"].append(_forward_pass(runners["topk"], batches))
+        for mode, runner in runners.items():
+            timings[mode].append(_cache_pass(runner, batches, paths[mode], "train"))
+
+    tokens = rows * config.seq_len
+    section = {"rows": rows, "tokens_per_pass": tokens, "batch_size": batch_size, "batches": len(batches),
+               "repeats": config.repeats, "autocast": str(runners["topk"].autocast_dtype or "float32").replace("torch.", "")}
+    forward_s = _median([t["seconds"] for t in timings["forward"]])
+    section["forward"] = {"tokens_per_s": tokens / forward_s, "median_s": forward_s,
+                          "times_s": [t["seconds"] for t in timings["forward"]]}
+    for mode in ("topk", "sampled"):
+        seconds = _median([t["seconds"] for t in timings[mode]])
+        per_batch = {f"{phase}_ms_per_batch": 1000 * _median([t[phase] for t in timings[mode]]) / len(batches)
+                     for phase in ("logprobs", "extract", "write", "write_wait")}
+        section[mode] = {"tokens_per_s": tokens / seconds, "median_s": seconds, "times_s": [t["seconds"] for t in timings[mode]],
+                         "ratio_to_forward": forward_s / seconds, "target_ratio": TARGET_CACHE_RATIO,
+                         "meets_target": forward_s / seconds >= TARGET_CACHE_RATIO, **per_batch}
+    section["forward"]["ms_per_batch"] = 1000 * forward_s / len(batches)
+    return section, runners
+
+
+def stage1_mfu(section: dict, teacher, device, seq_len: int) -> dict | None:
+    """Model FLOPs utilisation of the plain forward and the cache passes (GPU with a known peak only)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    from pipeline.student import count_parameters
+
+    name = torch.cuda.get_device_name(device)
+    peak = peak_bf16_flops(name)
+    flops = forward_flops(teacher.config, count_parameters(teacher), section["tokens_per_pass"], seq_len)
+    out = {"device": name, "peak_bf16_flops": peak, "flops_per_pass": flops, "target": 0.40}
+    for key in ("forward", "topk", "sampled"):
+        achieved = flops / section[key]["median_s"]
+        out[f"{key}_tflops"] = achieved / 1e12
+        out[f"{key}_mfu"] = achieved / peak if peak else None
+    return out
+
+
+def extend_parts(config: BenchConfig, runners: dict, work_dir: Path, split: str, first_row: int, rows: int,
+                 batch_size: int) -> None:
+    """Untimed parts for more rows (quality runs): one teacher forward per batch feeds both modes."""
+    import torch
+
+    from pipeline.cache import row_seed, sampled_targets, topk_targets
+    from pipeline.cache_format import write_part
+
+    if rows <= 0:
+        return
+    batches = _split_batches(config, split, first_row, rows, batch_size)
+    first_batch = first_row // batch_size
+    paths = {mode: _part_paths(work_dir, mode, split, first_batch, len(batches)) for mode in runners}
+    with torch.inference_mode():
+        for b, (indices, tokens) in enumerate(batches):
+            logprobs = runners["topk"].logprobs(tokens[:, :-1])
+            sampled = sampled_targets(logprobs, config.num_samples, [row_seed(config.seed, split, i) for i in indices])
+            topk = topk_targets(logprobs, config.k)  # last: it overwrites logprobs
+            write_part(paths["sampled"][b], {"tokens": tokens, **sampled})
+            write_part(paths["topk"][b], {"tokens": tokens, **topk})
+
+
+def assemble_bench_cache(config: BenchConfig, mode: str, batch_size: int, work_dir: Path, split_rows: dict, device) -> Path:
+    """Assemble the parts of `mode` into a cache folder work_dir/cache-MODE (one shard per split) + manifest."""
+    from transformers import AutoConfig
+
+    from pipeline import cache_format
+    from pipeline.cache import common_attrs, compute_dtype
+    from pipeline.data import read_meta
+    from pipeline.teacher import teacher_identity
+
+    cache_dir = work_dir / f"cache-{mode}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    meta = read_meta(config.data_dir)
+    vocab = int(AutoConfig.from_pretrained(config.teacher).vocab_size)
+    attrs = common_attrs(_cache_config(config, mode, batch_size, split_rows["train"], cache_dir), meta,
+                         teacher_identity(config.teacher), vocab, compute_dtype("auto", device))
+    entries = []
+    for split, rows in split_rows.items():
+        parts = _part_paths(work_dir, mode, split, 0, -(-rows // batch_size))
+        name = cache_format.shard_name(split, 0, 1)
+        shard_attrs = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"], "shard_index": 0,
+                       "num_shards": 1, "row_start": 0, "rows": rows}
+        entry = cache_format.assemble_shard(cache_dir / name, shard_attrs, parts)
+        entries.append({**entry, "split": split, "shard_index": 0, "num_shards": 1, "row_start": 0})
+    cache_format.write_manifest(cache_dir, attrs, entries)
+    return cache_dir
+
+
+def storage_figures(cache_dir: Path, vocab: int) -> dict:
+    """bytes/token of the cache's train split (shard size over positions, tokens row included) vs dense fp16 logits."""
+    from pipeline.cache_format import read_manifest
+
+    bytes_per_token = read_manifest(cache_dir)["splits"]["train"]["bytes_per_token"]
+    return {"bytes_per_token": bytes_per_token, "dense_fp16_bytes_per_token": 2 * vocab,
+            "dense_over_cache": 2 * vocab / bytes_per_token, "cache": str(cache_dir)}
+
+
+# ---------------------------------------------------------------- stage 2: training steps
+
+
+class StepContext:
+    """What every training step shares: the accelerator, the teacher (online KD) and the loss settings."""
+
+    def __init__(self, accelerator, teacher, config: BenchConfig, temperature: float, num_samples: int):
+        self.accelerator, self.device, self.teacher = accelerator, accelerator.device, teacher
+        self.alpha, self.temperature, self.num_samples = config.alpha, temperature, num_samples
+        self.loss_chunk = config.loss_chunk
+
+
+def train_step(ctx: StepContext, spec: tuple, model, optimizer, batch: dict, counter: SavedTensorCounter | None = None) -> dict:
+    """One optimizer step as train.py runs it (forward, distillation_loss, backward, clip 1.0, AdamW, zero_grad),
+    or for the online variant the teacher forward + dense_kd_loss. Returns the seconds of each phase."""
+    import contextlib
+
+    import torch
+
+    from pipeline.batches import loss_targets
+    from pipeline.losses import distillation_loss
+
+    _, cache_mode, renormalize, online = spec
+    device, times = ctx.device, {}
+    _sync(device)
+    t = time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        _sync(device)
+        now = time.perf_counter()
+        times[name] = now - t
+        t = now
+
+    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    tokens = batch["tokens"]
+    teacher_logits = None
+    if online:
+        with torch.no_grad(), ctx.accelerator.autocast():
+            teacher_logits = ctx.teacher(input_ids=tokens[:, :-1]).logits
+        lap("teacher")
+    logits = model(input_ids=tokens[:, :-1]).logits
+    lap("forward")
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = tokens[:, 1:].reshape(-1)
+    with counter.hooks() if counter else contextlib.nullcontext():
+        if online:
+            loss = dense_kd_loss(flat, teacher_logits.reshape(flat.shape), labels, ctx.alpha, ctx.temperature)
+        else:
+            mask = torch.ones_like(labels, dtype=torch.bool)
+            targets = loss_targets(batch, ctx.num_samples) if cache_mode else None
+            loss = distillation_loss(flat, labels, mask, targets, alpha=ctx.alpha, temperature=ctx.temperature,
+                                     topk_renormalize=renormalize, chunk_size=ctx.loss_chunk)
+    lap("loss")
+    ctx.accelerator.backward(loss.total)
+    lap("backward")
+    ctx.accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lap("optimizer")
+    times["step"] = sum(times.values())
+    times["loss_value"] = float(loss.total.detach())
+    return times
+
+
+def _batch_for(spec: tuple, batches: dict) -> dict:
+    """CE and online steps read only tokens (those of the topk batch: the same rows)."""
+    cache_mode = spec[1]
+    if cache_mode == "sampled":
+        return batches["sampled"]
+    return {"tokens": batches["topk"]["tokens"]} if cache_mode is None else batches["topk"]
+
+
+def make_students(ctx: StepContext, keys, student_config: StudentConfig, config: BenchConfig, vocab: int,
+                  max_steps: int, warmup_steps: int = 0) -> dict:
+    """{key: (model, optimizer, scheduler)}: the same initial student for every key, prepared by Accelerate."""
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.student import build_student
+    from pipeline.train import lr_at, make_optimizer
+
+    train_config = TrainConfig(lr=config.lr, max_steps=max_steps, warmup_steps=warmup_steps, seed=config.seed)
+    out = {}
+    for key in keys:
+        model = build_student(student_config, config.teacher, vocab, config.seed)
+        optimizer = make_optimizer(model, train_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train_config))
+        model, optimizer = ctx.accelerator.prepare(model, optimizer)
+        model.train()
+        out[key] = (model, optimizer, scheduler)
+    return out
+
+
+def step_batches(readers: dict, batch_size: int, seed: int, count: int) -> list[dict]:
+    """`count` collated steps of both caches, rows chosen by StepBatches (same rows in both when they match)."""
+    from pipeline.batches import CacheRows, StepBatches, collate_rows
+
+    rows = {mode: CacheRows(reader) for mode, reader in readers.items()}
+    num = min(len(r) for r in rows.values())
+    sampler = StepBatches(num, batch_size, 1, seed, 0, count)
+    return [{mode: collate_rows([r[i] for i in indices]) for mode, r in rows.items()} for indices in sampler]
+
+
+def run_stage2(ctx: StepContext, students: dict, batches: list[dict], config: BenchConfig) -> dict:
+    """Warm-up round, then config.steps rounds of a b c d on the same batch; medians of each phase."""
+    records = {key: [] for key in STEP_VARIANTS}
+    for round_index, step in enumerate(batches):
+        if round_index:
+            _log(f"stage 2: round {round_index}/{len(batches) - 1} (ce, topk, sampled, online)")
+        for key, spec in STEP_VARIANTS.items():
+            model, optimizer, _ = students[key]
+            times = train_step(ctx, spec, model, optimizer, _batch_for(spec, step))
+            if round_index:  # round 0 warms up
+                records[key].append(times)
+    tokens = batches[0]["topk"]["tokens"][:, 1:].numel()
+    variants = {}
+    for key, spec in STEP_VARIANTS.items():
+        step_s = _median([r["step"] for r in records[key]])
+        phases = {f"{p}_ms": 1000 * _median([r[p] for r in records[key]]) for p in records[key][0] if p not in ("step", "loss_value")}
+        variants[key] = {"label": spec[0], "tokens_per_s": tokens / step_s, "step_ms": 1000 * step_s,
+                         "rows_per_s": tokens / config.seq_len / step_s, "steps_ms": [1000 * r["step"] for r in records[key]], **phases}
+    t = {key: v["step_ms"] for key, v in variants.items()}
+    ratios = {"topk_over_ce_step_time": t["topk"] / t["ce"], "sampled_over_ce_step_time": t["sampled"] / t["ce"],
+              "ce_over_online_speed": t["online"] / t["ce"], "topk_over_online_speed": t["online"] / t["topk"],
+              "sampled_over_online_speed": t["online"] / t["sampled"], "target_step_time_ratio": TARGET_STEP_RATIO}
+    ratios["topk_meets_target"] = ratios["topk_over_ce_step_time"] <= TARGET_STEP_RATIO
+    ratios["sampled_meets_target"] = ratios["sampled_over_ce_step_time"] <= TARGET_STEP_RATIO
+    return {"tokens_per_step": tokens, "rounds": len(batches) - 1, "variants": variants, "ratios": ratios}
+
+
+def loss_alone(ctx: StepContext, model, batches: dict, repeats: int) -> dict:
+    """distillation_loss / dense_kd_loss forward + backward on one fixed batch of the student's logits
+    (its real dtype under autocast), interleaved; median ms. Isolates the loss from the model."""
+    import torch
+
+    from pipeline.batches import loss_targets
+    from pipeline.losses import distillation_loss
+
+    device = ctx.device
+    tokens = batches["topk"]["tokens"].to(device)
+    with torch.no_grad():
+        logits = model(input_ids=tokens[:, :-1]).logits
+        teacher_logits = None
+        if ctx.teacher is not None:
+            with ctx.accelerator.autocast():
+                teacher_logits = ctx.teacher(input_ids=tokens[:, :-1]).logits
+    flat = logits.reshape(-1, logits.shape[-1]).detach()
+    labels = tokens[:, 1:].reshape(-1)
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    targets = {mode: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in loss_targets(b, ctx.num_samples).items()}
+               for mode, b in batches.items()}
+    cases = {"ce": None, "topk": "topk", "topk-renorm": "topk", "sampled": "sampled", "online": "online"}
+    times = {key: {"forward": [], "backward": []} for key in cases}
+    for repeat in range(repeats + 1):
+        for key, mode in cases.items():
+            x = flat.clone().requires_grad_(True)
+            _sync(device)
+            t0 = time.perf_counter()
+            if mode == "online":
+                loss = dense_kd_loss(x, teacher_logits.reshape(flat.shape), labels, ctx.alpha, ctx.temperature)
+            else:
+                loss = distillation_loss(x, labels, mask, targets[mode] if mode else None, alpha=ctx.alpha,
+                                         temperature=ctx.temperature, topk_renormalize=key == "topk-renorm",
+                                         chunk_size=ctx.loss_chunk)
+            _sync(device)
+            t1 = time.perf_counter()
+            loss.total.backward()
+            _sync(device)
+            if repeat:
+                times[key]["forward"].append(t1 - t0)
+                times[key]["backward"].append(time.perf_counter() - t1)
+    out = {"positions": flat.shape[0], "vocab": flat.shape[1], "logits_dtype": str(flat.dtype).replace("torch.", "")}
+    for key, t in times.items():
+        out[key] = {"forward_ms": 1000 * _median(t["forward"]), "backward_ms": 1000 * _median(t["backward"])}
+        out[key]["total_ms"] = out[key]["forward_ms"] + out[key]["backward_ms"]
+    return out
+
+
+# ---------------------------------------------------------------- data path and memory
+
+
+def run_data_path(readers: dict, batch_size: int, config: BenchConfig, step_rows_per_s: dict, device) -> dict:
+    """Rows/s of CacheRows + StepBatches + collate_rows through a DataLoader (with workers, and in-process)."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.batches import CacheRows, StepBatches, collate_rows
+
+    out = {}
+    for mode, reader in readers.items():
+        rows = CacheRows(reader)
+        result = {"batch_size": batch_size, "num_workers": config.num_workers}
+        for label, workers in (("workers", config.num_workers), ("in_process", 0)):
+            sampler = StepBatches(len(rows), batch_size, 1, config.seed, 0, config.data_batches + 1)
+            loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collate_rows, num_workers=workers,
+                                pin_memory=device.type == "cuda", persistent_workers=False)
+            iterator = iter(loader)
+            next(iterator)  # worker start-up is not part of the steady state
+            start, count = time.perf_counter(), 0
+            for batch in iterator:
+                count += batch["tokens"].shape[0]
+            result[f"rows_per_s_{label}"] = count / (time.perf_counter() - start)
+            del iterator, loader
+        result["step_rows_per_s"] = step_rows_per_s[mode]
+        result["headroom"] = result["rows_per_s_workers"] / step_rows_per_s[mode]
+        out[mode] = result
+    return out
+
+
+def run_memory(ctx: StepContext, students: dict, batches: dict, vocab: int) -> dict:
+    """One more step of each variant under PeakMemory, with the loss's saved tensors counted."""
+    tokens = batches["topk"]["tokens"][:, 1:].numel()
+    out, method = {}, None
+    for key, spec in STEP_VARIANTS.items():
+        model, optimizer, _ = students[key]
+        counter = SavedTensorCounter(tokens * vocab)
+        with PeakMemory(ctx.device) as peak:
+            train_step(ctx, spec, model, optimizer, _batch_for(spec, batches), counter)
+        method = peak.method
+        out[key] = {"label": spec[0], **peak.result, **{f"loss_{k}": v for k, v in counter.summary().items()}}
+    full_vocab_mb = tokens * vocab * 4 / 2**20
+    return {"method": method, "tokens": tokens, "vocab": vocab, "float32_full_vocab_mb": full_vocab_mb, "variants": out}
+
+
+# ---------------------------------------------------------------- quality at equal budget
+
+
+def dense_kl(teacher, students: dict, val_reader, count: int, batch_size: int, temperature: float, device) -> dict:
+    """Exact KL(teacher_T || student_T) over the full vocabulary, float32, mean over the first `count` val rows."""
+    import torch
+
+    from pipeline.batches import collate_rows
+
+    sums = {key: 0.0 for key in students}
+    positions = 0
+    with torch.no_grad():
+        for start in range(0, count, batch_size):
+            tokens = collate_rows([val_reader.row(i) for i in range(start, min(count, start + batch_size))])["tokens"].to(device)
+            log_p = torch.log_softmax(teacher(input_ids=tokens[:, :-1]).logits.float() / temperature, dim=-1)
+            p = log_p.exp()
+            for key, model in students.items():
+                log_q = torch.log_softmax(model(input_ids=tokens[:, :-1]).logits.float() / temperature, dim=-1)
+                sums[key] += float((p * (log_p - log_q)).sum())
+            positions += tokens[:, 1:].numel()
+    return {key: total / positions for key, total in sums.items()}
+
+
+def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentConfig, readers: dict, val_reader,
+                batch_size: int, vocab: int) -> dict:
+    """Train one student per QUALITY_VARIANTS entry for quality_steps steps on the same rows and schedule; evaluate."""
+    from pipeline.batches import TokenRows
+    from pipeline.compare import evaluate_model
+
+    steps = config.quality_steps
+    batches = step_batches(readers, batch_size, config.seed, steps)
+    warmup = max(1, steps // 10)
+    results, trained = {}, {}
+    for key, spec in QUALITY_VARIANTS.items():
+        (model, optimizer, scheduler), = make_students(ctx, [key], student_config, config, vocab, steps, warmup).values()
+        start = time.perf_counter()
+        for index, step in enumerate(batches):
+            train_step(ctx, spec, model, optimizer, _batch_for(spec, step))
+            scheduler.step()
+            if (index + 1) % max(1, steps // 4) == 0:
+                _log(f"quality: {spec[0]} step {index + 1}/{steps}")
+        seconds = time.perf_counter() - start
+        trained[key] = ctx.accelerator.unwrap_model(model)
+        trained[key].eval()
+        results[key] = {"label": spec[0], "train_tokens_per_s": steps * batches[0]["topk"]["tokens"][:, 1:].numel() / seconds}
+    count = min(config.eval_rows, len(val_reader))
+    rows = TokenRows(config.data_dir, "val", config.seq_len)
+    temperature = float(val_reader.attrs["temperature"])
+    teacher_figures, teacher_argmax = evaluate_model(ctx.teacher, rows, val_reader, count, batch_size, temperature, None, "eval teacher")
+    for key, model in trained.items():
+        figures, _ = evaluate_model(model, rows, val_reader, count, batch_size, temperature, teacher_argmax, f"eval {key}")
+        results[key].update({"val_ppl": figures["val_ppl"], "kl_cache": figures["kl_to_teacher"],
+                             "top1_agreement": figures["top1_agreement"]})
+    for key, kl in dense_kl(ctx.teacher, trained, val_reader, count, batch_size, temperature, ctx.device).items():
+        results[key]["kl_exact"] = kl
+    return {"steps": steps, "batch_size": batch_size, "train_rows": min(len(r) for r in readers.values()),
+            "eval_rows": count, "eval_positions": teacher_figures["positions"], "kl_cache_estimator": f"{val_reader.mode} val cache (compare.evaluate_model)",
+            "teacher_val_ppl": teacher_figures["val_ppl"], "variants": results}
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _open_caches(config: BenchConfig, bench_caches: dict, meta: dict, vocab: int) -> dict:
+    """CacheReaders (train) of the caches stages 2-3 read: --topk-cache / --sampled-cache, else the bench's."""
+    from pipeline.cache_format import CacheReader, check_compatible
+
+    readers = {}
+    for mode, given in (("topk", config.topk_cache), ("sampled", config.sampled_cache)):
+        reader = CacheReader(given or bench_caches[mode], "train")
+        check_compatible(reader.attrs, {"mode": mode, "seq_len": config.seq_len, "vocab_size": vocab,
+                                        "tokenizer_hash": meta["tokenizer_hash"], "train_tokens_sha256": meta["train_sha256"],
+                                        "temperature": config.temperature},
+                         where=f"--{mode}-cache {given}" if given else f"the bench {mode} cache")
+        readers[mode] = reader
+    return readers
+
+
+def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
+    """Run every section, print the tables, write out_dir/bench.json and bench.md; returns the report."""
+    from accelerate import Accelerator
+
+    from pipeline.cache import num_rows
+    from pipeline.cache_format import CacheReader
+    from pipeline.data import load_tokens, read_meta
+    from pipeline.fsutil import atomic_write_bytes, atomic_write_json
+    from pipeline.student import count_parameters
+    from pipeline.teacher import load_teacher
+    from pipeline.train import resolve_mixed_precision, teacher_vocab_size
+
+    raise_problems(config.validate() + student_config.validate())
+    meta = read_meta(config.data_dir)
+    vocab = teacher_vocab_size(config.teacher)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
+    device = accelerator.device
+    batch_size = resolve_batch_size(config.batch_size, config.seq_len, device)
+    train_available = num_rows(len(load_tokens(config.data_dir, "train")), config.seq_len)
+    stage1_rows = config.batches * batch_size
+    if train_available < stage1_rows:
+        raise PipelineError(f"{config.data_dir} has {train_available} train rows of {config.seq_len + 1} tokens, the bench needs "
+                            f"--batches x --batch-size = {stage1_rows}; lower --batches, --batch-size or --seq-len")
+    work_dir = Path(config.out_dir)  # bench.json, bench.md, cache-topk/, cache-sampled/ and, while it runs, parts/
+    shutil.rmtree(work_dir / "parts", ignore_errors=True)
+
+    report = {"machine": machine_info(device), "command": " ".join(["python -m pipeline"] + sys.argv[1:]) if sys.argv else "",
+              "options": dataclasses.asdict(config), "student": dataclasses.asdict(student_config)}
+    _log(f"device {device}, batch {batch_size} x {config.seq_len}, mixed precision {accelerator.mixed_precision}")
+    teacher = load_teacher(config.teacher).to(device)
+    report["resolved"] = {"device": str(device), "batch_size": batch_size, "mixed_precision": accelerator.mixed_precision,
+                          "teacher_parameters": count_parameters(teacher), "vocab_size": vocab}
+
+    # ---- stage 1, then the bench caches from its parts
+    stage1, runners = run_stage1(config, teacher, device, batch_size, work_dir)
+    stage1["mfu"] = stage1_mfu(stage1, teacher, device, config.seq_len)
+    split_rows = {"train": stage1_rows}
+    if config.quality and not (config.topk_cache and config.sampled_cache):
+        train_rows = max(stage1_rows, min(config.quality_rows, train_available))
+        val_rows = min(config.eval_rows, num_rows(len(load_tokens(config.data_dir, "val")), config.seq_len))
+        if val_rows == 0:
+            raise PipelineError(f"the val split of {config.data_dir} is shorter than one row of {config.seq_len + 1} tokens; lower --seq-len")
+        _log(f"quality: caching {train_rows - stage1_rows} more train rows and {val_rows} val rows")
+        extend_parts(config, runners, work_dir, "train", stage1_rows, train_rows - stage1_rows, batch_size)
+        extend_parts(config, runners, work_dir, "val", 0, val_rows, batch_size)
+        split_rows = {"train": train_rows, "val": val_rows}
+    bench_caches = {mode: assemble_bench_cache(config, mode, batch_size, work_dir, split_rows, device) for mode in ("topk", "sampled")}
+    shutil.rmtree(work_dir / "parts", ignore_errors=True)
+    for mode in ("topk", "sampled"):
+        stage1[mode].update(storage_figures(bench_caches[mode], vocab))
+    report["stage1"] = stage1
+
+    # ---- stage 2: the four steps, interleaved, on the same batches
+    readers = _open_caches(config, bench_caches, meta, vocab)
+    num_samples = int(readers["sampled"].attrs["num_samples"])
+    ctx = StepContext(accelerator, teacher, config, config.temperature, num_samples)
+    students = make_students(ctx, STEP_VARIANTS, student_config, config, vocab, config.steps + 1)
+    report["resolved"]["student_parameters"] = count_parameters(accelerator.unwrap_model(students["ce"][0]))
+    batches = step_batches(readers, batch_size, config.seed, config.steps + 1)
+    report["stage2"] = run_stage2(ctx, students, batches, config)
+    _log("stage 2: the loss alone")
+    report["stage2"]["loss_alone"] = loss_alone(ctx, students["ce"][0], batches[0], config.steps)
+
+    # ---- data path, memory
+    _log("data path and memory")
+    step_rows = {mode: report["stage2"]["variants"][mode]["rows_per_s"] for mode in ("topk", "sampled")}
+    report["data"] = run_data_path(readers, batch_size, config, step_rows, device)
+    report["memory"] = run_memory(ctx, students, batches[0], vocab)
+    del students
+    gc.collect()
+
+    # ---- quality
+    report["quality"] = None
+    if config.quality:
+        val_reader = CacheReader(config.topk_cache or bench_caches["topk"], "val")
+        report["quality"] = run_quality(ctx, config, student_config, readers, val_reader, batch_size, vocab)
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+    markdown = render_markdown(report)
+    atomic_write_json(work_dir / "bench.json", report)
+    atomic_write_bytes(work_dir / "bench.md", markdown.encode())
+    print(markdown)
+    print(f"bench: wrote {work_dir / 'bench.json'} and {work_dir / 'bench.md'}")
+    return report
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _fmt(value, spec: str = "{:,.0f}") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return spec.format(value)
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def busy_machine(machine: dict) -> bool:
+    """CPU runs only: did other processes hold more than half the cores at the start, or at the end (less this
+    run's own threads)? The 1-minute load average is all Linux offers; it lags, so this is a hint, not proof."""
+    if machine["gpu"] or not machine.get("load_average_start") or not machine.get("load_average_end"):
+        return False
+    half = 0.5 * (machine["cpu_cores"] or 1)
+    return machine["load_average_start"][0] > half or machine["load_average_end"][0] - machine["torch_threads"] > half
+
+
+def render_markdown(report: dict) -> str:
+    m, r, s1, s2 = report["machine"], report["resolved"], report["stage1"], report["stage2"]
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
+    out = ["# Benchmark", "",
+           f"Machine: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads){gpu}; torch {m['torch']}, "
+           f"transformers {m['transformers']}; {m['date']}; load average {_fmt((m.get('load_average_start') or [None])[0], '{:.2f}')} at start.",
+           f"Command: `{report['command']}`", ""]
+    if busy_machine(m):
+        out += [f"**Warning: other processes shared the CPU (load average {m['load_average_start'][0]:.1f} at start, "
+                f"{m['load_average_end'][0]:.1f} at the end, this run's own threads: {m['torch_threads']}, cores: "
+                f"{m['cpu_cores']}), so these timings, ratios included, are unreliable: rerun on an idle machine.**", ""]
+    out += [f"Teacher {r['teacher_parameters'] / 1e6:.1f}M parameters, student {r.get('student_parameters', 0) / 1e6:.1f}M, "
+            f"vocabulary {r['vocab_size']:,}; device {r['device']}, mixed precision {r['mixed_precision']}; batch "
+            f"{r['batch_size']} rows x {report['options']['seq_len']} tokens.", ""]
+
+    out += [f"## Stage 1: teacher forward vs cache-logits ({s1['rows']} rows, {s1['tokens_per_pass']:,} tokens per pass, "
+            f"median of {s1['repeats']} interleaved passes, teacher autocast {s1['autocast']})", ""]
+    rows = [["teacher forward (logits only)", _fmt(s1["forward"]["tokens_per_s"]), "1.00", "", "-", "-"]]
+    for mode, name in (("topk", f"cache-logits topk K={report['options']['k']}"),
+                       ("sampled", f"cache-logits sampled N={report['options']['num_samples']}")):
+        x = s1[mode]
+        rows.append([name, _fmt(x["tokens_per_s"]), _fmt(x["ratio_to_forward"], "{:.3f}"),
+                     f">= {x['target_ratio']} {_mark(x['meets_target'])}", _fmt(x["bytes_per_token"], "{:.1f}"),
+                     f"{x['dense_over_cache']:.0f}x smaller than dense fp16 ({x['dense_fp16_bytes_per_token']:,} B)"])
+    out += _table(["path", "tokens/s", "vs forward", "target", "bytes/token", "storage"], rows)
+    out += ["", "Per batch, ms: forward alone " + _fmt(s1["forward"]["ms_per_batch"], "{:.1f}") + "; " + "; ".join(
+        f"{mode}: forward+log-softmax {_fmt(s1[mode]['logprobs_ms_per_batch'], '{:.1f}')}, extraction "
+        f"{_fmt(s1[mode]['extract_ms_per_batch'], '{:.1f}')}, part write {_fmt(s1[mode]['write_ms_per_batch'], '{:.1f}')} "
+        f"(on the writer thread; {_fmt(s1[mode]['write_wait_ms_per_batch'], '{:.1f}')} waited for at the end)"
+        for mode in ("topk", "sampled")) + "."]
+    if s1.get("mfu"):
+        u = s1["mfu"]
+        cells = ", ".join(f"{k} {_fmt(u[k + '_tflops'], '{:.1f}')} TFLOP/s" + (f" = {u[k + '_mfu']:.1%} MFU" if u[k + "_mfu"] else "")
+                          for k in ("forward", "topk", "sampled"))
+        out += ["", f"Model FLOPs utilisation on {u['device']} (peak {_fmt((u['peak_bf16_flops'] or 0) / 1e12, '{:.0f}')} TFLOP/s dense bf16; "
+                f"target >= {u['target']:.0%}): {cells}."]
+
+    out += ["", f"## Stage 2: training step ({s2['tokens_per_step']:,} tokens per step, median of {s2['rounds']} interleaved rounds)", ""]
+    phases = ["teacher", "forward", "loss", "backward", "optimizer"]
+    rows = []
+    for key, v in s2["variants"].items():
+        ratio = v["step_ms"] / s2["variants"]["ce"]["step_ms"]
+        target = "" if key in ("ce", "online") else f"<= {TARGET_STEP_RATIO} {_mark(ratio <= TARGET_STEP_RATIO)}"
+        rows.append([v["label"], _fmt(v["tokens_per_s"]), _fmt(v["step_ms"], "{:.1f}"), _fmt(ratio, "{:.3f}"), target,
+                     *(_fmt(v.get(f"{p}_ms"), "{:.1f}") for p in phases)])
+    out += _table(["step", "tokens/s", "step ms", "step time vs (a)", "target", *(f"{p} ms" for p in phases)], rows)
+    q = s2["ratios"]
+    out += ["", f"Speed-up over online KD: (a) CE {q['ce_over_online_speed']:.2f}x, (b) topk KD {q['topk_over_online_speed']:.2f}x, "
+            f"(c) sampled KD {q['sampled_over_online_speed']:.2f}x."]
+    la = s2["loss_alone"]
+    out += ["", f"The loss alone on {la['positions']:,} positions x {la['vocab']:,} ({la['logits_dtype']} logits), forward + backward, ms:", ""]
+    out += _table(["loss", "forward", "backward", "total"],
+                  [[k, _fmt(la[k]["forward_ms"], "{:.1f}"), _fmt(la[k]["backward_ms"], "{:.1f}"), _fmt(la[k]["total_ms"], "{:.1f}")]
+                   for k in ("ce", "topk", "topk-renorm", "sampled", "online")])
+
+    d = report["data"]
+    out += ["", "## Data path: CacheRows + StepBatches + collate_rows through a DataLoader", ""]
+    out += _table(["cache", f"rows/s (DataLoader, {d['topk']['num_workers']} worker(s))", "rows/s (in process)", "rows/s a step consumes", "headroom"],
+                  [[mode, _fmt(x["rows_per_s_workers"]), _fmt(x["rows_per_s_in_process"]), _fmt(x["step_rows_per_s"], "{:,.1f}"),
+                    f"{x['headroom']:.0f}x"] for mode, x in d.items()])
+
+    mem = report["memory"]
+    out += ["", f"## Memory of one step ({mem['method']})", "",
+            f"A float32 [tokens, vocab] tensor here is {mem['float32_full_vocab_mb']:.0f} MB. 'Saved by the loss' counts the "
+            "[tokens, vocab] tensors autograd keeps from the loss call to the backward (saved-tensor hook).", ""]
+    out += _table(["step", "peak MB", "increase over step start MB", "full-vocab float32 saved by loss", "all full-vocab saved (dtypes)", "loss saved MB"],
+                  [[v["label"], _fmt(v["peak_mb"]), _fmt(v["increase_mb"]), str(v["loss_full_vocab_float32_saved"]),
+                    f"{v['loss_full_vocab_saved']} ({', '.join(v['loss_full_vocab_dtypes']) or '-'})", _fmt(v["loss_saved_mb"])]
+                   for v in mem["variants"].values()])
+
+    qual = report.get("quality")
+    if qual:
+        out += ["", f"## Quality at equal budget ({qual['steps']} steps x {qual['batch_size']} rows, {qual['train_rows']} train rows; "
+                f"{qual['eval_rows']} val rows, {qual['eval_positions']:,} positions; teacher val ppl {qual['teacher_val_ppl']:.2f})", ""]
+        out += _table(["student", "val ppl", "KL exact (full vocab)", "KL (cache estimator)", "top-1 agreement", "train tokens/s"],
+                      [[v["label"], _fmt(v["val_ppl"], "{:.2f}"), _fmt(v["kl_exact"], "{:.4f}"), _fmt(v["kl_cache"], "{:.4f}"),
+                        _fmt(v["top1_agreement"], "{:.1%}"), _fmt(v["train_tokens_per_s"])] for v in qual["variants"].values()])
+    return "\n".join(out) + "\n"

@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError, require
-from pipeline.fsutil import atomic_path, atomic_write_json, read_json, sha256_file
+from pipeline.fsutil import atomic_path, atomic_write_json, read_json, reserve_space, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -316,7 +316,9 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
 
     # Pass 2: copy part by part.
     max_distinct = 0
+    data_bytes = sum(int(np.prod(shapes[name])) * _FIXED_DTYPES.get(name, id_dtype).itemsize for name in SHARD_DATASETS[mode])
     with atomic_path(final_path) as tmp:
+        reserve_space(tmp, data_bytes + (64 << 10))  # data + HDF5 metadata (~8 KiB): a full disk fails here, cleanly
         with h5py.File(tmp, "w") as f:
             datasets = {name: _new_dataset(f, name, shapes[name], _FIXED_DTYPES.get(name, id_dtype))
                         for name in SHARD_DATASETS[mode]}

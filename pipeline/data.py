@@ -357,6 +357,8 @@ def prepare_data(config: DataConfig) -> dict:
     config.validate()
     out_dir = Path(config.out_dir)
     with folder_lock(out_dir, "a data run"):
+        for stale in out_dir.glob(".*.tmp"):  # temp files of a run killed mid-write (atomic_path)
+            stale.unlink()
         corpus = resolve_corpus(config)
         tokenizer = load_tokenizer(config.tokenizer)
         inputs = {

@@ -1,10 +1,14 @@
-"""Small file-system helpers: atomic writes, hashes and an owner-pid lock file."""
+"""Small file-system helpers: atomic writes, hashes, an owner-pid lock file, and disk-full errors
+turned into one OSError(errno, strerror, path) whatever library made the write."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import resource
 import socket
 import tempfile
 from pathlib import Path
@@ -25,6 +29,72 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# How libraries word a disk-full errno they do not raise as OSError: h5py "errno = 28", safetensors
+# (Rust) "os error 28", or the strerror text itself.
+_ERRNO_IN_TEXT = re.compile(r"(?:errno\s*=?\s*|os error\s*|\[Errno\s*)(\d+)", re.IGNORECASE)
+
+
+def disk_full_errno(exc: BaseException, probe: str | os.PathLike | None = None) -> int | None:
+    """ENOSPC / EFBIG / EDQUOT when `exc`, raised while writing, means the disk (or the file size
+    limit, or the quota) ran out, else None. Read from the OSError's errno or from the message; for
+    writers that fail without saying why (numpy.tofile: "N requested and M written", torch.save:
+    "unexpected pos"), from `probe`, the file or folder being written: no free space left under it, or
+    a file in it that reached the file size limit (RLIMIT_FSIZE)."""
+    if isinstance(exc, PipelineError):
+        return None
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return exc.errno
+    text = str(exc)
+    for match in _ERRNO_IN_TEXT.finditer(text):
+        if int(match.group(1)) in DISK_FULL_ERRNOS:
+            return int(match.group(1))
+    for code in DISK_FULL_ERRNOS:
+        if os.strerror(code) in text:
+            return code
+    if probe is None or not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    probe = Path(probe)
+    with contextlib.suppress(OSError):
+        stat = os.statvfs(probe if probe.is_dir() else probe.parent)
+        if stat.f_bavail * stat.f_frsize < 1 << 20:
+            return errno.ENOSPC
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        files = probe.rglob("*") if probe.is_dir() else [probe]
+        with contextlib.suppress(OSError):
+            if any(f.is_file() and f.stat().st_size >= limit for f in files):
+                return errno.EFBIG
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, probe: str | os.PathLike | None = None) -> Iterator[None]:
+    """Run a block that writes `path` (a file or a folder); if it runs out of space, re-raise as
+    OSError(ENOSPC | EFBIG | EDQUOT, strerror, path) -- the CLI prints that as one line naming path.
+    `probe` (default `path`): what was actually being written, e.g. a temp file. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        code = disk_full_errno(exc, probe if probe is not None else path)
+        if code is None or (isinstance(exc, OSError) and exc.errno == code and exc.filename):
+            raise  # not a disk-full error, or one that already names its file
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def reserve_space(path: str | os.PathLike, nbytes: int) -> None:
+    """Allocate `nbytes` for the file at `path` now, so that a full disk (or file size limit) is a plain
+    OSError before a writer starts that cannot survive one: HDF5 left with a failed write crashes the
+    interpreter when it exits. Filesystems that cannot preallocate are not checked."""
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, max(int(nbytes), 1))
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise
+        f.truncate(0)
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in the same folder; rename it onto final_path only if the block succeeds."""
@@ -34,10 +104,11 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, final_path)
+        with writing(final_path, probe=tmp_path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, final_path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

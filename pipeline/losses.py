@@ -269,6 +269,7 @@ class _Config:
     renormalize: bool
     temperature: float
     num_samples: int
+    chunk_size: int
 
     @property
     def tail(self) -> bool:
@@ -278,22 +279,113 @@ class _Config:
     def uses_lse_t(self) -> bool:
         return self.mode is not None and not (self.mode == "topk" and self.renormalize)
 
+    @property
+    def second_softmax(self) -> bool:
+        """The KD softmax at T != 1 is not the CE's: a second exp pass per chunk."""
+        return self.uses_lse_t and self.temperature != 1.0
+
+
+def _tiny_tail(dtype: torch.dtype) -> float:
+    """Student tail masses q_o below this (sqrt of the smallest normal float: 1e-19 in float32) are
+    summed again around their own maximum (_logsumexp_outside): summed around the row's maximum, their
+    terms would reach float's subnormal range, and 1 / q_o must stay far from overflow."""
+    return math.sqrt(torch.finfo(dtype).tiny)
+
+
+class _ChunkStats(NamedTuple):
+    """No-graph statistics of one chunk x [n,V]; all [n,1] except z_ids [n,K]; None where not asked."""
+    lse: torch.Tensor
+    x_label: torch.Tensor
+    lse_t: torch.Tensor | None
+    z_ids: torch.Tensor | None
+    lse_out: torch.Tensor | None  # 0 where empty (the stand-in of _logsumexp_outside)
+    empty: torch.Tensor | None    # bool: no vocabulary id lies outside the ids
+    redo: torch.Tensor | None     # bool: q_o < _tiny_tail, lse_out to be summed again
+
+
+def _chunk_stats(x: torch.Tensor, cfg: _Config, labels, ids) -> _ChunkStats:
+    """The statistics of x [n,V] (any float dtype), with one exp pass over [n,V] (two at T != 1).
+
+        e = exp(x - m), m = max_v x:       lse = m + log sum_v e
+        at T != 1, e = exp((x - m) / T):   lse_t = m / T + log sum_v e     (at T = 1, lse_t = lse)
+        e zeroed at the ids:               lse_out = m / T + log sum_v e
+
+    The tail sums its own terms, so it does not lose digits to 1 - sum_k q_k; it only loses them when
+    its terms fall far below the row's maximum, and those rows are flagged in `redo`. At most two
+    float32 [n,V] temporaries (one at T = 1); bf16 x is never copied to float32 as a whole.
+    """
+    dtype = _compute_dtype(x)
+    m = x.amax(dim=1, keepdim=True).to(dtype)  # exact in any dtype
+    m = torch.where(torch.isfinite(m), m, 0.0)  # as torch.logsumexp: an infinite max is no shift
+    d = torch.sub(x, m)  # compute dtype: m is
+    e = torch.exp(d) if cfg.second_softmax else d.exp_()
+    total = e.sum(dim=1, keepdim=True)
+    lse = total.log() + m
+    x_label = x.gather(1, labels[:, None]).to(dtype)
+    if ids is None:
+        return _ChunkStats(lse, x_label, None, None, None, None, None)
+    t = cfg.temperature
+    z_ids = x.gather(1, ids).to(dtype)
+    z_ids = z_ids if t == 1.0 else z_ids / t
+    if not cfg.uses_lse_t:
+        return _ChunkStats(lse, x_label, None, z_ids, None, None, None)
+    shift, lse_t = m, lse
+    if cfg.second_softmax:
+        shift = m / t
+        total = torch.exp(d.div_(t), out=e).sum(dim=1, keepdim=True)
+        lse_t = total.log() + shift
+    del d
+    if not cfg.tail:
+        return _ChunkStats(lse, x_label, lse_t, z_ids, None, None, None)
+    outside = e.scatter_(1, ids, 0.0).sum(dim=1, keepdim=True)
+    if ids.shape[1] >= x.shape[1]:  # K = V (or repeated ids): some rows may have no outside at all
+        empty = torch.zeros_like(x, dtype=torch.bool).scatter_(1, ids, True).all(dim=1, keepdim=True)
+    else:
+        empty = torch.zeros_like(lse, dtype=torch.bool)
+    redo = ~empty & (outside < _tiny_tail(dtype) * total)  # total >= 1: it holds exp(0)
+    outside = outside.clamp_min(torch.finfo(dtype).tiny)  # finite everywhere; exact where not redone
+    lse_out = torch.where(empty, 0.0, outside.log() + shift)
+    return _ChunkStats(lse, x_label, lse_t, z_ids, lse_out, empty, redo)
+
+
+def _kd_grads(cfg: _Config, mask, teacher, lse_t, z_ids, lse_out, empty):
+    """KD sum over the masked-in rows and its gradients w.r.t. (lse_t, z_ids, lse_out), by autograd on
+    the [N,1] / [N,K] statistics only."""
+    with torch.enable_grad():
+        leaves = [s.detach().requires_grad_(True) for s in (lse_t, z_ids, lse_out) if s is not None]
+        lse_t_, z_ids_ = (leaves[0], leaves[1]) if cfg.uses_lse_t else (None, leaves[0])
+        small = _Stats(None, None, lse_t_, z_ids_, leaves[2] if cfg.tail else None, empty)
+        if cfg.mode == "topk":
+            kd_rows = _topk_rows(small, *teacher[1:], cfg.kind, cfg.beta, cfg.renormalize)
+        else:
+            kd_rows = _sampled_rows(small, teacher[1], cfg.num_samples, teacher[2])
+        kd_sum = _masked_sum(kd_rows, mask)
+        grads = torch.autograd.grad(kd_sum, leaves, allow_unused=True)
+    grads = [torch.zeros_like(s) if g is None else g for s, g in zip(leaves, grads)]
+    d_lse_t, d_z_ids = (grads[0], grads[1]) if cfg.uses_lse_t else (None, grads[0])
+    return kd_sum.detach(), d_lse_t, d_z_ids, grads[2] if cfg.tail else None
+
 
 class _ChunkedLoss(torch.autograd.Function):
     """(sum of CE, sum of KD) over the masked-in rows, a chunk of rows at a time.
 
-    Forward: per chunk, the float32 [chunk,V] statistics pass runs without a graph; what the
-    divergence needs ([chunk,1] and [chunk,K] statistics) goes through autograd at once, and its
-    gradients with respect to those statistics are kept, [N] and [N,K] in all.
-    Backward: per chunk, the gradient with respect to the logits is assembled from them:
+    Forward: per chunk, _chunk_stats makes [chunk,1] and [chunk,K] statistics without a graph. Then,
+    for all rows at once, the divergence goes through autograd on those small tensors only, and its
+    gradients with respect to them are kept, [N] and [N,K] in all. Rows whose student tail is tiny
+    (see _tiny_tail) get lse_out summed again around their own maximum first (one host sync).
+    Backward: per chunk, the gradient with respect to the logits is assembled from them,
         d logsumexp(x) / dx      = softmax(x)
         d x_label / dx           = onehot(label)
         d logsumexp(x/T) / dx    = softmax(x/T) / T
         d z_ids / dx             = onehot(ids) / T
         d lse_out / dx           = softmax(x/T restricted to the outside of ids) / T
-    written into one [N,V] buffer. torch.utils.checkpoint would instead rerun the whole chunk and
-    materialise each slice's gradient at full [N,V] size before adding it up; this keeps a few
-    [chunk,V] temporaries and no second [N,V]. First-order gradients only.
+                                 = softmax(x/T) exp(lse_t - lse_out) / T outside the ids
+    so every term outside the ids is one softmax times a per-row coefficient: one exp pass per chunk
+    at T = 1 (the CE's softmax), two otherwise, written straight into the gradient buffer (float32
+    logits) or one float32 temporary. At the ids the exact values, recomputed from the [chunk,K]
+    gathered logits, are written over the pass's (which carry the tail factor that does not belong
+    there); rows redone in the forward get their tail term from exp(x/T - lse_out) directly.
+    First-order gradients only.
     """
 
     @staticmethod
@@ -301,73 +393,119 @@ class _ChunkedLoss(torch.autograd.Function):
         n, dtype, device = logits.shape[0], _compute_dtype(logits), logits.device
         ids = teacher[0] if cfg.mode is not None else None
         k = ids.shape[1] if ids is not None else 0
-        lse, lse_t, lse_out, d_lse_t, d_lse_out = (torch.zeros(n, 1, dtype=dtype, device=device) for _ in range(5))
-        d_z_ids = torch.zeros(n, k, dtype=dtype, device=device)
-        ce_sum, kd_sum = (torch.zeros((), dtype=dtype, device=device) for _ in range(2))
+        lse, x_label, lse_t, lse_out = (torch.zeros(n, 1, dtype=dtype, device=device) for _ in range(4))
+        z_ids = torch.zeros(n, k, dtype=dtype, device=device)
+        empty, redo = (torch.zeros(n, 1, dtype=torch.bool, device=device) for _ in range(2))
         for rows in chunks:
-            st = _student_stats(logits[rows].to(dtype), cfg.temperature, labels[rows],
-                                None if ids is None else ids[rows], cfg.tail)
-            lse[rows] = st.lse
-            ce_sum += _masked_sum((st.lse - st.x_label).squeeze(1), mask[rows])
-            if cfg.mode is None:
-                continue
-            with torch.enable_grad():  # small tensors only: [chunk,1] and [chunk,K]
-                leaves = [s.detach().requires_grad_(True) for s in (st.lse_t, st.z_ids, st.lse_out) if s is not None]
-                small = _Stats(None, None, leaves[0], leaves[1], leaves[2] if cfg.tail else None, st.empty)
-                part = [t[rows] for t in teacher[1:]]
-                if cfg.mode == "topk":
-                    kd_rows = _topk_rows(small, *part, cfg.kind, cfg.beta, cfg.renormalize)
-                else:
-                    kd_rows = _sampled_rows(small, part[0], cfg.num_samples, part[1])
-                kd_part = _masked_sum(kd_rows, mask[rows])
-                grads = torch.autograd.grad(kd_part, leaves, allow_unused=True)
-            kd_sum += kd_part.detach()
-            lse_t[rows], d_lse_t[rows] = st.lse_t, _or_zero(grads[0])
-            d_z_ids[rows] = _or_zero(grads[1])
+            st = _chunk_stats(logits[rows], cfg, labels[rows], None if ids is None else ids[rows])
+            lse[rows], x_label[rows] = st.lse, st.x_label
+            if ids is not None:
+                z_ids[rows] = st.z_ids
+            if st.lse_t is not None:
+                lse_t[rows] = st.lse_t
             if cfg.tail:
-                lse_out[rows], d_lse_out[rows] = st.lse_out, _or_zero(grads[2])
-        ctx.cfg, ctx.chunks = cfg, chunks
-        ctx.save_for_backward(logits, labels, mask, ids, lse, lse_t, lse_out, d_lse_t, d_z_ids, d_lse_out)
+                lse_out[rows], empty[rows], redo[rows] = st.lse_out, st.empty, st.redo
+        ce_sum = _masked_sum((lse - x_label).squeeze(1), mask)
+        kd_sum, d_lse_t, d_z_ids, d_lse_out = torch.zeros((), dtype=dtype, device=device), None, None, None
+        redo_rows = []
+        if cfg.mode is not None:
+            stats = (lse_t if cfg.uses_lse_t else None, z_ids, lse_out if cfg.tail else None, empty)
+            kd_sum, d_lse_t, d_z_ids, d_lse_out = _kd_grads(cfg, mask, teacher, *stats)
+            if cfg.tail:
+                redo &= mask[:, None]  # masked-out rows only need finite statistics
+                redo_rows = redo.squeeze(1).nonzero().squeeze(1).tolist()  # the host sync; almost always []
+            if redo_rows:
+                _redo_lse_out(logits, ids, cfg, redo_rows, lse_out)
+                kd_sum, d_lse_t, d_z_ids, d_lse_out = _kd_grads(cfg, mask, teacher, *stats)
+        ctx.cfg, ctx.chunks, ctx.redo_rows = cfg, chunks, redo_rows
+        ctx.save_for_backward(logits, labels, mask, ids, lse, lse_t, lse_out, empty | redo, d_lse_t, d_z_ids,
+                              d_lse_out)
         return ce_sum, kd_sum
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kd):
-        saved = ctx.saved_tensors
-        grad = torch.zeros_like(saved[0])  # rows of chunks with nothing masked in stay 0
+        logits, labels, mask, ids, lse, lse_t, lse_out, no_factor, d_lse_t, d_z_ids, d_lse_out = ctx.saved_tensors
+        cfg, n, dtype = ctx.cfg, logits.shape[0], _compute_dtype(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        done = 0
+        for rows in ctx.chunks:  # rows of chunks with nothing masked in get 0
+            grad[done:rows.start].zero_()
+            done = min(rows.stop, n)
+        grad[done:].zero_()
+        # Per-row coefficients of the softmax passes, [N,1]; see _chunk_grad.
+        scale = grad_kd / cfg.temperature  # dz/dx = 1/T
+        w_ce = grad_ce * mask[:, None].to(dtype)
+        c_kd = scale * d_lse_t if cfg.uses_lse_t else None
+        c_out = c_kd
+        if cfg.tail:
+            # exp(lse_t - lse_out) = 1 / q_o <= 1 / _tiny_tail except where no_factor (empty / redone)
+            cap = 1.0 - math.log(_tiny_tail(dtype))
+            factor = (lse_t - lse_out).clamp_max(cap).exp_()
+            c_out = c_kd + torch.where(no_factor, 0.0, scale * d_lse_out * factor)
+        c_z_ids = scale * d_z_ids if ids is not None else None
         for rows in ctx.chunks:
-            # One call per chunk: its [chunk,V] temporaries are freed before the next chunk's exist.
-            grad[rows] = _chunk_grad(ctx.cfg, grad_ce, grad_kd, *(None if t is None else t[rows] for t in saved))
+            def part(t):
+                return None if t is None else t[rows]
+            out = grad[rows] if logits.dtype == dtype else None
+            g = _chunk_grad(cfg, logits[rows], labels[rows], part(ids), lse[rows], part(lse_t), w_ce[rows],
+                            part(c_kd), part(c_out), part(c_z_ids), out)
+            local = [i - rows.start for i in ctx.redo_rows if rows.start <= i < rows.stop]
+            if local:  # their tail term, left out of c_out: exp(x/T - lse_out) directly
+                local = torch.tensor(local, dtype=torch.long, device=g.device)
+                term = _outside_term(logits[rows][local], ids[rows][local], lse_out[rows][local], cfg.temperature)
+                g.index_add_(0, local, term.mul_(scale * d_lse_out[rows][local]))
+            if out is None:
+                grad[rows] = g
         return (grad, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
-def _chunk_grad(cfg: _Config, grad_ce, grad_kd, logits, labels, mask, ids, lse, lse_t, lse_out,
-                d_lse_t, d_z_ids, d_lse_out) -> torch.Tensor:
-    """d(grad_ce * CE sum + grad_kd * KD sum) / d logits for one chunk, from the saved statistics."""
-    dtype = _compute_dtype(logits)
-    x = logits.to(dtype, copy=True)  # a private copy: it is scaled in place below
-    w_ce = grad_ce * mask[:, None].to(dtype)
-    # CE: w (softmax(x) - onehot(label)). At T = 1 the KD softmax term is the same softmax.
-    shared = cfg.temperature == 1.0 and cfg.uses_lse_t
-    g = torch.sub(x, lse).exp_().mul_(w_ce + grad_kd * d_lse_t if shared else w_ce)
-    g.scatter_add_(1, labels[:, None], -w_ce)
-    if cfg.mode is None:
-        return g
-    scale = grad_kd / cfg.temperature  # dz/dx = 1/T
-    z = x if cfg.temperature == 1.0 else x.div_(cfg.temperature)  # as in the forward, to the bit
-    if cfg.uses_lse_t and not shared:
-        g.add_(torch.sub(z, lse_t).exp_().mul_(scale * d_lse_t))
+def _chunk_grad(cfg: _Config, x, labels, ids, lse, lse_t, w_ce, c_kd, c_out, c_z_ids, out) -> torch.Tensor:
+    """d(grad_ce * CE sum + grad_kd * KD sum) / dx for one chunk x [n,V], into out (or a new tensor).
+
+    Every entry outside the ids: w_ce softmax(x) + c_out softmax(x/T), c_out holding the tail's
+    factor (one pass at T = 1, where both softmaxes are one). At the ids, written over it:
+    w_ce softmax(x) + c_kd softmax(x/T) + c_z_ids. Then -w_ce at the label.
+    """
+    dtype, t = _compute_dtype(x), cfg.temperature
+    if cfg.second_softmax:
+        g = torch.div(x, t, out=out) if x.dtype == dtype else x.to(dtype).div_(t)
+        g.sub_(lse_t).exp_().mul_(c_out)
+        g.addcmul_(torch.sub(x, lse).exp_(), w_ce)
+    else:
+        g = torch.sub(x, lse, out=out).exp_()
+        g.mul_(w_ce if c_out is None else w_ce + c_out)
     if cfg.tail:
-        # exp(z - lse_out) may overflow at the ids; they are zeroed before the product.
-        g.add_(torch.sub(z, lse_out).exp_().scatter_(1, ids, 0.0).mul_(scale * d_lse_out))
-    return g.scatter_add_(1, ids, scale * d_z_ids)
+        x_ids = x.gather(1, ids).to(dtype)
+        if cfg.second_softmax:
+            at_ids = torch.sub(x_ids, lse).exp_().mul_(w_ce)
+            at_ids.add_(torch.sub(x_ids / t, lse_t).exp_().mul_(c_kd))
+        else:
+            at_ids = torch.sub(x_ids, lse).exp_().mul_(w_ce + c_kd)
+        g.scatter_(1, ids, at_ids)
+    if ids is not None:
+        g.scatter_add_(1, ids, c_z_ids)
+    return g.scatter_add_(1, labels[:, None], -w_ce)
+
+
+def _outside_term(x, ids, lse_out, temperature: float) -> torch.Tensor:
+    """exp(x/T - lse_out) [n,V], 0 at the ids: softmax of x/T over the outside of the ids."""
+    z = x.to(_compute_dtype(x))
+    z = z if temperature == 1.0 else z.div_(temperature)
+    # May overflow at the ids; they are zeroed.
+    return z.sub_(lse_out).exp_().scatter_(1, ids, 0.0)
+
+
+def _redo_lse_out(logits, ids, cfg: _Config, rows: list, lse_out) -> None:
+    """lse_out at rows (a list of indices) summed around the outside's own maximum, in place."""
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    for block in index.split(cfg.chunk_size):
+        z = logits.index_select(0, block).to(_compute_dtype(logits))
+        z = z if cfg.temperature == 1.0 else z.div_(cfg.temperature)
+        lse_out[block] = _logsumexp_outside(z, ids[block])[0]
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, t.shape[-1])  # [..., K] -> [N,K]; explicit K so that N = 0 works
-
-
-def _or_zero(grad):
-    return 0.0 if grad is None else grad
 
 
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
@@ -415,7 +553,8 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
         else:
             raise ValueError(f"targets holds neither topk_ids nor sample_ids: {sorted(targets)}")
 
-    cfg = _Config(mode, kd_loss, float(jsd_beta), bool(topk_renormalize), float(temperature), num_samples)
+    cfg = _Config(mode, kd_loss, float(jsd_beta), bool(topk_renormalize), float(temperature), num_samples,
+                  chunk_size)
     n_chunks = -(-n // chunk_size)
     # One host sync for the whole batch, to skip chunks that are all padding.
     busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()

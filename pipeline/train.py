@@ -26,10 +26,10 @@ from pipeline.cache_format import CacheReader, check_compatible, manifest_attrs,
 from pipeline.config import StudentConfig, TrainConfig, raise_problems
 from pipeline.data import read_meta
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write_json, folder_lock, read_json
+from pipeline.fsutil import atomic_write_json, folder_lock, read_json, writing
 from pipeline.losses import distillation_loss, hard_ce
 from pipeline.student import build_student, count_parameters
-from pipeline.teacher import load_tokenizer
+from pipeline.teacher import load_tokenizer, teacher_identity
 
 STATE_DIR = "state"
 KEEP_STATES = 2
@@ -108,6 +108,9 @@ def check_cache(config: TrainConfig, meta: dict, vocab_size: int) -> dict:
         raise PipelineError(f"--kd-loss {config.kd_loss} needs a topk cache; the sampled cache only estimates forward KL")
     if int(attrs["vocab_size"]) != vocab_size:
         raise PipelineError(f"the cache's vocabulary ({attrs['vocab_size']}) differs from the teacher {config.teacher}'s ({vocab_size}); rebuild it: make cache-logits")
+    if attrs.get("teacher_hash") != teacher_identity(config.teacher)["teacher_hash"]:
+        raise PipelineError(f"the cache {config.cache_dir} was built by another teacher ({attrs.get('teacher_name')}) than --teacher {config.teacher}; "
+                            f"pass that teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})")
     return attrs
 
 
@@ -124,7 +127,8 @@ def _save_state(accelerator, out_dir: Path, step: int, tokens_seen: int) -> None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with writing(tmp):  # a full disk: one error line naming the folder; the older states stay intact
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens_seen": tokens_seen})
@@ -136,7 +140,7 @@ def _save_state(accelerator, out_dir: Path, step: int, tokens_seen: int) -> None
 
 
 def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -299,8 +303,9 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             final_model = accelerator.unwrap_model(model)
-            final_model.save_pretrained(out_dir, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
+            with writing(out_dir):  # run_config.json, written last, marks the folder finished
+                final_model.save_pretrained(out_dir, safe_serialization=True)
+                tokenizer.save_pretrained(out_dir)
             last = _read_metrics(out_dir / "metrics.jsonl")
             atomic_write_json(run_config_path, {"resolved": resolved, "parameters": count_parameters(final_model),
                                                 "final": last[-1] if last else {}})

@@ -476,3 +476,95 @@ def test_empty_batch():
     assert [t.item() for t in out] == [0.0, 0.0, 0.0]
     out.total.backward()
     assert x.grad.shape == (0, V)
+
+
+# ------------------------------------------------------------------------------ tiny student tails
+
+def _tiny_tail_setup(temperature, gap, dtype):
+    """_setup with the student's logits outside the ids `gap` below the row's best id on rows 0, 1
+    (masked out), 3 and 5, and 5x gap below on row 4: q_o ~ e^-gap / e^-5gap, past float's range
+    around the row maximum. Other rows are ordinary."""
+    s = _setup(n=8, k=5, temperature=temperature, seed=7, dtype=torch.float64)
+    student = s["student"].clone()
+    outside = torch.ones_like(student, dtype=torch.bool).scatter_(1, s["ids"], False)
+    top = student.gather(1, s["ids"]).amax(1, keepdim=True)
+    for row, g in ((0, gap), (1, gap), (3, gap), (5, gap), (4, 5 * gap)):
+        student[row] = torch.where(outside[row], top[row] - g + torch.rand(V, dtype=torch.float64), student[row])
+    s["student"] = student.to(dtype)
+    # The teacher keeps 20% outside the ids: forward KL then charges 0.2 log(0.2 / q_o), ~ 0.2 gap.
+    s["logprobs"] = (torch.log_softmax(s["logprobs"].double(), dim=1) + math.log(0.8)).to(dtype)
+    s["tail"] = torch.full_like(s["tail"], math.log(0.2))
+    return s
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_tiny_student_tail_float32_matches_float64(kind, temperature, monkeypatch):
+    # float32 q_o ~ 1e-26 (and 0 around the row max): the chunked loss sums those rows' tails again
+    # around their own maximum; value and gradient match the float64 autograd reference.
+    import pipeline.losses as losses
+    redone = []
+    real = losses._redo_lse_out
+    monkeypatch.setattr(losses, "_redo_lse_out", lambda *a: redone.append(list(a[3])) or real(*a))
+    s = _tiny_tail_setup(temperature, 60.0 * temperature, torch.float32)
+    targets = _targets(s, "topk")
+    x = s["student"].clone().requires_grad_(True)
+    out = distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature,
+                            kd_loss=kind, chunk_size=3)
+    (got,) = torch.autograd.grad(out.total, x)
+    assert redone == [[0, 3, 4, 5]]  # masked-in tiny tails only
+    y = s["student"].double().requires_grad_(True)
+    ref_kd = topk_divergence(y, s["ids"], s["logprobs"].double(), s["tail"].double(), s["mask"], temperature,
+                             kind=kind)
+    ref = 0.3 * hard_ce(y, s["labels"], s["mask"]) + 0.7 * temperature ** 2 * ref_kd
+    (want,) = torch.autograd.grad(ref, y)
+    if kind == "forward-kl":
+        assert ref_kd.item() > 5  # the tail term dominates: a tail off by a factor would show
+    torch.testing.assert_close(out.kd.double(), ref_kd, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert (got[~s["mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_gradcheck_tiny_student_tail(kind, temperature):
+    # float64 q_o ~ e^-400: past the 1e-154 threshold, the redone rows' backward against finite differences.
+    s = _tiny_tail_setup(temperature, 400.0 * temperature, torch.float64)
+    x = s["student"].detach().requires_grad_(True)
+    targets = _targets(s, "topk")
+    f = lambda x: distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature,
+                                    kd_loss=kind, chunk_size=3).total
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("mode,renormalize", [("topk", False), ("topk", True), ("sampled", False), (None, False)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_bf16_logits_equal_float32_of_the_same_values(mode, renormalize, temperature):
+    # bf16 logits are read as float32 without a float32 copy: same float32 math, so the same loss, and
+    # the gradient is the float32 one rounded to bf16.
+    s = _setup(n=12, temperature=temperature, dtype=torch.float32)
+    x16 = s["student"].to(torch.bfloat16).requires_grad_(True)
+    x32 = x16.detach().float().requires_grad_(True)
+    kw = dict(alpha=0.4, temperature=temperature, topk_renormalize=renormalize, chunk_size=5)
+    out16 = distillation_loss(x16, s["labels"], s["mask"], _targets(s, mode), **kw)
+    out32 = distillation_loss(x32, s["labels"], s["mask"], _targets(s, mode), **kw)
+    for u, w in zip(out16, out32):
+        torch.testing.assert_close(u, w, rtol=1e-6, atol=1e-7)
+    out16.total.backward()
+    out32.total.backward()
+    torch.testing.assert_close(x16.grad, x32.grad.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_chunked_kd_gradient_matches_autograd_float32(kind, temperature):
+    # The hand-built backward (one softmax pass carrying the tail factor, exact values written at the
+    # ids) against autograd through topk_divergence, in float32.
+    s = _setup(temperature=temperature, dtype=torch.float32)
+    x = s["student"].clone().requires_grad_(True)
+    out = distillation_loss(x, s["labels"], s["mask"], _targets(s, "topk"), 0.0, temperature, kd_loss=kind,
+                            chunk_size=3)
+    (got,) = torch.autograd.grad(out.kd, x)
+    y = s["student"].clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(_topk(dict(s, student=y), temperature, kind=kind), y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)

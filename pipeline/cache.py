@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -235,6 +236,7 @@ def build_cache(config: CacheConfig) -> dict:
         state.wait_for_everyone()
         model = load_teacher(config.teacher).to(state.device)
         runner = TeacherRunner(model, config, state.device)
+        started = time.perf_counter()
         entries = []
         for split in SPLITS:
             entry = _build_shard(runner, config, attrs, split, state)
@@ -252,8 +254,11 @@ def build_cache(config: CacheConfig) -> dict:
             shutil.rmtree(out_dir / ".parts", ignore_errors=True)
             manifest = cache_format.read_manifest(out_dir)
             splits = manifest["splits"]
-            print(f"cache: wrote {out_dir}: {splits['train']['rows']} train / {splits['val']['rows']} val rows, "
-                  f"{splits['train']['bytes_per_token']:.1f} bytes/token ({config.mode})")
+            tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+            elapsed = time.perf_counter() - started  # includes rows resumed from parts of an earlier run
+            print(f"cache: wrote {out_dir}: {splits['train']['rows']} train / {splits['val']['rows']} val rows, {tokens} tokens, "
+                  f"{splits['train']['bytes_per_token']:.1f} bytes/token ({config.mode}), {tokens / elapsed:.0f} tokens/s "
+                  f"over {state.num_processes} process(es)")
         state.wait_for_everyone()
     return cache_format.read_manifest(out_dir)
 
@@ -297,21 +302,21 @@ def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split:
     parts_dir.mkdir(parents=True, exist_ok=True)
     part_paths = [parts_dir / f"part-{p:06d}.npz" for p in range(first_part, last_part)]
 
-    progress = tqdm(total=row_end - row_start, desc=f"cache {split} [{state.process_index}]", unit="row",
-                    disable=not state.is_local_main_process)
+    progress = tqdm(total=(row_end - row_start) * config.seq_len, desc=f"cache {split} [{state.process_index}]", unit="tok",
+                    unit_scale=True, disable=not state.is_local_main_process)
     with ThreadPoolExecutor(max_workers=1) as writer:  # disk writes overlap the next teacher forward
         pending = []
         for part, path in zip(range(first_part, last_part), part_paths):
             start, end = part * config.rows_per_part, min(rows, (part + 1) * config.rows_per_part)
             if path.exists():
-                progress.update(end - start)
+                progress.update((end - start) * config.seq_len)
                 continue
             pieces = []
             for batch_start in range(start, end, config.batch_size):
                 indices = range(batch_start, min(end, batch_start + config.batch_size))
                 batch_rows = np.stack([row_tokens(tokens, i, config.seq_len) for i in indices])
                 pieces.append(runner.targets(batch_rows, [row_seed(config.seed, split, i) for i in indices]))
-                progress.update(len(indices))
+                progress.update(len(indices) * config.seq_len)
             pending.append(writer.submit(cache_format.write_part, path, concat_parts(pieces)))
         for future in pending:
             future.result()  # surfaces a disk-full error here, before the shard is assembled

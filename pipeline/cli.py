@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import sys
+import time
 import typing
 
 import click
@@ -69,8 +70,12 @@ def _fail(line: str, code: int) -> None:
 def run_stage(entry, *args, **kwargs):
     """Call a stage, turning a PipelineError into one line and exit code 2, and a full disk
     (OSError ENOSPC / EFBIG / EDQUOT, see fsutil.writing) into one line and exit code 1."""
+    start = time.perf_counter()
     try:
-        return entry(*args, **kwargs)
+        result = entry(*args, **kwargs)
+        # The stage's wall time, on stderr so that stdout stays the stage's own report.
+        click.echo(f"[{click.get_current_context().info_name}: {time.perf_counter() - start:.1f} s]", err=True)
+        return result
     except PipelineError as exc:
         _fail(f"error: {exc}", 2)
     except OSError as exc:

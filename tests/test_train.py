@@ -397,3 +397,25 @@ def test_out_of_range_options_exit_2_with_one_line(options, tmp_path, flags, mes
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_two_processes_match_one_process_with_the_global_batch(options, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU: each rank takes its interleaved half of every global batch
+    (disjoint rows), gradients are averaged, and the run is saved once. Two ranks of batch 2 must then
+    train like one process of batch 4 over the same rows (equal up to float reduction order)."""
+    one = tmp_path / "one"
+    invoke("distill", *options, "--out-dir", one, "--batch-size", 4, check=True)
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline"]
+    args = ["distill", *[str(a) for a in options], "--out-dir", str(two), "--batch-size", "2"]
+    result = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records_one, records_two = metrics(one), metrics(two)
+    assert [r["step"] for r in records_two] == [r["step"] for r in records_one]  # written once, by rank 0
+    assert records_two[-1]["tokens_seen"] == STEPS * 4 * SEQ_LEN  # 2 ranks x 2 rows per step
+    assert sorted(p.name for p in (two / "state").iterdir()) == sorted(p.name for p in (one / "state").iterdir())
+    a, b = weights(one), weights(two)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

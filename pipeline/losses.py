@@ -339,7 +339,7 @@ def _chunk_stats(x: torch.Tensor, cfg: _Config, labels, ids) -> _ChunkStats:
     if not cfg.tail:
         return _ChunkStats(lse, x_label, lse_t, z_ids, None, None, None)
     outside = e.scatter_(1, ids, 0.0).sum(dim=1, keepdim=True)
-    if ids.shape[1] >= x.shape[1]:  # K = V (or repeated ids): some rows may have no outside at all
+    if ids.shape[1] >= x.shape[1]:  # K >= V: rows whose ids cover the vocabulary have no outside
         empty = torch.zeros_like(x, dtype=torch.bool).scatter_(1, ids, True).all(dim=1, keepdim=True)
     else:
         empty = torch.zeros_like(lse, dtype=torch.bool)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, read_json
 from pipeline.generate import continue_prompts
 from pipeline.losses import hard_ce, sampled_divergence, topk_divergence
+from pipeline.machine import device_name
 from pipeline.student import count_parameters
 from pipeline.teacher import load_teacher, load_tokenizer, teacher_identity
 
@@ -134,12 +134,6 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str, ...] = ()) -> dict:

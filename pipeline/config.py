@@ -46,7 +46,7 @@ class DataConfig:
     downloads_dir: str = opt("data/downloads", "where downloaded archives are kept")
     text_column: str = opt("text", "for Hugging Face datasets")
     encoding: str = opt("utf-8", "text encoding of local corpus files (e.g. latin-1)")
-    shakespeare_subset: str = opt("hamlet-macbeth", "hamlet-macbeth (~85k tokens) | tragedies (~180k) | all (~1.5M)")
+    shakespeare_subset: str = opt("hamlet", "hamlet (~53k tokens) | hamlet-macbeth (~85k) | tragedies (~180k) | all (~1.5M)")
 
     def validate(self) -> None:
         problems = []

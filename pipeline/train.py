@@ -224,9 +224,14 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
         start_step, tokens_seen = 0, 0
         saved = out_dir / "resolved_config.json"
         latest = _latest_state(out_dir) if config.resume else None
-        if latest is not None:
-            if not saved.exists() or read_json(saved) != resolved:
+        if latest is not None and (not saved.exists() or read_json(saved) != resolved):
+            if not run_config_path.exists():  # an interrupted run of other settings: never overwrite its progress silently
                 raise PipelineError(f"the saved state in {out_dir} was made with other settings or inputs; delete {out_dir / STATE_DIR} to start over or pass the same options")
+            # The state belongs to a finished run whose options or inputs have since changed (e.g. STEPS=):
+            # nothing is lost by training anew, as `make` expects after a changed option.
+            accelerator.print(f"{run_kind}: options or inputs changed since the finished run in {out_dir}; training anew")
+            latest = None
+        if latest is not None:
             accelerator.load_state(str(latest))
             trainer_state = read_json(latest / "trainer_state.json")
             start_step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]

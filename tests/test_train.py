@@ -217,15 +217,25 @@ def test_final_folder_is_a_loadable_model_whose_val_loss_matches_the_metrics(ref
     assert run_config["final"] == metrics(reference_run)[-1]
 
 
-def test_rerun_is_up_to_date_and_a_changed_option_with_resume_names_the_state(reference_run, options):
+def test_rerun_is_up_to_date_and_a_changed_option_after_a_finished_run_retrains(reference_run, options, tmp_path):
     before = (reference_run / "model.safetensors").read_bytes(), (reference_run / "metrics.jsonl").read_text()
     again = invoke("distill", *options(), "--out-dir", reference_run, "--resume", "--num-workers", 1, check=True)
     assert "up to date" in again.stdout
-    changed = invoke("distill", *options(lr=0.01), "--out-dir", reference_run, "--resume")
-    assert str(reference_run / "state") in in_process_error(changed)
-    # Neither touched the finished run: it is still complete and up to date for its own options.
     assert ((reference_run / "model.safetensors").read_bytes(), (reference_run / "metrics.jsonl").read_text()) == before
-    assert (reference_run / "run_config.json").exists()
+    # What `make` does after STEPS= changes: --resume over a FINISHED run of other options trains anew.
+    copy = tmp_path / "copy"
+    shutil.copytree(reference_run, copy)
+    changed = invoke("distill", *options(lr=0.01), "--out-dir", copy, "--resume", check=True)
+    assert "training anew" in changed.stdout
+    assert [r["step"] for r in metrics(copy)] == list(range(1, STEPS + 1))
+    assert weights(copy).keys() == weights(reference_run).keys()
+    assert not torch.equal(weights(copy)["model.norm.weight"], weights(reference_run)["model.norm.weight"])
+
+
+def test_changed_option_with_resume_over_an_interrupted_run_is_refused(interrupted_run):
+    """An interrupted run's progress is never dropped silently: --resume with other options names its state."""
+    assert interrupted_run["changed_resume"].returncode == 2
+    assert str(interrupted_run["out"] / "state") in error_line(interrupted_run["changed_resume"])
 
 
 def test_changed_option_retrains_and_the_same_seed_twice_gives_identical_weights(reference_run, options, tmp_path):
@@ -269,6 +279,7 @@ def interrupted_run(tmp_path_factory, options) -> dict:
         first.kill()  # SIGKILL also ends a stopped process
         first.wait()
     facts["lock_left_by_kill"] = (out / ".lock").exists()
+    facts["changed_resume"] = run_cli("distill", *options(lr=0.01), "--out-dir", out, "--resume")
     facts["resumed"] = run_cli("distill", *options(), "--out-dir", out, "--resume")
     facts["out"] = out
     return facts

@@ -114,7 +114,7 @@ def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, nam
         try:
             block = reader.read(piece_chars)
         except UnicodeDecodeError as exc:
-            raise PipelineError(f"{name} is not {encoding} text ({exc.reason}); pass --encoding with the file's encoding (e.g. latin-1) or convert it to UTF-8") from exc
+            raise PipelineError(f"{name} is not {_encoding_label(encoding)} text ({exc.reason}); pass --encoding with the file's encoding (e.g. latin-1) or convert it to UTF-8") from exc
         if not block:
             break
         if "\x00" in block:
@@ -130,6 +130,11 @@ def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, nam
         yield carry
 
 
+def _encoding_label(encoding: str) -> str:
+    """'UTF-8' for any spelling of utf-8 (as people write it), else the codec name as given."""
+    return "UTF-8" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
 def _read_text_file(path: Path, encoding: str = "utf-8") -> str:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -140,7 +145,7 @@ def _read_text_file(path: Path, encoding: str = "utf-8") -> str:
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path} is not {encoding} text ({exc.reason} at byte {exc.start}); pass --encoding with the file's "
+        raise PipelineError(f"{path} is not {_encoding_label(encoding)} text ({exc.reason} at byte {exc.start}); pass --encoding with the file's "
                             f"encoding (e.g. latin-1) or convert it to UTF-8") from exc
     except LookupError as exc:
         raise PipelineError(f"unknown --encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1") from exc

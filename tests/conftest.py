@@ -87,3 +87,22 @@ def tiny_data(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     run_cli("data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1", check=True)
     return out
+
+
+def invoke_cli(*args, check: bool = False):
+    """The CLI in this process: no interpreter start and no imports, so a tiny run costs a fraction of a
+    subprocess (run_cli). Accelerate's process-wide training state is cleared afterwards, so the next
+    Accelerator starts fresh. Runs whose point is another process (resume, lock) use run_cli."""
+    from accelerate.state import AcceleratorState, GradientState
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    if check and result.exit_code != 0:
+        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output[-3000:]}") from result.exception
+    return result

@@ -12,29 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_tiny_teacher, run_cli
+from conftest import invoke_cli, make_tiny_teacher, run_cli
 
 from pipeline.batches import TokenRows
-from pipeline.cli import main
 
 SEQ_LEN, ROWS, TEMPERATURE = 32, 24, 2.0
 STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def invoke(*args, check: bool = False):
-    """The CLI in this process (no interpreter start); Accelerate's training state is cleared afterwards."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        result = CliRunner().invoke(main, [str(a) for a in args])
-    finally:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-    if check and result.exit_code != 0:
-        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output[-3000:]}") from result.exception
-    return result
+invoke = invoke_cli  # the in-process CLI (conftest)
 
 
 @pytest.fixture(scope="module")

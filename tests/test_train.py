@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import REPO, make_tiny_teacher, run_cli
+from conftest import invoke_cli, REPO, make_tiny_teacher, run_cli
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from pipeline.batches import CacheRows, StepBatches, TokenRows, collate_rows
 from pipeline.cache_format import CacheReader
-from pipeline.cli import main
 from pipeline.config import StudentConfig, TrainConfig
 from pipeline.data import read_meta
 from pipeline.errors import PipelineError
@@ -59,20 +57,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), f"{name}: max abs diff {(a[name] - b[name]).abs().max().item()}"
 
 
-def invoke(*args, check: bool = False):
-    """The CLI in this process: no interpreter start and no imports, so a tiny run costs a fraction of a
-    subprocess. Runs whose point is another process (resume, lock, cross-process determinism) use run_cli.
-    Accelerate's process-wide training state is cleared afterwards, so the next Accelerator starts fresh."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        result = CliRunner().invoke(main, [str(a) for a in args])
-    finally:
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
-    if check and result.exit_code != 0:
-        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output[-3000:]}") from result.exception
-    return result
+invoke = invoke_cli  # the in-process CLI (conftest)
 
 
 def in_process_error(result) -> str:

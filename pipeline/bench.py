@@ -1,9 +1,9 @@
 """`bench`: throughput, memory and quality of the pipeline's hot paths, measured in one process on the same batches.
 
 Sections (bench.json keys; bench.md and the terminal get the same tables):
-  stage1  teacher forward alone vs the cache-logits path (forward + log-softmax + sparse extraction + part
-          write, through cache.TeacherRunner / topk_targets / sampled_targets / cache_format.write_part) for
-          each mode; ratio of tokens/s (target >= 0.95); bytes/token of each mode vs dense fp16 logits (2 V);
+  stage1  teacher forward alone vs the cache-logits path (cache.TeacherRunner.targets: teacher body, output head
+          in chunks with the sparse extraction of sparse_targets.py; part write on a thread) for each mode;
+          ratio of tokens/s (target >= 0.95); bytes/token of each mode vs dense fp16 logits (2 V);
           on a GPU the forward's model FLOPs utilisation, (2 P + 4 n_layer d_attn L) tokens / time / peak.
   stage2  tokens/s of one training step (forward, loss, backward, clip, AdamW): (a) CE only, (b) KD from the
           topk cache, (c) KD from the sampled cache, (d) online KD: the teacher inside the step under
@@ -73,7 +73,7 @@ class BenchConfig:
     seq_len: int = opt(512, "tokens per row (the pipeline's default SEQ_LEN)")
     batch_size: str = opt("auto", f"rows per batch, or auto: {CPU_AUTO_BATCH} on CPU, {TOKENS_PER_GPU_BATCH} // seq_len on a GPU")
     batches: int = opt(2, "stage 1: teacher batches per timed pass (the bench cache holds batches x batch-size rows)")
-    repeats: int = opt(3, "stage 1: timed passes per variant (interleaved; the median is reported)")
+    repeats: int = opt(5, "stage 1: timed passes per variant (interleaved; the median is reported)")
     steps: int = opt(6, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
     k: int = opt(64, "topk mode: ids per position")
     num_samples: int = opt(50, "sampled mode: draws per position")
@@ -318,29 +318,25 @@ def _split_batches(config: BenchConfig, split: str, first_row: int, rows: int, b
 
 def _forward_pass(runner, batches) -> dict:
     """The plain teacher forward (logits only, same autocast and inference mode as the cache path)."""
-    import contextlib
-
     import torch
 
     device = runner.device
-    autocast = torch.autocast(device.type, dtype=runner.autocast_dtype) if runner.autocast_dtype else contextlib.nullcontext()
     start = time.perf_counter()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), runner._autocast():
         for _, rows in batches:
             ids = torch.from_numpy(rows[:, :-1]).to(device, non_blocking=True)
-            runner.model(input_ids=ids).logits
+            runner.model(input_ids=ids, use_cache=False).logits
     _sync(device)
     return {"seconds": time.perf_counter() - start}
 
 
 def _cache_pass(runner, batches, part_paths, split: str) -> dict:
-    """What cache-logits does per batch: logprobs (forward + float32 log-softmax), sparse targets of the
-    runner's mode, and the part write on a writer thread (overlapping the next forward, as in cache.py)."""
+    """What cache-logits does per batch: cache.TeacherRunner.targets (teacher body, then the output head
+    chunk by chunk with the sparse extraction) and the part write on a writer thread (overlapping the
+    next forward, as in cache.py). Phases: "body" and "head_extract" (synchronised laps of the runner)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
-
-    from pipeline.cache import row_seed, sampled_targets, topk_targets
+    from pipeline.cache import row_seed
     from pipeline.cache_format import write_part
 
     def timed_write(path, arrays):
@@ -348,29 +344,23 @@ def _cache_pass(runner, batches, part_paths, split: str) -> dict:
         write_part(path, arrays)
         return time.perf_counter() - began
 
-    config, device = runner.config, runner.device
-    phases = {"logprobs": 0.0, "extract": 0.0, "write": 0.0, "write_wait": 0.0}
+    config = runner.config
+    runner.phase_seconds = {"body": 0.0, "head_extract": 0.0}
+    phases = {"write": 0.0, "write_wait": 0.0}
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as writer, torch.inference_mode():
+    with ThreadPoolExecutor(max_workers=1) as writer:
         pending = []
         for (indices, rows), path in zip(batches, part_paths):
-            t0 = time.perf_counter()
-            logprobs = runner.logprobs(rows[:, :-1])
-            _sync(device)
-            t1 = time.perf_counter()
-            if config.mode == "topk":
-                sparse = topk_targets(logprobs, config.k)
-            else:
-                sparse = sampled_targets(logprobs, config.num_samples, [row_seed(config.seed, split, i) for i in indices])
-            del logprobs
-            phases["logprobs"] += t1 - t0
-            phases["extract"] += time.perf_counter() - t1
-            pending.append(writer.submit(timed_write, path, {"tokens": rows, **sparse}))
+            arrays = runner.targets(rows, [row_seed(config.seed, split, i) for i in indices])
+            pending.append(writer.submit(timed_write, path, arrays))
         t_wait = time.perf_counter()
         for future in pending:
             phases["write"] += future.result()
         phases["write_wait"] = time.perf_counter() - t_wait
-    return {"seconds": time.perf_counter() - start, **phases}
+    seconds = time.perf_counter() - start
+    phases.update(runner.phase_seconds)
+    runner.phase_seconds = None
+    return {"seconds": seconds, **phases}
 
 
 def _part_paths(work_dir: Path, mode: str, split: str, first_batch: int, count: int) -> list[Path]:
@@ -399,14 +389,15 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
 
     tokens = rows * config.seq_len
     section = {"rows": rows, "tokens_per_pass": tokens, "batch_size": batch_size, "batches": len(batches),
-               "repeats": config.repeats, "autocast": str(runners["topk"].autocast_dtype or "float32").replace("torch.", "")}
+               "repeats": config.repeats, "autocast": str(runners["topk"].autocast_dtype or "float32").replace("torch.", ""),
+               "fused_head": runners["topk"].fused_head}
     forward_s = _median([t["seconds"] for t in timings["forward"]])
     section["forward"] = {"tokens_per_s": tokens / forward_s, "median_s": forward_s,
                           "times_s": [t["seconds"] for t in timings["forward"]]}
     for mode in ("topk", "sampled"):
         seconds = _median([t["seconds"] for t in timings[mode]])
         per_batch = {f"{phase}_ms_per_batch": 1000 * _median([t[phase] for t in timings[mode]]) / len(batches)
-                     for phase in ("logprobs", "extract", "write", "write_wait")}
+                     for phase in ("body", "head_extract", "write", "write_wait")}
         section[mode] = {"tokens_per_s": tokens / seconds, "median_s": seconds, "times_s": [t["seconds"] for t in timings[mode]],
                          "ratio_to_forward": forward_s / seconds, "target_ratio": TARGET_CACHE_RATIO,
                          "meets_target": forward_s / seconds >= TARGET_CACHE_RATIO, **per_batch}
@@ -436,9 +427,7 @@ def stage1_mfu(section: dict, teacher, device, seq_len: int) -> dict | None:
 def extend_parts(config: BenchConfig, runners: dict, work_dir: Path, split: str, first_row: int, rows: int,
                  batch_size: int) -> None:
     """Untimed parts for more rows (quality runs): one teacher forward per batch feeds both modes."""
-    import torch
-
-    from pipeline.cache import row_seed, sampled_targets, topk_targets
+    from pipeline.cache import row_seed
     from pipeline.cache_format import write_part
 
     if rows <= 0:
@@ -446,13 +435,10 @@ def extend_parts(config: BenchConfig, runners: dict, work_dir: Path, split: str,
     batches = _split_batches(config, split, first_row, rows, batch_size)
     first_batch = first_row // batch_size
     paths = {mode: _part_paths(work_dir, mode, split, first_batch, len(batches)) for mode in runners}
-    with torch.inference_mode():
-        for b, (indices, tokens) in enumerate(batches):
-            logprobs = runners["topk"].logprobs(tokens[:, :-1])
-            sampled = sampled_targets(logprobs, config.num_samples, [row_seed(config.seed, split, i) for i in indices])
-            topk = topk_targets(logprobs, config.k)  # last: it overwrites logprobs
-            write_part(paths["sampled"][b], {"tokens": tokens, **sampled})
-            write_part(paths["topk"][b], {"tokens": tokens, **topk})
+    for b, (indices, tokens) in enumerate(batches):
+        targets = runners["topk"].targets_by_mode(tokens, [row_seed(config.seed, split, i) for i in indices], ("sampled", "topk"))
+        for mode, arrays in targets.items():
+            write_part(paths[mode][b], arrays)
 
 
 def assemble_bench_cache(config: BenchConfig, mode: str, batch_size: int, work_dir: Path, split_rows: dict, device) -> Path:
@@ -932,8 +918,8 @@ def render_markdown(report: dict) -> str:
                      f"{x['dense_over_cache']:.0f}x smaller than dense fp16 ({x['dense_fp16_bytes_per_token']:,} B)"])
     out += _table(["path", "tokens/s", "vs forward", "target", "bytes/token", "storage"], rows)
     out += ["", "Per batch, ms: forward alone " + _fmt(s1["forward"]["ms_per_batch"], "{:.1f}") + "; " + "; ".join(
-        f"{mode}: forward+log-softmax {_fmt(s1[mode]['logprobs_ms_per_batch'], '{:.1f}')}, extraction "
-        f"{_fmt(s1[mode]['extract_ms_per_batch'], '{:.1f}')}, part write {_fmt(s1[mode]['write_ms_per_batch'], '{:.1f}')} "
+        f"{mode}: teacher body {_fmt(s1[mode]['body_ms_per_batch'], '{:.1f}')}, output head + extraction "
+        f"{_fmt(s1[mode]['head_extract_ms_per_batch'], '{:.1f}')}, part write {_fmt(s1[mode]['write_ms_per_batch'], '{:.1f}')} "
         f"(on the writer thread; {_fmt(s1[mode]['write_wait_ms_per_batch'], '{:.1f}')} waited for at the end)"
         for mode in ("topk", "sampled")) + "."]
     if s1.get("mfu"):

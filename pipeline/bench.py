@@ -74,7 +74,7 @@ class BenchConfig:
     batch_size: str = opt("auto", f"rows per batch, or auto: {CPU_AUTO_BATCH} on CPU, {TOKENS_PER_GPU_BATCH} // seq_len on a GPU")
     batches: int = opt(2, "stage 1: teacher batches per timed pass (the bench cache holds batches x batch-size rows)")
     repeats: int = opt(5, "stage 1: timed passes per variant (interleaved; the median is reported)")
-    steps: int = opt(6, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
+    steps: int = opt(10, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
     k: int = opt(64, "topk mode: ids per position")
     num_samples: int = opt(50, "sampled mode: draws per position")
     temperature: float = opt(1.0, "teacher temperature of the caches and the KD losses")
@@ -170,7 +170,25 @@ def machine_info(device) -> dict:
         "accelerate": accelerate.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_busy_start": cpu_busy_fraction(),
     }
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """Share of all cores busy during `seconds` (Linux /proc/stat), measured before the bench starts working:
+    what other processes use now, unlike the load average, which still remembers a job that just ended."""
+    def sample():
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 def _rss_kb(field: str) -> int | None:
@@ -884,12 +902,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def busy_machine(machine: dict) -> bool:
-    """CPU runs only: did other processes hold more than half the cores at the start, or at the end (less this
-    run's own threads)? The 1-minute load average is all Linux offers; it lags, so this is a hint, not proof."""
-    if machine["gpu"] or not machine.get("load_average_start") or not machine.get("load_average_end"):
+    """CPU runs only: did other processes hold more than half the cores at the start (measured busy share over
+    one second, else the load average), or at the end (1-minute load average less this run's own threads)?
+    The load average lags, so the end check is a hint, not proof."""
+    if machine["gpu"]:
         return False
     half = 0.5 * (machine["cpu_cores"] or 1)
-    return machine["load_average_start"][0] > half or machine["load_average_end"][0] - machine["torch_threads"] > half
+    busy_start = machine.get("cpu_busy_start")
+    if busy_start is not None:
+        busy = busy_start > 0.5
+    else:
+        busy = bool(machine.get("load_average_start")) and machine["load_average_start"][0] > half
+    end = machine.get("load_average_end")
+    return busy or bool(end) and end[0] - machine["torch_threads"] > half
 
 
 def render_markdown(report: dict) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 import types
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from pipeline.bench import (BenchConfig, PeakMemory, SavedTensorCounter, busy_machine, dense_kd_loss, forward_flops,
+from pipeline.bench import (BenchConfig, PeakMemory, SavedTensorCounter, busy_machine, cpu_busy_fraction, dense_kd_loss, forward_flops,
                             peak_bf16_flops, resolve_batch_size)
 from pipeline.cache_format import CacheReader, verify_cache
 from pipeline.data import load_tokens
@@ -212,3 +214,23 @@ def test_busy_machine_flags_cpu_runs_that_shared_the_cores():
     assert busy_machine({**idle, "load_average_start": [3.0, 0, 0]})
     assert busy_machine({**idle, "load_average_end": [4.5, 0, 0]})
     assert not busy_machine({**idle, "gpu": "NVIDIA H200", "load_average_end": [9.0, 0, 0]})
+    # a job that just ended leaves a high load average but no busy cores: the measured share decides
+    assert not busy_machine({**idle, "load_average_start": [1.8, 0, 0], "cpu_busy_start": 0.03})
+    assert busy_machine({**idle, "load_average_start": [0.1, 0, 0], "cpu_busy_start": 0.97})
+
+
+def test_cpu_busy_fraction_sees_a_busy_core():
+    done = threading.Event()
+
+    def spin():
+        while not done.is_set():
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        busy = cpu_busy_fraction(0.5)
+    finally:
+        done.set()
+        worker.join()
+    assert busy is not None and busy >= 0.9 / os.cpu_count()  # one spinning thread holds one core

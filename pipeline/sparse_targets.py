@@ -1,9 +1,10 @@
 """Teacher logits -> the cache's sparse targets, one chunk of positions at a time.
 
 Both functions take `logits` [n, V] float32 already divided by the cache temperature (any per-row
-shift is fine: log-probs work as logits) and OVERWRITE it: the caller hands in a scratch buffer, so
-no [n, V] temporary is allocated. Each touches the chunk in few passes, which is what lets the cache
-stage run close to the speed of a plain teacher forward:
+shift is fine: log-probs work as logits) and OVERWRITE it: the caller hands in its own buffer, so
+top-k allocates no [n, V] temporary and sampling needs one scratch buffer of that size (passed in by
+cache.TeacherRunner, which keeps it). Each touches the chunk in few passes, which is what lets the
+cache stage run close to the speed of a plain teacher forward:
   - topk_with_tail: the K largest logits found inside the K blocks with the largest maxima (the top K
     always lie there), then one exp pass over everything else for the exact tail mass;
   - sampled_draws: one exp pass, block sums, and inverse-CDF sampling done in two levels (block, then

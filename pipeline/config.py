@@ -64,7 +64,7 @@ class CacheConfig:
     data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
     teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher model folder (make teacher) or hub id")
     out_dir: str = opt("cache/default", "folder for the HDF5 shards and manifest.json")
-    mode: str = opt("topk", "topk | sampled")
+    mode: str = opt("sampled", "sampled | topk (sampled: equal or better students at a 3.6x smaller cache in the bench; README)")
     k: int = opt(64, "topk: ids stored per position")
     num_samples: int = opt(50, "sampled: draws per position (with replacement)")
     temperature: float = opt(1.0, "the teacher distribution is computed at this temperature")

@@ -33,7 +33,7 @@ NUM_SAMPLES, SAMPLED_ROWS = 50, 6
 
 def cache_args(data_dir, teacher, out_dir, *extra) -> list:
     return ["cache-logits", "--data-dir", data_dir, "--teacher", teacher, "--out-dir", out_dir, "--seq-len", SEQ_LEN,
-            "--k", K, "--rows-per-part", ROWS_PER_PART, "--batch-size", BATCH, *extra]
+            "--mode", "topk", "--k", K, "--rows-per-part", ROWS_PER_PART, "--batch-size", BATCH, *extra]
 
 
 def cli_env() -> dict:
@@ -102,7 +102,7 @@ def count_teacher_rows(monkeypatch) -> list[int]:
 
 
 def config(data_dir, teacher, out_dir, **options) -> CacheConfig:
-    settings = dict(seq_len=SEQ_LEN, k=K, rows_per_part=ROWS_PER_PART, batch_size=BATCH)
+    settings = dict(mode="topk", seq_len=SEQ_LEN, k=K, rows_per_part=ROWS_PER_PART, batch_size=BATCH)
     settings.update(options)
     return CacheConfig(data_dir=str(data_dir), teacher=str(teacher), out_dir=str(out_dir), **settings)
 
@@ -261,7 +261,7 @@ def test_sampled_draws_reproduce_with_the_seed_and_change_with_another(tmp_path,
 def test_k_larger_than_the_vocabulary_exits_2(tmp_path, tiny_data, tiny_teacher):
     out = tmp_path / "bad-k"
     result = run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out,
-                     "--seq-len", SEQ_LEN, "--k", 1000)
+                     "--seq-len", SEQ_LEN, "--mode", "topk", "--k", 1000)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--k 1000 is larger than the vocabulary (384)" in errors[0], result.stderr[-2000:]

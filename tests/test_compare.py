@@ -30,7 +30,7 @@ def runs(tmp_path_factory, tiny_data, tiny_teacher) -> dict:
     root = tmp_path_factory.mktemp("compare")
     vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
     run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", root / "cache", "--seq-len", SEQ_LEN,
-            "--k", vocab, "--temperature", TEMPERATURE, "--max-rows", ROWS, "--dtype", "float32", check=True)  # float32 on GPUs too
+            "--mode", "topk", "--k", vocab, "--temperature", TEMPERATURE, "--max-rows", ROWS, "--dtype", "float32", check=True)  # float32 on GPUs too
     train = ["--data-dir", tiny_data, "--cache-dir", root / "cache", "--teacher", tiny_teacher, "--seq-len", SEQ_LEN,
              "--max-rows", ROWS, "--batch-size", 4, "--max-steps", 6, "--warmup-steps", 1, "--lr", 0.02, "--eval-every", 3,
              "--eval-rows", 8, "--save-every", 6, "--num-workers", 0, "--mixed-precision", "no", *STUDENT]

@@ -331,7 +331,7 @@ def test_vocabulary_over_65536_is_stored_as_uint32_through_data_and_cache(tmp_pa
     assert ids.max() >= 65_536 and (tmp_path / "big-data" / "train.bin").stat().st_size == 4 * meta["train_tokens"]
 
     build_cache(CacheConfig(data_dir=str(tmp_path / "big-data"), teacher=str(teacher), out_dir=str(tmp_path / "big-cache"),
-                            k=4, seq_len=16, max_rows=3, batch_size=3, rows_per_part=3))
+                            mode="topk", k=4, seq_len=16, max_rows=3, batch_size=3, rows_per_part=3))
     reader = CacheReader(tmp_path / "big-cache", "train", verify=True)
     assert reader.attrs["id_dtype"] == "uint32" and reader.vocab_size == 70_002
     for index in range(len(reader)):

@@ -32,7 +32,7 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
     assert token_counts == {"train": meta["train_tokens"], "val": meta["val_tokens"]}
     assert 0 < sum(token_counts.values()) <= 12000
 
-    run_cli("cache-logits", "--data-dir", data, "--teacher", tiny_teacher, "--out-dir", cache, "--seq-len", SEQ_LEN, "--k", 8, check=True)
+    run_cli("cache-logits", "--data-dir", data, "--teacher", tiny_teacher, "--out-dir", cache, "--seq-len", SEQ_LEN, "--mode", "topk", "--k", 8, check=True)
     assert names(cache) == {"manifest.json", "train-00000-of-00001.h5", "val-00000-of-00001.h5"}  # parts and locks cleaned up
     manifest = json.loads((cache / "manifest.json").read_text())
     assert {split: manifest["splits"][split]["rows"] for split in ("train", "val")} == \

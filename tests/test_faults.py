@@ -206,7 +206,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def cache_args(tiny_data, tiny_teacher):
     return lambda out, *extra: ["cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out,
-                                "--seq-len", SEQ_LEN, "--k", K, "--max-rows", ROWS, "--rows-per-part", ROWS_PER_PART,
+                                "--seq-len", SEQ_LEN, "--mode", "topk", "--k", K, "--max-rows", ROWS, "--rows-per-part", ROWS_PER_PART,
                                 "--batch-size", CACHE_BATCH, *extra]
 
 

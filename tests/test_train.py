@@ -78,7 +78,7 @@ def error_line(result) -> str:
 def topk_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
     out = tmp_path_factory.mktemp("train-cache") / "topk"
     run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out, "--seq-len", SEQ_LEN,
-            "--k", 16, check=True)
+            "--mode", "topk", "--k", 16, check=True)
     return out
 
 

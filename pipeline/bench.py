@@ -722,31 +722,11 @@ def run_memory(ctx: StepContext, students: dict, batches: dict, vocab: int) -> d
 # ---------------------------------------------------------------- quality at equal budget
 
 
-def dense_kl(teacher, students: dict, val_reader, count: int, batch_size: int, temperature: float, device) -> dict:
-    """Exact KL(teacher_T || student_T) over the full vocabulary, float32, mean over the first `count` val rows."""
-    import torch
-
-    from pipeline.batches import collate_rows
-
-    sums = {key: 0.0 for key in students}
-    positions = 0
-    with torch.no_grad():
-        for start in range(0, count, batch_size):
-            tokens = collate_rows([val_reader.row(i) for i in range(start, min(count, start + batch_size))])["tokens"].to(device)
-            log_p = torch.log_softmax(teacher(input_ids=tokens[:, :-1]).logits.float() / temperature, dim=-1)
-            p = log_p.exp()
-            for key, model in students.items():
-                log_q = torch.log_softmax(model(input_ids=tokens[:, :-1]).logits.float() / temperature, dim=-1)
-                sums[key] += float((p * (log_p - log_q)).sum())
-            positions += tokens[:, 1:].numel()
-    return {key: total / positions for key, total in sums.items()}
-
-
 def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentConfig, readers: dict, val_reader,
                 batch_size: int, vocab: int) -> dict:
     """Train one student per QUALITY_VARIANTS entry for quality_steps steps on the same rows and schedule; evaluate."""
     from pipeline.batches import TokenRows
-    from pipeline.compare import evaluate_model
+    from pipeline.compare import evaluate_model, exact_kl
 
     steps = config.quality_steps
     batches = step_batches(readers, batch_size, config.seed, steps)
@@ -772,7 +752,7 @@ def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentCo
         figures, _ = evaluate_model(model, rows, val_reader, count, batch_size, temperature, teacher_argmax, f"eval {key}")
         results[key].update({"val_ppl": figures["val_ppl"], "kl_cache": figures["kl_to_teacher"],
                              "top1_agreement": figures["top1_agreement"]})
-    for key, kl in dense_kl(ctx.teacher, trained, val_reader, count, batch_size, temperature, ctx.device).items():
+    for key, kl in exact_kl(ctx.teacher, trained, val_reader, count, batch_size, temperature, ctx.device).items():
         results[key]["kl_exact"] = kl
     return {"steps": steps, "batch_size": batch_size, "train_rows": min(len(r) for r in readers.values()),
             "eval_rows": count, "eval_positions": teacher_figures["positions"], "kl_cache_estimator": f"{val_reader.mode} val cache (compare.evaluate_model)",

@@ -72,11 +72,13 @@ def test_report_figures_match_an_independent_computation(runs, tiny_data, tiny_t
             student_logp = torch.log_softmax(logits[label] / TEMPERATURE, dim=-1)
             dense_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean().item()  # KL(teacher || model) at T
             assert figures["kl_to_teacher"] == pytest.approx(dense_kl, rel=1e-4, abs=1e-4), label  # cache log-probs are float16
+            assert figures["kl_exact"] == pytest.approx(dense_kl, rel=1e-5, abs=1e-6), label  # recomputed from the teacher
             unique = {id(p): p for p in model.parameters()}.values()
             assert figures["parameters"] == sum(p.numel() for p in unique)
             assert figures["size_bytes"] == sum(p.stat().st_size for p in Path(paths[label]).glob("*.safetensors"))
             assert figures["generate_tokens_per_s"] > 0 and figures["positions"] == count * SEQ_LEN
     assert report["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-4)
+    assert report["models"]["teacher"]["kl_exact"] == 0.0
     assert report["models"]["distilled"]["kl_to_teacher"] > 0.1  # a real difference, not a degenerate zero
     assert report["models"]["teacher"]["top1_agreement"] == 1.0
 
@@ -94,7 +96,7 @@ def test_report_files_and_samples(runs):
     assert report["runs"]["baseline"]["resolved"]["kind"] == "baseline"
     markdown = (out / "report.md").read_text()
     table = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 6
+    assert len(table) == 2 + 7
     for line in table:  # every row has the header's 4 cells: no stray | inside a cell (KL(teacher || model))
         assert len(re.split(r"(?<!\\)\|", line)) == 4 + 2, line
     assert f"{report['models']['distilled']['val_ppl']:.2f}" in markdown and "curves.png" in markdown

@@ -60,7 +60,7 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
     header = lines[next(i for i, line in enumerate(lines) if line.startswith("val perplexity")) - 1]
     assert header.split() == ["teacher", "distilled", "baseline"]  # the printed table
     for figures in content["models"].values():
-        assert all(math.isfinite(figures[key]) for key in ("val_ppl", "kl_to_teacher", "top1_agreement", "parameters"))
+        assert all(math.isfinite(figures[key]) for key in ("val_ppl", "kl_exact", "kl_to_teacher", "top1_agreement", "parameters"))
         assert figures["positions"] == content["eval"]["positions"] == manifest["splits"]["val"]["rows"] * SEQ_LEN
     assert content["models"]["distilled"]["parameters"] == content["models"]["baseline"]["parameters"] \
         < content["models"]["teacher"]["parameters"]

@@ -26,6 +26,7 @@ def test_make_compare_smoke_runs_the_real_pipeline_and_distillation_wins():
     assert models["teacher"]["parameters"] > 100_000_000  # the real embedded teacher, not a stand-in
     # Same rows, order and steps: the soft targets must make the student closer to the teacher and better on held-out text.
     assert models["distilled"]["kl_to_teacher"] < models["baseline"]["kl_to_teacher"]
+    assert models["distilled"]["kl_exact"] < models["baseline"]["kl_exact"]
     assert models["distilled"]["val_ppl"] < models["baseline"]["val_ppl"]
     assert models["teacher"]["val_ppl"] < models["distilled"]["val_ppl"]
     for name in ("report.md", "curves.png"):

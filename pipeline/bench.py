@@ -340,7 +340,7 @@ def _forward_pass(runner, batches) -> dict:
 
     device = runner.device
     start = time.perf_counter()
-    with torch.inference_mode(), runner._autocast():
+    with torch.inference_mode(), runner.autocast():
         for _, rows in batches:
             ids = torch.from_numpy(rows[:, :-1]).to(device, non_blocking=True)
             runner.model(input_ids=ids, use_cache=False).logits
@@ -725,8 +725,7 @@ def run_memory(ctx: StepContext, students: dict, batches: dict, vocab: int) -> d
 def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentConfig, readers: dict, val_reader,
                 batch_size: int, vocab: int) -> dict:
     """Train one student per QUALITY_VARIANTS entry for quality_steps steps on the same rows and schedule; evaluate."""
-    from pipeline.batches import TokenRows
-    from pipeline.compare import evaluate_model, exact_kl
+    from pipeline.compare import evaluate_models
 
     steps = config.quality_steps
     batches = step_batches(readers, batch_size, config.seed, steps)
@@ -745,18 +744,15 @@ def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentCo
         trained[key].eval()
         results[key] = {"label": spec[0], "train_tokens_per_s": steps * batches[0]["topk"]["tokens"][:, 1:].numel() / seconds}
     count = min(config.eval_rows, len(val_reader))
-    rows = TokenRows(config.data_dir, "val", config.seq_len)
     temperature = float(val_reader.attrs["temperature"])
-    teacher_figures, teacher_argmax = evaluate_model(ctx.teacher, rows, val_reader, count, batch_size, temperature, None, "eval teacher")
-    for key, model in trained.items():
-        figures, _ = evaluate_model(model, rows, val_reader, count, batch_size, temperature, teacher_argmax, f"eval {key}")
-        results[key].update({"val_ppl": figures["val_ppl"], "kl_cache": figures["kl_to_teacher"],
-                             "top1_agreement": figures["top1_agreement"]})
-    for key, kl in exact_kl(ctx.teacher, trained, val_reader, count, batch_size, temperature, ctx.device).items():
-        results[key]["kl_exact"] = kl
+    figures = evaluate_models(ctx.teacher, trained, val_reader, count, batch_size, temperature, "eval quality")
+    for key in trained:
+        results[key].update({"val_ppl": figures[key]["val_ppl"], "kl_cache": figures[key]["kl_to_teacher"],
+                             "kl_exact": figures[key]["kl_exact"], "top1_agreement": figures[key]["top1_agreement"]})
     return {"steps": steps, "batch_size": batch_size, "train_rows": min(len(r) for r in readers.values()),
-            "eval_rows": count, "eval_positions": teacher_figures["positions"], "kl_cache_estimator": f"{val_reader.mode} val cache (compare.evaluate_model)",
-            "teacher_val_ppl": teacher_figures["val_ppl"], "variants": results}
+            "eval_rows": count, "eval_positions": figures["teacher"]["positions"],
+            "kl_cache_estimator": f"{val_reader.mode} val cache (compare.evaluate_models)",
+            "teacher_val_ppl": figures["teacher"]["val_ppl"], "variants": results}
 
 
 # ---------------------------------------------------------------- the command

@@ -86,6 +86,7 @@ def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: in
 # fresh [1024, V] matmul, and 256-row extraction pieces keep the sampled mode's scratch small.
 HEAD_CHUNK = {"cpu": 1024, "cuda": 8192}
 EXTRACT_CHUNK = {"cpu": 256, "cuda": 8192}
+LOGITS, SCRATCH, MODE_COPY = 0, 1, 2  # TeacherRunner's kept buffers: head output, sampling scratch, a copy for a second mode
 
 
 def row_uniforms(row_seeds: list[int], seq_len: int, num_samples: int) -> torch.Tensor:
@@ -95,9 +96,9 @@ def row_uniforms(row_seeds: list[int], seq_len: int, num_samples: int) -> torch.
                       for seed in row_seeds])
 
 
-def distinct_counts(draws: torch.Tensor, shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """draws [positions, N] -> the ragged layout: distinct ids and their counts (flat, position by
-    position, ids ascending) and num_distinct reshaped to `shape` ([B, L])."""
+def sampled_arrays(draws: torch.Tensor, entropy: torch.Tensor, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    """draws [B * L, N] and entropy [B * L] -> the ragged layout of a sampled part: distinct ids and their
+    counts (flat, position by position, ids ascending), num_distinct [B, L] and teacher_entropy [B, L]."""
     draws = draws.cpu().sort(-1).values
     is_start = torch.ones_like(draws, dtype=torch.bool)  # runs of equal ids in each sorted row
     is_start[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -105,24 +106,23 @@ def distinct_counts(draws: torch.Tensor, shape: tuple[int, int]) -> dict[str, np
     flat_draws = draws.flatten()
     counts = torch.diff(flat_start, append=torch.tensor([flat_draws.numel()]))
     return {"sample_ids": flat_draws[flat_start].numpy(), "sample_counts": counts.numpy().astype(np.uint8),
-            "num_distinct": is_start.sum(-1).reshape(shape).numpy().astype(np.uint8)}
+            "num_distinct": is_start.sum(-1).reshape(batch, seq_len).numpy().astype(np.uint8),
+            "teacher_entropy": entropy.cpu().view(batch, seq_len).numpy()}
 
 
-def topk_targets(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """logits [B, L, V] float32 at the cache temperature (log-probs work too; overwritten) ->
-    topk_ids [B, L, K], topk_logprobs [B, L, K] and tail_logprob [B, L]: log of the mass outside the K ids."""
-    batch, seq_len, vocab = logits.shape
-    values, ids, tail = sparse_targets.topk_with_tail(logits.reshape(-1, vocab), k)
-    return {"topk_ids": ids.view(batch, seq_len, k).cpu().numpy(), "topk_logprobs": values.view(batch, seq_len, k).cpu().numpy(),
-            "tail_logprob": tail.view(batch, seq_len).cpu().numpy()}
+def topk_arrays(values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    """topk_with_tail's [B * L, ...] outputs -> the arrays of a topk part, shaped [B, L, K] and [B, L]."""
+    k = ids.shape[-1]
+    return {"topk_ids": ids.cpu().view(batch, seq_len, k).numpy(), "topk_logprobs": values.cpu().view(batch, seq_len, k).numpy(),
+            "tail_logprob": tail.cpu().view(batch, seq_len).numpy()}
 
 
 def sampled_targets(logits: torch.Tensor, num_samples: int, row_seeds: list[int]) -> dict[str, np.ndarray]:
-    """logits [B, L, V] (overwritten) -> num_samples draws per position with replacement from the
-    teacher, stored as distinct ids with counts, num_distinct [B, L] and teacher_entropy [B, L]."""
+    """logits [B, L, V] at the cache temperature (log-probs work too; overwritten) -> num_samples draws per
+    position with replacement from the teacher, as sampled_arrays lays them out."""
     batch, seq_len, vocab = logits.shape
     draws, entropy = sparse_targets.sampled_draws(logits.reshape(-1, vocab), row_uniforms(row_seeds, seq_len, num_samples))
-    return {**distinct_counts(draws, (batch, seq_len)), "teacher_entropy": entropy.view(batch, seq_len).cpu().numpy()}
+    return sampled_arrays(draws, entropy, batch, seq_len)
 
 
 class TeacherRunner:
@@ -155,7 +155,8 @@ class TeacherRunner:
             self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + now - self._lap_start
         self._lap_start = now
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context the teacher runs under (a no-op in float32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -182,7 +183,7 @@ class TeacherRunner:
         positions in order. Each chunk lives in a reused buffer: consume it before the next."""
         self._lap(None)
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             if self.fused_head is None:
                 self.fused_head = self._head_matches(ids)
             if self.fused_head:
@@ -196,13 +197,13 @@ class TeacherRunner:
             for start in range(0, states.shape[0], self.head_chunk):
                 piece = states[start : start + self.head_chunk]
                 if not self.fused_head:  # the model's own logits: float32 ones are ours to overwrite
-                    logits = piece if piece.dtype == torch.float32 else self._buffer(0, len(piece), vocab).copy_(piece)
+                    logits = piece if piece.dtype == torch.float32 else self._buffer(LOGITS, len(piece), vocab).copy_(piece)
                 elif self.autocast_dtype is None and piece.dtype == torch.float32 and head.weight.dtype == torch.float32:
-                    logits = torch.matmul(piece, head.weight.T, out=self._buffer(0, len(piece), vocab))
+                    logits = torch.matmul(piece, head.weight.T, out=self._buffer(LOGITS, len(piece), vocab))
                     if head.bias is not None:
                         logits.add_(head.bias)
                 else:
-                    logits = self._buffer(0, len(piece), vocab).copy_(head(piece))
+                    logits = self._buffer(LOGITS, len(piece), vocab).copy_(head(piece))
                 for offset in range(0, len(logits), self.extract_chunk):
                     part = logits[offset : offset + self.extract_chunk]
                     if self.config.temperature != 1.0:
@@ -217,26 +218,16 @@ class TeacherRunner:
         pieces = {mode: [] for mode in modes}
         for start, logits in self.logit_chunks(rows[:, :-1]):
             for i, mode in enumerate(modes):
-                chunk = logits if i == len(modes) - 1 else self._buffer(2, *logits.shape).copy_(logits)
+                chunk = logits if i == len(modes) - 1 else self._buffer(MODE_COPY, *logits.shape).copy_(logits)
                 if mode == "topk":
                     pieces[mode].append(sparse_targets.topk_with_tail(chunk, self.config.k))
                 else:
-                    scratch = self._buffer(1, *logits.shape)
+                    scratch = self._buffer(SCRATCH, *logits.shape)
                     pieces[mode].append(sparse_targets.sampled_draws(chunk, uniforms[start : start + len(chunk)], scratch))
         self._lap("head_extract")
-        out = {}
-        for mode, parts in pieces.items():
-            columns = [torch.cat(column).cpu() for column in zip(*parts)]
-            if mode == "topk":
-                values, ids, tail = columns
-                k = self.config.k
-                sparse = {"topk_ids": ids.view(batch, seq_len, k).numpy(), "topk_logprobs": values.view(batch, seq_len, k).numpy(),
-                          "tail_logprob": tail.view(batch, seq_len).numpy()}
-            else:
-                draws, entropy = columns
-                sparse = {**distinct_counts(draws, (batch, seq_len)), "teacher_entropy": entropy.view(batch, seq_len).numpy()}
-            out[mode] = {"tokens": rows, **sparse}
-        return out
+        pack = {"topk": topk_arrays, "sampled": sampled_arrays}
+        return {mode: {"tokens": rows, **pack[mode](*(torch.cat(column) for column in zip(*parts)), batch, seq_len)}
+                for mode, parts in pieces.items()}
 
     def targets(self, rows: np.ndarray, row_seeds: list[int]) -> dict[str, np.ndarray]:
         """rows [B, L+1] -> the part arrays of the configured mode for these rows (tokens included)."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.batches import TokenRows, collate_rows, loss_targets
+from pipeline.batches import collate_rows, loss_targets
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, raise_problems
 from pipeline.data import load_tokens, read_meta
@@ -60,60 +60,53 @@ def size_on_disk(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
+def _cache_kl(flat: torch.Tensor, targets: dict, mask: torch.Tensor, num_samples: int, temperature: float) -> torch.Tensor:
+    """KL(teacher || model) as the val cache estimates it: the estimator training uses."""
+    if "topk_ids" in targets:
+        return topk_divergence(flat, targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], mask, temperature)
+    return sampled_divergence(flat, targets["sample_ids"], targets["sample_counts"], num_samples, targets["teacher_entropy"], mask, temperature)
+
+
 @torch.no_grad()
-def evaluate_model(model, rows: TokenRows, val_cache: CacheReader, count: int, batch_size: int, temperature: float,
-                   teacher_argmax: np.ndarray | None, desc: str) -> tuple[dict, np.ndarray]:
-    """Perplexity, KL to the teacher (cache estimator) and agreement with the teacher's argmax over `count` rows.
-    Returns (figures, this model's argmax [count, L])."""
-    model.eval()
-    device = next(model.parameters()).device
+def evaluate_models(teacher, students: dict, val_cache: CacheReader, count: int, batch_size: int, temperature: float,
+                    desc: str = "eval") -> dict[str, dict]:
+    """{"teacher": figures, **{key: figures}} over the first `count` val rows, each model running once per batch.
+    Per model: val perplexity, KL(teacher_T || model_T) exact over the full vocabulary ("kl_exact") and as the
+    cache estimates it ("kl_to_teacher"), and top-1 agreement with the teacher's argmax. All models on one device."""
+    models = {"teacher": teacher, **students}
+    for model in models.values():
+        model.eval()
+    device = next(teacher.parameters()).device
     num_samples = int(val_cache.attrs.get("num_samples", 0))
-    ce_sum = kl_sum = 0.0
-    positions = agree = 0
-    argmax_rows = []
+    sums = {label: {"ce": 0.0, "kl_cache": 0.0, "kl_exact": 0.0, "agree": 0} for label in models}
+    positions = 0
     for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", leave=False):
-        indices = range(start, min(count, start + batch_size))
-        batch = collate_rows([val_cache.row(i) for i in indices])
+        batch = collate_rows([val_cache.row(i) for i in range(start, min(count, start + batch_size))])
         tokens = batch["tokens"].to(device)
-        logits = model(input_ids=tokens[:, :-1]).logits.float()
-        flat = logits.reshape(-1, logits.shape[-1])
         labels = tokens[:, 1:].reshape(-1)
         mask = torch.ones_like(labels, dtype=torch.bool)
         targets = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in loss_targets(batch, num_samples).items()}
-        if "topk_ids" in targets:
-            kl = topk_divergence(flat, targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], mask, temperature)
-        else:
-            kl = sampled_divergence(flat, targets["sample_ids"], targets["sample_counts"], num_samples, targets["teacher_entropy"], mask, temperature)
         n = labels.numel()
-        ce_sum += hard_ce(flat, labels, mask).item() * n
-        kl_sum += kl.item() * n
+        teacher_logp = teacher_p = teacher_argmax = None
+        for label, model in models.items():  # the teacher first: its distribution is every student's reference
+            flat = model(input_ids=tokens[:, :-1]).logits.float().reshape(n, -1)
+            log_q = torch.log_softmax(flat / temperature, dim=-1)
+            argmax = flat.argmax(-1)
+            if teacher_logp is None:
+                teacher_logp, teacher_p, teacher_argmax = log_q, log_q.exp(), argmax
+            figures = sums[label]
+            figures["ce"] += hard_ce(flat, labels, mask).item() * n
+            figures["kl_cache"] += _cache_kl(flat, targets, mask, num_samples, temperature).item() * n
+            figures["kl_exact"] += float((teacher_p * (teacher_logp - log_q)).sum())
+            figures["agree"] += int((argmax == teacher_argmax).sum())
         positions += n
-        argmax = logits.argmax(-1).cpu().numpy()
-        argmax_rows.append(argmax)
-        if teacher_argmax is not None:
-            agree += int((argmax == teacher_argmax[start : start + len(indices)]).sum())
-    argmax_all = np.concatenate(argmax_rows)
-    ce = ce_sum / positions
-    figures = {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "kl_to_teacher": kl_sum / positions,
-               "top1_agreement": agree / positions if teacher_argmax is not None else 1.0, "positions": positions}
-    return figures, argmax_all
-
-
-@torch.no_grad()
-def exact_kl(teacher, students: dict, val_cache: CacheReader, count: int, batch_size: int, temperature: float, device) -> dict:
-    """{key: exact KL(teacher_T || student_T)} over the full vocabulary, float32, mean over the positions of the
-    first `count` val rows. The teacher runs once per batch for all students."""
-    sums = {key: 0.0 for key in students}
-    positions = 0
-    for start in tqdm(range(0, count, batch_size), desc="exact KL", unit="batch", leave=False):
-        tokens = collate_rows([val_cache.row(i) for i in range(start, min(count, start + batch_size))])["tokens"].to(device)
-        log_p = torch.log_softmax(teacher(input_ids=tokens[:, :-1]).logits.float() / temperature, dim=-1)
-        p = log_p.exp()
-        for key, model in students.items():
-            log_q = torch.log_softmax(model(input_ids=tokens[:, :-1]).logits.float() / temperature, dim=-1)
-            sums[key] += float((p * (log_p - log_q)).sum())
-        positions += tokens[:, 1:].numel()
-    return {key: total / positions for key, total in sums.items()}
+    results = {}
+    for label, figures in sums.items():
+        ce = figures["ce"] / positions
+        results[label] = {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "kl_exact": figures["kl_exact"] / positions,
+                          "kl_to_teacher": figures["kl_cache"] / positions, "top1_agreement": figures["agree"] / positions,
+                          "positions": positions}
+    return results
 
 
 def val_prompts(data_dir: str, tokenizer, count: int, prompt_tokens: int) -> list[str]:
@@ -170,27 +163,21 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         raise PipelineError(f"the cache {config.cache_dir} was built by another teacher than {config.teacher}; "
                             f"pass the cache's teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})")
     temperature = float(val_cache.attrs["temperature"])
-    rows = TokenRows(config.data_dir, "val", seq_len)
     count = len(val_cache) if config.eval_rows == 0 else min(config.eval_rows, len(val_cache))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(config.teacher)
     prompts = val_prompts(config.data_dir, tokenizer, config.num_prompts, config.prompt_tokens) + list(user_prompts)
     models = {"teacher": config.teacher, "distilled": config.distilled, "baseline": config.baseline}
-    results, samples, loaded, teacher_argmax = {}, {}, {}, None
-    for label, model_dir in models.items():
-        model = loaded[label] = load_teacher(model_dir).to(device)
-        figures, argmax = evaluate_model(model, rows, val_cache, count, config.batch_size, temperature, teacher_argmax, f"eval {label}")
-        if label == "teacher":
-            teacher_argmax = argmax
-        texts, speed = continue_prompts(model, tokenizer, prompts, sample, device)
-        figures.update({"parameters": count_parameters(model), "size_bytes": size_on_disk(model_dir), "generate_tokens_per_s": speed,
-                        "path": str(model_dir)})
-        results[label], samples[label] = figures, texts
+    loaded = {label: load_teacher(model_dir).to(device) for label, model_dir in models.items()}
     teacher = loaded.pop("teacher")
-    results["teacher"]["kl_exact"] = 0.0
-    for label, kl in exact_kl(teacher, loaded, val_cache, count, config.batch_size, temperature, device).items():
-        results[label]["kl_exact"] = kl
+    results = evaluate_models(teacher, loaded, val_cache, count, config.batch_size, temperature)
+    samples = {}
+    for label, model in {"teacher": teacher, **loaded}.items():
+        texts, speed = continue_prompts(model, tokenizer, prompts, sample, device)
+        results[label].update({"parameters": count_parameters(model), "size_bytes": size_on_disk(models[label]),
+                               "generate_tokens_per_s": speed, "path": str(models[label])})
+        samples[label] = texts
     del teacher, loaded
 
     plot_curves({"distilled": Path(config.distilled), "baseline": Path(config.baseline)}, out_dir / "curves.png")

@@ -2,6 +2,7 @@
 The Wind in the Willows, written to a temp folder, and helpers to run the real CLI."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,19 @@ def willows_text() -> str:
     if not WILLOWS.exists():
         raise FileNotFoundError(f"{WILLOWS} is missing: the tests read The Wind in the Willows from ../shared/data")
     return WILLOWS.read_text(encoding="utf-8")
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """In-process runs use one thread like the CLI subprocesses (OMP_NUM_THREADS=1), so their bytes compare."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_tokenizer(text: str, vocab_size: int = 384):

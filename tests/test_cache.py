@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_teacher, make_tokenizer, run_cli, willows_text
+from conftest import REPO, make_tiny_teacher, make_tokenizer, one_torch_thread, run_cli, willows_text
 from pipeline import cache_format
 from pipeline.cache import TeacherRunner, _build_shard, build_cache, common_attrs, row_seed, sampled_targets, shard_block
 from pipeline.cache_format import FORMAT_VERSION, CacheReader, read_manifest, read_shard_attrs, verify_cache
@@ -44,11 +44,8 @@ def cli_env() -> dict:
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """In-process runs use one thread like the CLI runs (OMP_NUM_THREADS=1), so their bytes compare."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +60,8 @@ def topk_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
 def sampled_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
     """The sampled mode, in-process (the CLI path is the same build_cache; topk_cache runs it as a subprocess)."""
     out = tmp_path_factory.mktemp("cache") / "sampled"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         build_cache(config(tiny_data, tiny_teacher, out, mode="sampled", num_samples=NUM_SAMPLES, max_rows=SAMPLED_ROWS, seed=0))
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

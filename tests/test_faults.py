@@ -39,7 +39,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import REPO, make_tiny_teacher, make_tokenizer, willows_text
+from conftest import REPO, make_tiny_teacher, make_tokenizer, one_torch_thread, willows_text
 from pipeline.cache_format import CacheReader, read_manifest
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -196,11 +196,8 @@ def steps(run_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """In-process runs use one thread like the subprocesses (OMP_NUM_THREADS=1), so their bytes compare."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_D
 TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --seq-len $(SEQ_LEN) --max-steps $(STEPS) \
                  --batch-size $(BATCH) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)
 
-.PHONY: help install teacher data cache-logits distill baseline compare test bench clean finetune-teacher export
+.PHONY: help install teacher data cache-logits distill baseline compare test lint bench clean finetune-teacher export
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -129,6 +129,10 @@ $(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call stamp,
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed  ## check formatting and lint rules (ruff; settings in pyproject.toml)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 bench: $(TEACHER_DEP) $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
 	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(BENCH_ARGS)

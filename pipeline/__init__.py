@@ -2,4 +2,5 @@
 
 Stages (one module each): data -> teacher -> cache -> train -> compare.
 """
+
 __version__ = "0.1.0"

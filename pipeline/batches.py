@@ -1,9 +1,10 @@
 """Training batches: rows from the cache's memory maps (distill) or from the token files (baseline),
 in a deterministic order that depends only on the seed and the step, so that distill and baseline see
 the same sequences in the same order and a resumed run continues exactly where it stopped."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -55,8 +56,17 @@ class StepBatches(Sampler):
     step s consumes the next batch_size * grad_accum * world_size indices, and this process takes its
     interleaved share. Nothing depends on anything but (seed, step), so resume is exact."""
 
-    def __init__(self, num_rows: int, batch_size: int, grad_accum: int, seed: int, start_step: int, max_steps: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        start_step: int,
+        max_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.num_rows, self.batch_size, self.grad_accum = num_rows, batch_size, grad_accum
         self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
         self.rank, self.world_size = rank, world_size
@@ -65,7 +75,9 @@ class StepBatches(Sampler):
         out, position = [], start
         while count > 0:
             epoch, offset = divmod(position, self.num_rows)
-            order = np.random.default_rng((self.seed, epoch)).permutation(self.num_rows)  # not seed + epoch: seed 1 would replay seed 0's epoch 1
+            order = np.random.default_rng((self.seed, epoch)).permutation(
+                self.num_rows
+            )  # not seed + epoch: seed 1 would replay seed 0's epoch 1
             take = order[offset : offset + count]
             out.append(take)
             position += len(take)
@@ -92,10 +104,17 @@ def loss_targets(batch: dict[str, torch.Tensor], num_samples: int) -> dict | Non
     """The teacher targets of a batch flattened to [B*L, ...], or None for a batch without them (baseline)."""
     if "topk_ids" in batch:
         k = batch["topk_ids"].shape[-1]
-        return {"topk_ids": batch["topk_ids"].reshape(-1, k), "topk_logprobs": batch["topk_logprobs"].reshape(-1, k),
-                "tail_logprob": batch["tail_logprob"].reshape(-1)}
+        return {
+            "topk_ids": batch["topk_ids"].reshape(-1, k),
+            "topk_logprobs": batch["topk_logprobs"].reshape(-1, k),
+            "tail_logprob": batch["tail_logprob"].reshape(-1),
+        }
     if "sample_ids" in batch:
         s = batch["sample_ids"].shape[-1]
-        return {"sample_ids": batch["sample_ids"].reshape(-1, s), "sample_counts": batch["sample_counts"].reshape(-1, s),
-                "teacher_entropy": batch["teacher_entropy"].reshape(-1), "num_samples": num_samples}
+        return {
+            "sample_ids": batch["sample_ids"].reshape(-1, s),
+            "sample_counts": batch["sample_counts"].reshape(-1, s),
+            "teacher_entropy": batch["teacher_entropy"].reshape(-1),
+            "num_samples": num_samples,
+        }
     return None

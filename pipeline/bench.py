@@ -19,6 +19,7 @@ The stage 1 passes write real parts; they are assembled into small topk and samp
 `out_dir/cache-topk` and `out_dir/cache-sampled`, which stages 2-3 read (or --topk-cache / --sampled-cache).
 Heavy imports are local so that `python -m pipeline --help` stays fast.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,20 +34,26 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from pipeline.config import DEFAULT_TEACHER_DIR, StudentConfig, opt, raise_problems
 from pipeline.errors import PipelineError
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("L4", 121e12),
 )
 TOKENS_PER_GPU_BATCH = 32768  # --batch-size auto on a GPU: rows = this // seq_len
 CPU_AUTO_BATCH = 2
 TARGET_CACHE_RATIO = 0.95  # cache-logits tokens/s over plain forward tokens/s
-TARGET_STEP_RATIO = 1.05   # offline KD step time over CE step time
+TARGET_STEP_RATIO = 1.05  # offline KD step time over CE step time
 
 STEP_VARIANTS = {  # key: (label, cache mode read, topk renormalised, teacher inside the step)
     "ce": ("(a) CE only", None, False, False),
@@ -71,7 +78,9 @@ class BenchConfig:
     teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder (make teacher)")
     out_dir: str = opt("checkpoints/bench", "where bench.json, bench.md and the bench caches go")
     seq_len: int = opt(512, "tokens per row (the pipeline's default SEQ_LEN)")
-    batch_size: str = opt("auto", f"rows per batch, or auto: {CPU_AUTO_BATCH} on CPU, {TOKENS_PER_GPU_BATCH} // seq_len on a GPU")
+    batch_size: str = opt(
+        "auto", f"rows per batch, or auto: {CPU_AUTO_BATCH} on CPU, {TOKENS_PER_GPU_BATCH} // seq_len on a GPU"
+    )
     batches: int = opt(2, "stage 1: teacher batches per timed pass (the bench cache holds batches x batch-size rows)")
     repeats: int = opt(5, "stage 1: timed passes per variant (interleaved; the median is reported)")
     steps: int = opt(10, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
@@ -84,9 +93,15 @@ class BenchConfig:
     mixed_precision: str = opt("auto", "auto (bf16 if supported) | bf16 | fp16 | no, as in training")
     num_workers: int = opt(1, "data path: DataLoader workers")
     data_batches: int = opt(64, "data path: batches read per measurement")
-    topk_cache: Optional[str] = opt(None, "read stages 2-3 (and quality) from this existing topk cache instead of the bench's")
-    sampled_cache: Optional[str] = opt(None, "read stages 2-3 (and quality) from this existing sampled cache instead of the bench's")
-    quality: bool = opt(False, "also train one student per loss for --quality-steps and compare val perplexity and KL (slow)")
+    topk_cache: str | None = opt(
+        None, "read stages 2-3 (and quality) from this existing topk cache instead of the bench's"
+    )
+    sampled_cache: str | None = opt(
+        None, "read stages 2-3 (and quality) from this existing sampled cache instead of the bench's"
+    )
+    quality: bool = opt(
+        False, "also train one student per loss for --quality-steps and compare val perplexity and KL (slow)"
+    )
     quality_steps: int = opt(100, "quality: optimizer steps per student")
     quality_rows: int = opt(64, "quality: train rows in the bench caches")
     eval_rows: int = opt(16, "quality: val rows evaluated")
@@ -96,8 +111,18 @@ class BenchConfig:
         problems = []
         if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size) > 0):
             problems.append(f"--batch-size must be auto or a positive integer, got {self.batch_size!r}")
-        for name in ("seq_len", "batches", "repeats", "steps", "k", "loss_chunk", "data_batches",
-                     "quality_steps", "quality_rows", "eval_rows"):
+        for name in (
+            "seq_len",
+            "batches",
+            "repeats",
+            "steps",
+            "k",
+            "loss_chunk",
+            "data_batches",
+            "quality_steps",
+            "quality_rows",
+            "eval_rows",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 < self.num_samples <= 255:
@@ -164,10 +189,16 @@ def machine_info(device) -> dict:
     from pipeline.machine import cpu_model
 
     return {
-        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_busy_start": cpu_busy_fraction(),
@@ -177,6 +208,7 @@ def machine_info(device) -> dict:
 def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
     """Share of all cores busy during `seconds` (Linux /proc/stat), measured before the bench starts working:
     what other processes use now, unlike the load average, which still remembers a job that just ended."""
+
     def sample():
         with open("/proc/stat") as stat:
             fields = [int(x) for x in stat.readline().split()[1:]]
@@ -262,8 +294,11 @@ class PeakMemory:
             self._stop.set()
             self._sampler.join()
             peak = self._peak
-        self.result = {"peak_mb": peak / 2**20, "before_mb": self.before / 2**20,
-                       "increase_mb": max(0, peak - self.before) / 2**20}
+        self.result = {
+            "peak_mb": peak / 2**20,
+            "before_mb": self.before / 2**20,
+            "increase_mb": max(0, peak - self.before) / 2**20,
+        }
         return False
 
 
@@ -289,8 +324,12 @@ class SavedTensorCounter:
 
     def summary(self) -> dict:
         dtypes = sorted(self.big.values())
-        return {"full_vocab_saved": len(dtypes), "full_vocab_float32_saved": dtypes.count("float32"),
-                "full_vocab_dtypes": dtypes, "saved_mb": sum(self.storages.values()) / 2**20}
+        return {
+            "full_vocab_saved": len(dtypes),
+            "full_vocab_float32_saved": dtypes.count("float32"),
+            "full_vocab_dtypes": dtypes,
+            "saved_mb": sum(self.storages.values()) / 2**20,
+        }
 
 
 def dense_kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
@@ -303,9 +342,13 @@ def dense_kd_loss(student_logits, teacher_logits, labels, alpha: float, temperat
 
     student = student_logits.float()
     ce = F.cross_entropy(student, labels)
-    kd = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher_logits.float() / temperature, dim=-1),
-                  log_target=True, reduction="batchmean")
-    return LossParts(total=alpha * ce + (1 - alpha) * temperature ** 2 * kd, ce=ce, kd=kd)
+    kd = F.kl_div(
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return LossParts(total=alpha * ce + (1 - alpha) * temperature**2 * kd, ce=ce, kd=kd)
 
 
 # ---------------------------------------------------------------- stage 1: teacher forward vs cache-logits
@@ -314,9 +357,20 @@ def dense_kd_loss(student_logits, teacher_logits, labels, alpha: float, temperat
 def _cache_config(config: BenchConfig, mode: str, batch_size: int, rows: int, out_dir: Path):
     from pipeline.config import CacheConfig
 
-    return CacheConfig(data_dir=config.data_dir, teacher=config.teacher, out_dir=str(out_dir), mode=mode, k=config.k,
-                       num_samples=config.num_samples, temperature=config.temperature, seq_len=config.seq_len,
-                       batch_size=batch_size, rows_per_part=batch_size, max_rows=rows, seed=config.seed)
+    return CacheConfig(
+        data_dir=config.data_dir,
+        teacher=config.teacher,
+        out_dir=str(out_dir),
+        mode=mode,
+        k=config.k,
+        num_samples=config.num_samples,
+        temperature=config.temperature,
+        seq_len=config.seq_len,
+        batch_size=batch_size,
+        rows_per_part=batch_size,
+        max_rows=rows,
+        seed=config.seed,
+    )
 
 
 def _split_batches(config: BenchConfig, split: str, first_row: int, rows: int, batch_size: int):
@@ -391,8 +445,10 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
 
     rows = config.batches * batch_size
     batches = _split_batches(config, "train", 0, rows, batch_size)
-    runners = {mode: TeacherRunner(teacher, _cache_config(config, mode, batch_size, rows, work_dir), device)
-               for mode in ("topk", "sampled")}
+    runners = {
+        mode: TeacherRunner(teacher, _cache_config(config, mode, batch_size, rows, work_dir), device)
+        for mode in ("topk", "sampled")
+    }
     paths = {mode: _part_paths(work_dir, mode, "train", 0, len(batches)) for mode in runners}
     # Warm-up: one batch of each (kernel selection, allocator growth, first-touch of the weights).
     _forward_pass(runners["topk"], batches[:1])
@@ -400,25 +456,44 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
         _cache_pass(runner, batches[:1], paths[mode][:1], "train")
     timings = {"forward": [], "topk": [], "sampled": []}
     for repeat in range(config.repeats):
-        _log(f"stage 1: pass {repeat + 1}/{config.repeats} (forward, topk, sampled) over {rows} rows x {config.seq_len}")
+        _log(
+            f"stage 1: pass {repeat + 1}/{config.repeats} (forward, topk, sampled) over {rows} rows x {config.seq_len}"
+        )
         timings["forward"].append(_forward_pass(runners["topk"], batches))
         for mode, runner in runners.items():
             timings[mode].append(_cache_pass(runner, batches, paths[mode], "train"))
 
     tokens = rows * config.seq_len
-    section = {"rows": rows, "tokens_per_pass": tokens, "batch_size": batch_size, "batches": len(batches),
-               "repeats": config.repeats, "autocast": str(runners["topk"].autocast_dtype or "float32").replace("torch.", ""),
-               "fused_head": runners["topk"].fused_head}
+    section = {
+        "rows": rows,
+        "tokens_per_pass": tokens,
+        "batch_size": batch_size,
+        "batches": len(batches),
+        "repeats": config.repeats,
+        "autocast": str(runners["topk"].autocast_dtype or "float32").replace("torch.", ""),
+        "fused_head": runners["topk"].fused_head,
+    }
     forward_s = _median([t["seconds"] for t in timings["forward"]])
-    section["forward"] = {"tokens_per_s": tokens / forward_s, "median_s": forward_s,
-                          "times_s": [t["seconds"] for t in timings["forward"]]}
+    section["forward"] = {
+        "tokens_per_s": tokens / forward_s,
+        "median_s": forward_s,
+        "times_s": [t["seconds"] for t in timings["forward"]],
+    }
     for mode in ("topk", "sampled"):
         seconds = _median([t["seconds"] for t in timings[mode]])
-        per_batch = {f"{phase}_ms_per_batch": 1000 * _median([t[phase] for t in timings[mode]]) / len(batches)
-                     for phase in ("body", "head_extract", "write", "write_wait")}
-        section[mode] = {"tokens_per_s": tokens / seconds, "median_s": seconds, "times_s": [t["seconds"] for t in timings[mode]],
-                         "ratio_to_forward": forward_s / seconds, "target_ratio": TARGET_CACHE_RATIO,
-                         "meets_target": forward_s / seconds >= TARGET_CACHE_RATIO, **per_batch}
+        per_batch = {
+            f"{phase}_ms_per_batch": 1000 * _median([t[phase] for t in timings[mode]]) / len(batches)
+            for phase in ("body", "head_extract", "write", "write_wait")
+        }
+        section[mode] = {
+            "tokens_per_s": tokens / seconds,
+            "median_s": seconds,
+            "times_s": [t["seconds"] for t in timings[mode]],
+            "ratio_to_forward": forward_s / seconds,
+            "target_ratio": TARGET_CACHE_RATIO,
+            "meets_target": forward_s / seconds >= TARGET_CACHE_RATIO,
+            **per_batch,
+        }
     section["forward"]["ms_per_batch"] = 1000 * forward_s / len(batches)
     return section, runners
 
@@ -442,8 +517,9 @@ def stage1_mfu(section: dict, teacher, device, seq_len: int) -> dict | None:
     return out
 
 
-def extend_parts(config: BenchConfig, runners: dict, work_dir: Path, split: str, first_row: int, rows: int,
-                 batch_size: int) -> None:
+def extend_parts(
+    config: BenchConfig, runners: dict, work_dir: Path, split: str, first_row: int, rows: int, batch_size: int
+) -> None:
     """Untimed parts for more rows (quality runs): one teacher forward per batch feeds both modes."""
     from pipeline.cache import row_seed
     from pipeline.cache_format import write_part
@@ -454,12 +530,16 @@ def extend_parts(config: BenchConfig, runners: dict, work_dir: Path, split: str,
     first_batch = first_row // batch_size
     paths = {mode: _part_paths(work_dir, mode, split, first_batch, len(batches)) for mode in runners}
     for b, (indices, tokens) in enumerate(batches):
-        targets = runners["topk"].targets_by_mode(tokens, [row_seed(config.seed, split, i) for i in indices], ("sampled", "topk"))
+        targets = runners["topk"].targets_by_mode(
+            tokens, [row_seed(config.seed, split, i) for i in indices], ("sampled", "topk")
+        )
         for mode, arrays in targets.items():
             write_part(paths[mode][b], arrays)
 
 
-def assemble_bench_cache(config: BenchConfig, mode: str, batch_size: int, work_dir: Path, split_rows: dict, device) -> Path:
+def assemble_bench_cache(
+    config: BenchConfig, mode: str, batch_size: int, work_dir: Path, split_rows: dict, device
+) -> Path:
     """Assemble the parts of `mode` into a cache folder work_dir/cache-MODE (one shard per split) + manifest."""
     from transformers import AutoConfig
 
@@ -472,14 +552,26 @@ def assemble_bench_cache(config: BenchConfig, mode: str, batch_size: int, work_d
     shutil.rmtree(cache_dir, ignore_errors=True)
     meta = read_meta(config.data_dir)
     vocab = int(AutoConfig.from_pretrained(config.teacher).vocab_size)
-    attrs = common_attrs(_cache_config(config, mode, batch_size, split_rows["train"], cache_dir), meta,
-                         teacher_identity(config.teacher), vocab, compute_dtype("auto", device))
+    attrs = common_attrs(
+        _cache_config(config, mode, batch_size, split_rows["train"], cache_dir),
+        meta,
+        teacher_identity(config.teacher),
+        vocab,
+        compute_dtype("auto", device),
+    )
     entries = []
     for split, rows in split_rows.items():
         parts = _part_paths(work_dir, mode, split, 0, -(-rows // batch_size))
         name = cache_format.shard_name(split, 0, 1)
-        shard_attrs = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"], "shard_index": 0,
-                       "num_shards": 1, "row_start": 0, "rows": rows}
+        shard_attrs = {
+            **attrs,
+            "split": split,
+            "tokens_sha256": attrs[f"{split}_tokens_sha256"],
+            "shard_index": 0,
+            "num_shards": 1,
+            "row_start": 0,
+            "rows": rows,
+        }
         entry = cache_format.assemble_shard(cache_dir / name, shard_attrs, parts)
         entries.append({**entry, "split": split, "shard_index": 0, "num_shards": 1, "row_start": 0})
     cache_format.write_manifest(cache_dir, attrs, entries)
@@ -491,8 +583,12 @@ def storage_figures(cache_dir: Path, vocab: int) -> dict:
     from pipeline.cache_format import read_manifest
 
     bytes_per_token = read_manifest(cache_dir)["splits"]["train"]["bytes_per_token"]
-    return {"bytes_per_token": bytes_per_token, "dense_fp16_bytes_per_token": 2 * vocab,
-            "dense_over_cache": 2 * vocab / bytes_per_token, "cache": str(cache_dir)}
+    return {
+        "bytes_per_token": bytes_per_token,
+        "dense_fp16_bytes_per_token": 2 * vocab,
+        "dense_over_cache": 2 * vocab / bytes_per_token,
+        "cache": str(cache_dir),
+    }
 
 
 # ---------------------------------------------------------------- stage 2: training steps
@@ -507,7 +603,9 @@ class StepContext:
         self.loss_chunk = config.loss_chunk
 
 
-def train_step(ctx: StepContext, spec: tuple, model, optimizer, batch: dict, counter: SavedTensorCounter | None = None) -> dict:
+def train_step(
+    ctx: StepContext, spec: tuple, model, optimizer, batch: dict, counter: SavedTensorCounter | None = None
+) -> dict:
     """One optimizer step as train.py runs it (forward, distillation_loss, backward, clip 1.0, AdamW, zero_grad),
     or for the online variant the teacher forward + dense_kd_loss. Returns the seconds of each phase."""
     import contextlib
@@ -546,8 +644,16 @@ def train_step(ctx: StepContext, spec: tuple, model, optimizer, batch: dict, cou
         else:
             mask = torch.ones_like(labels, dtype=torch.bool)
             targets = loss_targets(batch, ctx.num_samples) if cache_mode else None
-            loss = distillation_loss(flat, labels, mask, targets, alpha=ctx.alpha, temperature=ctx.temperature,
-                                     topk_renormalize=renormalize, chunk_size=ctx.loss_chunk)
+            loss = distillation_loss(
+                flat,
+                labels,
+                mask,
+                targets,
+                alpha=ctx.alpha,
+                temperature=ctx.temperature,
+                topk_renormalize=renormalize,
+                chunk_size=ctx.loss_chunk,
+            )
     lap("loss")
     ctx.accelerator.backward(loss.total)
     lap("backward")
@@ -568,8 +674,15 @@ def _batch_for(spec: tuple, batches: dict) -> dict:
     return {"tokens": batches["topk"]["tokens"]} if cache_mode is None else batches["topk"]
 
 
-def make_students(ctx: StepContext, keys, student_config: StudentConfig, config: BenchConfig, vocab: int,
-                  max_steps: int, warmup_steps: int = 0) -> dict:
+def make_students(
+    ctx: StepContext,
+    keys,
+    student_config: StudentConfig,
+    config: BenchConfig,
+    vocab: int,
+    max_steps: int,
+    warmup_steps: int = 0,
+) -> dict:
     """{key: (model, optimizer, scheduler)}: the same initial student for every key, prepared by Accelerate."""
     import torch
 
@@ -614,13 +727,28 @@ def run_stage2(ctx: StepContext, students: dict, batches: list[dict], config: Be
     variants = {}
     for key, spec in STEP_VARIANTS.items():
         step_s = _median([r["step"] for r in records[key]])
-        phases = {f"{p}_ms": 1000 * _median([r[p] for r in records[key]]) for p in records[key][0] if p not in ("step", "loss_value")}
-        variants[key] = {"label": spec[0], "tokens_per_s": tokens / step_s, "step_ms": 1000 * step_s,
-                         "rows_per_s": tokens / config.seq_len / step_s, "steps_ms": [1000 * r["step"] for r in records[key]], **phases}
+        phases = {
+            f"{p}_ms": 1000 * _median([r[p] for r in records[key]])
+            for p in records[key][0]
+            if p not in ("step", "loss_value")
+        }
+        variants[key] = {
+            "label": spec[0],
+            "tokens_per_s": tokens / step_s,
+            "step_ms": 1000 * step_s,
+            "rows_per_s": tokens / config.seq_len / step_s,
+            "steps_ms": [1000 * r["step"] for r in records[key]],
+            **phases,
+        }
     t = {key: v["step_ms"] for key, v in variants.items()}
-    ratios = {"topk_over_ce_step_time": t["topk"] / t["ce"], "sampled_over_ce_step_time": t["sampled"] / t["ce"],
-              "ce_over_online_speed": t["online"] / t["ce"], "topk_over_online_speed": t["online"] / t["topk"],
-              "sampled_over_online_speed": t["online"] / t["sampled"], "target_step_time_ratio": TARGET_STEP_RATIO}
+    ratios = {
+        "topk_over_ce_step_time": t["topk"] / t["ce"],
+        "sampled_over_ce_step_time": t["sampled"] / t["ce"],
+        "ce_over_online_speed": t["online"] / t["ce"],
+        "topk_over_online_speed": t["online"] / t["topk"],
+        "sampled_over_online_speed": t["online"] / t["sampled"],
+        "target_step_time_ratio": TARGET_STEP_RATIO,
+    }
     ratios["topk_meets_target"] = ratios["topk_over_ce_step_time"] <= TARGET_STEP_RATIO
     ratios["sampled_meets_target"] = ratios["sampled_over_ce_step_time"] <= TARGET_STEP_RATIO
     return {"tokens_per_step": tokens, "rounds": len(batches) - 1, "variants": variants, "ratios": ratios}
@@ -645,8 +773,10 @@ def loss_alone(ctx: StepContext, model, batches: dict, repeats: int) -> dict:
     flat = logits.reshape(-1, logits.shape[-1]).detach()
     labels = tokens[:, 1:].reshape(-1)
     mask = torch.ones_like(labels, dtype=torch.bool)
-    targets = {mode: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in loss_targets(b, ctx.num_samples).items()}
-               for mode, b in batches.items()}
+    targets = {
+        mode: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in loss_targets(b, ctx.num_samples).items()}
+        for mode, b in batches.items()
+    }
     cases = {"ce": None, "topk": "topk", "topk-renorm": "topk", "sampled": "sampled", "online": "online"}
     times = {key: {"forward": [], "backward": []} for key in cases}
     for repeat in range(repeats + 1):
@@ -657,9 +787,16 @@ def loss_alone(ctx: StepContext, model, batches: dict, repeats: int) -> dict:
             if mode == "online":
                 loss = dense_kd_loss(x, teacher_logits.reshape(flat.shape), labels, ctx.alpha, ctx.temperature)
             else:
-                loss = distillation_loss(x, labels, mask, targets[mode] if mode else None, alpha=ctx.alpha,
-                                         temperature=ctx.temperature, topk_renormalize=key == "topk-renorm",
-                                         chunk_size=ctx.loss_chunk)
+                loss = distillation_loss(
+                    x,
+                    labels,
+                    mask,
+                    targets[mode] if mode else None,
+                    alpha=ctx.alpha,
+                    temperature=ctx.temperature,
+                    topk_renormalize=key == "topk-renorm",
+                    chunk_size=ctx.loss_chunk,
+                )
             _sync(device)
             t1 = time.perf_counter()
             loss.total.backward()
@@ -689,8 +826,14 @@ def run_data_path(readers: dict, batch_size: int, config: BenchConfig, step_rows
         result = {"batch_size": batch_size, "num_workers": config.num_workers}
         for label, workers in (("workers", config.num_workers), ("in_process", 0)):
             sampler = StepBatches(len(rows), batch_size, 1, config.seed, 0, config.data_batches + 1)
-            loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collate_rows, num_workers=workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False)
+            loader = DataLoader(
+                rows,
+                batch_sampler=sampler,
+                collate_fn=collate_rows,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
             iterator = iter(loader)
             next(iterator)  # worker start-up is not part of the steady state
             start, count = time.perf_counter(), 0
@@ -722,8 +865,15 @@ def run_memory(ctx: StepContext, students: dict, batches: dict, vocab: int) -> d
 # ---------------------------------------------------------------- quality at equal budget
 
 
-def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentConfig, readers: dict, val_reader,
-                batch_size: int, vocab: int) -> dict:
+def run_quality(
+    ctx: StepContext,
+    config: BenchConfig,
+    student_config: StudentConfig,
+    readers: dict,
+    val_reader,
+    batch_size: int,
+    vocab: int,
+) -> dict:
     """Train one student per QUALITY_VARIANTS entry for quality_steps steps on the same rows and schedule; evaluate."""
     from pipeline.compare import evaluate_models
 
@@ -732,7 +882,9 @@ def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentCo
     warmup = max(1, steps // 10)
     results, trained = {}, {}
     for key, spec in QUALITY_VARIANTS.items():
-        (model, optimizer, scheduler), = make_students(ctx, [key], student_config, config, vocab, steps, warmup).values()
+        ((model, optimizer, scheduler),) = make_students(
+            ctx, [key], student_config, config, vocab, steps, warmup
+        ).values()
         start = time.perf_counter()
         for index, step in enumerate(batches):
             train_step(ctx, spec, model, optimizer, _batch_for(spec, step))
@@ -742,17 +894,32 @@ def run_quality(ctx: StepContext, config: BenchConfig, student_config: StudentCo
         seconds = time.perf_counter() - start
         trained[key] = ctx.accelerator.unwrap_model(model)
         trained[key].eval()
-        results[key] = {"label": spec[0], "train_tokens_per_s": steps * batches[0]["topk"]["tokens"][:, 1:].numel() / seconds}
+        results[key] = {
+            "label": spec[0],
+            "train_tokens_per_s": steps * batches[0]["topk"]["tokens"][:, 1:].numel() / seconds,
+        }
     count = min(config.eval_rows, len(val_reader))
     temperature = float(val_reader.attrs["temperature"])
     figures = evaluate_models(ctx.teacher, trained, val_reader, count, batch_size, temperature, "eval quality")
     for key in trained:
-        results[key].update({"val_ppl": figures[key]["val_ppl"], "kl_cache": figures[key]["kl_to_teacher"],
-                             "kl_exact": figures[key]["kl_exact"], "top1_agreement": figures[key]["top1_agreement"]})
-    return {"steps": steps, "batch_size": batch_size, "train_rows": min(len(r) for r in readers.values()),
-            "eval_rows": count, "eval_positions": figures["teacher"]["positions"],
-            "kl_cache_estimator": f"{val_reader.mode} val cache (compare.evaluate_models)",
-            "teacher_val_ppl": figures["teacher"]["val_ppl"], "variants": results}
+        results[key].update(
+            {
+                "val_ppl": figures[key]["val_ppl"],
+                "kl_cache": figures[key]["kl_to_teacher"],
+                "kl_exact": figures[key]["kl_exact"],
+                "top1_agreement": figures[key]["top1_agreement"],
+            }
+        )
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "train_rows": min(len(r) for r in readers.values()),
+        "eval_rows": count,
+        "eval_positions": figures["teacher"]["positions"],
+        "kl_cache_estimator": f"{val_reader.mode} val cache (compare.evaluate_models)",
+        "teacher_val_ppl": figures["teacher"]["val_ppl"],
+        "variants": results,
+    }
 
 
 # ---------------------------------------------------------------- the command
@@ -765,10 +932,18 @@ def _open_caches(config: BenchConfig, bench_caches: dict, meta: dict, vocab: int
     readers = {}
     for mode, given in (("topk", config.topk_cache), ("sampled", config.sampled_cache)):
         reader = CacheReader(given or bench_caches[mode], "train")
-        check_compatible(reader.attrs, {"mode": mode, "seq_len": config.seq_len, "vocab_size": vocab,
-                                        "tokenizer_hash": meta["tokenizer_hash"], "train_tokens_sha256": meta["train_sha256"],
-                                        "temperature": config.temperature},
-                         where=f"--{mode}-cache {given}" if given else f"the bench {mode} cache")
+        check_compatible(
+            reader.attrs,
+            {
+                "mode": mode,
+                "seq_len": config.seq_len,
+                "vocab_size": vocab,
+                "tokenizer_hash": meta["tokenizer_hash"],
+                "train_tokens_sha256": meta["train_sha256"],
+                "temperature": config.temperature,
+            },
+            where=f"--{mode}-cache {given}" if given else f"the bench {mode} cache",
+        )
         readers[mode] = reader
     return readers
 
@@ -794,17 +969,28 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     train_available = num_rows(len(load_tokens(config.data_dir, "train")), config.seq_len)
     stage1_rows = config.batches * batch_size
     if train_available < stage1_rows:
-        raise PipelineError(f"{config.data_dir} has {train_available} train rows of {config.seq_len + 1} tokens, the bench needs "
-                            f"--batches x --batch-size = {stage1_rows}; lower --batches, --batch-size or --seq-len")
+        raise PipelineError(
+            f"{config.data_dir} has {train_available} train rows of {config.seq_len + 1} tokens, the bench needs "
+            f"--batches x --batch-size = {stage1_rows}; lower --batches, --batch-size or --seq-len"
+        )
     work_dir = Path(config.out_dir)  # bench.json, bench.md, cache-topk/, cache-sampled/ and, while it runs, parts/
     shutil.rmtree(work_dir / "parts", ignore_errors=True)
 
-    report = {"machine": machine_info(device), "command": " ".join(["python -m pipeline"] + sys.argv[1:]) if sys.argv else "",
-              "options": dataclasses.asdict(config), "student": dataclasses.asdict(student_config)}
+    report = {
+        "machine": machine_info(device),
+        "command": " ".join(["python -m pipeline"] + sys.argv[1:]) if sys.argv else "",
+        "options": dataclasses.asdict(config),
+        "student": dataclasses.asdict(student_config),
+    }
     _log(f"device {device}, batch {batch_size} x {config.seq_len}, mixed precision {accelerator.mixed_precision}")
     teacher = load_teacher(config.teacher).to(device)
-    report["resolved"] = {"device": str(device), "batch_size": batch_size, "mixed_precision": accelerator.mixed_precision,
-                          "teacher_parameters": count_parameters(teacher), "vocab_size": vocab}
+    report["resolved"] = {
+        "device": str(device),
+        "batch_size": batch_size,
+        "mixed_precision": accelerator.mixed_precision,
+        "teacher_parameters": count_parameters(teacher),
+        "vocab_size": vocab,
+    }
 
     # ---- stage 1, then the bench caches from its parts
     stage1, runners = run_stage1(config, teacher, device, batch_size, work_dir)
@@ -814,12 +1000,18 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
         train_rows = max(stage1_rows, min(config.quality_rows, train_available))
         val_rows = min(config.eval_rows, num_rows(len(load_tokens(config.data_dir, "val")), config.seq_len))
         if val_rows == 0:
-            raise PipelineError(f"the val split of {config.data_dir} is shorter than one row of {config.seq_len + 1} tokens; lower --seq-len")
+            raise PipelineError(
+                f"the val split of {config.data_dir} is shorter than one row of {config.seq_len + 1} tokens; lower "
+                "--seq-len"
+            )
         _log(f"quality: caching {train_rows - stage1_rows} more train rows and {val_rows} val rows")
         extend_parts(config, runners, work_dir, "train", stage1_rows, train_rows - stage1_rows, batch_size)
         extend_parts(config, runners, work_dir, "val", 0, val_rows, batch_size)
         split_rows = {"train": train_rows, "val": val_rows}
-    bench_caches = {mode: assemble_bench_cache(config, mode, batch_size, work_dir, split_rows, device) for mode in ("topk", "sampled")}
+    bench_caches = {
+        mode: assemble_bench_cache(config, mode, batch_size, work_dir, split_rows, device)
+        for mode in ("topk", "sampled")
+    }
     shutil.rmtree(work_dir / "parts", ignore_errors=True)
     for mode in ("topk", "sampled"):
         stage1[mode].update(storage_figures(bench_caches[mode], vocab))
@@ -873,8 +1065,11 @@ def _mark(ok: bool) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def busy_machine(machine: dict) -> bool:
@@ -896,78 +1091,211 @@ def busy_machine(machine: dict) -> bool:
 def render_markdown(report: dict) -> str:
     m, r, s1, s2 = report["machine"], report["resolved"], report["stage1"], report["stage2"]
     gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
-    out = ["# Benchmark", "",
-           f"Machine: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads){gpu}; torch {m['torch']}, "
-           f"transformers {m['transformers']}; {m['date']}; load average {_fmt((m.get('load_average_start') or [None])[0], '{:.2f}')} at start.",
-           f"Command: `{report['command']}`", ""]
+    out = [
+        "# Benchmark",
+        "",
+        f"Machine: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads){gpu}; torch {m['torch']}, "
+        f"transformers {m['transformers']}; {m['date']}; load average "
+        f"{_fmt((m.get('load_average_start') or [None])[0], '{:.2f}')} at start.",
+        f"Command: `{report['command']}`",
+        "",
+    ]
     if busy_machine(m):
-        out += [f"**Warning: other processes shared the CPU (load average {m['load_average_start'][0]:.1f} at start, "
-                f"{m['load_average_end'][0]:.1f} at the end, this run's own threads: {m['torch_threads']}, cores: "
-                f"{m['cpu_cores']}), so these timings, ratios included, are unreliable: rerun on an idle machine.**", ""]
-    out += [f"Teacher {r['teacher_parameters'] / 1e6:.1f}M parameters, student {r.get('student_parameters', 0) / 1e6:.1f}M, "
-            f"vocabulary {r['vocab_size']:,}; device {r['device']}, mixed precision {r['mixed_precision']}; batch "
-            f"{r['batch_size']} rows x {report['options']['seq_len']} tokens.", ""]
+        out += [
+            f"**Warning: other processes shared the CPU (load average {m['load_average_start'][0]:.1f} at start, "
+            f"{m['load_average_end'][0]:.1f} at the end, this run's own threads: {m['torch_threads']}, cores: "
+            f"{m['cpu_cores']}), so these timings, ratios included, are unreliable: rerun on an idle machine.**",
+            "",
+        ]
+    out += [
+        f"Teacher {r['teacher_parameters'] / 1e6:.1f}M parameters, student "
+        f"{r.get('student_parameters', 0) / 1e6:.1f}M, "
+        f"vocabulary {r['vocab_size']:,}; device {r['device']}, mixed precision {r['mixed_precision']}; batch "
+        f"{r['batch_size']} rows x {report['options']['seq_len']} tokens.",
+        "",
+    ]
 
-    out += [f"## Stage 1: teacher forward vs cache-logits ({s1['rows']} rows, {s1['tokens_per_pass']:,} tokens per pass, "
-            f"median of {s1['repeats']} interleaved passes, teacher autocast {s1['autocast']})", ""]
+    out += [
+        f"## Stage 1: teacher forward vs cache-logits ({s1['rows']} rows, {s1['tokens_per_pass']:,} tokens per pass, "
+        f"median of {s1['repeats']} interleaved passes, teacher autocast {s1['autocast']})",
+        "",
+    ]
     rows = [["teacher forward (logits only)", _fmt(s1["forward"]["tokens_per_s"]), "1.00", "", "-", "-"]]
-    for mode, name in (("topk", f"cache-logits topk K={report['options']['k']}"),
-                       ("sampled", f"cache-logits sampled N={report['options']['num_samples']}")):
+    for mode, name in (
+        ("topk", f"cache-logits topk K={report['options']['k']}"),
+        ("sampled", f"cache-logits sampled N={report['options']['num_samples']}"),
+    ):
         x = s1[mode]
-        rows.append([name, _fmt(x["tokens_per_s"]), _fmt(x["ratio_to_forward"], "{:.3f}"),
-                     f">= {x['target_ratio']} {_mark(x['meets_target'])}", _fmt(x["bytes_per_token"], "{:.1f}"),
-                     f"{x['dense_over_cache']:.0f}x smaller than dense fp16 ({x['dense_fp16_bytes_per_token']:,} B)"])
+        rows.append(
+            [
+                name,
+                _fmt(x["tokens_per_s"]),
+                _fmt(x["ratio_to_forward"], "{:.3f}"),
+                f">= {x['target_ratio']} {_mark(x['meets_target'])}",
+                _fmt(x["bytes_per_token"], "{:.1f}"),
+                f"{x['dense_over_cache']:.0f}x smaller than dense fp16 ({x['dense_fp16_bytes_per_token']:,} B)",
+            ]
+        )
     out += _table(["path", "tokens/s", "vs forward", "target", "bytes/token", "storage"], rows)
-    out += ["", "Per batch, ms: forward alone " + _fmt(s1["forward"]["ms_per_batch"], "{:.1f}") + "; " + "; ".join(
-        f"{mode}: teacher body {_fmt(s1[mode]['body_ms_per_batch'], '{:.1f}')}, output head + extraction "
-        f"{_fmt(s1[mode]['head_extract_ms_per_batch'], '{:.1f}')}, part write {_fmt(s1[mode]['write_ms_per_batch'], '{:.1f}')} "
-        f"(on the writer thread; {_fmt(s1[mode]['write_wait_ms_per_batch'], '{:.1f}')} waited for at the end)"
-        for mode in ("topk", "sampled")) + "."]
+    out += [
+        "",
+        "Per batch, ms: forward alone "
+        + _fmt(s1["forward"]["ms_per_batch"], "{:.1f}")
+        + "; "
+        + "; ".join(
+            f"{mode}: teacher body {_fmt(s1[mode]['body_ms_per_batch'], '{:.1f}')}, output head + extraction "
+            f"{_fmt(s1[mode]['head_extract_ms_per_batch'], '{:.1f}')}, part write "
+            f"{_fmt(s1[mode]['write_ms_per_batch'], '{:.1f}')} "
+            f"(on the writer thread; {_fmt(s1[mode]['write_wait_ms_per_batch'], '{:.1f}')} waited for at the end)"
+            for mode in ("topk", "sampled")
+        )
+        + ".",
+    ]
     if s1.get("mfu"):
         u = s1["mfu"]
-        cells = ", ".join(f"{k} {_fmt(u[k + '_tflops'], '{:.1f}')} TFLOP/s" + (f" = {u[k + '_mfu']:.1%} MFU" if u[k + "_mfu"] else "")
-                          for k in ("forward", "topk", "sampled"))
-        out += ["", f"Model FLOPs utilisation on {u['device']} (peak {_fmt((u['peak_bf16_flops'] or 0) / 1e12, '{:.0f}')} TFLOP/s dense bf16; "
-                f"target >= {u['target']:.0%}): {cells}."]
+        cells = ", ".join(
+            f"{k} {_fmt(u[k + '_tflops'], '{:.1f}')} TFLOP/s" + (f" = {u[k + '_mfu']:.1%} MFU" if u[k + "_mfu"] else "")
+            for k in ("forward", "topk", "sampled")
+        )
+        out += [
+            "",
+            f"Model FLOPs utilisation on {u['device']} (peak {_fmt((u['peak_bf16_flops'] or 0) / 1e12, '{:.0f}')} "
+            "TFLOP/s dense bf16; "
+            f"target >= {u['target']:.0%}): {cells}.",
+        ]
 
-    out += ["", f"## Stage 2: training step ({s2['tokens_per_step']:,} tokens per step, median of {s2['rounds']} interleaved rounds)", ""]
+    out += [
+        "",
+        f"## Stage 2: training step ({s2['tokens_per_step']:,} tokens per step, median of {s2['rounds']} interleaved "
+        "rounds)",
+        "",
+    ]
     phases = ["teacher", "forward", "loss", "backward", "optimizer"]
     rows = []
     for key, v in s2["variants"].items():
         ratio = v["step_ms"] / s2["variants"]["ce"]["step_ms"]
         target = "" if key in ("ce", "online") else f"<= {TARGET_STEP_RATIO} {_mark(ratio <= TARGET_STEP_RATIO)}"
-        rows.append([v["label"], _fmt(v["tokens_per_s"]), _fmt(v["step_ms"], "{:.1f}"), _fmt(ratio, "{:.3f}"), target,
-                     *(_fmt(v.get(f"{p}_ms"), "{:.1f}") for p in phases)])
+        rows.append(
+            [
+                v["label"],
+                _fmt(v["tokens_per_s"]),
+                _fmt(v["step_ms"], "{:.1f}"),
+                _fmt(ratio, "{:.3f}"),
+                target,
+                *(_fmt(v.get(f"{p}_ms"), "{:.1f}") for p in phases),
+            ]
+        )
     out += _table(["step", "tokens/s", "step ms", "step time vs (a)", "target", *(f"{p} ms" for p in phases)], rows)
     q = s2["ratios"]
-    out += ["", f"Speed-up over online KD: (a) CE {q['ce_over_online_speed']:.2f}x, (b) topk KD {q['topk_over_online_speed']:.2f}x, "
-            f"(c) sampled KD {q['sampled_over_online_speed']:.2f}x."]
+    out += [
+        "",
+        f"Speed-up over online KD: (a) CE {q['ce_over_online_speed']:.2f}x, (b) topk KD "
+        f"{q['topk_over_online_speed']:.2f}x, "
+        f"(c) sampled KD {q['sampled_over_online_speed']:.2f}x.",
+    ]
     la = s2["loss_alone"]
-    out += ["", f"The loss alone on {la['positions']:,} positions x {la['vocab']:,} ({la['logits_dtype']} logits), forward + backward, ms:", ""]
-    out += _table(["loss", "forward", "backward", "total"],
-                  [[k, _fmt(la[k]["forward_ms"], "{:.1f}"), _fmt(la[k]["backward_ms"], "{:.1f}"), _fmt(la[k]["total_ms"], "{:.1f}")]
-                   for k in ("ce", "topk", "topk-renorm", "sampled", "online")])
+    out += [
+        "",
+        f"The loss alone on {la['positions']:,} positions x {la['vocab']:,} ({la['logits_dtype']} logits), forward + "
+        "backward, ms:",
+        "",
+    ]
+    out += _table(
+        ["loss", "forward", "backward", "total"],
+        [
+            [
+                k,
+                _fmt(la[k]["forward_ms"], "{:.1f}"),
+                _fmt(la[k]["backward_ms"], "{:.1f}"),
+                _fmt(la[k]["total_ms"], "{:.1f}"),
+            ]
+            for k in ("ce", "topk", "topk-renorm", "sampled", "online")
+        ],
+    )
 
     d = report["data"]
     out += ["", "## Data path: CacheRows + StepBatches + collate_rows through a DataLoader", ""]
-    out += _table(["cache", f"rows/s (DataLoader, {d['topk']['num_workers']} worker(s))", "rows/s (in process)", "rows/s a step consumes", "headroom"],
-                  [[mode, _fmt(x["rows_per_s_workers"]), _fmt(x["rows_per_s_in_process"]), _fmt(x["step_rows_per_s"], "{:,.1f}"),
-                    f"{x['headroom']:.0f}x"] for mode, x in d.items()])
+    out += _table(
+        [
+            "cache",
+            f"rows/s (DataLoader, {d['topk']['num_workers']} worker(s))",
+            "rows/s (in process)",
+            "rows/s a step consumes",
+            "headroom",
+        ],
+        [
+            [
+                mode,
+                _fmt(x["rows_per_s_workers"]),
+                _fmt(x["rows_per_s_in_process"]),
+                _fmt(x["step_rows_per_s"], "{:,.1f}"),
+                f"{x['headroom']:.0f}x",
+            ]
+            for mode, x in d.items()
+        ],
+    )
 
     mem = report["memory"]
-    out += ["", f"## Memory of one step ({mem['method']})", "",
-            f"A float32 [tokens, vocab] tensor here is {mem['float32_full_vocab_mb']:.0f} MB. 'Saved by the loss' counts the "
-            "[tokens, vocab] tensors autograd keeps from the loss call to the backward (saved-tensor hook).", ""]
-    out += _table(["step", "peak MB", "increase over step start MB", "full-vocab float32 saved by loss", "all full-vocab saved (dtypes)", "loss saved MB"],
-                  [[v["label"], _fmt(v["peak_mb"]), _fmt(v["increase_mb"]), str(v["loss_full_vocab_float32_saved"]),
-                    f"{v['loss_full_vocab_saved']} ({', '.join(v['loss_full_vocab_dtypes']) or '-'})", _fmt(v["loss_saved_mb"])]
-                   for v in mem["variants"].values()])
+    out += [
+        "",
+        f"## Memory of one step ({mem['method']})",
+        "",
+        f"A float32 [tokens, vocab] tensor here is {mem['float32_full_vocab_mb']:.0f} MB. 'Saved by the loss' counts "
+        "the "
+        "[tokens, vocab] tensors autograd keeps from the loss call to the backward (saved-tensor hook).",
+        "",
+    ]
+    out += _table(
+        [
+            "step",
+            "peak MB",
+            "increase over step start MB",
+            "full-vocab float32 saved by loss",
+            "all full-vocab saved (dtypes)",
+            "loss saved MB",
+        ],
+        [
+            [
+                v["label"],
+                _fmt(v["peak_mb"]),
+                _fmt(v["increase_mb"]),
+                str(v["loss_full_vocab_float32_saved"]),
+                f"{v['loss_full_vocab_saved']} ({', '.join(v['loss_full_vocab_dtypes']) or '-'})",
+                _fmt(v["loss_saved_mb"]),
+            ]
+            for v in mem["variants"].values()
+        ],
+    )
 
     qual = report.get("quality")
     if qual:
-        out += ["", f"## Quality at equal budget ({qual['steps']} steps x {qual['batch_size']} rows, {qual['train_rows']} train rows; "
-                f"{qual['eval_rows']} val rows, {qual['eval_positions']:,} positions; teacher val ppl {qual['teacher_val_ppl']:.2f})", ""]
-        out += _table(["student", "val ppl", "KL exact (full vocab)", "KL (cache estimator)", "top-1 agreement", "train tokens/s"],
-                      [[v["label"], _fmt(v["val_ppl"], "{:.2f}"), _fmt(v["kl_exact"], "{:.4f}"), _fmt(v["kl_cache"], "{:.4f}"),
-                        _fmt(v["top1_agreement"], "{:.1%}"), _fmt(v["train_tokens_per_s"])] for v in qual["variants"].values()])
+        out += [
+            "",
+            f"## Quality at equal budget ({qual['steps']} steps x {qual['batch_size']} rows, {qual['train_rows']} "
+            "train rows; "
+            f"{qual['eval_rows']} val rows, {qual['eval_positions']:,} positions; teacher val ppl "
+            f"{qual['teacher_val_ppl']:.2f})",
+            "",
+        ]
+        out += _table(
+            [
+                "student",
+                "val ppl",
+                "KL exact (full vocab)",
+                "KL (cache estimator)",
+                "top-1 agreement",
+                "train tokens/s",
+            ],
+            [
+                [
+                    v["label"],
+                    _fmt(v["val_ppl"], "{:.2f}"),
+                    _fmt(v["kl_exact"], "{:.4f}"),
+                    _fmt(v["kl_cache"], "{:.4f}"),
+                    _fmt(v["top1_agreement"], "{:.1%}"),
+                    _fmt(v["train_tokens_per_s"]),
+                ]
+                for v in qual["variants"].values()
+            ],
+        )
     return "\n".join(out) + "\n"

@@ -13,6 +13,7 @@ killed run resumes where it stopped; parts are assigned to processes in contiguo
 per process and split, fewer when a split has fewer parts than processes), and the same parts give
 the same batches whatever the number of processes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,14 +87,22 @@ def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: in
 # fresh [1024, V] matmul, and 256-row extraction pieces keep the sampled mode's scratch small.
 HEAD_CHUNK = {"cpu": 1024, "cuda": 8192}
 EXTRACT_CHUNK = {"cpu": 256, "cuda": 8192}
-LOGITS, SCRATCH, MODE_COPY = 0, 1, 2  # TeacherRunner's kept buffers: head output, sampling scratch, a copy for a second mode
+LOGITS, SCRATCH, MODE_COPY = (
+    0,
+    1,
+    2,
+)  # TeacherRunner's kept buffers: head output, sampling scratch, a copy for a second mode
 
 
 def row_uniforms(row_seeds: list[int], seq_len: int, num_samples: int) -> torch.Tensor:
     """[B * seq_len, N] float64 uniforms, each row's from its own generator seeded by its global row
     index, drawn on the CPU: the draws do not depend on batching, the number of processes or the device."""
-    return torch.cat([torch.rand(seq_len, num_samples, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-                      for seed in row_seeds])
+    return torch.cat(
+        [
+            torch.rand(seq_len, num_samples, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            for seed in row_seeds
+        ]
+    )
 
 
 def sampled_arrays(draws: torch.Tensor, entropy: torch.Tensor, batch: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -105,23 +114,33 @@ def sampled_arrays(draws: torch.Tensor, entropy: torch.Tensor, batch: int, seq_l
     flat_start = is_start.flatten().nonzero().squeeze(1)
     flat_draws = draws.flatten()
     counts = torch.diff(flat_start, append=torch.tensor([flat_draws.numel()]))
-    return {"sample_ids": flat_draws[flat_start].numpy(), "sample_counts": counts.numpy().astype(np.uint8),
-            "num_distinct": is_start.sum(-1).reshape(batch, seq_len).numpy().astype(np.uint8),
-            "teacher_entropy": entropy.cpu().view(batch, seq_len).numpy()}
+    return {
+        "sample_ids": flat_draws[flat_start].numpy(),
+        "sample_counts": counts.numpy().astype(np.uint8),
+        "num_distinct": is_start.sum(-1).reshape(batch, seq_len).numpy().astype(np.uint8),
+        "teacher_entropy": entropy.cpu().view(batch, seq_len).numpy(),
+    }
 
 
-def topk_arrays(values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+def topk_arrays(
+    values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, batch: int, seq_len: int
+) -> dict[str, np.ndarray]:
     """topk_with_tail's [B * L, ...] outputs -> the arrays of a topk part, shaped [B, L, K] and [B, L]."""
     k = ids.shape[-1]
-    return {"topk_ids": ids.cpu().view(batch, seq_len, k).numpy(), "topk_logprobs": values.cpu().view(batch, seq_len, k).numpy(),
-            "tail_logprob": tail.cpu().view(batch, seq_len).numpy()}
+    return {
+        "topk_ids": ids.cpu().view(batch, seq_len, k).numpy(),
+        "topk_logprobs": values.cpu().view(batch, seq_len, k).numpy(),
+        "tail_logprob": tail.cpu().view(batch, seq_len).numpy(),
+    }
 
 
 def sampled_targets(logits: torch.Tensor, num_samples: int, row_seeds: list[int]) -> dict[str, np.ndarray]:
     """logits [B, L, V] at the cache temperature (log-probs work too; overwritten) -> num_samples draws per
     position with replacement from the teacher, as sampled_arrays lays them out."""
     batch, seq_len, vocab = logits.shape
-    draws, entropy = sparse_targets.sampled_draws(logits.reshape(-1, vocab), row_uniforms(row_seeds, seq_len, num_samples))
+    draws, entropy = sparse_targets.sampled_draws(
+        logits.reshape(-1, vocab), row_uniforms(row_seeds, seq_len, num_samples)
+    )
     return sampled_arrays(draws, entropy, batch, seq_len)
 
 
@@ -197,8 +216,12 @@ class TeacherRunner:
             for start in range(0, states.shape[0], self.head_chunk):
                 piece = states[start : start + self.head_chunk]
                 if not self.fused_head:  # the model's own logits: float32 ones are ours to overwrite
-                    logits = piece if piece.dtype == torch.float32 else self._buffer(LOGITS, len(piece), vocab).copy_(piece)
-                elif self.autocast_dtype is None and piece.dtype == torch.float32 and head.weight.dtype == torch.float32:
+                    logits = (
+                        piece if piece.dtype == torch.float32 else self._buffer(LOGITS, len(piece), vocab).copy_(piece)
+                    )
+                elif (
+                    self.autocast_dtype is None and piece.dtype == torch.float32 and head.weight.dtype == torch.float32
+                ):
                     logits = torch.matmul(piece, head.weight.T, out=self._buffer(LOGITS, len(piece), vocab))
                     if head.bias is not None:
                         logits.add_(head.bias)
@@ -211,8 +234,11 @@ class TeacherRunner:
                     yield start + offset, part
 
     @torch.inference_mode()
-    def targets_by_mode(self, rows: np.ndarray, row_seeds: list[int], modes: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
-        """rows [B, L+1] -> {mode: the part arrays for these rows (tokens included)}, one teacher forward for all modes."""
+    def targets_by_mode(
+        self, rows: np.ndarray, row_seeds: list[int], modes: tuple[str, ...]
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """rows [B, L+1] -> {mode: the part arrays for these rows (tokens included)}; one teacher forward serves all
+        modes."""
         batch, seq_len = rows.shape[0], rows.shape[1] - 1
         uniforms = row_uniforms(row_seeds, seq_len, self.config.num_samples) if "sampled" in modes else None
         pieces = {mode: [] for mode in modes}
@@ -223,11 +249,15 @@ class TeacherRunner:
                     pieces[mode].append(sparse_targets.topk_with_tail(chunk, self.config.k))
                 else:
                     scratch = self._buffer(SCRATCH, *logits.shape)
-                    pieces[mode].append(sparse_targets.sampled_draws(chunk, uniforms[start : start + len(chunk)], scratch))
+                    pieces[mode].append(
+                        sparse_targets.sampled_draws(chunk, uniforms[start : start + len(chunk)], scratch)
+                    )
         self._lap("head_extract")
         pack = {"topk": topk_arrays, "sampled": sampled_arrays}
-        return {mode: {"tokens": rows, **pack[mode](*(torch.cat(column) for column in zip(*parts)), batch, seq_len)}
-                for mode, parts in pieces.items()}
+        return {
+            mode: {"tokens": rows, **pack[mode](*(torch.cat(column) for column in zip(*parts)), batch, seq_len)}
+            for mode, parts in pieces.items()
+        }
 
     def targets(self, rows: np.ndarray, row_seeds: list[int]) -> dict[str, np.ndarray]:
         """rows [B, L+1] -> the part arrays of the configured mode for these rows (tokens included)."""
@@ -265,11 +295,17 @@ def _validate_against_teacher(config: CacheConfig, model_config, meta: dict, ide
     vocab_size = int(model_config.vocab_size)
     max_positions = getattr(model_config, "max_position_embeddings", None)
     if max_positions and config.seq_len > max_positions:
-        problems.append(f"--seq-len {config.seq_len} is longer than the teacher's context ({max_positions}); pass SEQ_LEN={max_positions} or less")
+        problems.append(
+            f"--seq-len {config.seq_len} is longer than the teacher's context ({max_positions}); pass "
+            f"SEQ_LEN={max_positions} or less"
+        )
     if config.mode == "topk" and config.k > vocab_size:
         problems.append(f"--k {config.k} is larger than the vocabulary ({vocab_size}); pass K={vocab_size} or less")
     if meta["tokenizer_hash"] != identity["tokenizer_hash"]:
-        problems.append(f"{config.data_dir} was tokenized with another tokenizer than the teacher {config.teacher}'s; rerun make data with TEACHER={config.teacher}")
+        problems.append(
+            f"{config.data_dir} was tokenized with another tokenizer than the teacher {config.teacher}'s; rerun make "
+            f"data with TEACHER={config.teacher}"
+        )
     if meta["vocab_size"] > vocab_size:
         problems.append(f"the tokenizer has {meta['vocab_size']} tokens but the teacher's vocabulary only {vocab_size}")
     if problems:
@@ -291,8 +327,10 @@ def build_cache(config: CacheConfig) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and state.num_processes == 1:
-        raise PipelineError(f"launched as {launched} processes but accelerate sees {state.num_processes}; "
-                            "run cache-logits under torchrun or accelerate launch, or as one plain process")
+        raise PipelineError(
+            f"launched as {launched} processes but accelerate sees {state.num_processes}; "
+            "run cache-logits under torchrun or accelerate launch, or as one plain process"
+        )
     out_dir = Path(config.out_dir)
     meta = read_meta(config.data_dir)
     identity = teacher_identity(config.teacher)
@@ -338,17 +376,23 @@ def build_cache(config: CacheConfig) -> dict:
             splits = manifest["splits"]
             tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
             elapsed = time.perf_counter() - started  # includes rows resumed from parts of an earlier run
-            print(f"cache: wrote {out_dir}: {splits['train']['rows']} train / {splits['val']['rows']} val rows, {tokens} tokens, "
-                  f"{splits['train']['bytes_per_token']:.1f} bytes/token ({config.mode}), {tokens / elapsed:.0f} tokens/s "
-                  f"over {state.num_processes} process(es)")
+            print(
+                f"cache: wrote {out_dir}: {splits['train']['rows']} train / {splits['val']['rows']} val rows, {tokens} "
+                "tokens, "
+                f"{splits['train']['bytes_per_token']:.1f} bytes/token ({config.mode}), {tokens / elapsed:.0f} "
+                "tokens/s "
+                f"over {state.num_processes} process(es)"
+            )
         state.wait_for_everyone()
     return cache_format.read_manifest(out_dir)
 
 
 def _shards_present(out_dir: Path, manifest: dict) -> bool:
     """Every shard the manifest lists exists with its listed size (cheap; verify_cache hashes them)."""
-    return all((out_dir / e["file"]).is_file() and (out_dir / e["file"]).stat().st_size == e["bytes"]
-               for e in manifest["shards"])
+    return all(
+        (out_dir / e["file"]).is_file() and (out_dir / e["file"]).stat().st_size == e["bytes"]
+        for e in manifest["shards"]
+    )
 
 
 def _reset_parts_if_stale(out_dir: Path, attrs: dict) -> None:
@@ -371,7 +415,10 @@ def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split:
     tokens = load_tokens(config.data_dir, split)
     rows = num_rows(len(tokens), config.seq_len, config.max_rows)
     if rows == 0:
-        raise PipelineError(f"the {split} split has {len(tokens)} tokens, fewer than one sequence of {config.seq_len + 1}; lower SEQ_LEN or use a bigger corpus")
+        raise PipelineError(
+            f"the {split} split has {len(tokens)} tokens, fewer than one sequence of {config.seq_len + 1}; lower "
+            "SEQ_LEN or use a bigger corpus"
+        )
     num_parts = -(-rows // config.rows_per_part)
     block = shard_block(num_parts, state.process_index, state.num_processes)
     if block is None:
@@ -384,8 +431,13 @@ def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split:
     parts_dir.mkdir(parents=True, exist_ok=True)
     part_paths = [parts_dir / f"part-{p:06d}.npz" for p in range(first_part, last_part)]
 
-    progress = tqdm(total=(row_end - row_start) * config.seq_len, desc=f"cache {split} [{state.process_index}]", unit="tok",
-                    unit_scale=True, disable=not state.is_local_main_process)
+    progress = tqdm(
+        total=(row_end - row_start) * config.seq_len,
+        desc=f"cache {split} [{state.process_index}]",
+        unit="tok",
+        unit_scale=True,
+        disable=not state.is_local_main_process,
+    )
     with ThreadPoolExecutor(max_workers=1) as writer:  # disk writes overlap the next teacher forward
         pending = []
         for part, path in zip(range(first_part, last_part), part_paths):
@@ -404,9 +456,15 @@ def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split:
             future.result()  # surfaces a disk-full error here, before the shard is assembled
     progress.close()
 
-    shard_attrs = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"],
-                   "shard_index": shard_index, "num_shards": num_shards,
-                   "row_start": row_start, "rows": row_end - row_start}
+    shard_attrs = {
+        **attrs,
+        "split": split,
+        "tokens_sha256": attrs[f"{split}_tokens_sha256"],
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "row_start": row_start,
+        "rows": row_end - row_start,
+    }
     entry = cache_format.assemble_shard(out_dir / name, shard_attrs, part_paths)
     entry.update({"split": split, "shard_index": shard_index, "num_shards": num_shards, "row_start": row_start})
     return entry

@@ -30,6 +30,7 @@ File attributes are plain str/int/float values, listed in ``SHARD_ATTR_ORDER``. 
      "splits": {"train": {"rows", "tokens", "bytes", "bytes_per_token", "num_shards",
                           "tokens_sha256"}, ...}}
 """
+
 from __future__ import annotations
 
 import bisect
@@ -52,9 +53,25 @@ SPLITS = ("train", "val")
 
 # Attributes of a shard file, in the order they are written (a fixed order keeps bytes identical).
 SHARD_ATTR_ORDER = (
-    "format_version", "mode", "split", "teacher_name", "teacher_hash", "tokenizer_hash",
-    "vocab_size", "seq_len", "temperature", "k", "num_samples", "seed", "tokens_sha256",
-    "shard_index", "num_shards", "row_start", "rows", "id_dtype", "max_distinct",
+    "format_version",
+    "mode",
+    "split",
+    "teacher_name",
+    "teacher_hash",
+    "tokenizer_hash",
+    "vocab_size",
+    "seq_len",
+    "temperature",
+    "k",
+    "num_samples",
+    "seed",
+    "tokens_sha256",
+    "shard_index",
+    "num_shards",
+    "row_start",
+    "rows",
+    "id_dtype",
+    "max_distinct",
 )
 # Attributes the caller of assemble_shard must give (the rest are filled in).
 REQUIRED_ATTRS = tuple(a for a in SHARD_ATTR_ORDER if a not in ("format_version", "rows", "id_dtype", "max_distinct"))
@@ -87,6 +104,7 @@ _FLOAT_ARRAYS = ("topk_logprobs", "tail_logprob", "teacher_entropy")
 
 # ----------------------------------------------------------------------------- small helpers
 
+
 def id_dtype_for(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every id below vocab_size: uint16 or uint32."""
     vocab_size = int(vocab_size)
@@ -116,7 +134,7 @@ def _plain(value, key: str):
 
 
 def _attrs_from_h5(h5_attrs) -> dict:
-    return {key: _plain(h5_attrs[key], key) for key in h5_attrs.keys()}
+    return {key: _plain(h5_attrs[key], key) for key in h5_attrs}
 
 
 def _ordered_keys(attrs: dict) -> list[str]:
@@ -130,14 +148,16 @@ def _corrupt(path, why: str = "sha256 mismatch") -> PipelineError:
 
 # ----------------------------------------------------------------------------- parts
 
+
 def write_part(path, arrays: dict[str, np.ndarray]) -> None:
     """Write arrays to an uncompressed .npz at path, atomically (temp file + rename)."""
     for name, arr in arrays.items():
-        require(isinstance(arr, np.ndarray) and arr.dtype != object,
-                f"part array {name} must be a numeric numpy array, got {type(arr).__name__}")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz"
-            np.savez(f, **arrays)
+        require(
+            isinstance(arr, np.ndarray) and arr.dtype != object,
+            f"part array {name} must be a numeric numpy array, got {type(arr).__name__}",
+        )
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz"
+        np.savez(f, **arrays)
 
 
 def read_part(path) -> dict[str, np.ndarray]:
@@ -146,8 +166,10 @@ def read_part(path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise PipelineError(f"part file {path} is unreadable ({exc}): delete it and rerun {REBUILD} "
-                            "(it resumes from the remaining parts)") from exc
+        raise PipelineError(
+            f"part file {path} is unreadable ({exc}): delete it and rerun {REBUILD} "
+            "(it resumes from the remaining parts)"
+        ) from exc
 
 
 def read_part_shapes(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -165,12 +187,15 @@ def read_part_shapes(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
                 shapes[member[: -len(".npy")]] = (tuple(int(n) for n in shape), np.dtype(dtype))
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise PipelineError(f"part file {path} is unreadable ({exc}): delete it and rerun {REBUILD} "
-                            "(it resumes from the remaining parts)") from exc
+        raise PipelineError(
+            f"part file {path} is unreadable ({exc}): delete it and rerun {REBUILD} "
+            "(it resumes from the remaining parts)"
+        ) from exc
     return shapes
 
 
 # ----------------------------------------------------------------------------- assembly
+
 
 def _check_shard_attrs(attrs: dict, final_path: Path) -> None:
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
@@ -181,39 +206,56 @@ def _check_shard_attrs(attrs: dict, final_path: Path) -> None:
         require(isinstance(attrs[key], int), f"cache attribute {key} must be an int, got {attrs[key]!r}")
     for key in ("mode", "split", "teacher_name", "teacher_hash", "tokenizer_hash", "tokens_sha256"):
         require(isinstance(attrs[key], str), f"cache attribute {key} must be a str, got {attrs[key]!r}")
-    require(isinstance(attrs["temperature"], (int, float)) and attrs["temperature"] > 0,
-            f"cache attribute temperature must be a positive number, got {attrs['temperature']!r}")
+    require(
+        isinstance(attrs["temperature"], (int, float)) and attrs["temperature"] > 0,
+        f"cache attribute temperature must be a positive number, got {attrs['temperature']!r}",
+    )
     attrs["temperature"] = float(attrs["temperature"])
     mode = attrs["mode"]
     require(mode in MODES, f"cache mode must be one of {MODES}, got {mode!r}")
     require(attrs["split"] in SPLITS, f"cache split must be one of {SPLITS}, got {attrs['split']!r}")
     attrs.setdefault("format_version", FORMAT_VERSION)
-    require(attrs["format_version"] == FORMAT_VERSION,
-            f"assemble_shard writes format_version {FORMAT_VERSION}, attrs say {attrs['format_version']}")
+    require(
+        attrs["format_version"] == FORMAT_VERSION,
+        f"assemble_shard writes format_version {FORMAT_VERSION}, attrs say {attrs['format_version']}",
+    )
     if mode == "topk":
-        require(attrs["k"] >= 1 and attrs["num_samples"] == 0,
-                f"topk cache needs k >= 1 and num_samples 0, got k={attrs['k']} num_samples={attrs['num_samples']}")
+        require(
+            attrs["k"] >= 1 and attrs["num_samples"] == 0,
+            f"topk cache needs k >= 1 and num_samples 0, got k={attrs['k']} num_samples={attrs['num_samples']}",
+        )
     else:
-        require(attrs["num_samples"] >= 1 and attrs["k"] == 0,
-                f"sampled cache needs num_samples >= 1 and k 0, got k={attrs['k']} num_samples={attrs['num_samples']}")
+        require(
+            attrs["num_samples"] >= 1 and attrs["k"] == 0,
+            f"sampled cache needs num_samples >= 1 and k 0, got k={attrs['k']} num_samples={attrs['num_samples']}",
+        )
     require(attrs["seq_len"] >= 1, f"seq_len must be positive, got {attrs['seq_len']}")
-    require(0 <= attrs["shard_index"] < attrs["num_shards"],
-            f"shard_index {attrs['shard_index']} is outside 0..num_shards-1 (num_shards={attrs['num_shards']})")
+    require(
+        0 <= attrs["shard_index"] < attrs["num_shards"],
+        f"shard_index {attrs['shard_index']} is outside 0..num_shards-1 (num_shards={attrs['num_shards']})",
+    )
     require(attrs["row_start"] >= 0, f"row_start must be >= 0, got {attrs['row_start']}")
     expected_name = shard_name(attrs["split"], attrs["shard_index"], attrs["num_shards"])
-    require(final_path.name == expected_name,
-            f"shard file {final_path} should be named {expected_name} to match its attributes")
+    require(
+        final_path.name == expected_name,
+        f"shard file {final_path} should be named {expected_name} to match its attributes",
+    )
     id_dtype = id_dtype_for(attrs["vocab_size"]).name
-    require(attrs.setdefault("id_dtype", id_dtype) == id_dtype,
-            f"id_dtype {attrs['id_dtype']!r} does not match vocab_size {attrs['vocab_size']} (needs {id_dtype})")
+    require(
+        attrs.setdefault("id_dtype", id_dtype) == id_dtype,
+        f"id_dtype {attrs['id_dtype']!r} does not match vocab_size {attrs['vocab_size']} (needs {id_dtype})",
+    )
 
 
 def _part_layout(path, shapes: dict, mode: str, seq_len: int, k: int) -> tuple[int, int]:
     """Check one part's array names and shapes; return (rows, entries). entries is 0 in topk mode."""
     names = set(shapes)
     expected = set(PART_KEYS[mode])
-    require(names == expected, f"part file {path} holds {sorted(names)}, a {mode} part needs {sorted(expected)}: "
-            f"delete it and rerun {REBUILD}")
+    require(
+        names == expected,
+        f"part file {path} holds {sorted(names)}, a {mode} part needs {sorted(expected)}: "
+        f"delete it and rerun {REBUILD}",
+    )
     rows = shapes["tokens"][0][0] if len(shapes["tokens"][0]) == 2 else -1
     want = {"tokens": (rows, seq_len + 1)}
     entries = 0
@@ -221,12 +263,18 @@ def _part_layout(path, shapes: dict, mode: str, seq_len: int, k: int) -> tuple[i
         want.update(topk_ids=(rows, seq_len, k), topk_logprobs=(rows, seq_len, k), tail_logprob=(rows, seq_len))
     else:
         entries = shapes["sample_ids"][0][0] if len(shapes["sample_ids"][0]) == 1 else -1
-        want.update(sample_ids=(entries,), sample_counts=(entries,), num_distinct=(rows, seq_len),
-                    teacher_entropy=(rows, seq_len))
+        want.update(
+            sample_ids=(entries,),
+            sample_counts=(entries,),
+            num_distinct=(rows, seq_len),
+            teacher_entropy=(rows, seq_len),
+        )
     for name, shape in want.items():
-        require(shapes[name][0] == shape and min(shape) >= 0,
-                f"part file {path}: {name} has shape {shapes[name][0]}, expected {shape} "
-                f"(seq_len={seq_len}{f', k={k}' if mode == 'topk' else ''}): delete it and rerun {REBUILD}")
+        require(
+            shapes[name][0] == shape and min(shape) >= 0,
+            f"part file {path}: {name} has shape {shapes[name][0]}, expected {shape} "
+            f"(seq_len={seq_len}{f', k={k}' if mode == 'topk' else ''}): delete it and rerun {REBUILD}",
+        )
     return rows, entries
 
 
@@ -235,10 +283,12 @@ def _as_ids(path, name: str, arr: np.ndarray, vocab_size: int, id_dtype: np.dtyp
     require(arr.dtype.kind in "ui", f"part file {path}: {name} has dtype {arr.dtype}, token ids must be integers")
     if arr.size:
         low, high = int(arr.min()), int(arr.max())
-        require(low >= 0 and high < vocab_size,
-                f"part file {path}: {name} holds id {low if low < 0 else high}, outside the vocabulary "
-                f"[0, {vocab_size}) stored as {id_dtype.name}: the teacher and cache settings disagree; "
-                f"check vocab_size and rerun {REBUILD}")
+        require(
+            low >= 0 and high < vocab_size,
+            f"part file {path}: {name} holds id {low if low < 0 else high}, outside the vocabulary "
+            f"[0, {vocab_size}) stored as {id_dtype.name}: the teacher and cache settings disagree; "
+            f"check vocab_size and rerun {REBUILD}",
+        )
     return arr.astype(id_dtype, copy=False)
 
 
@@ -248,9 +298,11 @@ def _as_small_counts(path, name: str, arr: np.ndarray, dtype: np.dtype) -> np.nd
     if arr.size:
         low, high = int(arr.min()), int(arr.max())
         top = int(np.iinfo(dtype).max)
-        require(low >= 1 and high <= top,
-                f"part file {path}: {name} holds {low if low < 1 else high}, expected 1..{top}: "
-                f"delete it and rerun {REBUILD}")
+        require(
+            low >= 1 and high <= top,
+            f"part file {path}: {name} holds {low if low < 1 else high}, expected 1..{top}: "
+            f"delete it and rerun {REBUILD}",
+        )
     return arr.astype(dtype, copy=False)
 
 
@@ -259,22 +311,28 @@ def _as_floats(path, name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     require(arr.dtype.kind == "f", f"part file {path}: {name} has dtype {arr.dtype}, expected floats")
     out = arr.astype(dtype, copy=False)
     require(not np.isnan(arr).any(), f"part file {path}: {name} holds NaN: delete it and rerun {REBUILD}")
-    require(np.array_equal(np.isinf(arr), np.isinf(out)),
-            f"part file {path}: {name} holds values that overflow {dtype.name}: delete it and rerun {REBUILD}")
+    require(
+        np.array_equal(np.isinf(arr), np.isinf(out)),
+        f"part file {path}: {name} holds values that overflow {dtype.name}: delete it and rerun {REBUILD}",
+    )
     return out
 
 
 def _check_sampled_counts(path, num_distinct: np.ndarray, counts: np.ndarray, num_samples: int) -> None:
     """Entries match num_distinct, and each position's counts add up to num_samples."""
-    require(int(num_distinct.sum()) == counts.shape[0],
-            f"part file {path}: num_distinct sums to {int(num_distinct.sum())} but there are "
-            f"{counts.shape[0]} sample entries: delete it and rerun {REBUILD}")
+    require(
+        int(num_distinct.sum()) == counts.shape[0],
+        f"part file {path}: num_distinct sums to {int(num_distinct.sum())} but there are "
+        f"{counts.shape[0]} sample entries: delete it and rerun {REBUILD}",
+    )
     if counts.size:
         starts = np.concatenate([[0], np.cumsum(num_distinct.reshape(-1), dtype=np.int64)[:-1]])
         per_position = np.add.reduceat(counts.astype(np.int64), starts)
-        require(bool((per_position == num_samples).all()),
-                f"part file {path}: sample counts at some position do not add up to num_samples={num_samples}: "
-                f"delete it and rerun {REBUILD}")
+        require(
+            bool((per_position == num_samples).all()),
+            f"part file {path}: sample counts at some position do not add up to num_samples={num_samples}: "
+            f"delete it and rerun {REBUILD}",
+        )
 
 
 def _new_dataset(f: h5py.File, name: str, shape: tuple, dtype) -> h5py.Dataset:
@@ -304,32 +362,45 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
     rows = sum(r for r, _ in layouts)
     entries = sum(e for _, e in layouts)
     require(rows >= 1, f"the parts of {final_path.name} hold no rows")
-    require(attrs.setdefault("rows", rows) == rows,
-            f"attrs say {final_path.name} has {attrs['rows']} rows but its parts hold {rows}")
+    require(
+        attrs.setdefault("rows", rows) == rows,
+        f"attrs say {final_path.name} has {attrs['rows']} rows but its parts hold {rows}",
+    )
 
     shapes = {"tokens": (rows, seq_len + 1)}
     if mode == "topk":
         shapes.update(topk_ids=(rows, seq_len, k), topk_logprobs=(rows, seq_len, k), tail_logprob=(rows, seq_len))
     else:
-        shapes.update(sample_ids=(entries,), sample_counts=(entries,), num_distinct=(rows, seq_len),
-                      row_offsets=(rows + 1,), teacher_entropy=(rows, seq_len))
+        shapes.update(
+            sample_ids=(entries,),
+            sample_counts=(entries,),
+            num_distinct=(rows, seq_len),
+            row_offsets=(rows + 1,),
+            teacher_entropy=(rows, seq_len),
+        )
 
     # Pass 2: copy part by part.
     max_distinct = 0
-    data_bytes = sum(int(np.prod(shapes[name])) * _FIXED_DTYPES.get(name, id_dtype).itemsize for name in SHARD_DATASETS[mode])
+    data_bytes = sum(
+        int(np.prod(shapes[name])) * _FIXED_DTYPES.get(name, id_dtype).itemsize for name in SHARD_DATASETS[mode]
+    )
     with atomic_path(final_path) as tmp:
         reserve_space(tmp, data_bytes + (64 << 10))  # data + HDF5 metadata (~8 KiB): a full disk fails here, cleanly
         with h5py.File(tmp, "w") as f:
-            datasets = {name: _new_dataset(f, name, shapes[name], _FIXED_DTYPES.get(name, id_dtype))
-                        for name in SHARD_DATASETS[mode]}
+            datasets = {
+                name: _new_dataset(f, name, shapes[name], _FIXED_DTYPES.get(name, id_dtype))
+                for name in SHARD_DATASETS[mode]
+            }
             if mode == "sampled":
                 datasets["row_offsets"][0] = 0
             row, entry = 0, 0
             for path, (part_rows, part_entries) in zip(part_paths, layouts):
                 part = read_part(path)
                 actual = {name: (arr.shape, arr.dtype) for name, arr in part.items()}
-                require(_part_layout(path, actual, mode, seq_len, k) == (part_rows, part_entries),
-                        f"part file {path} changed while the shard was assembled: rerun {REBUILD}")
+                require(
+                    _part_layout(path, actual, mode, seq_len, k) == (part_rows, part_entries),
+                    f"part file {path} changed while the shard was assembled: rerun {REBUILD}",
+                )
                 stop = row + part_rows
                 datasets["tokens"][row:stop] = _as_ids(path, "tokens", part["tokens"], vocab_size, id_dtype)
                 if mode == "topk":
@@ -341,21 +412,25 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
                     num_distinct = _as_small_counts(path, "num_distinct", part["num_distinct"], np.dtype("uint8"))
                     counts = _as_small_counts(path, "sample_counts", part["sample_counts"], np.dtype("uint8"))
                     _check_sampled_counts(path, num_distinct, counts, num_samples)
-                    datasets["sample_ids"][entry:end] = _as_ids(path, "sample_ids", part["sample_ids"],
-                                                                 vocab_size, id_dtype)
+                    datasets["sample_ids"][entry:end] = _as_ids(
+                        path, "sample_ids", part["sample_ids"], vocab_size, id_dtype
+                    )
                     datasets["sample_counts"][entry:end] = counts
                     datasets["num_distinct"][row:stop] = num_distinct
                     datasets["teacher_entropy"][row:stop] = _as_floats(
-                        path, "teacher_entropy", part["teacher_entropy"], _FIXED_DTYPES["teacher_entropy"])
+                        path, "teacher_entropy", part["teacher_entropy"], _FIXED_DTYPES["teacher_entropy"]
+                    )
                     if part_rows:
                         per_row = num_distinct.sum(axis=1, dtype=np.int64)
-                        datasets["row_offsets"][row + 1:stop + 1] = entry + np.cumsum(per_row)
+                        datasets["row_offsets"][row + 1 : stop + 1] = entry + np.cumsum(per_row)
                         max_distinct = max(max_distinct, int(num_distinct.max()))
                     entry = end
                 row = stop
                 del part
-            require(attrs.setdefault("max_distinct", max_distinct) == max_distinct,
-                    f"attrs say max_distinct={attrs['max_distinct']} for {final_path.name}, the parts give {max_distinct}")
+            require(
+                attrs.setdefault("max_distinct", max_distinct) == max_distinct,
+                f"attrs say max_distinct={attrs['max_distinct']} for {final_path.name}, the parts give {max_distinct}",
+            )
             for key in _ordered_keys(attrs):
                 f.attrs[key] = attrs[key]
     return {
@@ -397,14 +472,18 @@ def _check_row_layout(where, entries: list[dict]) -> None:
         shards = sorted(shards, key=lambda e: e["shard_index"])
         num_shards = {e["num_shards"] for e in shards}
         indexes = [e["shard_index"] for e in shards]
-        require(len(num_shards) == 1 and indexes == list(range(len(shards))) and num_shards == {len(shards)},
-                f"{where}: {split} shards {indexes} (of {sorted(num_shards)}) are incomplete or duplicated: "
-                f"rerun {REBUILD}")
+        require(
+            len(num_shards) == 1 and indexes == list(range(len(shards))) and num_shards == {len(shards)},
+            f"{where}: {split} shards {indexes} (of {sorted(num_shards)}) are incomplete or duplicated: "
+            f"rerun {REBUILD}",
+        )
         next_row = 0
         for e in shards:
-            require(e["row_start"] == next_row,
-                    f"{where}: {e['file']} starts at row {e['row_start']}, expected {next_row} "
-                    f"(rows have a gap or overlap): rerun {REBUILD}")
+            require(
+                e["row_start"] == next_row,
+                f"{where}: {e['file']} starts at row {e['row_start']}, expected {next_row} "
+                f"(rows have a gap or overlap): rerun {REBUILD}",
+            )
             next_row += e["rows"]
 
 
@@ -447,12 +526,15 @@ def write_manifest(cache_dir, common_attrs: dict, shard_entries: list[dict]) -> 
     names = [e["file"] for e in shards]
     require(len(set(names)) == len(names), f"write_manifest got a shard twice: {names}")
     _check_row_layout(cache_dir / MANIFEST_NAME, shards)
-    atomic_write_json(cache_dir / MANIFEST_NAME, {
-        **attrs,
-        "format_version": FORMAT_VERSION,
-        "shards": shards,
-        "splits": _split_summaries(shards, int(attrs["seq_len"])),
-    })
+    atomic_write_json(
+        cache_dir / MANIFEST_NAME,
+        {
+            **attrs,
+            "format_version": FORMAT_VERSION,
+            "shards": shards,
+            "splits": _split_summaries(shards, int(attrs["seq_len"])),
+        },
+    )
 
 
 def manifest_attrs(manifest: dict) -> dict:
@@ -466,13 +548,16 @@ def read_manifest(cache_dir) -> dict:
     try:
         manifest = read_json(path)
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"no cache at {cache_dir} ({path.name} is missing or unreadable): "
-                            f"run {REBUILD}") from exc
-    require(isinstance(manifest, dict) and all(k in manifest for k in ("format_version", "shards", "splits")),
-            f"no cache at {cache_dir} ({path.name} is incomplete): run {REBUILD}")
-    require(manifest["format_version"] == FORMAT_VERSION,
-            f"cache at {cache_dir} has format_version {manifest['format_version']}, this code reads "
-            f"{FORMAT_VERSION}: delete it and rerun {REBUILD}")
+        raise PipelineError(f"no cache at {cache_dir} ({path.name} is missing or unreadable): run {REBUILD}") from exc
+    require(
+        isinstance(manifest, dict) and all(k in manifest for k in ("format_version", "shards", "splits")),
+        f"no cache at {cache_dir} ({path.name} is incomplete): run {REBUILD}",
+    )
+    require(
+        manifest["format_version"] == FORMAT_VERSION,
+        f"cache at {cache_dir} has format_version {manifest['format_version']}, this code reads "
+        f"{FORMAT_VERSION}: delete it and rerun {REBUILD}",
+    )
     return manifest
 
 
@@ -492,8 +577,9 @@ def verify_cache(cache_dir, split=None) -> None:
         if not path.is_file():
             problems.append(f"{path} is missing")
         elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path} is truncated or corrupted (size {path.stat().st_size}, "
-                            f"manifest says {entry['bytes']})")
+            problems.append(
+                f"{path} is truncated or corrupted (size {path.stat().st_size}, manifest says {entry['bytes']})"
+            )
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{path} is truncated or corrupted (sha256 mismatch)")
     require(not problems, "; ".join(problems) + f": delete the broken files and rerun {REBUILD}")
@@ -508,17 +594,24 @@ def check_compatible(attrs: dict, expected: dict, where: str = "the logit cache"
             continue
         have = attrs[key]
         if isinstance(have, float) or isinstance(want, float):
-            same = isinstance(have, (int, float)) and isinstance(want, (int, float)) and \
-                math.isclose(float(have), float(want), rel_tol=1e-9, abs_tol=1e-12)
+            same = (
+                isinstance(have, (int, float))
+                and isinstance(want, (int, float))
+                and math.isclose(float(have), float(want), rel_tol=1e-9, abs_tol=1e-12)
+            )
         else:
             same = have == want
         if not same:
             mismatches.append(f"{key}: cache has {have!r}, expected {want!r}")
-    require(not mismatches, f"{where} was built with other settings ({'; '.join(mismatches)}): "
-            f"rebuild it with {REBUILD} or point the run at a matching cache")
+    require(
+        not mismatches,
+        f"{where} was built with other settings ({'; '.join(mismatches)}): "
+        f"rebuild it with {REBUILD} or point the run at a matching cache",
+    )
 
 
 # ----------------------------------------------------------------------------- reader
+
 
 class _ShardLayout:
     """Where one shard's datasets live: path, first global row, rows, {name: (offset, shape, dtype)}."""
@@ -558,12 +651,18 @@ class CacheReader:
             if common is None:
                 common = shard_common
                 mismatched = [k for k, v in manifest_attrs(manifest).items() if k in common and common[k] != v]
-                require(not mismatched, f"{path} does not match {MANIFEST_NAME} ({', '.join(mismatched)}): the cache "
-                        f"mixes different runs; delete {self.cache_dir} and rerun {REBUILD}")
+                require(
+                    not mismatched,
+                    f"{path} does not match {MANIFEST_NAME} ({', '.join(mismatched)}): the cache "
+                    f"mixes different runs; delete {self.cache_dir} and rerun {REBUILD}",
+                )
             else:
                 mismatched = sorted(k for k in set(common) | set(shard_common) if common.get(k) != shard_common.get(k))
-                require(not mismatched, f"{path} disagrees with {entries[0]['file']} on {', '.join(mismatched)}: "
-                        f"the cache mixes different runs; delete {self.cache_dir} and rerun {REBUILD}")
+                require(
+                    not mismatched,
+                    f"{path} disagrees with {entries[0]['file']} on {', '.join(mismatched)}: "
+                    f"the cache mixes different runs; delete {self.cache_dir} and rerun {REBUILD}",
+                )
             max_distinct = max(max_distinct, attrs["max_distinct"])
             self._shards.append(_ShardLayout(path, entry["row_start"], entry["rows"], datasets))
 
@@ -586,9 +685,11 @@ class CacheReader:
         try:
             with h5py.File(path, "r") as f:
                 attrs = _attrs_from_h5(f.attrs)
-                require(attrs.get("format_version") == FORMAT_VERSION,
-                        f"{path} has format_version {attrs.get('format_version')}, this code reads "
-                        f"{FORMAT_VERSION}: delete it and rerun {REBUILD}")
+                require(
+                    attrs.get("format_version") == FORMAT_VERSION,
+                    f"{path} has format_version {attrs.get('format_version')}, this code reads "
+                    f"{FORMAT_VERSION}: delete it and rerun {REBUILD}",
+                )
                 mode = attrs.get("mode")
                 require(mode in MODES, f"{path} has unknown cache mode {mode!r}: delete it and rerun {REBUILD}")
                 datasets = {}
@@ -597,17 +698,21 @@ class CacheReader:
                     ds = f[name]
                     offset = ds.id.get_offset()
                     nbytes = int(np.prod(ds.shape, dtype=np.int64)) * ds.dtype.itemsize
-                    require(ds.chunks is None and ds.compression is None and (offset is not None or nbytes == 0),
-                            f"{path}: dataset {name} is not stored contiguously: delete it and rerun {REBUILD}")
+                    require(
+                        ds.chunks is None and ds.compression is None and (offset is not None or nbytes == 0),
+                        f"{path}: dataset {name} is not stored contiguously: delete it and rerun {REBUILD}",
+                    )
                     if nbytes and offset + nbytes > size:
                         raise _corrupt(path, f"dataset {name} runs past the end of the file")
                     datasets[name] = (offset, tuple(ds.shape), ds.dtype)
         except OSError as exc:
             raise _corrupt(path, f"h5py cannot open it: {exc}") from exc
         for key in ("split", "rows", "row_start", "shard_index", "num_shards"):
-            require(attrs.get(key) == entry[key],
-                    f"{path} says {key}={attrs.get(key)!r} but {MANIFEST_NAME} says {entry[key]!r}: "
-                    f"delete {self.cache_dir} and rerun {REBUILD}")
+            require(
+                attrs.get(key) == entry[key],
+                f"{path} says {key}={attrs.get(key)!r} but {MANIFEST_NAME} says {entry[key]!r}: "
+                f"delete {self.cache_dir} and rerun {REBUILD}",
+            )
         return attrs, datasets
 
     # -- memmaps (built lazily, per process) --
@@ -669,7 +774,7 @@ class CacheReader:
             out["topk_logprobs"] = views["topk_logprobs"][local].astype(np.float32)
             out["tail_logprob"] = views["tail_logprob"][local].astype(np.float32)
             return out
-        start, stop = (int(x) for x in views["row_offsets"][local:local + 2])
+        start, stop = (int(x) for x in views["row_offsets"][local : local + 2])
         num_distinct = views["num_distinct"][local]
         if stop - start != int(num_distinct.sum(dtype=np.int64)) or num_distinct.max(initial=0) > self.max_distinct:
             raise _corrupt(self._shard_path_of(index), "row_offsets disagree with num_distinct")
@@ -688,5 +793,7 @@ class CacheReader:
         return self._shards[bisect.bisect_right(self._row_starts, index) - 1].path
 
     def __repr__(self) -> str:
-        return (f"CacheReader({str(self.cache_dir)!r}, split={self.split!r}, mode={self.mode!r}, "
-                f"rows={self._num_rows}, shards={len(self._shards)})")
+        return (
+            f"CacheReader({str(self.cache_dir)!r}, split={self.split!r}, mode={self.mode!r}, "
+            f"rows={self._num_rows}, shards={len(self._shards)})"
+        )

@@ -5,6 +5,7 @@ Exit codes: 0 done; 2 a PipelineError (bad input or options: change them as the 
 says); 1 the disk, the file size limit or the quota ran out while writing (one `error:` line naming
 the file; free space and rerun the same command: completed parts and saved states are kept and
 resumed); 130 interrupted (rerun to resume)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ import functools
 import os
 import sys
 import time
+import types
 import typing
 
 import click
@@ -22,11 +24,9 @@ from pipeline.fsutil import DISK_FULL_ERRNOS
 
 
 def _click_type(annotation):
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:  # Optional[X]
+    """The click type of a field annotation: X for `X | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation.replace("Optional[", "").rstrip("]"), str)
     return annotation
 
 
@@ -49,7 +49,9 @@ def config_options(config_class, **default_overrides):
             help_text = field.metadata.get("help", "")
             default = default_overrides.get(field.name, field.default)
             if kind is bool:
-                wrapper = click.option(flag + "/--no-" + field.name.replace("_", "-"), default=default, show_default=True, help=help_text)(wrapper)
+                wrapper = click.option(
+                    flag + "/--no-" + field.name.replace("_", "-"), default=default, show_default=True, help=help_text
+                )(wrapper)
             else:
                 wrapper = click.option(flag, type=kind, default=default, show_default=True, help=help_text)(wrapper)
         return wrapper
@@ -81,8 +83,11 @@ def run_stage(entry, *args, **kwargs):
     except OSError as exc:
         if exc.errno not in DISK_FULL_ERRNOS:
             raise
-        _fail(f"error: could not write {exc.filename or 'an output file'} ({exc.strerror}); free disk space "
-              "and rerun the same command: what was completed is kept and resumed", 1)
+        _fail(
+            f"error: could not write {exc.filename or 'an output file'} ({exc.strerror}); free disk space "
+            "and rerun the same command: what was completed is kept and resumed",
+            1,
+        )
     except KeyboardInterrupt:
         click.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(130)

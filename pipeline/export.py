@@ -18,6 +18,7 @@ as llama.cpp's "gpt2" byte-level BPE (tokens, token types, merges, special ids).
 The int8 runtime is torch.ao dynamic quantization (quantize_dynamic + per-channel qint8 weights). PyTorch has
 deprecated torch.ao in favour of torchao; the file format here (plain int8 + scales) does not depend on it.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from pipeline.config import opt, raise_problems
 from pipeline.errors import PipelineError
@@ -48,12 +48,19 @@ EXPORT_DIR = "export"
 class ExportConfig:
     """Export a trained student (any Hugging Face causal LM folder) to GGUF and int8."""
 
-    model: str = opt("checkpoints/default-distill", "model folder to export (a run folder of distill / baseline, or any HF causal LM)")
-    out_dir: Optional[str] = opt(None, "where the files go (default: MODEL/export)")
-    formats: str = opt("f16,q8_0,int8", "comma-separated: f16 and q8_0 (GGUF, llama architecture) and int8 (safetensors + loader)")
-    data_dir: Optional[str] = opt(None, "measure perplexity and tokens/s on this tokenized corpus's val split (default: the run's own)")
+    model: str = opt(
+        "checkpoints/default-distill",
+        "model folder to export (a run folder of distill / baseline, or any HF causal LM)",
+    )
+    out_dir: str | None = opt(None, "where the files go (default: MODEL/export)")
+    formats: str = opt(
+        "f16,q8_0,int8", "comma-separated: f16 and q8_0 (GGUF, llama architecture) and int8 (safetensors + loader)"
+    )
+    data_dir: str | None = opt(
+        None, "measure perplexity and tokens/s on this tokenized corpus's val split (default: the run's own)"
+    )
     measure: bool = opt(True, "measure size, val perplexity and CPU tokens/s of each export next to the float model")
-    seq_len: Optional[int] = opt(None, "tokens per evaluated row (default: the run's --seq-len, else 256)")
+    seq_len: int | None = opt(None, "tokens per evaluated row (default: the run's --seq-len, else 256)")
     eval_rows: int = opt(16, "val rows evaluated (0: all)")
     batch_size: int = opt(4, "rows per evaluation forward")
     max_new_tokens: int = opt(32, "greedy tokens generated per prompt to time tokens/s")
@@ -83,33 +90,53 @@ def read_causal_lm_config(model_dir: str | Path):
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise PipelineError(f"{model_dir} is not a model folder (no config.json); pass a trained run folder such as checkpoints/default-distill")
+        raise PipelineError(
+            f"{model_dir} is not a model folder (no config.json); pass a trained run folder such as "
+            "checkpoints/default-distill"
+        )
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as exc:
-        raise PipelineError(f"{model_dir}/config.json is not a transformers config ({type(exc).__name__}); pass a Hugging Face model folder") from exc
+        raise PipelineError(
+            f"{model_dir}/config.json is not a transformers config ({type(exc).__name__}); pass a Hugging Face model "
+            "folder"
+        ) from exc
     architectures = getattr(config, "architectures", None) or []
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        raise PipelineError(f"{model_dir} is not a causal language model ({', '.join(architectures) or config.model_type}); "
-                            f"export takes a causal LM folder such as checkpoints/default-distill")
+        raise PipelineError(
+            f"{model_dir} is not a causal language model ({', '.join(architectures) or config.model_type}); "
+            f"export takes a causal LM folder such as checkpoints/default-distill"
+        )
     if not any(model_dir.glob("*.safetensors")):
-        raise PipelineError(f"{model_dir} has a config.json but no *.safetensors weights; finish or rerun its training first")
+        raise PipelineError(
+            f"{model_dir} has a config.json but no *.safetensors weights; finish or rerun its training first"
+        )
     return config
 
 
 def check_gguf_supported(config, model_dir: str | Path) -> None:
     """One line naming what the GGUF writer supports: a plain Llama (no biases, SiLU, default RoPE)."""
     if config.model_type != "llama":
-        raise PipelineError(f"the GGUF writer supports the llama architecture only (LlamaForCausalLM); {model_dir} is "
-                            f"{config.model_type}; export it with --formats int8")
+        raise PipelineError(
+            f"the GGUF writer supports the llama architecture only (LlamaForCausalLM); {model_dir} is "
+            f"{config.model_type}; export it with --formats int8"
+        )
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    unsupported = [name for name, bad in (("attention_bias", getattr(config, "attention_bias", False)),
-                                          ("mlp_bias", getattr(config, "mlp_bias", False)),
-                                          (f"hidden_act={config.hidden_act}", config.hidden_act != "silu"),
-                                          (f"rope_type={rope.get('rope_type')}", rope.get("rope_type", "default") != "default")) if bad]
+    unsupported = [
+        name
+        for name, bad in (
+            ("attention_bias", getattr(config, "attention_bias", False)),
+            ("mlp_bias", getattr(config, "mlp_bias", False)),
+            (f"hidden_act={config.hidden_act}", config.hidden_act != "silu"),
+            (f"rope_type={rope.get('rope_type')}", rope.get("rope_type", "default") != "default"),
+        )
+        if bad
+    ]
     if unsupported:
-        raise PipelineError(f"the GGUF writer supports plain llama (no biases, silu, default rope); {model_dir} has "
-                            f"{', '.join(unsupported)}; export it with --formats int8")
+        raise PipelineError(
+            f"the GGUF writer supports plain llama (no biases, silu, default rope); {model_dir} has "
+            f"{', '.join(unsupported)}; export it with --formats int8"
+        )
 
 
 # ---------------------------------------------------------------- GGUF
@@ -125,10 +152,15 @@ def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 _BLOCK_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
@@ -162,16 +194,27 @@ def gguf_tensors(state: dict[str, torch.Tensor], config) -> list[tuple[str, np.n
 def gguf_pre_tokenizer(backend: dict) -> str:
     """llama.cpp's tokenizer.ggml.pre for the HF pre-tokenizer: plain byte-level (GPT-2 regex) or SmolLM's digits + byte-level."""
     pre = backend.get("pre_tokenizer") or {}
+
     def gpt2_split(part: dict) -> bool:
-        return part.get("type") == "ByteLevel" and part.get("use_regex", True) and not part.get("add_prefix_space", False)
+        return (
+            part.get("type") == "ByteLevel" and part.get("use_regex", True) and not part.get("add_prefix_space", False)
+        )
 
     if gpt2_split(pre):
         return "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") and gpt2_split(parts[1]):
+    if (
+        len(parts) == 2
+        and parts[0].get("type") == "Digits"
+        and parts[0].get("individual_digits")
+        and gpt2_split(parts[1])
+    ):
         return "smollm"
-    raise PipelineError(f"the GGUF writer supports byte-level BPE tokenizers with the GPT-2 split (optionally single digits first, no prefix space); "
-                        f"this tokenizer's pre-tokenizer is {json.dumps(pre)[:120]}; export with --formats int8")
+    raise PipelineError(
+        "the GGUF writer supports byte-level BPE tokenizers with the GPT-2 split (optionally single digits first, no "
+        "prefix space); "
+        f"this tokenizer's pre-tokenizer is {json.dumps(pre)[:120]}; export with --formats int8"
+    )
 
 
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
@@ -181,7 +224,10 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend.get("model", {})
     if model.get("type") != "BPE":
-        raise PipelineError(f"the GGUF writer supports byte-level BPE tokenizers; this one is {model.get('type')}; export with --formats int8")
+        raise PipelineError(
+            f"the GGUF writer supports byte-level BPE tokenizers; this one is {model.get('type')}; export with "
+            "--formats int8"
+        )
     id_to_token = {index: token for token, index in tokenizer.get_vocab().items()}
     added = {index: token for index, token in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []
@@ -191,15 +237,31 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
             types.append(TokenType.UNUSED)
         else:
             tokens.append(id_to_token[index])
-            types.append(TokenType.NORMAL if index not in added else TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED)
+            types.append(
+                TokenType.NORMAL
+                if index not in added
+                else TokenType.CONTROL
+                if added[index].special
+                else TokenType.USER_DEFINED
+            )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     with_specials = tokenizer("a")["input_ids"]
-    specials = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}
-    return {"pre": gguf_pre_tokenizer(backend), "tokens": tokens, "types": types, "merges": merges,
-            "specials": {k: v for k, v in specials.items() if v is not None},
-            "add_bos": len(with_specials) > len(plain) and with_specials[0] == tokenizer.bos_token_id,
-            "chat_template": getattr(tokenizer, "chat_template", None)}
+    specials = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "unk": tokenizer.unk_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
+    return {
+        "pre": gguf_pre_tokenizer(backend),
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "specials": {k: v for k, v in specials.items() if v is not None},
+        "add_bos": len(with_specials) > len(plain) and with_specials[0] == tokenizer.bos_token_id,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
 
 
 def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> Path:
@@ -244,8 +306,11 @@ def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> Path:
             if array.ndim == 1:
                 writer.add_tensor(tensor_name, array.astype(np.float32))
             elif qtype == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-                writer.add_tensor(tensor_name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                                  raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(
+                    tensor_name,
+                    gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                    raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+                )
             else:
                 writer.add_tensor(tensor_name, array.astype(np.float16))
         writer.write_header_to_file()
@@ -296,15 +361,19 @@ def int8_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if isinstance(module, nnqd.Linear):
             weight, bias = module.weight(), module.bias()
             if bool((weight.q_per_channel_zero_points() != 0).any()):
-                raise PipelineError("int8 export expects symmetric weights (zero points 0); this torch build quantized otherwise")
+                raise PipelineError(
+                    "int8 export expects symmetric weights (zero points 0); this torch build quantized otherwise"
+                )
             tensors[f"{name}.weight"] = weight.int_repr().contiguous()
             tensors[f"{name}.weight_scale"] = weight.q_per_channel_scales().float().contiguous()
             if bias is not None:
                 tensors[f"{name}.bias"] = bias.detach().float().contiguous()
             linear_names.append(name)
     if not linear_names:
-        raise PipelineError(f"int8 export quantizes nn.Linear layers and {type(model).__name__} has none (e.g. GPT-2 uses Conv1D); "
-                            f"export a Llama-style student")
+        raise PipelineError(
+            f"int8 export quantizes nn.Linear layers and {type(model).__name__} has none (e.g. GPT-2 uses Conv1D); "
+            f"export a Llama-style student"
+        )
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and "lm_head" in linear_names
     embedding_key = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
     for key, value in model.state_dict().items():
@@ -312,8 +381,12 @@ def int8_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if owner in linear_names or (tied and key == embedding_key):
             continue
         tensors[key] = value.detach().float().contiguous()
-    metadata = {"format": INT8_FORMAT, "linears": json.dumps(linear_names), "embedding_from": "lm_head" if tied else "",
-                "embedding_key": embedding_key}
+    metadata = {
+        "format": INT8_FORMAT,
+        "linears": json.dumps(linear_names),
+        "embedding_from": "lm_head" if tied else "",
+        "embedding_key": embedding_key,
+    }
     return tensors, metadata
 
 
@@ -343,27 +416,42 @@ def load_int8(folder: str | Path):
     folder = Path(folder)
     path = folder / INT8_WEIGHTS
     if not path.is_file():
-        raise PipelineError(f"{folder} holds no {INT8_WEIGHTS}; export it with: python -m pipeline export --formats int8")
+        raise PipelineError(
+            f"{folder} holds no {INT8_WEIGHTS}; export it with: python -m pipeline export --formats int8"
+        )
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     if metadata.get("format") != INT8_FORMAT:
-        raise PipelineError(f"{path} is not an int8 export of this tool (format {metadata.get('format')!r}); rerun the export")
+        raise PipelineError(
+            f"{path} is not an int8 export of this tool (format {metadata.get('format')!r}); rerun the export"
+        )
     nnqd, _, _ = _quantized_dynamic()
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
     linears = json.loads(metadata["linears"])
-    int8 = {name: (tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale"), tensors.pop(f"{name}.bias", None)) for name in linears}
+    int8 = {
+        name: (tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale"), tensors.pop(f"{name}.bias", None))
+        for name in linears
+    }
     if metadata.get("embedding_from"):
         weight, scale, _ = int8[metadata["embedding_from"]]
         tensors[metadata["embedding_key"]] = weight.float() * scale[:, None]
     missing, unexpected = model.load_state_dict(tensors, strict=False)  # the float part, before the Linears are swapped
     if unexpected or [k for k in missing if k.rsplit(".", 1)[0] not in linears]:
-        raise PipelineError(f"{path} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); rerun the export")
+        raise PipelineError(
+            f"{path} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); rerun the "
+            "export"
+        )
     for name, (weight, scale, bias) in int8.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(weight.float() * scale[:, None], scale.double(), torch.zeros_like(scale, dtype=torch.long),
-                                                 0, torch.qint8)
+            qweight = torch.quantize_per_channel(
+                weight.float() * scale[:, None],
+                scale.double(),
+                torch.zeros_like(scale, dtype=torch.long),
+                0,
+                torch.qint8,
+            )
             linear = nnqd.Linear(weight.shape[1], weight.shape[0], bias_=bias is not None, dtype=torch.qint8)
             linear.set_weight_bias(qweight, bias)
         parent_name, _, child = name.rpartition(".")
@@ -401,8 +489,16 @@ def export_files(export_dir: Path) -> dict[str, Path]:
     return found
 
 
-def exported_variants(model_dir: str | Path, data_dir: str | Path, seq_len: int, eval_rows: int = 0, batch_size: int = 4,
-                      prompts: Optional[list[str]] = None, max_new_tokens: int = 32, export_dir: str | Path | None = None) -> dict:
+def exported_variants(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    seq_len: int,
+    eval_rows: int = 0,
+    batch_size: int = 4,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 32,
+    export_dir: str | Path | None = None,
+) -> dict:
     """Size on disk, val perplexity, mean |delta log-prob| against the float model and CPU greedy tokens/s of the float
     model in `model_dir` and of every export in `export_dir` (default model_dir/export), on the same val rows and prompts.
 
@@ -420,7 +516,9 @@ def exported_variants(model_dir: str | Path, data_dir: str | Path, seq_len: int,
     export_dir = Path(export_dir) if export_dir else model_dir / EXPORT_DIR
     rows = TokenRows(str(data_dir), "val", seq_len)
     if len(rows) == 0:
-        raise PipelineError(f"the val split of {data_dir} is shorter than one row of {seq_len + 1} tokens; pass a smaller --seq-len")
+        raise PipelineError(
+            f"the val split of {data_dir} is shorter than one row of {seq_len + 1} tokens; pass a smaller --seq-len"
+        )
     count = len(rows) if eval_rows == 0 else min(eval_rows, len(rows))
     tokenizer = load_tokenizer(model_dir)
     prompts = prompts if prompts is not None else val_prompts(str(data_dir), tokenizer, 3, 16)
@@ -429,7 +527,12 @@ def exported_variants(model_dir: str | Path, data_dir: str | Path, seq_len: int,
     for label, path in export_files(export_dir).items():
         loaders[label] = (lambda p=path: load_int8(p)) if label == "int8" else (lambda p=path: load_gguf(p))
     sizes = {"float32": sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))}
-    sizes.update({label: files_size(path / INT8_WEIGHTS if label == "int8" else path) for label, path in export_files(export_dir).items()})
+    sizes.update(
+        {
+            label: files_size(path / INT8_WEIGHTS if label == "int8" else path)
+            for label, path in export_files(export_dir).items()
+        }
+    )
 
     variants, reference = {}, None
     for label, load in loaders.items():
@@ -439,13 +542,29 @@ def exported_variants(model_dir: str | Path, data_dir: str | Path, seq_len: int,
         speed = None
         if not label.startswith("gguf") and prompts:
             _, speed = continue_prompts(model, tokenizer, prompts, sample, torch.device("cpu"))
-        variants[label] = {"size_bytes": sizes[label], "val_ppl": math.exp(min(-logprobs.mean().item(), 50.0)),
-                           "mean_abs_logprob_delta": (logprobs - reference).abs().mean().item(), "tokens_per_s": speed,
-                           "path": str(export_dir / GGUF_FILES[label[5:]]) if label.startswith("gguf") else
-                           str(export_dir / INT8_DIR) if label == "int8" else str(model_dir)}
+        variants[label] = {
+            "size_bytes": sizes[label],
+            "val_ppl": math.exp(min(-logprobs.mean().item(), 50.0)),
+            "mean_abs_logprob_delta": (logprobs - reference).abs().mean().item(),
+            "tokens_per_s": speed,
+            "path": str(export_dir / GGUF_FILES[label[5:]])
+            if label.startswith("gguf")
+            else str(export_dir / INT8_DIR)
+            if label == "int8"
+            else str(model_dir),
+        }
         del model
-    return {"variants": variants, "eval": {"rows": count, "seq_len": seq_len, "positions": count * seq_len, "device": "cpu",
-                                           "threads": torch.get_num_threads(), "generation": f"greedy, {max_new_tokens} tokens x {len(prompts)} prompts"}}
+    return {
+        "variants": variants,
+        "eval": {
+            "rows": count,
+            "seq_len": seq_len,
+            "positions": count * seq_len,
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "generation": f"greedy, {max_new_tokens} tokens x {len(prompts)} prompts",
+        },
+    }
 
 
 def render_variants(figures: dict) -> str:
@@ -453,7 +572,9 @@ def render_variants(figures: dict) -> str:
     lines = [f"{'variant':10}{'size MB':>10}{'val ppl':>11}{'mean |dlogp|':>14}{'CPU tokens/s':>14}"]
     for label, v in figures["variants"].items():
         speed = f"{v['tokens_per_s']:.1f}" if v["tokens_per_s"] is not None else "llama.cpp"
-        lines.append(f"{label:10}{v['size_bytes'] / 1e6:>10.2f}{v['val_ppl']:>11.3f}{v['mean_abs_logprob_delta']:>14.2e}{speed:>14}")
+        lines.append(
+            f"{label:10}{v['size_bytes'] / 1e6:>10.2f}{v['val_ppl']:>11.3f}{v['mean_abs_logprob_delta']:>14.2e}{speed:>14}"
+        )
     return "\n".join(lines)
 
 
@@ -462,19 +583,35 @@ def add_export_rows(report: dict, config) -> dict:
     a table appended to report.md, report.json rewritten. Same val rows, seq_len and prompts as the report."""
     from pipeline.fsutil import atomic_write_bytes
 
-    figures = exported_variants(config.distilled, config.data_dir, report["eval"]["seq_len"], report["eval"]["rows"], config.batch_size,
-                                report["samples"]["prompts"], report["samples"]["settings"]["max_new_tokens"])
+    figures = exported_variants(
+        config.distilled,
+        config.data_dir,
+        report["eval"]["seq_len"],
+        report["eval"]["rows"],
+        config.batch_size,
+        report["samples"]["prompts"],
+        report["samples"]["settings"]["max_new_tokens"],
+    )
     report["exports"] = figures
     out_dir = Path(config.out_dir)
     atomic_write_json(out_dir / "report.json", report)
     md = out_dir / "report.md"
-    table = ["", "## Exported distilled student (CPU)", "",
-             f"{figures['eval']['rows']} val rows x {figures['eval']['seq_len']} tokens; {figures['eval']['generation']}; "
-             "GGUF scored after dequantization (speed: run it in llama.cpp).", "",
-             "| variant | size (MB) | val perplexity | mean abs delta log-prob | CPU tokens/s |", "|---|---:|---:|---:|---:|"]
+    table = [
+        "",
+        "## Exported distilled student (CPU)",
+        "",
+        f"{figures['eval']['rows']} val rows x {figures['eval']['seq_len']} tokens; {figures['eval']['generation']}; "
+        "GGUF scored after dequantization (speed: run it in llama.cpp).",
+        "",
+        "| variant | size (MB) | val perplexity | mean abs delta log-prob | CPU tokens/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, v in figures["variants"].items():
         speed = f"{v['tokens_per_s']:.1f}" if v["tokens_per_s"] is not None else "n/a"
-        table.append(f"| {label} | {v['size_bytes'] / 1e6:.2f} | {v['val_ppl']:.3f} | {v['mean_abs_logprob_delta']:.2e} | {speed} |")
+        table.append(
+            f"| {label} | {v['size_bytes'] / 1e6:.2f} | {v['val_ppl']:.3f} | {v['mean_abs_logprob_delta']:.2e} | "
+            f"{speed} |"
+        )
     atomic_write_bytes(md, (md.read_text() if md.exists() else "").encode() + ("\n".join(table) + "\n").encode())
     print(render_variants(figures))
     return figures
@@ -492,7 +629,9 @@ def export_model(config: ExportConfig) -> dict:
     if any(f in GGUF_FILES for f in formats):
         check_gguf_supported(model_config, model_dir)
     out_dir = Path(config.out_dir) if config.out_dir else model_dir / EXPORT_DIR
-    targets = [out_dir / GGUF_FILES[f] for f in formats if f in GGUF_FILES] + ([out_dir / INT8_DIR] if "int8" in formats else [])
+    targets = [out_dir / GGUF_FILES[f] for f in formats if f in GGUF_FILES] + (
+        [out_dir / INT8_DIR] if "int8" in formats else []
+    )
     targets += [out_dir / REPORT_FILE] if config.measure else []
     existing = [str(t) for t in targets if t.exists()]
     if existing and not config.overwrite:
@@ -508,7 +647,10 @@ def export_model(config: ExportConfig) -> dict:
             written[fmt] = write_gguf(model, tokenizer, out_dir / GGUF_FILES[fmt], fmt, model_dir.name)
         else:
             written[fmt] = save_int8(model, tokenizer, out_dir / INT8_DIR)
-        print(f"export: wrote {written[fmt]} ({files_size(written[fmt]) / 1e6:.2f} MB, {time.perf_counter() - start:.1f}s)")
+        print(
+            f"export: wrote {written[fmt]} ({files_size(written[fmt]) / 1e6:.2f} MB, "
+            f"{time.perf_counter() - start:.1f}s)"
+        )
     del model
 
     report = {"model": str(model_dir), "files": {fmt: str(path) for fmt, path in written.items()}}
@@ -517,10 +659,22 @@ def export_model(config: ExportConfig) -> dict:
         train_options = run_config.get("resolved", {}).get("train", {})
         data_dir = config.data_dir or train_options.get("data_dir")
         if not data_dir or not (Path(data_dir) / "meta.json").exists():
-            raise PipelineError(f"no tokenized data to measure on ({data_dir or 'none recorded in the run'}); pass --data-dir or --no-measure")
+            raise PipelineError(
+                f"no tokenized data to measure on ({data_dir or 'none recorded in the run'}); pass --data-dir or "
+                "--no-measure"
+            )
         seq_len = config.seq_len or train_options.get("seq_len") or min(256, int(model_config.max_position_embeddings))
-        report.update(exported_variants(model_dir, data_dir, seq_len, config.eval_rows, config.batch_size,
-                                        max_new_tokens=config.max_new_tokens, export_dir=out_dir))
+        report.update(
+            exported_variants(
+                model_dir,
+                data_dir,
+                seq_len,
+                config.eval_rows,
+                config.batch_size,
+                max_new_tokens=config.max_new_tokens,
+                export_dir=out_dir,
+            )
+        )
         report["data_dir"] = str(data_dir)
         atomic_write_json(out_dir / REPORT_FILE, report)
         print(render_variants(report))

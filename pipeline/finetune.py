@@ -13,13 +13,13 @@ teacher_info.json, so `TEACHER=<out_dir>` works in every later stage and the cac
 fine-tuned teacher's weights hash (teacher.teacher_identity). run_config.json["finetune"] holds the
 val perplexity before and after, both measured here in float32 on the same `eval_rows` val rows.
 """
+
 from __future__ import annotations
 
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from pipeline.config import DEFAULT_TEACHER_DIR, StudentConfig, TrainConfig, opt, raise_problems
 from pipeline.errors import PipelineError
@@ -34,11 +34,15 @@ RUN_KIND = "finetune-teacher"
 class FinetuneConfig:
     """Fine-tune the teacher with cross-entropy on the train split. Defaults fit minutes on 2 CPU cores (135M teacher)."""
 
-    data_dir: str = opt("data/default", "tokenized corpus folder (make data); the teacher trains on its train split only")
+    data_dir: str = opt(
+        "data/default", "tokenized corpus folder (make data); the teacher trains on its train split only"
+    )
     teacher: str = opt(DEFAULT_TEACHER_DIR, "the teacher folder to start from (make teacher)")
-    out_dir: str = opt("checkpoints/default-teacher-ft", "the fine-tuned teacher (a Hugging Face folder; TEACHER= can point at it)")
+    out_dir: str = opt(
+        "checkpoints/default-teacher-ft", "the fine-tuned teacher (a Hugging Face folder; TEACHER= can point at it)"
+    )
     seq_len: int = opt(256, "tokens per sequence")
-    max_rows: Optional[int] = opt(None, "use only the first N train rows")
+    max_rows: int | None = opt(None, "use only the first N train rows")
     batch_size: int = opt(2, "sequences per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     max_steps: int = opt(40, "optimizer steps")
@@ -59,16 +63,40 @@ class FinetuneConfig:
 
     def train_config(self) -> TrainConfig:
         """The student TrainConfig this fine-tune runs as: cross-entropy only (alpha = 1, no cache)."""
-        shared = {name: getattr(self, name) for name in (
-            "data_dir", "teacher", "out_dir", "seq_len", "max_rows", "batch_size", "grad_accum", "max_steps", "lr", "min_lr_ratio",
-            "warmup_steps", "weight_decay", "grad_clip", "mixed_precision", "seed", "eval_every", "eval_rows", "save_every",
-            "log_every", "resume", "num_workers")}
+        shared = {
+            name: getattr(self, name)
+            for name in (
+                "data_dir",
+                "teacher",
+                "out_dir",
+                "seq_len",
+                "max_rows",
+                "batch_size",
+                "grad_accum",
+                "max_steps",
+                "lr",
+                "min_lr_ratio",
+                "warmup_steps",
+                "weight_decay",
+                "grad_clip",
+                "mixed_precision",
+                "seed",
+                "eval_every",
+                "eval_rows",
+                "save_every",
+                "log_every",
+                "resume",
+                "num_workers",
+            )
+        }
         return TrainConfig(**shared, alpha=1.0, cache_dir="")
 
     def validate(self) -> list[str]:
         problems = self.train_config().validate()
         if Path(self.out_dir).resolve() == Path(self.teacher).resolve():
-            problems.append(f"--out-dir must differ from --teacher ({self.teacher}): the source teacher is kept as it is")
+            problems.append(
+                f"--out-dir must differ from --teacher ({self.teacher}): the source teacher is kept as it is"
+            )
         return problems
 
 
@@ -99,11 +127,18 @@ def finetune_teacher(config: FinetuneConfig) -> Path:
     meta = read_meta(config.data_dir)
     source = teacher_identity(config.teacher)
     if meta["tokenizer_hash"] != tokenizer_hash(load_tokenizer(config.teacher)):
-        raise PipelineError(f"{config.data_dir} was tokenized with another tokenizer than the teacher {config.teacher}'s; "
-                            f"rerun make data with TEACHER={config.teacher}")
+        raise PipelineError(
+            f"{config.data_dir} was tokenized with another tokenizer than the teacher {config.teacher}'s; "
+            f"rerun make data with TEACHER={config.teacher}"
+        )
 
-    train(config.train_config(), StudentConfig(student=str(config.teacher)), distill=False, run_kind=RUN_KIND,
-          extra_inputs={"source_teacher_hash": source["teacher_hash"]})
+    train(
+        config.train_config(),
+        StudentConfig(student=str(config.teacher)),
+        distill=False,
+        run_kind=RUN_KIND,
+        extra_inputs={"source_teacher_hash": source["teacher_hash"]},
+    )
 
     from accelerate import PartialState
 
@@ -117,15 +152,23 @@ def finetune_teacher(config: FinetuneConfig) -> Path:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         val_rows = TokenRows(config.data_dir, "val", config.seq_len)
         before, after = _val_ppl(config.teacher, val_rows, config, device), _val_ppl(out_dir, val_rows, config, device)
-        figures = {"val_ppl_before": before, "val_ppl_after": after, "eval_rows": config.eval_rows or len(val_rows),
-                   "seq_len": config.seq_len, "source_teacher": source, "weights_sha256": new_hash}
+        figures = {
+            "val_ppl_before": before,
+            "val_ppl_after": after,
+            "eval_rows": config.eval_rows or len(val_rows),
+            "seq_len": config.seq_len,
+            "source_teacher": source,
+            "weights_sha256": new_hash,
+        }
         write_teacher_info(out_dir, source, meta, config)
         run_config["finetune"] = figures  # written last: its weights hash marks the folder complete
         atomic_write_json(run_config_path, run_config)
         if not config.keep_states:
             shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-    print(f"{RUN_KIND}: val perplexity {figures['val_ppl_before']:.3f} before -> {figures['val_ppl_after']:.3f} after "
-          f"({figures['eval_rows']} val rows x {figures['seq_len']} tokens); use it with TEACHER={out_dir}")
+    print(
+        f"{RUN_KIND}: val perplexity {figures['val_ppl_before']:.3f} before -> {figures['val_ppl_after']:.3f} after "
+        f"({figures['eval_rows']} val rows x {figures['seq_len']} tokens); use it with TEACHER={out_dir}"
+    )
     return out_dir
 
 

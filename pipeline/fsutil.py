@@ -1,5 +1,6 @@
 """Small file-system helpers: atomic writes, hashes, an owner-pid lock file, and disk-full errors
 turned into one OSError(errno, strerror, path) whatever library made the write."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,8 @@ import re
 import resource
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import PipelineError
 
@@ -161,7 +162,7 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
                 raise PipelineError(
                     f"{folder} is in use by {what} running as pid {pid}; wait for it to finish "
                     f"or stop it (kill {pid}). If no such process exists, delete {lock_path}."
-                )
+                ) from None
             lock_path.unlink(missing_ok=True)  # stale: its owner is gone
             continue
         with os.fdopen(fd, "w") as f:

@@ -1,4 +1,5 @@
 """Sampling from any checkpoint folder, and the timed generation `compare` reports."""
+
 from __future__ import annotations
 
 import time
@@ -10,10 +11,15 @@ from pipeline.teacher import load_teacher, load_tokenizer
 
 
 def _generation_kwargs(config: SampleConfig, tokenizer) -> dict:
-    kwargs = {"max_new_tokens": config.max_new_tokens, "min_new_tokens": config.max_new_tokens,
-              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    kwargs = {
+        "max_new_tokens": config.max_new_tokens,
+        "min_new_tokens": config.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
     if config.sample_temperature > 0:
-        kwargs.update(do_sample=True, temperature=config.sample_temperature, top_k=config.top_k or None, top_p=config.top_p)
+        kwargs.update(
+            do_sample=True, temperature=config.sample_temperature, top_k=config.top_k or None, top_p=config.top_p
+        )
     else:
         kwargs.update(do_sample=False)
     return kwargs
@@ -29,7 +35,9 @@ def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def continue_prompts(model, tokenizer, prompts: list[str], config: SampleConfig, device=None) -> tuple[list[str], float]:
+def continue_prompts(
+    model, tokenizer, prompts: list[str], config: SampleConfig, device=None
+) -> tuple[list[str], float]:
     """Continue each prompt (one at a time, seeded per prompt). Returns (continuations, generated tokens/s);
     the first prompt is run once before timing as a warm-up."""
     device = device or next(model.parameters()).device
@@ -43,7 +51,7 @@ def continue_prompts(model, tokenizer, prompts: list[str], config: SampleConfig,
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         elapsed += time.perf_counter() - start
-        new_tokens = out[0, ids.shape[1]:]
+        new_tokens = out[0, ids.shape[1] :]
         generated += len(new_tokens)
         texts.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
     return texts, generated / max(elapsed, 1e-9)

@@ -16,11 +16,14 @@ Masked-out positions are replaced by harmless dummies before any arithmetic, so 
 them (label -100, NaN log-probs, id -1) reaches neither the value nor the gradient; a mean over
 zero positions is 0.
 """
+
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +40,8 @@ LOG_ZERO = -80.0
 
 class LossParts(NamedTuple):
     total: torch.Tensor  # alpha * ce + (1 - alpha) * T^2 * kd, or ce alone without a teacher
-    ce: torch.Tensor     # hard-label cross-entropy at temperature 1
-    kd: torch.Tensor     # the divergence itself, before its (1 - alpha) * T^2 weight
+    ce: torch.Tensor  # hard-label cross-entropy at temperature 1
+    kd: torch.Tensor  # the divergence itself, before its (1 - alpha) * T^2 weight
 
 
 def check_options(alpha: float, temperature: float, kd_loss: str, jsd_beta: float) -> None:
@@ -57,10 +60,12 @@ def _check_sampled_kind(kind: str) -> None:
     if kind != "forward-kl":
         raise PipelineError(
             f"--kd-loss {kind} needs a top-k teacher cache: a sampled cache gives an unbiased "
-            "estimate of forward KL only. Use --kd-loss forward-kl or build a top-k cache")
+            "estimate of forward KL only. Use --kd-loss forward-kl or build a top-k cache"
+        )
 
 
 # ----------------------------------------------------------------------------- student statistics
+
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
@@ -68,12 +73,13 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 
 class _Stats(NamedTuple):
     """What the losses need from x [n,V]; each None unless asked for."""
-    lse: torch.Tensor | None      # [n,1] logsumexp(x)                  (CE)
+
+    lse: torch.Tensor | None  # [n,1] logsumexp(x)                  (CE)
     x_label: torch.Tensor | None  # [n,1] x at the label                 (CE)
-    lse_t: torch.Tensor | None    # [n,1] logsumexp(z), z = x / T
-    z_ids: torch.Tensor | None    # [n,K] z at the teacher's ids
+    lse_t: torch.Tensor | None  # [n,1] logsumexp(z), z = x / T
+    z_ids: torch.Tensor | None  # [n,K] z at the teacher's ids
     lse_out: torch.Tensor | None  # [n,1] logsumexp(z outside the ids); a finite stand-in if empty
-    empty: torch.Tensor | None    # [n,1] bool: no vocabulary id lies outside the ids (K = V)
+    empty: torch.Tensor | None  # [n,1] bool: no vocabulary id lies outside the ids (K = V)
 
 
 def _student_stats(x, temperature: float, labels=None, ids=None, tail: bool = False) -> _Stats:
@@ -111,6 +117,7 @@ def _logsumexp_outside(z, ids):
 
 
 # ----------------------------------------------------------------------------- divergences
+
 
 def _masked_sum(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, rows, 0.0).sum()
@@ -180,6 +187,7 @@ def _sampled_rows(st: _Stats, counts, num_samples: int, entropy) -> torch.Tensor
 
 # ----------------------------------------------------------------------------- input handling
 
+
 def _prepare_topk(ids, logp, tail, mask, dtype, device):
     """Cast, and give masked rows a valid dummy teacher (K distinct ids, uniform mass)."""
     ids, mask = ids.to(device=device, dtype=torch.long), mask.to(device=device, dtype=torch.bool)
@@ -202,6 +210,7 @@ def _prepare_sampled(ids, counts, entropy, mask, dtype, device):
 
 # ----------------------------------------------------------------------------- public losses
 
+
 def hard_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked-in rows of -log softmax(logits)[label].
 
@@ -213,10 +222,17 @@ def hard_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> t
     return _masked_sum((st.lse - st.x_label).squeeze(1), mask) / _count(mask)
 
 
-def topk_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                    tail_logprob: torch.Tensor, mask: torch.Tensor, temperature: float,
-                    kind: str = "forward-kl", jsd_beta: float = 0.5,
-                    renormalize: bool = False) -> torch.Tensor:
+def topk_divergence(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    kind: str = "forward-kl",
+    jsd_beta: float = 0.5,
+    renormalize: bool = False,
+) -> torch.Tensor:
     """Mean over masked-in rows of a divergence between teacher and student on K+1 buckets.
 
     student_logits [N,V]; topk_ids [N,K] int; topk_logprobs [N,K] teacher log-probs at T over the
@@ -239,9 +255,16 @@ def topk_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_l
     return _masked_sum(_topk_rows(st, logp, tail, kind, jsd_beta, renormalize), mask) / _count(mask)
 
 
-def sampled_divergence(student_logits: torch.Tensor, sample_ids: torch.Tensor, sample_counts: torch.Tensor,
-                       num_samples: int, teacher_entropy: torch.Tensor, mask: torch.Tensor,
-                       temperature: float, kind: str = "forward-kl") -> torch.Tensor:
+def sampled_divergence(
+    student_logits: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    num_samples: int,
+    teacher_entropy: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    kind: str = "forward-kl",
+) -> torch.Tensor:
     """Unbiased estimate of KL(p||q) from sampled teacher ids (Anshumann et al. 2025), mean over rows.
 
         KL_hat = -sum_s (count_s / num_samples) log q(id_s) - H(p)
@@ -261,6 +284,7 @@ def sampled_divergence(student_logits: torch.Tensor, sample_ids: torch.Tensor, s
 
 
 # ----------------------------------------------------------------------------- training loss
+
 
 @dataclass(frozen=True)
 class _Config:
@@ -295,13 +319,14 @@ def _tiny_tail(dtype: torch.dtype) -> float:
 
 class _ChunkStats(NamedTuple):
     """No-graph statistics of one chunk x [n,V]; all [n,1] except z_ids [n,K]; None where not asked."""
+
     lse: torch.Tensor
     x_label: torch.Tensor
     lse_t: torch.Tensor | None
     z_ids: torch.Tensor | None
     lse_out: torch.Tensor | None  # 0 where empty (the stand-in of _logsumexp_outside)
-    empty: torch.Tensor | None    # bool: no vocabulary id lies outside the ids
-    redo: torch.Tensor | None     # bool: q_o < _tiny_tail, lse_out to be summed again
+    empty: torch.Tensor | None  # bool: no vocabulary id lies outside the ids
+    redo: torch.Tensor | None  # bool: q_o < _tiny_tail, lse_out to be summed again
 
 
 def _chunk_stats(x: torch.Tensor, cfg: _Config, labels, ids) -> _ChunkStats:
@@ -419,8 +444,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 _redo_lse_out(logits, ids, cfg, redo_rows, lse_out)
                 kd_sum, d_lse_t, d_z_ids, d_lse_out = _kd_grads(cfg, mask, teacher, *stats)
         ctx.cfg, ctx.chunks, ctx.redo_rows = cfg, chunks, redo_rows
-        ctx.save_for_backward(logits, labels, mask, ids, lse, lse_t, lse_out, empty | redo, d_lse_t, d_z_ids,
-                              d_lse_out)
+        ctx.save_for_backward(logits, labels, mask, ids, lse, lse_t, lse_out, empty | redo, d_lse_t, d_z_ids, d_lse_out)
         return ce_sum, kd_sum
 
     @staticmethod
@@ -430,7 +454,7 @@ class _ChunkedLoss(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         done = 0
         for rows in ctx.chunks:  # rows of chunks with nothing masked in get 0
-            grad[done:rows.start].zero_()
+            grad[done : rows.start].zero_()
             done = min(rows.stop, n)
         grad[done:].zero_()
         # Per-row coefficients of the softmax passes, [N,1]; see _chunk_grad.
@@ -445,11 +469,21 @@ class _ChunkedLoss(torch.autograd.Function):
             c_out = c_kd + torch.where(no_factor, 0.0, scale * d_lse_out * factor)
         c_z_ids = scale * d_z_ids if ids is not None else None
         for rows in ctx.chunks:
-            def part(t):
-                return None if t is None else t[rows]
+            part = functools.partial(_chunk_of, rows=rows)
             out = grad[rows] if logits.dtype == dtype else None
-            g = _chunk_grad(cfg, logits[rows], labels[rows], part(ids), lse[rows], part(lse_t), w_ce[rows],
-                            part(c_kd), part(c_out), part(c_z_ids), out)
+            g = _chunk_grad(
+                cfg,
+                logits[rows],
+                labels[rows],
+                part(ids),
+                lse[rows],
+                part(lse_t),
+                w_ce[rows],
+                part(c_kd),
+                part(c_out),
+                part(c_z_ids),
+                out,
+            )
             local = [i - rows.start for i in ctx.redo_rows if rows.start <= i < rows.stop]
             if local:  # their tail term, left out of c_out: exp(x/T - lse_out) directly
                 local = torch.tensor(local, dtype=torch.long, device=g.device)
@@ -458,6 +492,10 @@ class _ChunkedLoss(torch.autograd.Function):
             if out is None:
                 grad[rows] = g
         return (grad, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def _chunk_of(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
 
 
 def _chunk_grad(cfg: _Config, x, labels, ids, lse, lse_t, w_ce, c_kd, c_out, c_z_ids, out) -> torch.Tensor:
@@ -508,10 +546,18 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, t.shape[-1])  # [..., K] -> [N,K]; explicit K so that N = 0 works
 
 
-def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                      targets: Mapping | None, alpha: float, temperature: float,
-                      kd_loss: str = "forward-kl", jsd_beta: float = 0.5,
-                      topk_renormalize: bool = False, chunk_size: int = 2048) -> LossParts:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    targets: Mapping | None,
+    alpha: float,
+    temperature: float,
+    kd_loss: str = "forward-kl",
+    jsd_beta: float = 0.5,
+    topk_renormalize: bool = False,
+    chunk_size: int = 2048,
+) -> LossParts:
     """The training loss: total = alpha * CE + (1 - alpha) * T^2 * KD, or CE alone if targets is None.
 
     student_logits [N,V] any float dtype (bf16 is fine; math is float32); labels [N] int; mask [N]
@@ -540,8 +586,14 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     if targets is not None:
         if "topk_ids" in targets:
             mode = "topk"
-            teacher = _prepare_topk(_rows(targets["topk_ids"], n), _rows(targets["topk_logprobs"], n),
-                                    targets["tail_logprob"].reshape(n), mask, dtype, device)
+            teacher = _prepare_topk(
+                _rows(targets["topk_ids"], n),
+                _rows(targets["topk_logprobs"], n),
+                targets["tail_logprob"].reshape(n),
+                mask,
+                dtype,
+                device,
+            )
         elif "sample_ids" in targets:
             _check_sampled_kind(kd_loss)
             if topk_renormalize:
@@ -549,13 +601,18 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
             mode, num_samples = "sampled", int(targets["num_samples"])
             if num_samples < 1:
                 raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-            teacher = _prepare_sampled(_rows(targets["sample_ids"], n), _rows(targets["sample_counts"], n),
-                                       targets["teacher_entropy"].reshape(n), mask, dtype, device)
+            teacher = _prepare_sampled(
+                _rows(targets["sample_ids"], n),
+                _rows(targets["sample_counts"], n),
+                targets["teacher_entropy"].reshape(n),
+                mask,
+                dtype,
+                device,
+            )
         else:
             raise ValueError(f"targets holds neither topk_ids nor sample_ids: {sorted(targets)}")
 
-    cfg = _Config(mode, kd_loss, float(jsd_beta), bool(topk_renormalize), float(temperature), num_samples,
-                  chunk_size)
+    cfg = _Config(mode, kd_loss, float(jsd_beta), bool(topk_renormalize), float(temperature), num_samples, chunk_size)
     n_chunks = -(-n // chunk_size)
     # One host sync for the whole batch, to skip chunks that are all padding.
     busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()
@@ -566,4 +623,4 @@ def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: 
     ce, kd = ce_sum / count, kd_sum / count
     if mode is None:
         return LossParts(total=ce, ce=ce, kd=kd)
-    return LossParts(total=alpha * ce + (1.0 - alpha) * temperature ** 2 * kd, ce=ce, kd=kd)
+    return LossParts(total=alpha * ce + (1.0 - alpha) * temperature**2 * kd, ce=ce, kd=kd)

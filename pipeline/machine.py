@@ -1,4 +1,5 @@
 """What machine a figure was measured on: CPU model, GPU name, thread count."""
+
 from __future__ import annotations
 
 import platform

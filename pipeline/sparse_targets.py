@@ -11,6 +11,7 @@ cache stage run close to the speed of a plain teacher forward:
     position inside the block): the same draws as one cumulative sum over the whole vocabulary,
     without computing that sum.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,9 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, ids
 
 
-def sampled_draws(logits: torch.Tensor, uniforms: torch.Tensor, scratch: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_draws(
+    logits: torch.Tensor, uniforms: torch.Tensor, scratch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [n, V], uniforms [n, N] float64 in [0, 1) -> (draws [n, N] int64, teacher entropy [n]).
     Draw s of position i is the id where the cumulative probability first exceeds uniforms[i, s]
     (inverse CDF), so the draws are a function of the uniforms alone: seeded and reproducible.

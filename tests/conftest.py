@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny randomly initialised Llama teacher with a small BPE tokenizer trained on
 The Wind in the Willows, written to a temp folder, and helpers to run the real CLI."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,12 +12,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WILLOWS = REPO.parent / "shared" / "data" / "wind_in_the_willows.txt"
+WILLOWS = Path(__file__).resolve().parent / "data" / "wind_in_the_willows_excerpt.txt"  # public domain; see data/README.md
 
 
 def willows_text() -> str:
-    if not WILLOWS.exists():
-        raise FileNotFoundError(f"{WILLOWS} is missing: the tests read The Wind in the Willows from ../shared/data")
+    """The opening of The Wind in the Willows (about 120k characters) kept in the repository for the tests."""
     return WILLOWS.read_text(encoding="utf-8")
 
 
@@ -41,22 +41,38 @@ def make_tokenizer(text: str, vocab_size: int = 384):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
 
 
-def make_tiny_teacher(folder: Path, tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 256) -> Path:
+def make_tiny_teacher(
+    folder: Path, tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 256
+) -> Path:
     """A randomly initialised LlamaForCausalLM sized to the tokenizer, saved with it as a HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # a sharper-than-random teacher: scale the output so its distributions are not flat
         model.model.embed_tokens.weight.mul_(20.0)
@@ -67,7 +83,7 @@ def make_tiny_teacher(folder: Path, tokenizer, seed: int = 0, hidden: int = 32, 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    return make_tokenizer(willows_text()[:200_000])
+    return make_tokenizer(willows_text())
 
 
 @pytest.fixture(scope="session")
@@ -88,10 +104,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run `python -m pipeline ARGS` in a subprocess (the real CLI). Returns the CompletedProcess."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd or REPO, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"pipeline {' '.join(map(str, args))} exited "
+            f"{result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -99,7 +124,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 def tiny_data(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
     """The tiny corpus tokenized with the tiny teacher's tokenizer (data stage output folder)."""
     out = tmp_path_factory.mktemp("data") / "tiny"
-    run_cli("data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1", check=True)
+    run_cli(
+        "data",
+        "--corpus",
+        tiny_corpus,
+        "--tokenizer",
+        tiny_teacher,
+        "--out-dir",
+        out,
+        "--val-fraction",
+        "0.1",
+        check=True,
+    )
     return out
 
 
@@ -118,5 +154,7 @@ def invoke_cli(*args, check: bool = False):
         AcceleratorState._reset_state()
         GradientState._reset_state()
     if check and result.exit_code != 0:
-        raise AssertionError(f"pipeline {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output[-3000:]}") from result.exception
+        raise AssertionError(
+            f"pipeline {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output[-3000:]}"
+        ) from result.exception
     return result

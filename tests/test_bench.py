@@ -1,5 +1,6 @@
 """The benchmark harness: a tiny end-to-end run of `bench` (every section, --quality included) on the tiny
 teacher, checked for complete, sane output (no timing assertions), plus its measuring helpers."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,19 @@ import types
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
-from pipeline.bench import (BenchConfig, PeakMemory, SavedTensorCounter, busy_machine, cpu_busy_fraction, dense_kd_loss, forward_flops,
-                            peak_bf16_flops, resolve_batch_size)
+
+from pipeline.bench import (
+    BenchConfig,
+    PeakMemory,
+    SavedTensorCounter,
+    busy_machine,
+    cpu_busy_fraction,
+    dense_kd_loss,
+    forward_flops,
+    peak_bf16_flops,
+    resolve_batch_size,
+)
 from pipeline.cache_format import CacheReader, verify_cache
 from pipeline.data import load_tokens
 
@@ -25,10 +35,43 @@ STUDENT = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory, tiny_teacher, tiny_data):
     out = tmp_path_factory.mktemp("bench")
-    result = run_cli("bench", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out, "--seq-len", SEQ_LEN,
-                     "--batch-size", BATCH, "--batches", BATCHES, "--repeats", 2, "--steps", 2, "--k", K, "--num-samples", 20,
-                     "--data-batches", 4, "--mixed-precision", "no", "--quality", "--quality-steps", 3,
-                     "--quality-rows", QUALITY_ROWS, "--eval-rows", EVAL_ROWS, *STUDENT, timeout=300, check=True)
+    result = run_cli(
+        "bench",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        out,
+        "--seq-len",
+        SEQ_LEN,
+        "--batch-size",
+        BATCH,
+        "--batches",
+        BATCHES,
+        "--repeats",
+        2,
+        "--steps",
+        2,
+        "--k",
+        K,
+        "--num-samples",
+        20,
+        "--data-batches",
+        4,
+        "--mixed-precision",
+        "no",
+        "--quality",
+        "--quality-steps",
+        3,
+        "--quality-rows",
+        QUALITY_ROWS,
+        "--eval-rows",
+        EVAL_ROWS,
+        *STUDENT,
+        timeout=300,
+        check=True,
+    )
     return types.SimpleNamespace(out=out, stdout=result.stdout, report=json.loads((out / "bench.json").read_text()))
 
 
@@ -38,7 +81,18 @@ def _positive(value) -> bool:
 
 def test_report_has_every_section_with_machine_and_command(bench_run):
     report = bench_run.report
-    assert {"machine", "command", "options", "student", "resolved", "stage1", "stage2", "data", "memory", "quality"} <= set(report)
+    assert {
+        "machine",
+        "command",
+        "options",
+        "student",
+        "resolved",
+        "stage1",
+        "stage2",
+        "data",
+        "memory",
+        "quality",
+    } <= set(report)
     machine = report["machine"]
     assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__ and machine["date"]
     assert machine["gpu"] is None if not torch.cuda.is_available() else machine["gpu"]
@@ -99,7 +153,9 @@ def test_stage2_steps_ratios_and_loss_alone(bench_run):
     assert _positive(variants["online"]["teacher_ms"]) and "teacher_ms" not in variants["ce"]
     ratios = stage2["ratios"]
     assert ratios["topk_over_ce_step_time"] == pytest.approx(variants["topk"]["step_ms"] / variants["ce"]["step_ms"])
-    assert ratios["ce_over_online_speed"] == pytest.approx(variants["ce"]["tokens_per_s"] / variants["online"]["tokens_per_s"])
+    assert ratios["ce_over_online_speed"] == pytest.approx(
+        variants["ce"]["tokens_per_s"] / variants["online"]["tokens_per_s"]
+    )
     assert ratios["topk_meets_target"] == (ratios["topk_over_ce_step_time"] <= ratios["target_step_time_ratio"])
     alone = stage2["loss_alone"]
     assert alone["positions"] == BATCH * SEQ_LEN and alone["logits_dtype"] == "float32"
@@ -146,8 +202,24 @@ def test_markdown_and_terminal_show_the_same_tables(bench_run):
 
 
 def test_too_few_rows_is_one_line_error(tiny_teacher, tiny_data, tmp_path):
-    result = run_cli("bench", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", tmp_path, "--seq-len", SEQ_LEN,
-                     "--batch-size", 2, "--batches", 100000, "--mixed-precision", "no", timeout=120)
+    result = run_cli(
+        "bench",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        tmp_path,
+        "--seq-len",
+        SEQ_LEN,
+        "--batch-size",
+        2,
+        "--batches",
+        100000,
+        "--mixed-precision",
+        "no",
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "lower --batches" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -209,7 +281,13 @@ def test_peak_memory_sees_a_fresh_allocation():
 
 
 def test_busy_machine_flags_cpu_runs_that_shared_the_cores():
-    idle = {"gpu": None, "cpu_cores": 2, "torch_threads": 2, "load_average_start": [0.3, 0, 0], "load_average_end": [2.2, 0, 0]}
+    idle = {
+        "gpu": None,
+        "cpu_cores": 2,
+        "torch_threads": 2,
+        "load_average_start": [0.3, 0, 0],
+        "load_average_end": [2.2, 0, 0],
+    }
     assert not busy_machine(idle)  # the run's own two threads are not "other processes"
     assert busy_machine({**idle, "load_average_start": [3.0, 0, 0]})
     assert busy_machine({**idle, "load_average_end": [4.5, 0, 0]})

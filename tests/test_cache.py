@@ -3,6 +3,7 @@ distribution, at the right positions, reproducibly, resumably and identically un
 
 Reference numbers are recomputed here directly with the model (float64 where it matters).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,10 +17,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, make_tiny_teacher, make_tokenizer, one_torch_thread, run_cli, willows_text
+
 from pipeline import cache_format
-from pipeline.cache import TeacherRunner, _build_shard, build_cache, common_attrs, row_seed, sampled_targets, shard_block
+from pipeline.cache import (
+    TeacherRunner,
+    _build_shard,
+    build_cache,
+    common_attrs,
+    row_seed,
+    sampled_targets,
+    shard_block,
+)
 from pipeline.cache_format import FORMAT_VERSION, CacheReader, read_manifest, read_shard_attrs, verify_cache
 from pipeline.config import CacheConfig, DataConfig
 from pipeline.data import load_tokens, prepare_data, read_meta
@@ -32,8 +41,26 @@ NUM_SAMPLES, SAMPLED_ROWS = 50, 6
 
 
 def cache_args(data_dir, teacher, out_dir, *extra) -> list:
-    return ["cache-logits", "--data-dir", data_dir, "--teacher", teacher, "--out-dir", out_dir, "--seq-len", SEQ_LEN,
-            "--mode", "topk", "--k", K, "--rows-per-part", ROWS_PER_PART, "--batch-size", BATCH, *extra]
+    return [
+        "cache-logits",
+        "--data-dir",
+        data_dir,
+        "--teacher",
+        teacher,
+        "--out-dir",
+        out_dir,
+        "--seq-len",
+        SEQ_LEN,
+        "--mode",
+        "topk",
+        "--k",
+        K,
+        "--rows-per-part",
+        ROWS_PER_PART,
+        "--batch-size",
+        BATCH,
+        *extra,
+    ]
 
 
 def cli_env() -> dict:
@@ -61,7 +88,9 @@ def sampled_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
     """The sampled mode, in-process (the CLI path is the same build_cache; topk_cache runs it as a subprocess)."""
     out = tmp_path_factory.mktemp("cache") / "sampled"
     with one_torch_thread():
-        build_cache(config(tiny_data, tiny_teacher, out, mode="sampled", num_samples=NUM_SAMPLES, max_rows=SAMPLED_ROWS, seed=0))
+        build_cache(
+            config(tiny_data, tiny_teacher, out, mode="sampled", num_samples=NUM_SAMPLES, max_rows=SAMPLED_ROWS, seed=0)
+        )
     return out
 
 
@@ -112,27 +141,33 @@ def test_topk_row_j_is_the_teacher_distribution_of_token_j_plus_1(topk_cache, ti
         for i in indices:
             row = reader.row(i)
             tokens = row["tokens"]
-            np.testing.assert_array_equal(tokens, data[i * SEQ_LEN: i * SEQ_LEN + SEQ_LEN + 1])
+            np.testing.assert_array_equal(tokens, data[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1])
             dense = dense_logprobs(teacher_model, tokens)  # [L, V] float64
             top = dense_logprobs(teacher_model, tokens, dtype=torch.float32).topk(K, dim=-1)
             np.testing.assert_array_equal(row["topk_ids"], top.indices.numpy())
-            np.testing.assert_allclose(row["topk_logprobs"], np.take_along_axis(dense.numpy(), row["topk_ids"], -1),
-                                       rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(
+                row["topk_logprobs"], np.take_along_axis(dense.numpy(), row["topk_ids"], -1), rtol=1e-3, atol=1e-3
+            )
             top_mass = np.exp(np.take_along_axis(dense.numpy(), row["topk_ids"], -1)).sum(-1)
             np.testing.assert_allclose(row["tail_logprob"], np.log1p(-top_mass), rtol=1e-4, atol=1e-3)
             # position j conditions on tokens 0..j only: a forward over the prefix gives the same row
             for j in (0, 9, SEQ_LEN - 1):
                 prefix = dense_logprobs(teacher_model, tokens[: j + 2])[-1]
-                np.testing.assert_allclose(row["topk_logprobs"][j], prefix[row["topk_ids"][j]].numpy(), rtol=1e-3, atol=1e-3)
+                np.testing.assert_allclose(
+                    row["topk_logprobs"][j], prefix[row["topk_ids"][j]].numpy(), rtol=1e-3, atol=1e-3
+                )
             # ... and its label is tokens[j + 1]: the teacher's own shifted loss is the mean of -dense[j, tokens[j+1]]
             with torch.no_grad():
-                hf_loss = teacher_model(input_ids=torch.from_numpy(tokens[None, :-1]),
-                                        labels=torch.from_numpy(tokens[None, :-1])).loss.item()
+                hf_loss = teacher_model(
+                    input_ids=torch.from_numpy(tokens[None, :-1]), labels=torch.from_numpy(tokens[None, :-1])
+                ).loss.item()
             nll = -dense[np.arange(SEQ_LEN - 1), tokens[1:SEQ_LEN]].mean().item()
             assert abs(hf_loss - nll) < 1e-4
             in_top = row["topk_ids"] == tokens[1:, None]
             label_logprob = dense[np.arange(SEQ_LEN), tokens[1:]].numpy()
-            np.testing.assert_allclose(row["topk_logprobs"][in_top], label_logprob[in_top.any(-1)], rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(
+                row["topk_logprobs"][in_top], label_logprob[in_top.any(-1)], rtol=1e-3, atol=1e-3
+            )
             labels_in_top += int(in_top.sum())
     assert labels_in_top > 0, "the sharp tiny teacher should rank some labels in its top-K"
 
@@ -141,13 +176,22 @@ def test_cache_attributes_identify_teacher_tokenizer_and_tokens(topk_cache, tiny
     meta = read_meta(tiny_data)
     manifest = read_manifest(topk_cache)
     expected = {
-        "format_version": FORMAT_VERSION, "mode": "topk", "k": K, "num_samples": 0, "seq_len": SEQ_LEN,
-        "temperature": 1.0, "vocab_size": 384, "teacher_hash": weights_hash(tiny_teacher),
-        "tokenizer_hash": tokenizer_hash(load_tokenizer(tiny_teacher)), "compute_dtype": "float32",
+        "format_version": FORMAT_VERSION,
+        "mode": "topk",
+        "k": K,
+        "num_samples": 0,
+        "seq_len": SEQ_LEN,
+        "temperature": 1.0,
+        "vocab_size": 384,
+        "teacher_hash": weights_hash(tiny_teacher),
+        "tokenizer_hash": tokenizer_hash(load_tokenizer(tiny_teacher)),
+        "compute_dtype": "float32",
     }
     assert expected["tokenizer_hash"] == meta["tokenizer_hash"]
     assert {k: manifest[k] for k in expected} == expected
-    assert manifest["train_tokens_sha256"] == meta["train_sha256"] and manifest["val_tokens_sha256"] == meta["val_sha256"]
+    assert (
+        manifest["train_tokens_sha256"] == meta["train_sha256"] and manifest["val_tokens_sha256"] == meta["val_sha256"]
+    )
     for split in ("train", "val"):
         (entry,) = [e for e in manifest["shards"] if e["split"] == split]
         attrs = read_shard_attrs(topk_cache / entry["file"])
@@ -169,8 +213,9 @@ def test_temperature_is_applied_before_the_cut(tmp_path, tiny_data, tiny_teacher
         row = hot.row(i)
         dense = dense_logprobs(teacher_model, row["tokens"], temperature=2.0)  # log_softmax(z / 2)
         np.testing.assert_array_equal(row["topk_ids"], dense.float().topk(K, dim=-1).indices.numpy())
-        np.testing.assert_allclose(row["topk_logprobs"], np.take_along_axis(dense.numpy(), row["topk_ids"], -1),
-                                   rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            row["topk_logprobs"], np.take_along_axis(dense.numpy(), row["topk_ids"], -1), rtol=1e-3, atol=1e-3
+        )
         top_mass = np.exp(np.take_along_axis(dense.numpy(), row["topk_ids"], -1)).sum(-1)
         np.testing.assert_allclose(row["tail_logprob"], np.log1p(-top_mass), rtol=1e-4, atol=1e-3)
         # a hotter distribution leaves more mass outside the top K than the T=1 cache does
@@ -212,7 +257,7 @@ def test_sampled_cache_counts_entropy_and_frequencies(sampled_cache, tiny_data, 
     chi2 = []
     for i in range(len(reader)):
         row = reader.row(i)
-        np.testing.assert_array_equal(row["tokens"], data[i * SEQ_LEN: i * SEQ_LEN + SEQ_LEN + 1])
+        np.testing.assert_array_equal(row["tokens"], data[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1])
         np.testing.assert_array_equal(row["sample_counts"].sum(-1), NUM_SAMPLES)
         dense = dense_logprobs(teacher_model, row["tokens"])
         probs = dense.exp().numpy()
@@ -227,12 +272,16 @@ def test_sampled_cache_counts_entropy_and_frequencies(sampled_cache, tiny_data, 
     assert 0.7 < np.mean(chi2) < 1.3, np.mean(chi2)
 
 
-def test_sampled_draws_reproduce_with_the_seed_and_change_with_another(tmp_path, sampled_cache, tiny_data, tiny_teacher):
+def test_sampled_draws_reproduce_with_the_seed_and_change_with_another(
+    tmp_path, sampled_cache, tiny_data, tiny_teacher
+):
     options = dict(mode="sampled", num_samples=NUM_SAMPLES, max_rows=SAMPLED_ROWS)
     build_cache(config(tiny_data, tiny_teacher, tmp_path / "same", seed=0, **options))
     assert shard_bytes(tmp_path / "same") == shard_bytes(sampled_cache)  # byte-identical shards
     # the draws depend on the row, not on how rows are batched into forwards and parts
-    build_cache(config(tiny_data, tiny_teacher, tmp_path / "rebatched", seed=0, batch_size=3, rows_per_part=5, **options))
+    build_cache(
+        config(tiny_data, tiny_teacher, tmp_path / "rebatched", seed=0, batch_size=3, rows_per_part=5, **options)
+    )
     build_cache(config(tiny_data, tiny_teacher, tmp_path / "other", seed=1, **options))
     same, rebatched, other = (CacheReader(tmp_path / name, "train") for name in ("same", "rebatched", "other"))
     differing = 0
@@ -242,8 +291,11 @@ def test_sampled_draws_reproduce_with_the_seed_and_change_with_another(tmp_path,
         np.testing.assert_array_equal(a["sample_counts"], b["sample_counts"])
         np.testing.assert_array_equal(a["tokens"], c["tokens"])
         np.testing.assert_allclose(a["teacher_entropy"], c["teacher_entropy"], rtol=1e-3)
-        differing += sum(not np.array_equal(a["sample_ids"][j], c["sample_ids"][j]) or
-                         not np.array_equal(a["sample_counts"][j], c["sample_counts"][j]) for j in range(SEQ_LEN))
+        differing += sum(
+            not np.array_equal(a["sample_ids"][j], c["sample_ids"][j])
+            or not np.array_equal(a["sample_counts"][j], c["sample_counts"][j])
+            for j in range(SEQ_LEN)
+        )
     assert differing > SAMPLED_ROWS * SEQ_LEN // 2, differing
     assert other.attrs["seed"] == 1 and same.attrs["seed"] == 0
 
@@ -253,21 +305,40 @@ def test_sampled_draws_reproduce_with_the_seed_and_change_with_another(tmp_path,
 
 def test_k_larger_than_the_vocabulary_exits_2(tmp_path, tiny_data, tiny_teacher):
     out = tmp_path / "bad-k"
-    result = run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out,
-                     "--seq-len", SEQ_LEN, "--mode", "topk", "--k", 1000)
+    result = run_cli(
+        "cache-logits",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        out,
+        "--seq-len",
+        SEQ_LEN,
+        "--mode",
+        "topk",
+        "--k",
+        1000,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--k 1000 is larger than the vocabulary (384)" in errors[0], result.stderr[-2000:]
     assert not out.exists()
 
 
-def test_seq_len_beyond_the_teacher_context_and_foreign_tokenizer_are_refused(tmp_path, tiny_data, tiny_teacher, tiny_corpus):
+def test_seq_len_beyond_the_teacher_context_and_foreign_tokenizer_are_refused(
+    tmp_path, tiny_data, tiny_teacher, tiny_corpus
+):
     with pytest.raises(PipelineError, match=r"--seq-len 300 is longer than the teacher's context \(256\)") as info:
         build_cache(config(tiny_data, tiny_teacher, tmp_path / "long", seq_len=300))
     assert "\n" not in str(info.value) and not (tmp_path / "long").exists()
 
     other = make_tiny_teacher(tmp_path / "other-teacher", make_tokenizer(willows_text()[:40_000], vocab_size=300))
-    prepare_data(DataConfig(corpus=str(tiny_corpus), tokenizer=str(other), out_dir=str(tmp_path / "other-data"), val_fraction=0.1))
+    prepare_data(
+        DataConfig(
+            corpus=str(tiny_corpus), tokenizer=str(other), out_dir=str(tmp_path / "other-data"), val_fraction=0.1
+        )
+    )
     with pytest.raises(PipelineError, match="tokenized with another tokenizer") as info:
         build_cache(config(tmp_path / "other-data", tiny_teacher, tmp_path / "foreign"))
     assert "\n" not in str(info.value) and not (tmp_path / "foreign").exists()
@@ -290,7 +361,11 @@ def test_rerun_is_a_noop_and_changed_settings_rebuild(tmp_path, tiny_data, tiny_
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     build_cache(config(tiny_data, tiny_teacher, out, max_rows=5, k=4))
-    assert sum(calls) == 10 and read_manifest(out)["k"] == 4 and CacheReader(out, "train").row(0)["topk_ids"].shape == (SEQ_LEN, 4)
+    assert (
+        sum(calls) == 10
+        and read_manifest(out)["k"] == 4
+        and CacheReader(out, "train").row(0)["topk_ids"].shape == (SEQ_LEN, 4)
+    )
 
     calls.clear()
     (out / "val-00000-of-00001.h5").unlink()  # a shard gone: rebuilt, not "up to date"
@@ -303,12 +378,19 @@ def test_killed_run_resumes_to_byte_identical_shards(tmp_path, topk_cache, tiny_
     out = tmp_path / "killed"
     parts = out / ".parts" / "train-00000-of-00001.h5"  # one folder of parts per shard
     log = open(tmp_path / "log.txt", "w")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, cache_args(tiny_data, tiny_teacher, out))],
-                               cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *map(str, cache_args(tiny_data, tiny_teacher, out))],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while not list(parts.glob("part-*.npz")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert process.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'log.txt').read_text()[-2000:]}"
+    assert process.poll() is None, (
+        f"the run ended before it could be killed:\n{(tmp_path / 'log.txt').read_text()[-2000:]}"
+    )
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     log.close()
@@ -329,9 +411,24 @@ def test_killed_run_resumes_to_byte_identical_shards(tmp_path, topk_cache, tiny_
 
 def test_torchrun_two_processes_write_two_shards_equal_to_one_process(tmp_path, topk_cache, tiny_data, tiny_teacher):
     out = tmp_path / "ddp"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "pipeline", *map(str, cache_args(tiny_data, tiny_teacher, out))],
-                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            *map(str, cache_args(tiny_data, tiny_teacher, out)),
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = read_manifest(out)
     for split in ("train", "val"):
@@ -344,8 +441,7 @@ def test_torchrun_two_processes_write_two_shards_equal_to_one_process(tmp_path, 
             a, b = multi.row(i), single.row(i)
             for name in ("tokens", "topk_ids", "topk_logprobs", "tail_logprob"):
                 np.testing.assert_array_equal(a[name], b[name], err_msg=f"{split} row {i} {name}")
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json"] + [e["file"] for e in manifest["shards"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json"] + [e["file"] for e in manifest["shards"]])
 
 
 def test_shard_blocks_cover_every_part_once():
@@ -373,7 +469,11 @@ def test_split_with_fewer_parts_than_processes(tmp_path, topk_cache, tiny_data, 
             assert (entry is None) == (split == "val" and rank == 1)
             entries += [entry] if entry else []
     cache_format.write_manifest(tmp_path, attrs, entries)
-    assert sorted(e["file"] for e in entries) == ["train-00000-of-00002.h5", "train-00001-of-00002.h5", "val-00000-of-00001.h5"]
+    assert sorted(e["file"] for e in entries) == [
+        "train-00000-of-00002.h5",
+        "train-00001-of-00002.h5",
+        "val-00000-of-00001.h5",
+    ]
     for split, rows in (("train", 150), ("val", 68)):
         reader, single = CacheReader(tmp_path, split, verify=True), CacheReader(topk_cache, split)
         assert len(reader) == rows

@@ -1,4 +1,5 @@
 """Tests for pipeline.cache_format: parts, shard assembly, manifest, verification and the reader."""
+
 from __future__ import annotations
 
 import pickle
@@ -11,8 +12,17 @@ import pytest
 
 from pipeline import cache_format as cf
 from pipeline.cache_format import (
-    FORMAT_VERSION, CacheReader, assemble_shard, check_compatible, id_dtype_for, read_manifest, read_part,
-    shard_name, verify_cache, write_manifest, write_part,
+    FORMAT_VERSION,
+    CacheReader,
+    assemble_shard,
+    check_compatible,
+    id_dtype_for,
+    read_manifest,
+    read_part,
+    shard_name,
+    verify_cache,
+    write_manifest,
+    write_part,
 )
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
@@ -23,10 +33,18 @@ PART_ROWS = [(3, 2), (4,)]  # two shards: shard 0 from parts of 3 and 2 rows, sh
 
 def base_attrs(mode: str, split: str = "train", vocab_size: int = VOCAB) -> dict:
     return {
-        "mode": mode, "split": split, "teacher_name": "tiny-teacher", "teacher_hash": "t" * 8,
-        "tokenizer_hash": "z" * 8, "vocab_size": vocab_size, "seq_len": SEQ_LEN, "temperature": 1.0,
-        "k": K if mode == "topk" else 0, "num_samples": NUM_SAMPLES if mode == "sampled" else 0,
-        "seed": 7, "tokens_sha256": "a" * 64,
+        "mode": mode,
+        "split": split,
+        "teacher_name": "tiny-teacher",
+        "teacher_hash": "t" * 8,
+        "tokenizer_hash": "z" * 8,
+        "vocab_size": vocab_size,
+        "seq_len": SEQ_LEN,
+        "temperature": 1.0,
+        "k": K if mode == "topk" else 0,
+        "num_samples": NUM_SAMPLES if mode == "sampled" else 0,
+        "seed": 7,
+        "tokens_sha256": "a" * 64,
     }
 
 
@@ -91,7 +109,7 @@ def expected_rows(parts: list[dict], mode: str) -> list[dict]:
                 positions = []
                 for j in range(SEQ_LEN):
                     n = int(part["num_distinct"][r, j])
-                    positions.append((part["sample_ids"][entry:entry + n], part["sample_counts"][entry:entry + n]))
+                    positions.append((part["sample_ids"][entry : entry + n], part["sample_counts"][entry : entry + n]))
                     entry += n
                 row |= {"positions": positions, "teacher_entropy": part["teacher_entropy"][r]}
             out.append(row)
@@ -99,6 +117,7 @@ def expected_rows(parts: list[dict], mode: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- round trips
+
 
 def test_topk_round_trip_across_shards(tmp_path):
     cache_dir, parts, entries = build_cache(tmp_path, "topk")
@@ -135,7 +154,9 @@ def test_sampled_round_trip_pads_with_zero_counts(tmp_path):
         assert got["sample_ids"].shape == got["sample_counts"].shape == (SEQ_LEN, max_distinct)
         assert got["sample_ids"].dtype == np.int64 and got["sample_counts"].dtype == np.float32
         np.testing.assert_array_equal(got["tokens"], w["tokens"])
-        np.testing.assert_array_equal(got["teacher_entropy"], w["teacher_entropy"].astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(
+            got["teacher_entropy"], w["teacher_entropy"].astype(np.float16).astype(np.float32)
+        )
         for j, (ids, counts) in enumerate(w["positions"]):
             n = len(ids)
             np.testing.assert_array_equal(got["sample_ids"][j, :n], ids)
@@ -178,6 +199,7 @@ def test_reader_pickles_and_still_reads(tmp_path):
 
 
 # ----------------------------------------------------------------------------- file layout
+
 
 def test_assembly_is_byte_identical(tmp_path):
     rng = np.random.default_rng(3)
@@ -223,6 +245,7 @@ def test_manifest_contents(tmp_path):
 
 
 # ----------------------------------------------------------------------------- verification
+
 
 def test_verify_detects_truncation_flipped_byte_and_missing_shard(tmp_path):
     cache_dir, _, entries = build_cache(tmp_path, "topk")
@@ -278,17 +301,21 @@ def test_check_compatible_lists_every_mismatch(tmp_path):
     attrs = base_attrs("topk")
     check_compatible(attrs, {"teacher_hash": "t" * 8, "temperature": 1.0, "seq_len": SEQ_LEN})
     with pytest.raises(PipelineError) as err:
-        check_compatible(attrs, {"teacher_hash": "other", "seq_len": 128, "temperature": 2.0,
-                                 "mode": "topk", "k": 8})
+        check_compatible(attrs, {"teacher_hash": "other", "seq_len": 128, "temperature": 2.0, "mode": "topk", "k": 8})
     message = str(err.value)
     assert "\n" not in message and "make cache-logits" in message
-    for line in ("teacher_hash: cache has 'tttttttt', expected 'other'", "seq_len: cache has 6, expected 128",
-                 "temperature: cache has 1.0, expected 2.0", "k: cache has 4, expected 8"):
+    for line in (
+        "teacher_hash: cache has 'tttttttt', expected 'other'",
+        "seq_len: cache has 6, expected 128",
+        "temperature: cache has 1.0, expected 2.0",
+        "k: cache has 4, expected 8",
+    ):
         assert line in message
     assert "mode:" not in message
 
 
 # ----------------------------------------------------------------------------- ids and dtypes
+
 
 def test_id_dtype_boundaries():
     assert id_dtype_for(65536) == np.uint16

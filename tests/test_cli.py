@@ -1,4 +1,5 @@
 """The command line: the set of commands, a documented --help for each, click's usage errors, `python -m pipeline`."""
+
 from __future__ import annotations
 
 import click
@@ -32,7 +33,9 @@ def test_help_documents_every_option(command):
     assert CliRunner().invoke(main, [command, "-h"]).output == result.output
 
 
-@pytest.mark.parametrize("args", [["distill", "--no-such-option", "1"], ["compare", "--eval-rows", "many"], ["no-such-command"]])
+@pytest.mark.parametrize(
+    "args", [["distill", "--no-such-option", "1"], ["compare", "--eval-rows", "many"], ["no-such-command"]]
+)
 def test_usage_errors_exit_2(args):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "Usage:" in result.stderr and "Error:" in result.stderr

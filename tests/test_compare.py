@@ -1,6 +1,7 @@
 """Compare and generate stages: the report's figures recomputed independently in the test (perplexity from
 the models' own Hugging Face loss, top-1 agreement from argmaxes, a dense KL against a cache with K equal to
 the vocabulary), the files written, refusals of runs that cannot be compared, and seeded generation."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import invoke_cli, make_tiny_teacher, run_cli
@@ -29,19 +29,87 @@ def runs(tmp_path_factory, tiny_data, tiny_teacher) -> dict:
     """A K = vocabulary cache at T = 2 over 24 rows per split, a distilled and a baseline student, and their report."""
     root = tmp_path_factory.mktemp("compare")
     vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
-    run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", root / "cache", "--seq-len", SEQ_LEN,
-            "--mode", "topk", "--k", vocab, "--temperature", TEMPERATURE, "--max-rows", ROWS, "--dtype", "float32", check=True)  # float32 on GPUs too
-    train = ["--data-dir", tiny_data, "--cache-dir", root / "cache", "--teacher", tiny_teacher, "--seq-len", SEQ_LEN,
-             "--max-rows", ROWS, "--batch-size", 4, "--max-steps", 6, "--warmup-steps", 1, "--lr", 0.02, "--eval-every", 3,
-             "--eval-rows", 8, "--save-every", 6, "--num-workers", 0, "--mixed-precision", "no", *STUDENT]
+    run_cli(
+        "cache-logits",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        root / "cache",
+        "--seq-len",
+        SEQ_LEN,
+        "--mode",
+        "topk",
+        "--k",
+        vocab,
+        "--temperature",
+        TEMPERATURE,
+        "--max-rows",
+        ROWS,
+        "--dtype",
+        "float32",
+        check=True,
+    )  # float32 on GPUs too
+    train = [
+        "--data-dir",
+        tiny_data,
+        "--cache-dir",
+        root / "cache",
+        "--teacher",
+        tiny_teacher,
+        "--seq-len",
+        SEQ_LEN,
+        "--max-rows",
+        ROWS,
+        "--batch-size",
+        4,
+        "--max-steps",
+        6,
+        "--warmup-steps",
+        1,
+        "--lr",
+        0.02,
+        "--eval-every",
+        3,
+        "--eval-rows",
+        8,
+        "--save-every",
+        6,
+        "--num-workers",
+        0,
+        "--mixed-precision",
+        "no",
+        *STUDENT,
+    ]
     invoke("distill", *train, "--out-dir", root / "distill", check=True)
     invoke("baseline", *train, "--out-dir", root / "baseline", check=True)
-    compare_options = ["--data-dir", tiny_data, "--cache-dir", root / "cache", "--teacher", tiny_teacher,
-                       "--distilled", root / "distill", "--baseline", root / "baseline", "--batch-size", 5,
-                       "--max-new-tokens", 6, "--num-prompts", 2]
+    compare_options = [
+        "--data-dir",
+        tiny_data,
+        "--cache-dir",
+        root / "cache",
+        "--teacher",
+        tiny_teacher,
+        "--distilled",
+        root / "distill",
+        "--baseline",
+        root / "baseline",
+        "--batch-size",
+        5,
+        "--max-new-tokens",
+        6,
+        "--num-prompts",
+        2,
+    ]
     result = run_cli("compare", *compare_options, "--out-dir", root / "report", check=True)
-    return {"root": root, "vocab": vocab, "stdout": result.stdout, "options": compare_options,
-            "report": json.loads((root / "report" / "report.json").read_text())}
+    return {
+        "root": root,
+        "vocab": vocab,
+        "stdout": result.stdout,
+        "options": compare_options,
+        "report": json.loads((root / "report" / "report.json").read_text()),
+    }
 
 
 def load(path: Path):
@@ -56,8 +124,13 @@ def test_report_figures_match_an_independent_computation(runs, tiny_data, tiny_t
     val = TokenRows(str(tiny_data), "val", SEQ_LEN)
     count = min(len(val), ROWS)  # the cache holds the first 24 val rows; eval_rows 0 means all of them
     rows = torch.stack([torch.from_numpy(val[i]["tokens"]) for i in range(count)])
-    assert report["eval"] == {"rows": count, "seq_len": SEQ_LEN, "positions": count * SEQ_LEN,
-                              "kl_temperature": TEMPERATURE, "cache_mode": "topk"}
+    assert report["eval"] == {
+        "rows": count,
+        "seq_len": SEQ_LEN,
+        "positions": count * SEQ_LEN,
+        "kl_temperature": TEMPERATURE,
+        "cache_mode": "topk",
+    }
     paths = {"teacher": tiny_teacher, "distilled": root / "distill", "baseline": root / "baseline"}
     with torch.no_grad():
         models = {label: load(path) for label, path in paths.items()}
@@ -70,9 +143,15 @@ def test_report_figures_match_an_independent_computation(runs, tiny_data, tiny_t
             agreement = (logits[label].argmax(-1) == logits["teacher"].argmax(-1)).double().mean().item()
             assert figures["top1_agreement"] == pytest.approx(agreement, abs=1.5 / (count * SEQ_LEN)), label
             student_logp = torch.log_softmax(logits[label] / TEMPERATURE, dim=-1)
-            dense_kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean().item()  # KL(teacher || model) at T
-            assert figures["kl_to_teacher"] == pytest.approx(dense_kl, rel=1e-4, abs=1e-4), label  # cache log-probs are float16
-            assert figures["kl_exact"] == pytest.approx(dense_kl, rel=1e-5, abs=1e-6), label  # recomputed from the teacher
+            dense_kl = (
+                (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean().item()
+            )  # KL(teacher || model) at T
+            assert figures["kl_to_teacher"] == pytest.approx(dense_kl, rel=1e-4, abs=1e-4), (
+                label
+            )  # cache log-probs are float16
+            assert figures["kl_exact"] == pytest.approx(dense_kl, rel=1e-5, abs=1e-6), (
+                label
+            )  # recomputed from the teacher
             unique = {id(p): p for p in model.parameters()}.values()
             assert figures["parameters"] == sum(p.numel() for p in unique)
             assert figures["size_bytes"] == sum(p.stat().st_size for p in Path(paths[label]).glob("*.safetensors"))
@@ -112,8 +191,13 @@ def edited_copy(run: Path, dest: Path, section: str, key: str, value) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("section, key, value, named", [("train", "seq_len", 64, "sequence length: distilled 32 vs baseline 64"),
-                                                         ("inputs", "train_sha256", "0" * 64, "train data (sha256)")])
+@pytest.mark.parametrize(
+    "section, key, value, named",
+    [
+        ("train", "seq_len", 64, "sequence length: distilled 32 vs baseline 64"),
+        ("inputs", "train_sha256", "0" * 64, "train data (sha256)"),
+    ],
+)
 def test_runs_that_differ_are_refused_naming_the_difference(runs, tmp_path, section, key, value, named):
     other = edited_copy(runs["root"] / "baseline", tmp_path / "baseline", section, key, value)
     options = [*runs["options"], "--baseline", other, "--out-dir", tmp_path / "report"]
@@ -147,7 +231,18 @@ def continuations(output: str) -> str:
 
 def test_generate_prints_seeded_continuations(runs):
     student = runs["root"] / "distill"
-    args = ["generate", student, "--prompt", "The Mole", "--prompt", "", "--max-new-tokens", 12, "--sample-temperature", 1.0]
+    args = [
+        "generate",
+        student,
+        "--prompt",
+        "The Mole",
+        "--prompt",
+        "",
+        "--max-new-tokens",
+        12,
+        "--sample-temperature",
+        1.0,
+    ]
     first = run_cli(*args, "--seed", 3, check=True)
     text = continuations(first.stdout)
     assert "--- 'The Mole'\nThe Mole" in text and "--- ''" in text  # an empty prompt samples from the start token
@@ -155,5 +250,7 @@ def test_generate_prints_seeded_continuations(runs):
     assert continuations(again.stdout) == text
     other = invoke(*args, "--seed", 4, check=True)
     assert continuations(other.stdout) != text
-    greedy = [continuations(invoke(*args, "--sample-temperature", 0, "--seed", seed, check=True).stdout) for seed in (1, 2)]
+    greedy = [
+        continuations(invoke(*args, "--sample-temperature", 0, "--seed", seed, check=True).stdout) for seed in (1, 2)
+    ]
     assert greedy[0] == greedy[1]  # greedy decoding ignores the seed

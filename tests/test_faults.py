@@ -20,6 +20,7 @@ pipeline function so that its N-th call kills (or freezes) the process. The refe
 refused second commands and the bad inputs run in-process (CliRunner: the same click commands without a new
 interpreter), which keeps the file near a minute on two idle cores; killed runs are compared with them bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import REPO, make_tiny_teacher, make_tokenizer, one_torch_thread, willows_text
 from safetensors.torch import load_file
 
-from conftest import REPO, make_tiny_teacher, make_tokenizer, one_torch_thread, willows_text
 from pipeline.cache_format import CacheReader, read_manifest
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -90,6 +91,7 @@ main(prog_name="pipeline")
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def command(*args, fault: dict | None = None) -> list[str]:
     prefix = [sys.executable, "-c", HOOK] if fault else [sys.executable, "-m", "pipeline"]
     return prefix + [str(a) for a in args]
@@ -110,8 +112,15 @@ def file_size_limit(nbytes: int):
 
 def run(*args, fault: dict | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
     """The CLI in a subprocess, optionally with a fault hook and a file size limit."""
-    return subprocess.run(command(*args, fault=fault), cwd=REPO, env=cli_env(fault), capture_output=True, text=True,
-                          timeout=300, preexec_fn=file_size_limit(fsize) if fsize else None)
+    return subprocess.run(
+        command(*args, fault=fault),
+        cwd=REPO,
+        env=cli_env(fault),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=file_size_limit(fsize) if fsize else None,
+    )
 
 
 def killed(result) -> None:
@@ -125,8 +134,13 @@ def hook_calls(result) -> int:
 def start_frozen(*args, fault: dict, log: Path) -> subprocess.Popen:
     """Start the CLI with a hook that SIGSTOPs it at the fault point; return once it is frozen there."""
     with open(log, "w") as log_file:
-        process = subprocess.Popen(command(*args, fault=fault), cwd=REPO, env=cli_env({**fault, "action": "stop"}),
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command(*args, fault=fault),
+            cwd=REPO,
+            env=cli_env({**fault, "action": "stop"}),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 120
     while True:
         pid, status = os.waitpid(process.pid, os.WNOHANG | os.WUNTRACED)
@@ -169,7 +183,11 @@ def error_line(stderr: str) -> str:
 
 def refused(result) -> str:
     """An in-process command refused with exit code 2 and one error line (not an unhandled exception)."""
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exit_code, result.output[-2000:], result.exception)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (
+        result.exit_code,
+        result.output[-2000:],
+        result.exception,
+    )
     return error_line(result.stderr)
 
 
@@ -194,6 +212,7 @@ def steps(run_dir: Path) -> list[int]:
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     with one_torch_thread():
@@ -202,9 +221,28 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def cache_args(tiny_data, tiny_teacher):
-    return lambda out, *extra: ["cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out,
-                                "--seq-len", SEQ_LEN, "--mode", "topk", "--k", K, "--max-rows", ROWS, "--rows-per-part", ROWS_PER_PART,
-                                "--batch-size", CACHE_BATCH, *extra]
+    return lambda out, *extra: [
+        "cache-logits",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        out,
+        "--seq-len",
+        SEQ_LEN,
+        "--mode",
+        "topk",
+        "--k",
+        K,
+        "--max-rows",
+        ROWS,
+        "--rows-per-part",
+        ROWS_PER_PART,
+        "--batch-size",
+        CACHE_BATCH,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +257,46 @@ def reference_cache(tmp_path_factory, cache_args) -> Path:
 @pytest.fixture(scope="module")
 def train_args(tiny_data, tiny_teacher, reference_cache):
     def args(kind: str, out: Path, *extra) -> list:
-        return [kind, "--data-dir", tiny_data, "--cache-dir", reference_cache, "--teacher", tiny_teacher, "--out-dir", out,
-                "--seq-len", SEQ_LEN, "--max-rows", ROWS, "--batch-size", 4, "--max-steps", STEPS, "--warmup-steps", 2,
-                "--lr", 0.02, "--save-every", SAVE_EVERY, "--eval-every", 3, "--eval-rows", 4, "--log-every", 1,
-                "--num-workers", 0, "--mixed-precision", "no", "--seed", 0, *STUDENT, *extra]
+        return [
+            kind,
+            "--data-dir",
+            tiny_data,
+            "--cache-dir",
+            reference_cache,
+            "--teacher",
+            tiny_teacher,
+            "--out-dir",
+            out,
+            "--seq-len",
+            SEQ_LEN,
+            "--max-rows",
+            ROWS,
+            "--batch-size",
+            4,
+            "--max-steps",
+            STEPS,
+            "--warmup-steps",
+            2,
+            "--lr",
+            0.02,
+            "--save-every",
+            SAVE_EVERY,
+            "--eval-every",
+            3,
+            "--eval-rows",
+            4,
+            "--log-every",
+            1,
+            "--num-workers",
+            0,
+            "--mixed-precision",
+            "no",
+            "--seed",
+            0,
+            *STUDENT,
+            *extra,
+        ]
+
     return args
 
 
@@ -237,12 +311,15 @@ def reference_runs(tmp_path_factory, train_args) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------- data stage
 
+
 def test_data_killed_at_three_points_and_a_second_process_refused(tmp_path, tiny_corpus, tiny_teacher, tiny_data):
     out = tmp_path / "data"
     args = ["data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1"]
 
     # 1. frozen before it writes a token file: a second data run on the folder is refused, naming the owner
-    first = start_frozen(*args, fault={"target": "pipeline.data:write_tokens", "call": 1, "when": "before"}, log=tmp_path / "log")
+    first = start_frozen(
+        *args, fault={"target": "pipeline.data:write_tokens", "call": 1, "when": "before"}, log=tmp_path / "log"
+    )
     try:
         line = refused(invoke(*args))
         print(line)
@@ -264,6 +341,7 @@ def test_data_killed_at_three_points_and_a_second_process_refused(tmp_path, tiny
 
 # ----------------------------------------------------------------------------- cache stage
 
+
 @pytest.fixture(scope="module")
 def cache_faults(tmp_path_factory, cache_args) -> dict:
     """One cache folder through: freeze after part N (a second run is refused), SIGKILL; SIGKILL mid-way
@@ -272,8 +350,11 @@ def cache_faults(tmp_path_factory, cache_args) -> dict:
     parts = lambda: sorted(p.relative_to(out / ".parts") for p in (out / ".parts").glob("*/part-*.npz"))  # noqa: E731
     facts = {"out": out, "kill_part": kill_point("cache", 2, 2 * ROWS // ROWS_PER_PART - 2)}
 
-    first = start_frozen(*cache_args(out), fault={"target": "pipeline.cache_format:write_part", "call": facts["kill_part"]},
-                         log=out.parent / "first.log")
+    first = start_frozen(
+        *cache_args(out),
+        fault={"target": "pipeline.cache_format:write_part", "call": facts["kill_part"]},
+        log=out.parent / "first.log",
+    )
     try:
         facts["pid"], facts["second"] = first.pid, invoke(*cache_args(out))
     finally:
@@ -298,13 +379,18 @@ def cache_faults(tmp_path_factory, cache_args) -> dict:
 def test_cache_second_process_on_the_folder_is_refused(cache_faults):
     line = refused(cache_faults["second"])
     print(line)
-    assert f"in use by a cache-logits run running as pid {cache_faults['pid']}" in line and str(cache_faults["out"]) in line
+    assert (
+        f"in use by a cache-logits run running as pid {cache_faults['pid']}" in line
+        and str(cache_faults["out"]) in line
+    )
 
 
 def test_cache_killed_after_part_n_and_mid_assembly_leaves_only_resumable_files(cache_faults):
     assert len(cache_faults["parts_after_kill"]) == cache_faults["kill_part"]  # frozen right after part N was written
     assert cache_faults["lock_after_kill"]  # the killed owner's lock, stale: the next run takes it over
-    assert cache_faults["temp_shards_after_kill"] == [".train-00000-of-00001"]  # killed while the train shard was written
+    assert cache_faults["temp_shards_after_kill"] == [
+        ".train-00000-of-00001"
+    ]  # killed while the train shard was written
     assert "manifest.json" not in cache_faults["files_after_assembly_kill"]
     assert not [name for name in cache_faults["files_after_assembly_kill"] if name.endswith(".h5")]
 
@@ -314,8 +400,10 @@ def test_cache_disk_full_while_writing_a_shard_is_one_line_and_keeps_the_parts(c
     print(f"killed after part {cache_faults['kill_part']}; exit {full.returncode}: {error_line(full.stderr)}")
     assert full.returncode == 1, full.stderr[-3000:]
     assert full.stderr.rstrip().splitlines()[-1] == error_line(full.stderr)  # the last thing printed, on its own line
-    assert error_line(full.stderr) == (f"error: could not write {out / 'train-00000-of-00001.h5'} (File too large); free disk "
-                                       "space and rerun the same command: what was completed is kept and resumed")
+    assert error_line(full.stderr) == (
+        f"error: could not write {out / 'train-00000-of-00001.h5'} (File too large); free disk "
+        "space and rerun the same command: what was completed is kept and resumed"
+    )
     assert cache_faults["parts_kept"] and cache_faults["parts_before_rerun"] >= ROWS // ROWS_PER_PART
     assert cache_faults["files_after_full"] == [".parts"]  # no shard, temp file, manifest or lock left
 
@@ -327,29 +415,48 @@ def test_cache_rerun_after_faults_reuses_parts_and_equals_the_uninterrupted_run(
     assert hook_calls(rerun) == 2 * ROWS // ROWS_PER_PART - cache_faults["parts_before_rerun"]
     assert shard_hashes(out) == shard_hashes(reference_cache)  # byte-identical shards
     assert read_manifest(out) == read_manifest(reference_cache)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-00000-of-00001.h5", "val-00000-of-00001.h5"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "train-00000-of-00001.h5",
+        "val-00000-of-00001.h5",
+    ]
 
 
 def test_cache_same_command_twice_gives_the_same_bytes(tmp_path, cache_args, reference_cache):
-    invoke_ok(*cache_args(tmp_path / "again"))  # a second, separate run (this process; the reference ran in a subprocess)
+    invoke_ok(
+        *cache_args(tmp_path / "again")
+    )  # a second, separate run (this process; the reference ran in a subprocess)
     assert shard_hashes(tmp_path / "again") == shard_hashes(reference_cache)
     assert (tmp_path / "again" / "manifest.json").read_bytes() == (reference_cache / "manifest.json").read_bytes()
 
 
-@pytest.mark.parametrize("exc, code", [
-    (OSError(28, "No space left on device"), 28),  # Python's own writes, numpy.savez
-    (RuntimeError("Can't decrement id ref count (file write failed: ... errno = 27, error message = 'File too large')"), 27),  # h5py
-    (Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)"), 122),  # safetensors
-    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), None),  # torch.save: probed instead
-    (PipelineError("--k must be positive; [Errno 28] in the message of a user error"), None),
-    (OSError(13, "Permission denied"), None),
-], ids=["oserror", "h5py", "safetensors", "torch-save-unprobed", "pipeline-error", "other-oserror"])
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (OSError(28, "No space left on device"), 28),  # Python's own writes, numpy.savez
+        (
+            RuntimeError(
+                "Can't decrement id ref count (file write failed: ... errno = 27, error message = 'File too large')"
+            ),
+            27,
+        ),  # h5py
+        (Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)"), 122),  # safetensors
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+            None,
+        ),  # torch.save: probed instead
+        (PipelineError("--k must be positive; [Errno 28] in the message of a user error"), None),
+        (OSError(13, "Permission denied"), None),
+    ],
+    ids=["oserror", "h5py", "safetensors", "torch-save-unprobed", "pipeline-error", "other-oserror"],
+)
 def test_disk_full_is_recognised_in_each_writers_words(exc, code):
     """The words each writer used when a write ran past RLIMIT_FSIZE here (the subprocess tests run the real ones)."""
     assert disk_full_errno(exc) == code
 
 
 # ----------------------------------------------------------------------------- training
+
 
 @pytest.fixture(scope="module")
 def distill_faults(tmp_path_factory, train_args) -> dict:
@@ -358,7 +465,11 @@ def distill_faults(tmp_path_factory, train_args) -> dict:
     out = tmp_path_factory.mktemp("faults-distill") / "distill"
     args = lambda *extra: train_args("distill", out, *extra)  # noqa: E731
     state_n = kill_point("distill", 1, STEPS // SAVE_EVERY - 1)
-    facts = {"out": out, "kept_state": f"step_{state_n * SAVE_EVERY:06d}", "next_state": f"step_{(state_n + 1) * SAVE_EVERY:06d}"}
+    facts = {
+        "out": out,
+        "kept_state": f"step_{state_n * SAVE_EVERY:06d}",
+        "next_state": f"step_{(state_n + 1) * SAVE_EVERY:06d}",
+    }
     # atomic_write_json's first call writes resolved_config.json, call n + 1 the trainer_state.json of state n:
     # killed before call n + 2, state n + 1 has its tensors written to .tmp_step_... but is not complete
     killed(run(*args(), fault={"target": "pipeline.train:atomic_write_json", "call": state_n + 2, "when": "before"}))
@@ -381,7 +492,11 @@ def distill_faults(tmp_path_factory, train_args) -> dict:
 def test_distill_killed_mid_save_keeps_the_previous_state_and_nothing_finished(distill_faults):
     states = [f"step_{step:06d}" for step in range(SAVE_EVERY, int(distill_faults["kept_state"][5:]) + 1, SAVE_EVERY)]
     assert distill_faults["states_after_kill"] == sorted(states + [".tmp_" + distill_faults["next_state"]])
-    assert distill_faults["tmp_after_kill"] == ["model.safetensors", "optimizer.bin", "random_states_0.pkl"]  # no trainer_state.json
+    assert distill_faults["tmp_after_kill"] == [
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+    ]  # no trainer_state.json
     assert not distill_faults["finished_after_kill"]
 
 
@@ -391,8 +506,10 @@ def test_distill_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous_st
     line = error_line(full.stderr)
     assert full.stderr.rstrip().splitlines()[-1] == line  # the last thing printed, on its own line
     print(f"resumed from {distill_faults['kept_state']}; exit {full.returncode}: {line}")
-    assert line == (f"error: could not write {out / 'state' / ('.tmp_' + distill_faults['next_state'])} (File too large); "
-                    "free disk space and rerun the same command: what was completed is kept and resumed")
+    assert line == (
+        f"error: could not write {out / 'state' / ('.tmp_' + distill_faults['next_state'])} (File too large); "
+        "free disk space and rerun the same command: what was completed is kept and resumed"
+    )
     assert distill_faults["kept_after_full"] and not distill_faults["lock_after_full"]
     assert distill_faults["states_after_full"] == distill_faults["states_after_kill"]
 
@@ -425,20 +542,33 @@ def test_saved_states_are_safetensors_and_tensors_only(reference_runs):
     from accelerate.utils import load as accelerate_load
 
     for state in sorted((reference_runs["distill"] / "state").glob("step_*")):
-        assert sorted(p.name for p in state.iterdir()) == ["model.safetensors", "optimizer.bin", "random_states_0.pkl",
-                                                            "trainer_state.json"]
+        assert sorted(p.name for p in state.iterdir()) == [
+            "model.safetensors",
+            "optimizer.bin",
+            "random_states_0.pkl",
+            "trainer_state.json",
+        ]
         assert load_file(state / "model.safetensors")
         assert set(torch.load(state / "optimizer.bin", weights_only=True)) == {"state", "param_groups"}
         rng = accelerate_load(state / "random_states_0.pkl")
         assert {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(rng)
     for source in sorted((REPO / "pipeline").glob("*.py")):
         text = source.read_text()
-        for unsafe in ("import pickle", "pickle.load", "allow_pickle=True", "weights_only=False", "register_for_checkpointing"):
+        for unsafe in (
+            "import pickle",
+            "pickle.load",
+            "allow_pickle=True",
+            "weights_only=False",
+            "register_for_checkpointing",
+        ):
             assert unsafe not in text, f"{source.name} uses {unsafe}"
-        assert text.count("torch.load(") == text.count("weights_only=True"), f"{source.name}: torch.load without weights_only=True"
+        assert text.count("torch.load(") == text.count("weights_only=True"), (
+            f"{source.name}: torch.load without weights_only=True"
+        )
 
 
 # ----------------------------------------------------------------------------- corrupted shards
+
 
 @pytest.fixture
 def damaged_cache(tmp_path, reference_cache):
@@ -453,11 +583,14 @@ def damaged_cache(tmp_path, reference_cache):
             data[len(data) // 2] ^= 0x01  # one bit inside the data
         shard.write_bytes(bytes(data))
         return cache, shard
+
     return damage
 
 
-@pytest.mark.parametrize("how, message", [("truncated", "is truncated or corrupted (size"),
-                                          ("bit-flipped", "is truncated or corrupted (sha256 mismatch)")])
+@pytest.mark.parametrize(
+    "how, message",
+    [("truncated", "is truncated or corrupted (size"), ("bit-flipped", "is truncated or corrupted (sha256 mismatch)")],
+)
 def test_damaged_shard_is_named_before_training_starts(damaged_cache, train_args, tmp_path, how, message):
     cache, shard = damaged_cache(how)
     line = refused(invoke(*train_args("distill", tmp_path / "run", "--cache-dir", cache)))
@@ -466,17 +599,35 @@ def test_damaged_shard_is_named_before_training_starts(damaged_cache, train_args
     assert not (tmp_path / "run").exists()
 
 
-def test_truncated_shard_is_caught_by_size_without_checksums(damaged_cache, reference_runs, tiny_data, tiny_teacher, tmp_path):
+def test_truncated_shard_is_caught_by_size_without_checksums(
+    damaged_cache, reference_runs, tiny_data, tiny_teacher, tmp_path
+):
     cache, shard = damaged_cache("truncated", "val")
     with pytest.raises(PipelineError, match=f"{shard} is truncated or corrupted"):
         CacheReader(cache, "val")  # verify=False: the size check alone
-    line = refused(invoke("compare", "--data-dir", tiny_data, "--cache-dir", cache, "--teacher", tiny_teacher, "--distilled",
-                          reference_runs["distill"], "--baseline", reference_runs["baseline"], "--out-dir", tmp_path / "report"))
+    line = refused(
+        invoke(
+            "compare",
+            "--data-dir",
+            tiny_data,
+            "--cache-dir",
+            cache,
+            "--teacher",
+            tiny_teacher,
+            "--distilled",
+            reference_runs["distill"],
+            "--baseline",
+            reference_runs["baseline"],
+            "--out-dir",
+            tmp_path / "report",
+        )
+    )
     assert f"{shard} is truncated or corrupted" in line
     assert not (tmp_path / "report" / "report.json").exists()
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_tokenizer, tiny_teacher, tiny_corpus):
@@ -496,13 +647,25 @@ def inputs(tmp_path_factory, tiny_tokenizer, tiny_teacher, tiny_corpus):
     (root / "no-weights" / "model.safetensors").unlink()
     make_tiny_teacher(root / "other-teacher", tiny_tokenizer, seed=1)  # same tokenizer, other weights
     make_tiny_teacher(root / "other-tokenizer", make_tokenizer(willows_text()[:40_000], vocab_size=300))
-    LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(root / "student-500")
-    for name, tokenizer, text in (("data-other-tokenizer", root / "other-tokenizer", tiny_corpus.read_text()),
-                                  ("data-other-corpus", tiny_teacher, willows_text()[100_000:140_000])):
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=500,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(root / "student-500")
+    for name, tokenizer, text in (
+        ("data-other-tokenizer", root / "other-tokenizer", tiny_corpus.read_text()),
+        ("data-other-corpus", tiny_teacher, willows_text()[75_000:115_000]),
+    ):
         corpus = root / f"{name}.txt"
         corpus.write_text(text, encoding="utf-8")
-        prepare_data(DataConfig(corpus=str(corpus), tokenizer=str(tokenizer), out_dir=str(root / name), val_fraction=0.1))
+        prepare_data(
+            DataConfig(corpus=str(corpus), tokenizer=str(tokenizer), out_dir=str(root / name), val_fraction=0.1)
+        )
     return root
 
 
@@ -523,16 +686,31 @@ BAD_INPUTS = [
     ("cache-batch-size-negative", "cache", "--batch-size -4", "--batch-size must be positive, got -4"),
     ("cache-temperature-0", "cache", "--temperature 0", "--temperature must be positive, got 0.0"),
     ("cache-temperature-negative", "cache", "--temperature -1", "--temperature must be positive, got -1.0"),
-    ("cache-data-of-another-tokenizer", "cache", "--data-dir {in}/data-other-tokenizer", "tokenized with another tokenizer"),
+    (
+        "cache-data-of-another-tokenizer",
+        "cache",
+        "--data-dir {in}/data-other-tokenizer",
+        "tokenized with another tokenizer",
+    ),
     ("distill-batch-size-0", "distill", "--batch-size 0", "--batch-size must be positive, got 0"),
     ("baseline-batch-size-negative", "baseline", "--batch-size -2", "--batch-size must be positive, got -2"),
     ("distill-temperature-0", "distill", "--temperature 0", "--temperature must be positive, got 0.0"),
     ("distill-temperature-negative", "distill", "--temperature -1", "--temperature must be positive, got -1.0"),
     ("alpha-above-1", "distill", "--alpha 1.5", "--alpha must be in [0, 1], got 1.5"),
     ("alpha-below-0", "distill", "--alpha -0.1", "--alpha must be in [0, 1], got -0.1"),
-    ("student-of-another-vocabulary", "distill", "--student {in}/student-500", "the student's vocabulary (500) differs from the cache's (384)"),
+    (
+        "student-of-another-vocabulary",
+        "distill",
+        "--student {in}/student-500",
+        "the student's vocabulary (500) differs from the cache's (384)",
+    ),
     ("cache-of-another-teacher", "distill", "--teacher {in}/other-teacher", "was built by another teacher"),
-    ("cache-of-another-tokenizer", "distill", "--data-dir {in}/data-other-tokenizer --teacher {in}/other-tokenizer", "tokenizer_hash: cache has"),
+    (
+        "cache-of-another-tokenizer",
+        "distill",
+        "--data-dir {in}/data-other-tokenizer --teacher {in}/other-tokenizer",
+        "tokenizer_hash: cache has",
+    ),
     ("cache-of-another-temperature", "distill", "--temperature 2.0", "--temperature 2.0 differs from the cache's 1.0"),
     ("cache-of-another-seq-len", "distill", "--seq-len 16", "seq_len: cache has 32, expected 16"),
     ("cache-of-another-corpus", "distill", "--data-dir {in}/data-other-corpus", "train_tokens_sha256: cache has"),
@@ -542,8 +720,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("stage, extra, fragment", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
-def test_bad_input_is_one_error_line_and_writes_nothing(stage, extra, fragment, tmp_path, inputs, tiny_data, tiny_teacher,
-                                                        reference_cache, cache_args, train_args):
+def test_bad_input_is_one_error_line_and_writes_nothing(
+    stage, extra, fragment, tmp_path, inputs, tiny_data, tiny_teacher, reference_cache, cache_args, train_args
+):
     out = tmp_path / "out"
     extra = extra.format(**{"in": inputs, "out": out, "data": tiny_data, "teacher": tiny_teacher}).split()
     if stage == "cache":
@@ -551,8 +730,18 @@ def test_bad_input_is_one_error_line_and_writes_nothing(stage, extra, fragment, 
     elif stage in ("distill", "baseline"):
         args = train_args(stage, out, *extra)
     elif stage == "compare":
-        args = ["compare", "--data-dir", tiny_data, "--cache-dir", reference_cache, "--teacher", tiny_teacher,
-                "--out-dir", out, *extra]
+        args = [
+            "compare",
+            "--data-dir",
+            tiny_data,
+            "--cache-dir",
+            reference_cache,
+            "--teacher",
+            tiny_teacher,
+            "--out-dir",
+            out,
+            *extra,
+        ]
     else:
         args = [stage, "--out-dir", out, *extra]
     line = refused(invoke(*args))  # later flags win: each row overrides one good option
@@ -563,13 +752,19 @@ def test_bad_input_is_one_error_line_and_writes_nothing(stage, extra, fragment, 
 
 
 def test_text_in_other_scripts_and_one_huge_line_are_tokenized(tmp_path, tiny_teacher, tiny_tokenizer):
-    text = ("Съешь же ещё этих мягких французских булок. 中文测试：你好，世界。 Emoji: 😀🚀 👍🏽 👨‍👩‍👧 🇫🇷\n" * 30
-            + "".join(random.Random(0).choice("abcdefghij") for _ in range(300_000)))  # then one 300k-character word
+    text = (
+        "Съешь же ещё этих мягких французских булок. 中文测试：你好，世界。 Emoji: 😀🚀 👍🏽 👨‍👩‍👧 🇫🇷\n" * 30
+        + "".join(random.Random(0).choice("abcdefghij") for _ in range(300_000))
+    )  # then one 300k-character word
     corpus = tmp_path / "scripts.txt"
     corpus.write_text(text, encoding="utf-8")
-    invoke_ok("data", "--corpus", corpus, "--tokenizer", tiny_teacher, "--out-dir", tmp_path / "out", "--val-fraction", "0.1")
+    invoke_ok(
+        "data", "--corpus", corpus, "--tokenizer", tiny_teacher, "--out-dir", tmp_path / "out", "--val-fraction", "0.1"
+    )
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=meta["dtype"]) for split in ("train", "val")])
+    ids = np.concatenate(
+        [np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=meta["dtype"]) for split in ("train", "val")]
+    )
     assert tiny_tokenizer.decode(ids[:-1].astype(np.int64)) == text.strip() + "\n"  # the document round-trips
     assert ids[-1] == tiny_tokenizer.eos_token_id
 
@@ -581,12 +776,26 @@ def test_vocabulary_beyond_uint16_is_stored_as_uint32_not_wrapped(tmp_path):
     vocab = {"<eos>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", bos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", bos_token="<eos>"
+    )
     teacher = make_tiny_teacher(tmp_path / "big", tokenizer, hidden=8, layers=1, max_positions=64)
     words = np.random.default_rng(0).integers(65_530, 70_000, 400)
     (tmp_path / "words.txt").write_text(" ".join(f"w{i}" for i in words) + "\n", encoding="utf-8")
-    invoke_ok("data", "--corpus", tmp_path / "words.txt", "--tokenizer", teacher, "--out-dir", tmp_path / "out", "--val-fraction", "0.1")
+    invoke_ok(
+        "data",
+        "--corpus",
+        tmp_path / "words.txt",
+        "--tokenizer",
+        teacher,
+        "--out-dir",
+        tmp_path / "out",
+        "--val-fraction",
+        "0.1",
+    )
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_002
-    ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=np.uint32) for split in ("train", "val")])
+    ids = np.concatenate(
+        [np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=np.uint32) for split in ("train", "val")]
+    )
     np.testing.assert_array_equal(ids, np.append(words + 2, 0))  # ids above 65535 kept, not taken modulo 65536

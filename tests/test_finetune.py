@@ -1,5 +1,6 @@
 """Teacher fine-tuning (pipeline/finetune.py): trains on train rows only, lowers val perplexity, and leaves a
 teacher folder whose identity (weights hash) the cache records. Tiny teacher from conftest, seq_len 32."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from pipeline import batches
 from pipeline.errors import PipelineError
 from pipeline.finetune import FinetuneConfig, finetune_teacher
@@ -21,9 +22,22 @@ SEQ_LEN, BATCH, STEPS, EVAL_ROWS = 32, 4, 12, 16
 
 
 def tiny_config(tiny_data, teacher, out_dir, **overrides) -> FinetuneConfig:
-    options = dict(data_dir=str(tiny_data), teacher=str(teacher), out_dir=str(out_dir), seq_len=SEQ_LEN, batch_size=BATCH,
-                   max_steps=STEPS, lr=1e-2, warmup_steps=2, eval_every=6, save_every=6, log_every=3, eval_rows=EVAL_ROWS,
-                   mixed_precision="no", num_workers=0)
+    options = dict(
+        data_dir=str(tiny_data),
+        teacher=str(teacher),
+        out_dir=str(out_dir),
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        max_steps=STEPS,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=6,
+        save_every=6,
+        log_every=3,
+        eval_rows=EVAL_ROWS,
+        mixed_precision="no",
+        num_workers=0,
+    )
     return FinetuneConfig(**{**options, **overrides})
 
 
@@ -45,14 +59,17 @@ def finetuned(tmp_path_factory, tiny_teacher, tiny_data):
 
 
 def val_ppl_by_hand(model_dir, tiny_data, rows: int) -> float:
-    """exp(mean CE) over the first `rows` val rows of SEQ_LEN + 1 tokens, computed here without the pipeline's helpers."""
+    """exp(mean CE) over the first `rows` val rows of SEQ_LEN + 1 tokens, computed here without the pipeline's
+    helpers."""
     from pipeline.data import load_tokens
 
     tokens = torch.from_numpy(load_tokens(tiny_data, "val")[: rows * SEQ_LEN + 1].astype("int64"))
-    ids = torch.stack([tokens[i * SEQ_LEN: i * SEQ_LEN + SEQ_LEN + 1] for i in range(rows)])
+    ids = torch.stack([tokens[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1] for i in range(rows)])
     with torch.no_grad():
         logits = load_teacher(model_dir)(input_ids=ids[:, :-1]).logits
-    return math.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item())
+    return math.exp(
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    )
 
 
 def test_finetune_lowers_val_perplexity_and_reports_before_and_after(finetuned, tiny_teacher, tiny_data):
@@ -85,8 +102,12 @@ def test_output_is_a_teacher_folder_with_its_own_identity(finetuned, tiny_teache
     assert info["tokenizer_hash"] == tokenizer_hash(load_tokenizer(config.out_dir)) == source["tokenizer_hash"]
     before, after = load_teacher(tiny_teacher).state_dict(), load_teacher(config.out_dir).state_dict()
     assert before.keys() == after.keys()
-    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
-    assert (Path(config.out_dir) / "model.safetensors").exists() and not (Path(config.out_dir) / "state").exists()  # no --keep-states
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert (Path(config.out_dir) / "model.safetensors").exists() and not (
+        Path(config.out_dir) / "state"
+    ).exists()  # no --keep-states
 
 
 def test_rerun_is_a_no_op(finetuned, capsys):
@@ -104,11 +125,24 @@ def test_cache_records_the_finetuned_teacher(finetuned, tiny_data, tmp_path):
 
     config, _ = finetuned
     cache_dir = tmp_path / "cache"
-    build_cache(CacheConfig(data_dir=str(tiny_data), teacher=config.out_dir, out_dir=str(cache_dir), mode="topk", k=8,
-                            seq_len=SEQ_LEN, batch_size=4, max_rows=4, dtype="float32"))
+    build_cache(
+        CacheConfig(
+            data_dir=str(tiny_data),
+            teacher=config.out_dir,
+            out_dir=str(cache_dir),
+            mode="topk",
+            k=8,
+            seq_len=SEQ_LEN,
+            batch_size=4,
+            max_rows=4,
+            dtype="float32",
+        )
+    )
     manifest = read_json(cache_dir / "manifest.json")
     assert manifest["teacher_hash"] == weights_hash(config.out_dir)
-    assert manifest["teacher_name"].endswith(f"fine-tuned on {read_json(tiny_data / 'meta.json')['corpus_name']} ({STEPS} steps)")
+    assert manifest["teacher_name"].endswith(
+        f"fine-tuned on {read_json(tiny_data / 'meta.json')['corpus_name']} ({STEPS} steps)"
+    )
 
 
 def test_refuses_data_of_another_tokenizer_and_overwriting_the_source(tiny_teacher, tiny_data, tmp_path):
@@ -123,7 +157,22 @@ def test_refuses_data_of_another_tokenizer_and_overwriting_the_source(tiny_teach
 
 
 def test_cli_reports_a_bad_option_in_one_line(tiny_teacher, tiny_data, tmp_path):
-    result = run_cli("finetune-teacher", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", tmp_path / "ft",
-                     "--max-steps", "0", "--lr", "-1")
+    result = run_cli(
+        "finetune-teacher",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        tmp_path / "ft",
+        "--max-steps",
+        "0",
+        "--lr",
+        "-1",
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "--max-steps must be positive" in result.stderr and "--lr must be positive" in result.stderr
+    assert (
+        result.stderr.strip().count("\n") == 0
+        and "--max-steps must be positive" in result.stderr
+        and "--lr must be positive" in result.stderr
+    )

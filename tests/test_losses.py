@@ -1,4 +1,5 @@
 """pipeline.losses against dense references built directly from full softmaxes."""
+
 import math
 
 import pytest
@@ -6,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.losses import (LossParts, distillation_loss, hard_ce, sampled_divergence,
-                             topk_divergence)
+from pipeline.losses import LossParts, distillation_loss, hard_ce, sampled_divergence, topk_divergence
 
 V = 50
 
@@ -24,8 +24,16 @@ def _setup(n=8, v=V, k=5, temperature=1.0, seed=0, dtype=torch.float64):
     mask = torch.ones(n, dtype=torch.bool)
     mask[1] = mask[n - 2] = False
     labels = torch.randint(0, v, (n,), generator=g)
-    return dict(student=student, teacher=teacher, logp_full=logp_full, ids=topk_ids,
-                logprobs=topk_logprobs.to(dtype), tail=tail.to(dtype), mask=mask, labels=labels)
+    return dict(
+        student=student,
+        teacher=teacher,
+        logp_full=logp_full,
+        ids=topk_ids,
+        logprobs=topk_logprobs.to(dtype),
+        tail=tail.to(dtype),
+        mask=mask,
+        labels=labels,
+    )
 
 
 def _buckets(full_probs, ids):
@@ -67,6 +75,7 @@ def _topk(s, temperature, **kw):
 
 # ------------------------------------------------------------------------------ hard CE
 
+
 def test_hard_ce_matches_cross_entropy_on_masked_positions():
     s = _setup(dtype=torch.float32)
     labels = s["labels"].clone()
@@ -78,6 +87,7 @@ def test_hard_ce_matches_cross_entropy_on_masked_positions():
 
 
 # ------------------------------------------------------------------------------ top-k
+
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("kind", ["forward-kl", "reverse-kl", "jsd"])
@@ -96,8 +106,9 @@ def test_topk_float32_matches_reference(temperature):
     s64 = dict(s32, student=s32["student"].double())
     got = _topk(s32, temperature)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), _masked_mean(_dense_ref(s64, "forward-kl", temperature), s32["mask"]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got.double(), _masked_mean(_dense_ref(s64, "forward-kl", temperature), s32["mask"]), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("tail_value", [float("-inf"), -1e4, -30.0])
@@ -162,6 +173,7 @@ def test_identical_teacher_and_student_give_zero():
 
 # ------------------------------------------------------------------------------ sampled
 
+
 def _dense_kl(s, temperature):
     p = s["logp_full"].exp()
     q = torch.softmax(s["student"].double() / temperature, dim=1)
@@ -201,8 +213,9 @@ def test_sampled_estimate_is_unbiased_monte_carlo():
     for _ in range(reps):
         ids, counts = _draw(s["logp_full"], num_samples, g)
         assert (counts.sum(1) == num_samples).all()
-        estimates.append(sampled_divergence(s["student"], ids, counts, num_samples, entropy, s["mask"],
-                                            temperature).item())
+        estimates.append(
+            sampled_divergence(s["student"], ids, counts, num_samples, entropy, s["mask"], temperature).item()
+        )
     est = torch.tensor(estimates, dtype=torch.float64)
     want = _dense_kl(s, temperature).mean().item()
     stderr = est.std().item() / math.sqrt(reps)
@@ -217,12 +230,19 @@ def test_sampled_rejects_other_kinds():
         with pytest.raises(PipelineError, match="forward-kl"):
             sampled_divergence(s["student"], ids, counts, 5, _entropy(s), s["mask"], 1.0, kind=kind)
         with pytest.raises(PipelineError, match="forward-kl"):
-            distillation_loss(s["student"], s["labels"], s["mask"],
-                              dict(sample_ids=ids, sample_counts=counts, num_samples=5, teacher_entropy=_entropy(s)),
-                              alpha=0.5, temperature=1.0, kd_loss=kind)
+            distillation_loss(
+                s["student"],
+                s["labels"],
+                s["mask"],
+                dict(sample_ids=ids, sample_counts=counts, num_samples=5, teacher_entropy=_entropy(s)),
+                alpha=0.5,
+                temperature=1.0,
+                kd_loss=kind,
+            )
 
 
 # ------------------------------------------------------------------------------ gradcheck
+
 
 def _small(k=3, n=5, v=7, temperature=1.7, seed=5):
     s = _setup(n=n, v=v, k=k, temperature=temperature, seed=seed)
@@ -235,8 +255,9 @@ def _small(k=3, n=5, v=7, temperature=1.7, seed=5):
 @pytest.mark.parametrize("k", [3, 7])
 def test_gradcheck_topk(kind, renormalize, k):
     s = _small(k=k)
-    f = lambda x: topk_divergence(x, s["ids"], s["logprobs"], s["tail"], s["mask"], 1.7, kind=kind,
-                                  jsd_beta=0.3, renormalize=renormalize)
+    f = lambda x: topk_divergence(
+        x, s["ids"], s["logprobs"], s["tail"], s["mask"], 1.7, kind=kind, jsd_beta=0.3, renormalize=renormalize
+    )
     assert torch.autograd.gradcheck(f, (s["student"],))
 
 
@@ -257,31 +278,60 @@ def _targets(s, mode, num_samples=10, seed=0):
     return None
 
 
-@pytest.mark.parametrize("mode,kind,renormalize,k,temperature", [
-    ("topk", "forward-kl", False, 3, 1.7), ("topk", "reverse-kl", False, 3, 1.7), ("topk", "jsd", False, 3, 1.7),
-    ("topk", "forward-kl", True, 3, 1.7), ("topk", "jsd", True, 3, 1.0), ("topk", "reverse-kl", False, 7, 1.7),
-    ("topk", "jsd", False, 7, 1.0), ("topk", "forward-kl", False, 3, 1.0), ("sampled", "forward-kl", False, 3, 1.7),
-    ("sampled", "forward-kl", False, 3, 1.0), (None, "forward-kl", False, 3, 1.0)])
+@pytest.mark.parametrize(
+    "mode,kind,renormalize,k,temperature",
+    [
+        ("topk", "forward-kl", False, 3, 1.7),
+        ("topk", "reverse-kl", False, 3, 1.7),
+        ("topk", "jsd", False, 3, 1.7),
+        ("topk", "forward-kl", True, 3, 1.7),
+        ("topk", "jsd", True, 3, 1.0),
+        ("topk", "reverse-kl", False, 7, 1.7),
+        ("topk", "jsd", False, 7, 1.0),
+        ("topk", "forward-kl", False, 3, 1.0),
+        ("sampled", "forward-kl", False, 3, 1.7),
+        ("sampled", "forward-kl", False, 3, 1.0),
+        (None, "forward-kl", False, 3, 1.0),
+    ],
+)
 def test_gradcheck_distillation_loss_chunked(mode, kind, renormalize, k, temperature):
     # The backward is assembled by hand (_ChunkedLoss): check it against finite differences, with
     # a chunk that is all padding (rows 2-3) and so skipped.
     s = _small(k=k, n=7, temperature=temperature)
     mask = torch.tensor([True, False, False, False, True, True, True])
     targets = _targets(s, mode)
-    f = lambda x: distillation_loss(x, s["labels"], mask, targets, alpha=0.3, temperature=temperature,
-                                    kd_loss=kind, topk_renormalize=renormalize, chunk_size=2)
+    f = lambda x: distillation_loss(
+        x,
+        s["labels"],
+        mask,
+        targets,
+        alpha=0.3,
+        temperature=temperature,
+        kd_loss=kind,
+        topk_renormalize=renormalize,
+        chunk_size=2,
+    )
     assert torch.autograd.gradcheck(lambda x: f(x).total, (s["student"],))
 
 
 # ------------------------------------------------------------------------------ distillation_loss
+
 
 @pytest.mark.parametrize("mode", ["topk", "sampled", None])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_distillation_loss_combines_its_parts(mode, temperature):
     s = _setup(temperature=temperature)
     targets = _targets(s, mode)
-    out = distillation_loss(s["student"], s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature,
-                            kd_loss="forward-kl", chunk_size=3)
+    out = distillation_loss(
+        s["student"],
+        s["labels"],
+        s["mask"],
+        targets,
+        alpha=0.3,
+        temperature=temperature,
+        kd_loss="forward-kl",
+        chunk_size=3,
+    )
     assert isinstance(out, LossParts)
     ce = hard_ce(s["student"], s["labels"], s["mask"])
     torch.testing.assert_close(out.ce, ce)
@@ -292,15 +342,29 @@ def test_distillation_loss_combines_its_parts(mode, temperature):
     if mode == "topk":
         kd = _topk(s, temperature)
     else:
-        kd = sampled_divergence(s["student"], targets["sample_ids"], targets["sample_counts"], targets["num_samples"],
-                                targets["teacher_entropy"], s["mask"], temperature)
+        kd = sampled_divergence(
+            s["student"],
+            targets["sample_ids"],
+            targets["sample_counts"],
+            targets["num_samples"],
+            targets["teacher_entropy"],
+            s["mask"],
+            temperature,
+        )
     torch.testing.assert_close(out.kd, kd)
-    torch.testing.assert_close(out.total, 0.3 * ce + 0.7 * temperature ** 2 * kd)
+    torch.testing.assert_close(out.total, 0.3 * ce + 0.7 * temperature**2 * kd)
 
 
-@pytest.mark.parametrize("mode,kind,renormalize", [("topk", "forward-kl", False), ("topk", "reverse-kl", False),
-                                                   ("topk", "jsd", True), ("sampled", "forward-kl", False),
-                                                   (None, "forward-kl", False)])
+@pytest.mark.parametrize(
+    "mode,kind,renormalize",
+    [
+        ("topk", "forward-kl", False),
+        ("topk", "reverse-kl", False),
+        ("topk", "jsd", True),
+        ("sampled", "forward-kl", False),
+        (None, "forward-kl", False),
+    ],
+)
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_chunked_equals_unchunked(mode, kind, renormalize, temperature):
     s = _setup(n=10, temperature=temperature, dtype=torch.float32)
@@ -308,8 +372,17 @@ def test_chunked_equals_unchunked(mode, kind, renormalize, temperature):
     results = []
     for chunk_size in (3, 10_000):
         x = s["student"].clone().requires_grad_(True)
-        out = distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.4, temperature=temperature,
-                                kd_loss=kind, topk_renormalize=renormalize, chunk_size=chunk_size)
+        out = distillation_loss(
+            x,
+            s["labels"],
+            s["mask"],
+            targets,
+            alpha=0.4,
+            temperature=temperature,
+            kd_loss=kind,
+            topk_renormalize=renormalize,
+            chunk_size=chunk_size,
+        )
         out.total.backward()
         results.append((out, x.grad))
     (a, ga), (b, gb) = results
@@ -349,14 +422,16 @@ def _with_garbage_in_masked_rows(s, targets):
         targets["topk_logprobs"][bad] = float("nan")
         targets["tail_logprob"][bad] = float("inf")
     else:
-        targets["sample_ids"][bad] = 10 ** 9
+        targets["sample_ids"][bad] = 10**9
         targets["sample_counts"][bad] = float("nan")
         targets["teacher_entropy"][bad] = float("nan")
     return labels, targets
 
 
-@pytest.mark.parametrize("mode,kind", [("topk", "forward-kl"), ("topk", "reverse-kl"), ("topk", "jsd"),
-                                       ("sampled", "forward-kl"), (None, "forward-kl")])
+@pytest.mark.parametrize(
+    "mode,kind",
+    [("topk", "forward-kl"), ("topk", "reverse-kl"), ("topk", "jsd"), ("sampled", "forward-kl"), (None, "forward-kl")],
+)
 def test_masked_positions_get_no_gradient_even_with_garbage(mode, kind):
     s = _setup(temperature=2.0, dtype=torch.float32)
     clean = _targets(s, mode)
@@ -371,8 +446,9 @@ def test_masked_positions_get_no_gradient_even_with_garbage(mode, kind):
     assert (x.grad[s["mask"]].abs().sum(1) > 0).all()
 
 
-@pytest.mark.parametrize("mode,kind", [("topk", "forward-kl"), ("topk", "jsd"), ("sampled", "forward-kl"),
-                                       (None, "forward-kl")])
+@pytest.mark.parametrize(
+    "mode,kind", [("topk", "forward-kl"), ("topk", "jsd"), ("sampled", "forward-kl"), (None, "forward-kl")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_masked_gives_zeros(mode, kind, dtype):
     s = _setup(temperature=2.0, dtype=torch.float32)
@@ -383,8 +459,10 @@ def test_all_masked_gives_zeros(mode, kind, dtype):
     assert [t.item() for t in out] == [0.0, 0.0, 0.0]
     out.total.backward()
     assert x.grad is not None and (x.grad == 0).all()
-    for fn_out in (hard_ce(x, labels, s["mask"]),
-                   topk_divergence(x, s["ids"], s["logprobs"], s["tail"], s["mask"], 2.0, kind=kind)):
+    for fn_out in (
+        hard_ce(x, labels, s["mask"]),
+        topk_divergence(x, s["ids"], s["logprobs"], s["tail"], s["mask"], 2.0, kind=kind),
+    ):
         assert fn_out.item() == 0.0
 
 
@@ -398,13 +476,21 @@ def test_no_grad_evaluation_works():
 
 # ------------------------------------------------------------------------------ options
 
-@pytest.mark.parametrize("kwargs,option", [
-    (dict(alpha=-0.1), "--alpha"), (dict(alpha=1.5), "--alpha"), (dict(alpha=float("nan")), "--alpha"),
-    (dict(temperature=0.0), "--temperature"), (dict(temperature=-1.0), "--temperature"),
-    (dict(temperature=float("inf")), "--temperature"),
-    (dict(kd_loss="kl"), "--kd-loss"), (dict(kd_loss="jsd", jsd_beta=0.0), "--jsd-beta"),
-    (dict(kd_loss="jsd", jsd_beta=1.0), "--jsd-beta"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        (dict(alpha=-0.1), "--alpha"),
+        (dict(alpha=1.5), "--alpha"),
+        (dict(alpha=float("nan")), "--alpha"),
+        (dict(temperature=0.0), "--temperature"),
+        (dict(temperature=-1.0), "--temperature"),
+        (dict(temperature=float("inf")), "--temperature"),
+        (dict(kd_loss="kl"), "--kd-loss"),
+        (dict(kd_loss="jsd", jsd_beta=0.0), "--jsd-beta"),
+        (dict(kd_loss="jsd", jsd_beta=1.0), "--jsd-beta"),
+    ],
+)
 def test_invalid_options_raise(kwargs, option):
     s = _setup(dtype=torch.float32)
     args = dict(alpha=0.5, temperature=1.0) | kwargs
@@ -412,9 +498,16 @@ def test_invalid_options_raise(kwargs, option):
         distillation_loss(s["student"], s["labels"], s["mask"], _targets(s, "topk"), **args)
     if "alpha" not in kwargs:
         with pytest.raises(PipelineError, match=option):
-            topk_divergence(s["student"], s["ids"], s["logprobs"], s["tail"], s["mask"],
-                            args["temperature"], kind=args.get("kd_loss", "forward-kl"),
-                            jsd_beta=args.get("jsd_beta", 0.5))
+            topk_divergence(
+                s["student"],
+                s["ids"],
+                s["logprobs"],
+                s["tail"],
+                s["mask"],
+                args["temperature"],
+                kind=args.get("kd_loss", "forward-kl"),
+                jsd_beta=args.get("jsd_beta", 0.5),
+            )
 
 
 @pytest.mark.parametrize("mode", ["topk", "sampled", None])
@@ -445,8 +538,11 @@ def test_gradient_of_each_part_alone(part):
     out = distillation_loss(x, s["labels"], s["mask"], _targets(s, "topk"), 0.5, 2.0, kd_loss="jsd", chunk_size=3)
     (got,) = torch.autograd.grad(getattr(out, part), x)
     y = s["student"].clone().requires_grad_(True)
-    ref = hard_ce(y, s["labels"], s["mask"]) if part == "ce" else \
-        topk_divergence(y, s["ids"], s["logprobs"], s["tail"], s["mask"], 2.0, kind="jsd")
+    ref = (
+        hard_ce(y, s["labels"], s["mask"])
+        if part == "ce"
+        else topk_divergence(y, s["ids"], s["logprobs"], s["tail"], s["mask"], 2.0, kind="jsd")
+    )
     (want,) = torch.autograd.grad(ref, y)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
@@ -457,21 +553,30 @@ def test_cache_dtypes_and_batch_shape(mode):
     # pass [B,L,...] tensors. Same loss as float64 / int64 [N,...] inputs up to float16 rounding.
     s = _setup(n=12, temperature=2.0, dtype=torch.float32)
     targets = _targets(s, mode)
-    small = {k: v.to(torch.int32) if k.endswith("_ids") else
-             v.to(torch.uint8) if k == "sample_counts" else
-             v.half() if torch.is_tensor(v) else v for k, v in targets.items()}
+    small = {
+        k: v.to(torch.int32)
+        if k.endswith("_ids")
+        else v.to(torch.uint8)
+        if k == "sample_counts"
+        else v.half()
+        if torch.is_tensor(v)
+        else v
+        for k, v in targets.items()
+    }
     shaped = {k: v.reshape(3, 4, *v.shape[1:]) if torch.is_tensor(v) else v for k, v in small.items()}
     want = distillation_loss(s["student"], s["labels"], s["mask"], targets, 0.5, 2.0)
-    got = distillation_loss(s["student"].reshape(3, 4, V), s["labels"].reshape(3, 4), s["mask"].reshape(3, 4),
-                            shaped, 0.5, 2.0)
+    got = distillation_loss(
+        s["student"].reshape(3, 4, V), s["labels"].reshape(3, 4), s["mask"].reshape(3, 4), shaped, 0.5, 2.0
+    )
     for u, w in zip(got, want):
         torch.testing.assert_close(u, w, rtol=2e-3, atol=2e-3)
 
 
 def test_empty_batch():
     x = torch.zeros(0, V, requires_grad=True)
-    targets = dict(topk_ids=torch.zeros(0, 3, dtype=torch.long), topk_logprobs=torch.zeros(0, 3),
-                   tail_logprob=torch.zeros(0))
+    targets = dict(
+        topk_ids=torch.zeros(0, 3, dtype=torch.long), topk_logprobs=torch.zeros(0, 3), tail_logprob=torch.zeros(0)
+    )
     out = distillation_loss(x, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), targets, 0.5, 2.0)
     assert [t.item() for t in out] == [0.0, 0.0, 0.0]
     out.total.backward()
@@ -479,6 +584,7 @@ def test_empty_batch():
 
 
 # ------------------------------------------------------------------------------ tiny student tails
+
 
 def _tiny_tail_setup(temperature, gap, dtype):
     """_setup with the student's logits outside the ids `gap` below the row's best id on rows 0, 1
@@ -503,20 +609,21 @@ def test_tiny_student_tail_float32_matches_float64(kind, temperature, monkeypatc
     # float32 q_o ~ 1e-26 (and 0 around the row max): the chunked loss sums those rows' tails again
     # around their own maximum; value and gradient match the float64 autograd reference.
     import pipeline.losses as losses
+
     redone = []
     real = losses._redo_lse_out
     monkeypatch.setattr(losses, "_redo_lse_out", lambda *a: redone.append(list(a[3])) or real(*a))
     s = _tiny_tail_setup(temperature, 60.0 * temperature, torch.float32)
     targets = _targets(s, "topk")
     x = s["student"].clone().requires_grad_(True)
-    out = distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature,
-                            kd_loss=kind, chunk_size=3)
+    out = distillation_loss(
+        x, s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature, kd_loss=kind, chunk_size=3
+    )
     (got,) = torch.autograd.grad(out.total, x)
     assert redone == [[0, 3, 4, 5]]  # masked-in tiny tails only
     y = s["student"].double().requires_grad_(True)
-    ref_kd = topk_divergence(y, s["ids"], s["logprobs"].double(), s["tail"].double(), s["mask"], temperature,
-                             kind=kind)
-    ref = 0.3 * hard_ce(y, s["labels"], s["mask"]) + 0.7 * temperature ** 2 * ref_kd
+    ref_kd = topk_divergence(y, s["ids"], s["logprobs"].double(), s["tail"].double(), s["mask"], temperature, kind=kind)
+    ref = 0.3 * hard_ce(y, s["labels"], s["mask"]) + 0.7 * temperature**2 * ref_kd
     (want,) = torch.autograd.grad(ref, y)
     if kind == "forward-kl":
         assert ref_kd.item() > 5  # the tail term dominates: a tail off by a factor would show
@@ -532,8 +639,11 @@ def test_gradcheck_tiny_student_tail(kind, temperature):
     s = _tiny_tail_setup(temperature, 400.0 * temperature, torch.float64)
     x = s["student"].detach().requires_grad_(True)
     targets = _targets(s, "topk")
-    f = lambda x: distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature,
-                                    kd_loss=kind, chunk_size=3).total
+    f = lambda x: (
+        distillation_loss(
+            x, s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature, kd_loss=kind, chunk_size=3
+        ).total
+    )
     assert torch.autograd.gradcheck(f, (x,))
 
 
@@ -562,8 +672,9 @@ def test_chunked_kd_gradient_matches_autograd_float32(kind, temperature):
     # ids) against autograd through topk_divergence, in float32.
     s = _setup(temperature=temperature, dtype=torch.float32)
     x = s["student"].clone().requires_grad_(True)
-    out = distillation_loss(x, s["labels"], s["mask"], _targets(s, "topk"), 0.0, temperature, kd_loss=kind,
-                            chunk_size=3)
+    out = distillation_loss(
+        x, s["labels"], s["mask"], _targets(s, "topk"), 0.0, temperature, kd_loss=kind, chunk_size=3
+    )
     (got,) = torch.autograd.grad(out.kd, x)
     y = s["student"].clone().requires_grad_(True)
     (want,) = torch.autograd.grad(_topk(dict(s, student=y), temperature, kind=kind), y)

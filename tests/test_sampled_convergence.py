@@ -1,5 +1,6 @@
 """The sampled cache (pipeline.cache.sampled_targets): the cross-entropy estimate built from its counts,
 -sum_s (count_s / N) log q(id_s), converges to the exact H(p, q) as the number of draws N grows."""
+
 from __future__ import annotations
 
 import torch
@@ -19,12 +20,19 @@ def test_sampled_cross_entropy_estimate_converges_with_more_draws():
         for seed in seeds:
             sparse = sampled_targets(teacher_logprobs.clone(), num_samples, [seed])
             offsets = [0] + list(torch.tensor(sparse["num_distinct"][0]).cumsum(0).tolist())
-            ids, counts = torch.from_numpy(sparse["sample_ids"]).long(), torch.from_numpy(sparse["sample_counts"]).double()
-            estimate = torch.stack([
-                -(counts[a:b] / num_samples * student_logprobs[j, ids[a:b]].double()).sum()
-                for j, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))
-            ])
-            assert torch.all(torch.tensor([counts[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])]) == num_samples)
+            ids, counts = (
+                torch.from_numpy(sparse["sample_ids"]).long(),
+                torch.from_numpy(sparse["sample_counts"]).double(),
+            )
+            estimate = torch.stack(
+                [
+                    -(counts[a:b] / num_samples * student_logprobs[j, ids[a:b]].double()).sum()
+                    for j, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))
+                ]
+            )
+            assert torch.all(
+                torch.tensor([counts[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])]) == num_samples
+            )
             errors.append((estimate - exact.double()).abs().mean().item())
         return sum(errors) / len(errors)
 

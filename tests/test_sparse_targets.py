@@ -1,5 +1,6 @@
 """Chunked extraction of the cache's targets (pipeline/sparse_targets.py, cache.TeacherRunner): the fast
 paths give what the direct float64 computation over the full vocabulary gives."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,8 +75,9 @@ def teacher_model(tiny_teacher):
 
 
 def runner_targets(model, mode: str, rows: np.ndarray, chunk: int, fused: bool | None, temperature: float) -> dict:
-    config = CacheConfig(data_dir="unused", teacher="unused", out_dir="unused", mode=mode, k=8, num_samples=20,
-                         temperature=temperature)
+    config = CacheConfig(
+        data_dir="unused", teacher="unused", out_dir="unused", mode=mode, k=8, num_samples=20, temperature=temperature
+    )
     runner = TeacherRunner(model, config, torch.device("cpu"))
     runner.head_chunk, runner.extract_chunk, runner.fused_head = chunk, max(1, chunk // 2), fused
     out = runner.targets(rows, [row_seed(0, "train", i) for i in range(len(rows))])
@@ -87,8 +89,10 @@ def test_runner_gives_the_same_targets_whatever_the_chunking_and_head_path(mode,
     rows = np.random.default_rng(0).integers(0, 384, size=(3, 41))
     whole = runner_targets(teacher_model, mode, rows, chunk=10_000, fused=None, temperature=1.5)
     assert whole["fused_head"] is True  # a Llama's logits are its head on the last hidden state
-    for other in (runner_targets(teacher_model, mode, rows, chunk=7, fused=None, temperature=1.5),
-                  runner_targets(teacher_model, mode, rows, chunk=7, fused=False, temperature=1.5)):
+    for other in (
+        runner_targets(teacher_model, mode, rows, chunk=7, fused=None, temperature=1.5),
+        runner_targets(teacher_model, mode, rows, chunk=7, fused=False, temperature=1.5),
+    ):
         for name, array in whole.items():
             if name in ("topk_logprobs", "tail_logprob", "teacher_entropy"):
                 np.testing.assert_allclose(other[name], array, rtol=1e-5, atol=1e-5)
@@ -107,7 +111,9 @@ def test_runner_gives_the_same_targets_whatever_the_chunking_and_head_path(mode,
 def test_a_model_whose_logits_are_not_its_head_output_is_cached_from_its_logits(teacher_model):
     """Logit soft-capping or scaling after the head (Gemma 2, Cohere) fails the probe: the full logits are used."""
     rows = np.random.default_rng(1).integers(0, 384, size=(2, 33))
-    handle = teacher_model.register_forward_hook(lambda module, args, output: output.__setitem__("logits", 30 * torch.tanh(output.logits / 30) * 2))
+    handle = teacher_model.register_forward_hook(
+        lambda module, args, output: output.__setitem__("logits", 30 * torch.tanh(output.logits / 30) * 2)
+    )
     try:
         out = runner_targets(teacher_model, "topk", rows, chunk=16, fused=None, temperature=1.0)
         with torch.no_grad():

@@ -2,20 +2,28 @@
 
 Only the tiny teacher is used here; the embedded SmolLM2 download is exercised by `make compare SMOKE=1`.
 """
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json
-from pipeline.teacher import (INFO_FILE, load_teacher, load_tokenizer, prepare_teacher, teacher_identity,
-                              tokenizer_hash, weights_hash)
+from pipeline.teacher import (
+    INFO_FILE,
+    load_teacher,
+    load_tokenizer,
+    prepare_teacher,
+    teacher_identity,
+    tokenizer_hash,
+    weights_hash,
+)
 
 
 def assert_error_line(result, *fragments: str) -> None:
@@ -42,8 +50,11 @@ def test_teacher_from_a_folder_writes_a_hf_folder_and_rerun_is_a_noop(tmp_path, 
     assert info["vocab_size"] == len(source_tokenizer) == 384 and info["max_position_embeddings"] == 256
     model = load_teacher(out)
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
-    assert teacher_identity(out) == {"teacher_name": info["name"], "teacher_hash": info["weights_sha256"],
-                                     "tokenizer_hash": info["tokenizer_hash"]}
+    assert teacher_identity(out) == {
+        "teacher_name": info["name"],
+        "teacher_hash": info["weights_sha256"],
+        "tokenizer_hash": info["tokenizer_hash"],
+    }
     # same weights as the source, and same outputs
     source = load_teacher(tiny_teacher)
     ids = torch.tensor([source_tokenizer("The Rat and the Mole went boating.")["input_ids"]])

@@ -2,6 +2,7 @@
 the same order, metrics.jsonl, an exact resume after kill -9, determinism, student initialisation,
 option checks, up-to-date reruns and the run-folder lock. Students are tiny (1 block, width 16) and
 runs are 12 steps of 4 x 32 tokens, so each CLI run costs little more than its imports."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import invoke_cli, REPO, make_tiny_teacher, run_cli
+from conftest import REPO, invoke_cli, make_tiny_teacher, run_cli
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -36,9 +37,23 @@ METRIC_KEYS = {"step", "tokens_seen", "ce", "kd", "total", "lr", "tokens_per_s"}
 
 def train_options(data: Path, teacher: Path, cache: Path, **overrides) -> list:
     """The CLI options of the reference run; later flags override earlier ones (click keeps the last)."""
-    options = {"data-dir": data, "cache-dir": cache, "teacher": teacher, "seq-len": SEQ_LEN, "batch-size": BATCH,
-               "max-steps": STEPS, "warmup-steps": 2, "lr": 0.02, "eval-every": 6, "eval-rows": 8, "save-every": 3,
-               "log-every": 1, "num-workers": 0, "mixed-precision": "no", "seed": 0}
+    options = {
+        "data-dir": data,
+        "cache-dir": cache,
+        "teacher": teacher,
+        "seq-len": SEQ_LEN,
+        "batch-size": BATCH,
+        "max-steps": STEPS,
+        "warmup-steps": 2,
+        "lr": 0.02,
+        "eval-every": 6,
+        "eval-rows": 8,
+        "save-every": 3,
+        "log-every": 1,
+        "num-workers": 0,
+        "mixed-precision": "no",
+        "seed": 0,
+    }
     options.update({key.replace("_", "-"): value for key, value in overrides.items()})
     return [item for key, value in options.items() for item in (f"--{key}", value)] + STUDENT
 
@@ -77,8 +92,22 @@ def error_line(result) -> str:
 @pytest.fixture(scope="module")
 def topk_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
     out = tmp_path_factory.mktemp("train-cache") / "topk"
-    run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out, "--seq-len", SEQ_LEN,
-            "--mode", "topk", "--k", 16, check=True)
+    run_cli(
+        "cache-logits",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        out,
+        "--seq-len",
+        SEQ_LEN,
+        "--mode",
+        "topk",
+        "--k",
+        16,
+        check=True,
+    )
     return out
 
 
@@ -104,6 +133,7 @@ def baseline_run(tmp_path_factory, options) -> Path:
 
 # ----------------------------------------------------------------------------- rows and their order
 
+
 def test_token_rows_are_the_cache_rows(tiny_data, topk_cache):
     meta = read_meta(tiny_data)
     raw = np.fromfile(tiny_data / "train.bin", dtype=meta["dtype"]).astype(np.int64)
@@ -113,12 +143,19 @@ def test_token_rows_are_the_cache_rows(tiny_data, topk_cache):
         expected = raw[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1]
         assert np.array_equal(token_rows[i]["tokens"], expected)
         assert np.array_equal(cache_rows[i]["tokens"], expected)
-    assert len(TokenRows(str(tiny_data), "train", SEQ_LEN, max_rows=10)) == len(CacheRows(CacheReader(topk_cache, "train"), 10)) == 10
+    assert (
+        len(TokenRows(str(tiny_data), "train", SEQ_LEN, max_rows=10))
+        == len(CacheRows(CacheReader(topk_cache, "train"), 10))
+        == 10
+    )
 
     # The loaders the two run kinds build yield the same token batches, step after step.
     def loader(rows):
-        return DataLoader(rows, batch_sampler=StepBatches(len(rows), BATCH, 2, seed=5, start_step=0, max_steps=8),
-                          collate_fn=collate_rows)
+        return DataLoader(
+            rows,
+            batch_sampler=StepBatches(len(rows), BATCH, 2, seed=5, start_step=0, max_steps=8),
+            collate_fn=collate_rows,
+        )
 
     baseline_batches, distill_batches = list(loader(token_rows)), list(loader(cache_rows))
     assert len(baseline_batches) == len(distill_batches) == 16
@@ -148,8 +185,10 @@ def test_step_batches_order_is_a_function_of_seed_and_step():
 def test_step_batches_ranks_partition_each_global_batch():
     world, batch, accum, steps = 3, 2, 2, 9
     single = list(StepBatches(40, batch * world, accum, seed=1, start_step=0, max_steps=steps))
-    shares = [list(StepBatches(40, batch, accum, seed=1, start_step=0, max_steps=steps, rank=r, world_size=world))
-              for r in range(world)]
+    shares = [
+        list(StepBatches(40, batch, accum, seed=1, start_step=0, max_steps=steps, rank=r, world_size=world))
+        for r in range(world)
+    ]
     assert all(len(s) == len(single) == steps * accum for s in shares)
     for micro, global_batch in enumerate(single):
         parts = [shares[r][micro] for r in range(world)]
@@ -160,6 +199,7 @@ def test_step_batches_ranks_partition_each_global_batch():
 
 
 # ----------------------------------------------------------------------------- metrics and outputs
+
 
 def test_metrics_record_every_step_and_the_distill_loss_falls(reference_run):
     records = metrics(reference_run)
@@ -184,15 +224,25 @@ def test_final_folder_is_a_loadable_model_whose_val_loss_matches_the_metrics(ref
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = {p.name for p in reference_run.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "run_config.json",
-            "metrics.jsonl", "state"} <= names and ".lock" not in names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "run_config.json",
+        "metrics.jsonl",
+        "state",
+    } <= names and ".lock" not in names
     assert sorted(p.name for p in (reference_run / "state").iterdir()) == ["step_000009", "step_000012"]
     model = AutoModelForCausalLM.from_pretrained(reference_run).eval()
     run_config = json.loads((reference_run / "run_config.json").read_text())
     assert count_parameters(model) == run_config["parameters"]
     assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 16
     tokenizer = AutoTokenizer.from_pretrained(reference_run)
-    assert tokenizer("The Mole").input_ids == AutoTokenizer.from_pretrained(read_meta(tiny_data)["tokenizer_name"])("The Mole").input_ids
+    assert (
+        tokenizer("The Mole").input_ids
+        == AutoTokenizer.from_pretrained(read_meta(tiny_data)["tokenizer_name"])("The Mole").input_ids
+    )
     # The last evaluation (8 val rows, float32) is the model's own Hugging Face loss on those rows.
     val = TokenRows(str(tiny_data), "val", SEQ_LEN)
     rows = torch.stack([torch.from_numpy(val[i]["tokens"]) for i in range(8)])
@@ -239,17 +289,27 @@ def test_changed_option_retrains_and_the_same_seed_twice_gives_identical_weights
 
 # ----------------------------------------------------------------------------- kill -9, resume and the lock
 
+
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory, options) -> dict:
     """Start the reference run's command, freeze it (SIGSTOP) once its first state is saved, try a second
     training on the same folder, kill -9 the first, then rerun with --resume."""
     out = tmp_path_factory.mktemp("interrupted") / "distill"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     log = out.parent / "first.log"
     with open(log, "w") as log_file:
-        first = subprocess.Popen([sys.executable, "-m", "pipeline", "distill", *map(str, options()), "--out-dir", str(out)],
-                                 cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "distill", *map(str, options()), "--out-dir", str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 180
         while not list(out.glob("state/step_*/trainer_state.json")):
@@ -257,8 +317,11 @@ def interrupted_run(tmp_path_factory, options) -> dict:
             assert time.monotonic() < deadline, "no state saved within 180 s"
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)
-        facts = {"pid": first.pid, "finished_at_kill": (out / "model.safetensors").exists(),
-                 "states_at_kill": sorted(p.name for p in (out / "state").glob("step_*"))}
+        facts = {
+            "pid": first.pid,
+            "finished_at_kill": (out / "model.safetensors").exists(),
+            "states_at_kill": sorted(p.name for p in (out / "state").glob("step_*")),
+        }
         facts["second"] = run_cli("distill", *options(), "--out-dir", out)
     finally:
         first.kill()  # SIGKILL also ends a stopped process
@@ -287,10 +350,13 @@ def test_resume_after_kill_matches_the_uninterrupted_run(interrupted_run, refere
     records, expected = metrics(out), metrics(reference_run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no step twice, none missing
     for got, want in zip(records, expected):
-        assert {k: v for k, v in got.items() if k != "tokens_per_s"} == {k: v for k, v in want.items() if k != "tokens_per_s"}
+        assert {k: v for k, v in got.items() if k != "tokens_per_s"} == {
+            k: v for k, v in want.items() if k != "tokens_per_s"
+        }
 
 
 # ----------------------------------------------------------------------------- baseline vs distill
+
 
 def test_baseline_has_no_kd_term_and_starts_from_the_same_model_and_batch(baseline_run, reference_run):
     records = metrics(baseline_run)
@@ -316,12 +382,15 @@ def test_distill_with_alpha_one_trains_exactly_like_the_baseline(baseline_run, o
 
 # ----------------------------------------------------------------------------- students
 
+
 def test_teacher_layers_student_copies_embeddings_norm_and_every_nth_block(tmp_path, tiny_tokenizer):
     teacher_dir = make_tiny_teacher(tmp_path / "teacher4", tiny_tokenizer, seed=1, layers=4)
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    student = build_student(StudentConfig(student_init="teacher-layers", n_layer=2), str(teacher_dir), len(tiny_tokenizer), seed=0)
+    student = build_student(
+        StudentConfig(student_init="teacher-layers", n_layer=2), str(teacher_dir), len(tiny_tokenizer), seed=0
+    )
     assert teacher_layer_indices(4, 2) == [0, 2] and teacher_layer_indices(4, 3) == [0, 1, 2]
     assert student.config.num_hidden_layers == 2 and student.config.hidden_size == teacher.config.hidden_size
     t, s = teacher.state_dict(), student.state_dict()
@@ -329,18 +398,30 @@ def test_teacher_layers_student_copies_embeddings_norm_and_every_nth_block(tmp_p
     assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
     assert torch.equal(student.get_output_embeddings().weight, t["model.embed_tokens.weight"])
     for new, old in enumerate([0, 2]):
-        block = {k[len(f"model.layers.{new}."):]: v for k, v in s.items() if k.startswith(f"model.layers.{new}.")}
+        block = {k[len(f"model.layers.{new}.") :]: v for k, v in s.items() if k.startswith(f"model.layers.{new}.")}
         assert block and all(torch.equal(v, t[f"model.layers.{old}.{k}"]) for k, v in block.items())
     with pytest.raises(PipelineError, match="more than the teacher"):
-        build_student(StudentConfig(student_init="teacher-layers", n_layer=5), str(teacher_dir), len(tiny_tokenizer), seed=0)
+        build_student(
+            StudentConfig(student_init="teacher-layers", n_layer=5), str(teacher_dir), len(tiny_tokenizer), seed=0
+        )
 
 
 def test_student_with_another_vocabulary_is_refused(options, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "other")
-    line = in_process_error(invoke("distill", *options(), "--student", tmp_path / "other", "--out-dir", tmp_path / "run"))
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=500,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "other")
+    line = in_process_error(
+        invoke("distill", *options(), "--student", tmp_path / "other", "--out-dir", tmp_path / "run")
+    )
     assert "vocabulary" in line and "500" in line and "384" in line
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
@@ -353,8 +434,14 @@ def test_temperature_other_than_the_caches_names_the_rebuild(options, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("variant", [["--kd-loss", "reverse-kl", "--student-init", "teacher-layers", "--n-layer", 1],
-                                     ["--kd-loss", "jsd", "--topk-renormalize"]], ids=["reverse-kl-teacher-layers", "jsd-renormalized"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["--kd-loss", "reverse-kl", "--student-init", "teacher-layers", "--n-layer", 1],
+        ["--kd-loss", "jsd", "--topk-renormalize"],
+    ],
+    ids=["reverse-kl-teacher-layers", "jsd-renormalized"],
+)
 def test_kd_variants_train(options, tmp_path, variant):
     run = tmp_path / "run"
     invoke("distill", *options(max_steps=2, eval_every=2, save_every=2), *variant, "--out-dir", run, check=True)
@@ -373,21 +460,50 @@ def test_kd_variants_train(options, tmp_path, variant):
 
 def test_sampled_cache_trains(tiny_data, tiny_teacher, options, tmp_path):
     cache = tmp_path / "sampled"
-    run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", cache, "--seq-len", SEQ_LEN,
-            "--mode", "sampled", "--num-samples", 8, "--max-rows", 32, check=True)
+    run_cli(
+        "cache-logits",
+        "--data-dir",
+        tiny_data,
+        "--teacher",
+        tiny_teacher,
+        "--out-dir",
+        cache,
+        "--seq-len",
+        SEQ_LEN,
+        "--mode",
+        "sampled",
+        "--num-samples",
+        8,
+        "--max-rows",
+        32,
+        check=True,
+    )
     run = tmp_path / "run"
-    invoke("distill", *options(max_steps=3, eval_every=3, save_every=3, max_rows=32, cache_dir=cache), "--out-dir", run, check=True)
+    invoke(
+        "distill",
+        *options(max_steps=3, eval_every=3, save_every=3, max_rows=32, cache_dir=cache),
+        "--out-dir",
+        run,
+        check=True,
+    )
     records = metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["kd"]) and r["kd"] != 0 for r in records)
     assert "val_ce" in records[-1]
-    refused = invoke("distill", *options(max_rows=32, cache_dir=cache), "--kd-loss", "jsd", "--out-dir", tmp_path / "jsd")
+    refused = invoke(
+        "distill", *options(max_rows=32, cache_dir=cache), "--kd-loss", "jsd", "--out-dir", tmp_path / "jsd"
+    )
     assert refused.exit_code == 2 and "needs a topk cache" in refused.stderr
 
 
-@pytest.mark.parametrize("flags, message", [(["--alpha", "1.5"], "--alpha must be in [0, 1], got 1.5"),
-                                            (["--alpha", "-0.1"], "--alpha must be in [0, 1], got -0.1"),
-                                            (["--batch-size", "0"], "--batch-size must be positive, got 0")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--alpha", "1.5"], "--alpha must be in [0, 1], got 1.5"),
+        (["--alpha", "-0.1"], "--alpha must be in [0, 1], got -0.1"),
+        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    ],
+)
 def test_out_of_range_options_exit_2_with_one_line(options, tmp_path, flags, message):
     result = invoke("distill", *options(), *flags, "--out-dir", tmp_path / "run")
     assert result.exit_code == 2
@@ -402,8 +518,12 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(options,
     one = tmp_path / "one"
     invoke("distill", *options(), "--out-dir", one, "--batch-size", 4, check=True)
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline"]
     args = ["distill", *[str(a) for a in options()], "--out-dir", str(two), "--batch-size", "2"]
     result = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

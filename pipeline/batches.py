@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.cache import num_rows, row_tokens
 from pipeline.cache_format import CacheReader
-from pipeline.data import load_tokens
+from pipeline.data import load_tokens, num_rows, row_tokens
 
 
 class TokenRows(Dataset):

@@ -377,8 +377,7 @@ def _split_batches(config: BenchConfig, split: str, first_row: int, rows: int, b
     """[(row indices, rows [B, L+1] int64)] covering rows first_row .. first_row + rows - 1 of a split."""
     import numpy as np
 
-    from pipeline.cache import row_tokens
-    from pipeline.data import load_tokens
+    from pipeline.data import load_tokens, row_tokens
 
     tokens = load_tokens(config.data_dir, split)
     out = []
@@ -952,9 +951,8 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     """Run every section, print the tables, write out_dir/bench.json and bench.md; returns the report."""
     from accelerate import Accelerator
 
-    from pipeline.cache import num_rows
     from pipeline.cache_format import CacheReader
-    from pipeline.data import load_tokens, read_meta
+    from pipeline.data import load_tokens, num_rows, read_meta
     from pipeline.fsutil import atomic_write_bytes, atomic_write_json
     from pipeline.student import count_parameters
     from pipeline.teacher import load_teacher

@@ -30,24 +30,12 @@ from tqdm.auto import tqdm
 
 from pipeline import cache_format, sparse_targets
 from pipeline.config import CacheConfig
-from pipeline.data import load_tokens, read_meta
+from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json
 from pipeline.teacher import load_teacher, teacher_identity
 
 SPLITS = ("train", "val")
-
-
-def num_rows(num_tokens: int, seq_len: int, max_rows: int | None = None) -> int:
-    """Packed rows of seq_len + 1 tokens, consecutive rows sharing one token (row i starts at i*seq_len)."""
-    rows = max(0, (num_tokens - 1) // seq_len)
-    return min(rows, max_rows) if max_rows else rows
-
-
-def row_tokens(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
-    """Row `index` of a split: tokens[index*seq_len : index*seq_len + seq_len + 1] as int64."""
-    start = index * seq_len
-    return np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
 
 
 def compute_dtype(dtype: str, device: torch.device) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.cache_format import id_dtype_for
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_path, atomic_write_json, folder_lock, read_json, sha256_file
@@ -381,10 +382,6 @@ def tokenize_documents(corpus: Corpus, tokenizer, val_fraction: float, max_token
     )
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
 def write_tokens(path: Path, ids: np.ndarray, dtype: np.dtype) -> None:
     """Write ids as a flat binary file, checking that every id fits the dtype (never wrap around)."""
     if len(ids) and int(ids.max()) > np.iinfo(dtype).max:
@@ -397,6 +394,18 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     """Memory-map a split written by `prepare_data`."""
     meta = read_meta(data_dir)
     return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+
+
+def num_rows(num_tokens: int, seq_len: int, max_rows: int | None = None) -> int:
+    """Packed rows of seq_len + 1 tokens, consecutive rows sharing one token (row i starts at i*seq_len)."""
+    rows = max(0, (num_tokens - 1) // seq_len)
+    return min(rows, max_rows) if max_rows else rows
+
+
+def row_tokens(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
+    """Row `index` of a split: tokens[index*seq_len : index*seq_len + seq_len + 1] as int64."""
+    start = index * seq_len
+    return np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -456,7 +465,7 @@ def prepare_data(config: DataConfig) -> dict:
                 "tokenizing); pass a bigger UTF-8 text corpus or a larger --val-fraction"
             )
         vocab_size = len(tokenizer)
-        dtype = token_dtype(vocab_size)
+        dtype = id_dtype_for(vocab_size)
         write_tokens(out_dir / "train.bin", train_ids, dtype)
         write_tokens(out_dir / "val.bin", val_ids, dtype)
         meta = {

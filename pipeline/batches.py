@@ -97,23 +97,3 @@ class StepBatches(Sampler):
 
 def collate_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
-
-
-def loss_targets(batch: dict[str, torch.Tensor], num_samples: int) -> dict | None:
-    """The teacher targets of a batch flattened to [B*L, ...], or None for a batch without them (baseline)."""
-    if "topk_ids" in batch:
-        k = batch["topk_ids"].shape[-1]
-        return {
-            "topk_ids": batch["topk_ids"].reshape(-1, k),
-            "topk_logprobs": batch["topk_logprobs"].reshape(-1, k),
-            "tail_logprob": batch["tail_logprob"].reshape(-1),
-        }
-    if "sample_ids" in batch:
-        s = batch["sample_ids"].shape[-1]
-        return {
-            "sample_ids": batch["sample_ids"].reshape(-1, s),
-            "sample_counts": batch["sample_counts"].reshape(-1, s),
-            "teacher_entropy": batch["teacher_entropy"].reshape(-1),
-            "num_samples": num_samples,
-        }
-    return None

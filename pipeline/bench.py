@@ -1,13 +1,17 @@
 """`bench`: throughput, memory and quality of the pipeline's hot paths, measured in one process on the same batches.
 
+Every timed path is the pipeline's own code: stage 1 runs cache.TeacherRunner (the object cache-logits runs),
+stage 2 runs train.training_step (the step distill and baseline run) with losses.StepLoss, and quality is scored
+by evaluate.evaluate (the evaluator of compare).
+
 Sections (bench.json keys; bench.md and the terminal get the same tables):
-  stage1  teacher forward alone vs the cache-logits path (cache.TeacherRunner.targets: teacher body, output head
-          in chunks with the sparse extraction of sparse_targets.py; part write on a thread) for each mode;
-          ratio of tokens/s (target >= 0.95); bytes/token of each mode vs dense fp16 logits (2 V);
+  stage1  teacher forward alone (TeacherRunner.full_logits) vs the cache-logits path (TeacherRunner.targets: teacher
+          body, output head in chunks with the sparse extraction of sparse_targets.py; part write on a thread) for
+          each mode; ratio of tokens/s (target >= 0.95); bytes/token of each mode vs dense fp16 logits (2 V);
           on a GPU the forward's model FLOPs utilisation, (2 P + 4 n_layer d_attn L) tokens / time / peak.
   stage2  tokens/s of one training step (forward, loss, backward, clip, AdamW): (a) CE only, (b) KD from the
           topk cache, (c) KD from the sampled cache, (d) online KD: the teacher inside the step under
-          no_grad and a dense full-vocabulary KL (`dense_kd_loss`). Variants run interleaved a b c d a b c d
+          no_grad and a dense full-vocabulary KL (losses.dense_kd_loss). Variants run interleaved a b c d a b c d
           (machine drift hits all alike); medians. Also the loss alone, forward + backward on fixed logits.
   data    CacheRows + StepBatches + collate_rows through a DataLoader, rows/s, against the rows/s a step eats.
   memory  per step variant: peak RSS (CPU; VmHWM reset through /proc/self/clear_refs before each variant) or
@@ -17,7 +21,6 @@ Sections (bench.json keys; bench.md and the terminal get the same tables):
 
 The stage 1 passes write real parts; they are assembled into small topk and sampled caches in
 `out_dir/cache-topk` and `out_dir/cache-sampled`, which stages 2-3 read (or --topk-cache / --sampled-cache).
-Heavy imports are local so that `python -m pipeline --help` stays fast.
 """
 
 from __future__ import annotations
@@ -32,11 +35,28 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.config import DEFAULT_TEACHER_DIR, StudentConfig, opt, raise_problems
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import cache_format
+from pipeline.batches import CacheRows, StepBatches, collate_rows
+from pipeline.cache import TeacherRunner, common_attrs, compute_dtype, row_seed
+from pipeline.cache_format import CacheReader, check_compatible, read_manifest, write_part
+from pipeline.config import BenchConfig, CacheConfig, StudentConfig, check, to_flags
+from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json
+from pipeline.losses import LossParts, StepLoss, dense_kd_loss
+from pipeline.machine import cpu_model
+from pipeline.models import count_parameters, load_causal_lm, model_vocab_size
+from pipeline.student import build_student
+from pipeline.teacher import teacher_identity
+from pipeline.train import make_optimizer, resolve_mixed_precision, training_step
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_FLOPS = (
@@ -70,82 +90,10 @@ QUALITY_VARIANTS = {
 }
 
 
-@dataclass
-class BenchConfig:
-    """What `bench` measures and how big the run is (the defaults take a few minutes on 2 CPU cores)."""
-
-    data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
-    teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder (make teacher)")
-    out_dir: str = opt("checkpoints/bench", "where bench.json, bench.md and the bench caches go")
-    seq_len: int = opt(512, "tokens per row (the pipeline's default SEQ_LEN)")
-    batch_size: str = opt(
-        "auto", f"rows per batch, or auto: {CPU_AUTO_BATCH} on CPU, {TOKENS_PER_GPU_BATCH} // seq_len on a GPU"
-    )
-    batches: int = opt(2, "stage 1: teacher batches per timed pass (the bench cache holds batches x batch-size rows)")
-    repeats: int = opt(5, "stage 1: timed passes per variant (interleaved; the median is reported)")
-    steps: int = opt(10, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
-    k: int = opt(64, "topk mode: ids per position")
-    num_samples: int = opt(50, "sampled mode: draws per position")
-    temperature: float = opt(1.0, "teacher temperature of the caches and the KD losses")
-    alpha: float = opt(0.5, "weight of the hard loss in the KD steps")
-    lr: float = opt(2e-3, "AdamW learning rate (quality runs: peak of the warmup + cosine schedule)")
-    loss_chunk: int = opt(2048, "token positions per chunk of distillation_loss")
-    mixed_precision: str = opt("auto", "auto (bf16 if supported) | bf16 | fp16 | no, as in training")
-    num_workers: int = opt(1, "data path: DataLoader workers")
-    data_batches: int = opt(64, "data path: batches read per measurement")
-    topk_cache: str | None = opt(
-        None, "read stages 2-3 (and quality) from this existing topk cache instead of the bench's"
-    )
-    sampled_cache: str | None = opt(
-        None, "read stages 2-3 (and quality) from this existing sampled cache instead of the bench's"
-    )
-    quality: bool = opt(
-        False, "also train one student per loss for --quality-steps and compare val perplexity and KL (slow)"
-    )
-    quality_steps: int = opt(100, "quality: optimizer steps per student")
-    quality_rows: int = opt(64, "quality: train rows in the bench caches")
-    eval_rows: int = opt(16, "quality: val rows evaluated")
-    seed: int = opt(0, "seed of the students, the row order and the sampled draws")
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size) > 0):
-            problems.append(f"--batch-size must be auto or a positive integer, got {self.batch_size!r}")
-        for name in (
-            "seq_len",
-            "batches",
-            "repeats",
-            "steps",
-            "k",
-            "loss_chunk",
-            "data_batches",
-            "quality_steps",
-            "quality_rows",
-            "eval_rows",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 < self.num_samples <= 255:
-            problems.append(f"--num-samples must be in 1..255, got {self.num_samples}")
-        if self.temperature <= 0:
-            problems.append(f"--temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be positive, got {self.lr}")
-        if self.num_workers < 0:
-            problems.append(f"--num-workers must not be negative, got {self.num_workers}")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            problems.append(f"--mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
-        return problems
-
-
 # ---------------------------------------------------------------- small helpers
 
 
 def _sync(device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -183,10 +131,7 @@ def forward_flops(model_config, params: int, tokens: int, seq_len: int) -> float
 
 def machine_info(device) -> dict:
     import accelerate
-    import torch
     import transformers
-
-    from pipeline.machine import cpu_model
 
     return {
         "cpu": cpu_model(),
@@ -247,8 +192,6 @@ class PeakMemory:
         self.device, self.method, self.result = device, None, {}
 
     def __enter__(self):
-        import torch
-
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -283,8 +226,6 @@ class PeakMemory:
         self.method = "peak RSS: psutil sampled every 1 ms"
 
     def __exit__(self, *exc):
-        import torch
-
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
@@ -318,8 +259,6 @@ class SavedTensorCounter:
         return tensor
 
     def hooks(self):
-        import torch
-
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
 
     def summary(self) -> dict:
@@ -332,31 +271,29 @@ class SavedTensorCounter:
         }
 
 
-def dense_kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
-    """Online KD as most distillation scripts write it: full-vocabulary softmaxes of both models in float32,
-        total = alpha CE(student, labels) + (1 - alpha) T^2 KL(softmax(t/T) || softmax(s/T)),
-    KL summed over V and averaged over the N positions. student_logits, teacher_logits [N, V]; labels [N]."""
-    import torch.nn.functional as F
+class Laps:
+    """Seconds per named phase: `lap(name)` adds the time since the previous lap (or `start()`) to `name`,
+    synchronising a GPU first so that each phase's kernels count in it. Passed as the `lap` callback of
+    TeacherRunner and training_step."""
 
-    from pipeline.losses import LossParts
+    def __init__(self, device):
+        self.device, self.seconds, self._last = device, {}, 0.0
 
-    student = student_logits.float()
-    ce = F.cross_entropy(student, labels)
-    kd = F.kl_div(
-        F.log_softmax(student / temperature, dim=-1),
-        F.log_softmax(teacher_logits.float() / temperature, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return LossParts(total=alpha * ce + (1 - alpha) * temperature**2 * kd, ce=ce, kd=kd)
+    def start(self) -> None:
+        _sync(self.device)
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 # ---------------------------------------------------------------- stage 1: teacher forward vs cache-logits
 
 
-def _cache_config(config: BenchConfig, mode: str, batch_size: int, rows: int, out_dir: Path):
-    from pipeline.config import CacheConfig
-
+def _cache_config(config: BenchConfig, mode: str, batch_size: int, rows: int, out_dir: Path) -> CacheConfig:
     return CacheConfig(
         data_dir=config.data_dir,
         teacher=config.teacher,
@@ -364,7 +301,7 @@ def _cache_config(config: BenchConfig, mode: str, batch_size: int, rows: int, ou
         mode=mode,
         k=config.k,
         num_samples=config.num_samples,
-        temperature=config.temperature,
+        temperature=config.loss.temperature,
         seq_len=config.seq_len,
         batch_size=batch_size,
         rows_per_part=batch_size,
@@ -375,10 +312,6 @@ def _cache_config(config: BenchConfig, mode: str, batch_size: int, rows: int, ou
 
 def _split_batches(config: BenchConfig, split: str, first_row: int, rows: int, batch_size: int):
     """[(row indices, rows [B, L+1] int64)] covering rows first_row .. first_row + rows - 1 of a split."""
-    import numpy as np
-
-    from pipeline.data import load_tokens, row_tokens
-
     tokens = load_tokens(config.data_dir, split)
     out = []
     for start in range(first_row, first_row + rows, batch_size):
@@ -387,51 +320,41 @@ def _split_batches(config: BenchConfig, split: str, first_row: int, rows: int, b
     return out
 
 
-def _forward_pass(runner, batches) -> dict:
-    """The plain teacher forward (logits only, same autocast and inference mode as the cache path)."""
-    import torch
-
-    device = runner.device
+def _forward_pass(runner: TeacherRunner, batches) -> dict:
+    """The plain teacher forward (the model's own logits, at the runner's precision)."""
     start = time.perf_counter()
-    with torch.inference_mode(), runner.autocast():
-        for _, rows in batches:
-            ids = torch.from_numpy(rows[:, :-1]).to(device, non_blocking=True)
-            runner.model(input_ids=ids, use_cache=False).logits
-    _sync(device)
+    for _, rows in batches:
+        runner.full_logits(rows[:, :-1])
+    _sync(runner.device)
     return {"seconds": time.perf_counter() - start}
 
 
-def _cache_pass(runner, batches, part_paths, split: str) -> dict:
-    """What cache-logits does per batch: cache.TeacherRunner.targets (teacher body, then the output head
-    chunk by chunk with the sparse extraction) and the part write on a writer thread (overlapping the
-    next forward, as in cache.py). Phases: "body" and "head_extract" (synchronised laps of the runner)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.cache import row_seed
-    from pipeline.cache_format import write_part
+def _cache_pass(runner: TeacherRunner, laps: Laps, batches, part_paths, split: str) -> dict:
+    """What cache-logits does per batch: TeacherRunner.targets (teacher body, then the output head chunk by chunk
+    with the sparse extraction) and the part write on a writer thread (overlapping the next forward, as in
+    cache.py). Phases: "body" and "head_extract" (laps of the runner), "write" and "write_wait"."""
 
     def timed_write(path, arrays):
         began = time.perf_counter()
         write_part(path, arrays)
         return time.perf_counter() - began
 
-    config = runner.config
-    runner.phase_seconds = {"body": 0.0, "head_extract": 0.0}
+    seed = runner.config.seed
+    laps.seconds = {"body": 0.0, "head_extract": 0.0}
     phases = {"write": 0.0, "write_wait": 0.0}
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = []
         for (indices, rows), path in zip(batches, part_paths):
-            arrays = runner.targets(rows, [row_seed(config.seed, split, i) for i in indices])
+            laps.start()
+            arrays = runner.targets(rows, [row_seed(seed, split, i) for i in indices])
             pending.append(writer.submit(timed_write, path, arrays))
         t_wait = time.perf_counter()
         for future in pending:
             phases["write"] += future.result()
         phases["write_wait"] = time.perf_counter() - t_wait
     seconds = time.perf_counter() - start
-    phases.update(runner.phase_seconds)
-    runner.phase_seconds = None
-    return {"seconds": seconds, **phases}
+    return {"seconds": seconds, **phases, **laps.seconds}
 
 
 def _part_paths(work_dir: Path, mode: str, split: str, first_batch: int, count: int) -> list[Path]:
@@ -440,19 +363,18 @@ def _part_paths(work_dir: Path, mode: str, split: str, first_batch: int, count: 
 
 def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: Path) -> tuple[dict, dict]:
     """Interleaved passes (forward, topk, sampled) over the same batches. Returns (section, runners)."""
-    from pipeline.cache import TeacherRunner
-
     rows = config.batches * batch_size
     batches = _split_batches(config, "train", 0, rows, batch_size)
+    laps = Laps(device)
     runners = {
-        mode: TeacherRunner(teacher, _cache_config(config, mode, batch_size, rows, work_dir), device)
+        mode: TeacherRunner(teacher, _cache_config(config, mode, batch_size, rows, work_dir), device, lap=laps.lap)
         for mode in ("topk", "sampled")
     }
     paths = {mode: _part_paths(work_dir, mode, "train", 0, len(batches)) for mode in runners}
     # Warm-up: one batch of each (kernel selection, allocator growth, first-touch of the weights).
     _forward_pass(runners["topk"], batches[:1])
     for mode, runner in runners.items():
-        _cache_pass(runner, batches[:1], paths[mode][:1], "train")
+        _cache_pass(runner, laps, batches[:1], paths[mode][:1], "train")
     timings = {"forward": [], "topk": [], "sampled": []}
     for repeat in range(config.repeats):
         _log(
@@ -460,7 +382,7 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
         )
         timings["forward"].append(_forward_pass(runners["topk"], batches))
         for mode, runner in runners.items():
-            timings[mode].append(_cache_pass(runner, batches, paths[mode], "train"))
+            timings[mode].append(_cache_pass(runner, laps, batches, paths[mode], "train"))
 
     tokens = rows * config.seq_len
     section = {
@@ -477,6 +399,7 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
         "tokens_per_s": tokens / forward_s,
         "median_s": forward_s,
         "times_s": [t["seconds"] for t in timings["forward"]],
+        "ms_per_batch": 1000 * forward_s / len(batches),
     }
     for mode in ("topk", "sampled"):
         seconds = _median([t["seconds"] for t in timings[mode]])
@@ -493,7 +416,8 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
             "meets_target": forward_s / seconds >= TARGET_CACHE_RATIO,
             **per_batch,
         }
-    section["forward"]["ms_per_batch"] = 1000 * forward_s / len(batches)
+    for runner in runners.values():
+        runner.lap = None  # the untimed passes that follow (extend_parts) are not profiled
     return section, runners
 
 
@@ -501,10 +425,6 @@ def stage1_mfu(section: dict, teacher, device, seq_len: int) -> dict | None:
     """Model FLOPs utilisation of the plain forward and the cache passes (GPU with a known peak only)."""
     if device.type != "cuda":
         return None
-    import torch
-
-    from pipeline.student import count_parameters
-
     name = torch.cuda.get_device_name(device)
     peak = peak_bf16_flops(name)
     flops = forward_flops(teacher.config, count_parameters(teacher), section["tokens_per_pass"], seq_len)
@@ -520,18 +440,14 @@ def extend_parts(
     config: BenchConfig, runners: dict, work_dir: Path, split: str, first_row: int, rows: int, batch_size: int
 ) -> None:
     """Untimed parts for more rows (quality runs): one teacher forward per batch feeds both modes."""
-    from pipeline.cache import row_seed
-    from pipeline.cache_format import write_part
-
     if rows <= 0:
         return
     batches = _split_batches(config, split, first_row, rows, batch_size)
     first_batch = first_row // batch_size
     paths = {mode: _part_paths(work_dir, mode, split, first_batch, len(batches)) for mode in runners}
     for b, (indices, tokens) in enumerate(batches):
-        targets = runners["topk"].targets_by_mode(
-            tokens, [row_seed(config.seed, split, i) for i in indices], ("sampled", "topk")
-        )
+        seeds = [row_seed(config.seed, split, i) for i in indices]
+        targets = runners["topk"].targets_by_mode(tokens, seeds, ("sampled", "topk"))
         for mode, arrays in targets.items():
             write_part(paths[mode][b], arrays)
 
@@ -540,17 +456,10 @@ def assemble_bench_cache(
     config: BenchConfig, mode: str, batch_size: int, work_dir: Path, split_rows: dict, device
 ) -> Path:
     """Assemble the parts of `mode` into a cache folder work_dir/cache-MODE (one shard per split) + manifest."""
-    from transformers import AutoConfig
-
-    from pipeline import cache_format
-    from pipeline.cache import common_attrs, compute_dtype
-    from pipeline.data import read_meta
-    from pipeline.teacher import teacher_identity
-
     cache_dir = work_dir / f"cache-{mode}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     meta = read_meta(config.data_dir)
-    vocab = int(AutoConfig.from_pretrained(config.teacher).vocab_size)
+    vocab = model_vocab_size(config.teacher)
     attrs = common_attrs(
         _cache_config(config, mode, batch_size, split_rows["train"], cache_dir),
         meta,
@@ -579,8 +488,6 @@ def assemble_bench_cache(
 
 def storage_figures(cache_dir: Path, vocab: int) -> dict:
     """bytes/token of the cache's train split (shard size over positions, tokens row included) vs dense fp16 logits."""
-    from pipeline.cache_format import read_manifest
-
     bytes_per_token = read_manifest(cache_dir)["splits"]["train"]["bytes_per_token"]
     return {
         "bytes_per_token": bytes_per_token,
@@ -593,133 +500,141 @@ def storage_figures(cache_dir: Path, vocab: int) -> dict:
 # ---------------------------------------------------------------- stage 2: training steps
 
 
-class StepContext:
-    """What every training step shares: the accelerator, the teacher (online KD) and the loss settings."""
+class OnlineStepLoss:
+    """Online KD, for comparison: the teacher runs inside the step (no_grad, the training precision) on the batch's
+    tokens, then losses.dense_kd_loss. `lap` (profiling) is called with "teacher" after the teacher forward."""
 
-    def __init__(self, accelerator, teacher, config: BenchConfig, temperature: float, num_samples: int):
-        self.accelerator, self.device, self.teacher = accelerator, accelerator.device, teacher
-        self.alpha, self.temperature, self.num_samples = config.alpha, temperature, num_samples
-        self.loss_chunk = config.loss_chunk
+    def __init__(self, teacher, accelerator, alpha: float, temperature: float, lap=None):
+        self.teacher, self.accelerator, self.alpha, self.temperature, self.lap = (
+            teacher,
+            accelerator,
+            alpha,
+            temperature,
+            lap,
+        )
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> LossParts:
+        tokens = batch["tokens"]
+        with torch.no_grad(), self.accelerator.autocast():
+            teacher_logits = self.teacher(input_ids=tokens[:, :-1]).logits
+        if self.lap is not None:
+            self.lap("teacher")
+        flat = logits.reshape(-1, logits.shape[-1])
+        return dense_kd_loss(
+            flat,
+            teacher_logits.reshape(flat.shape),
+            tokens[:, 1:].reshape(-1),
+            alpha=self.alpha,
+            temperature=self.temperature,
+        )
 
 
-def train_step(
-    ctx: StepContext, spec: tuple, model, optimizer, batch: dict, counter: SavedTensorCounter | None = None
-) -> dict:
-    """One optimizer step as train.py runs it (forward, distillation_loss, backward, clip 1.0, AdamW, zero_grad),
-    or for the online variant the teacher forward + dense_kd_loss. Returns the seconds of each phase."""
-    import contextlib
+class BenchStudent:
+    """One student of a bench variant, prepared by Accelerate, with its loss (the step's loss_fn)."""
 
-    import torch
-
-    from pipeline.batches import loss_targets
-    from pipeline.losses import distillation_loss
-
-    _, cache_mode, renormalize, online = spec
-    device, times = ctx.device, {}
-    _sync(device)
-    t = time.perf_counter()
-
-    def lap(name):
-        nonlocal t
-        _sync(device)
-        now = time.perf_counter()
-        times[name] = now - t
-        t = now
-
-    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    tokens = batch["tokens"]
-    teacher_logits = None
-    if online:
-        with torch.no_grad(), ctx.accelerator.autocast():
-            teacher_logits = ctx.teacher(input_ids=tokens[:, :-1]).logits
-        lap("teacher")
-    logits = model(input_ids=tokens[:, :-1]).logits
-    lap("forward")
-    flat = logits.reshape(-1, logits.shape[-1])
-    labels = tokens[:, 1:].reshape(-1)
-    with counter.hooks() if counter else contextlib.nullcontext():
+    def __init__(
+        self,
+        accelerator,
+        spec: tuple,
+        student_config: StudentConfig,
+        config: BenchConfig,
+        vocab: int,
+        teacher,
+        num_samples: int,
+    ):
+        label, cache_mode, renormalize, online = spec
+        model = build_student(student_config, config.teacher, vocab, config.seed)
+        optimizer = make_optimizer(model, config.optim)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model.train()
+        self.label, self.cache_mode = label, cache_mode
         if online:
-            loss = dense_kd_loss(flat, teacher_logits.reshape(flat.shape), labels, ctx.alpha, ctx.temperature)
+            self.loss_fn = OnlineStepLoss(teacher, accelerator, config.loss.alpha, config.loss.temperature)
         else:
-            mask = torch.ones_like(labels, dtype=torch.bool)
-            targets = loss_targets(batch, ctx.num_samples) if cache_mode else None
-            loss = distillation_loss(
-                flat,
-                labels,
-                mask,
-                targets,
-                alpha=ctx.alpha,
-                temperature=ctx.temperature,
+            self.loss_fn = StepLoss(
+                alpha=config.loss.alpha,
+                temperature=config.loss.temperature,
+                kd_loss=config.loss.kd_loss if cache_mode == "topk" else "forward-kl",
+                jsd_beta=config.loss.jsd_beta,
                 topk_renormalize=renormalize,
-                chunk_size=ctx.loss_chunk,
+                chunk_size=config.loss.loss_chunk,
+                num_samples=num_samples,
             )
-    lap("loss")
-    ctx.accelerator.backward(loss.total)
-    lap("backward")
-    ctx.accelerator.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    lap("optimizer")
+
+    def batch(self, batches: dict) -> dict:
+        """CE and online steps read only tokens (those of the topk batch: the same rows)."""
+        if self.cache_mode == "sampled":
+            return batches["sampled"]
+        return {"tokens": batches["topk"]["tokens"]} if self.cache_mode is None else batches["topk"]
+
+
+def make_students(
+    accelerator,
+    variants: dict,
+    student_config: StudentConfig,
+    config: BenchConfig,
+    vocab: int,
+    teacher,
+    num_samples: int,
+) -> dict[str, BenchStudent]:
+    """{key: BenchStudent}: the same initial student for every variant."""
+    return {
+        key: BenchStudent(accelerator, spec, student_config, config, vocab, teacher, num_samples)
+        for key, spec in variants.items()
+    }
+
+
+def bench_step(
+    accelerator,
+    student: BenchStudent,
+    batches: dict,
+    config: BenchConfig,
+    step: int,
+    max_steps: int,
+    laps: Laps | None = None,
+) -> dict:
+    """train.training_step on this student's batch; the seconds of each phase (with laps), and the loss."""
+    lap = None
+    if laps is not None:
+        laps.seconds = {}
+        lap = laps.lap
+        laps.start()
+    if isinstance(student.loss_fn, OnlineStepLoss):
+        student.loss_fn.lap = lap
+    loss = training_step(
+        accelerator,
+        student.model,
+        student.optimizer,
+        student.batch(batches),
+        student.loss_fn,
+        config.optim,
+        step,
+        max_steps,
+        lap=lap,
+    )
+    times = dict(laps.seconds) if laps is not None else {}
     times["step"] = sum(times.values())
     times["loss_value"] = float(loss.total.detach())
     return times
 
 
-def _batch_for(spec: tuple, batches: dict) -> dict:
-    """CE and online steps read only tokens (those of the topk batch: the same rows)."""
-    cache_mode = spec[1]
-    if cache_mode == "sampled":
-        return batches["sampled"]
-    return {"tokens": batches["topk"]["tokens"]} if cache_mode is None else batches["topk"]
-
-
-def make_students(
-    ctx: StepContext,
-    keys,
-    student_config: StudentConfig,
-    config: BenchConfig,
-    vocab: int,
-    max_steps: int,
-    warmup_steps: int = 0,
-) -> dict:
-    """{key: (model, optimizer, scheduler)}: the same initial student for every key, prepared by Accelerate."""
-    import torch
-
-    from pipeline.config import TrainConfig
-    from pipeline.student import build_student
-    from pipeline.train import lr_at, make_optimizer
-
-    train_config = TrainConfig(lr=config.lr, max_steps=max_steps, warmup_steps=warmup_steps, seed=config.seed)
-    out = {}
-    for key in keys:
-        model = build_student(student_config, config.teacher, vocab, config.seed)
-        optimizer = make_optimizer(model, train_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train_config))
-        model, optimizer = ctx.accelerator.prepare(model, optimizer)
-        model.train()
-        out[key] = (model, optimizer, scheduler)
-    return out
-
-
 def step_batches(readers: dict, batch_size: int, seed: int, count: int) -> list[dict]:
     """`count` collated steps of both caches, rows chosen by StepBatches (same rows in both when they match)."""
-    from pipeline.batches import CacheRows, StepBatches, collate_rows
-
     rows = {mode: CacheRows(reader) for mode, reader in readers.items()}
     num = min(len(r) for r in rows.values())
     sampler = StepBatches(num, batch_size, 1, seed, 0, count)
     return [{mode: collate_rows([r[i] for i in indices]) for mode, r in rows.items()} for indices in sampler]
 
 
-def run_stage2(ctx: StepContext, students: dict, batches: list[dict], config: BenchConfig) -> dict:
+def run_stage2(accelerator, students: dict, batches: list[dict], config: BenchConfig) -> dict:
     """Warm-up round, then config.steps rounds of a b c d on the same batch; medians of each phase."""
+    laps = Laps(accelerator.device)
     records = {key: [] for key in STEP_VARIANTS}
     for round_index, step in enumerate(batches):
         if round_index:
             _log(f"stage 2: round {round_index}/{len(batches) - 1} (ce, topk, sampled, online)")
-        for key, spec in STEP_VARIANTS.items():
-            model, optimizer, _ = students[key]
-            times = train_step(ctx, spec, model, optimizer, _batch_for(spec, step))
+        for key in STEP_VARIANTS:
+            times = bench_step(accelerator, students[key], step, config, round_index, len(batches), laps)
             if round_index:  # round 0 warms up
                 records[key].append(times)
     tokens = batches[0]["topk"]["tokens"][:, 1:].numel()
@@ -753,49 +668,39 @@ def run_stage2(ctx: StepContext, students: dict, batches: list[dict], config: Be
     return {"tokens_per_step": tokens, "rounds": len(batches) - 1, "variants": variants, "ratios": ratios}
 
 
-def loss_alone(ctx: StepContext, model, batches: dict, repeats: int) -> dict:
-    """distillation_loss / dense_kd_loss forward + backward on one fixed batch of the student's logits
-    (its real dtype under autocast), interleaved; median ms. Isolates the loss from the model."""
-    import torch
-
-    from pipeline.batches import loss_targets
-    from pipeline.losses import distillation_loss
-
-    device = ctx.device
-    tokens = batches["topk"]["tokens"].to(device)
+def loss_alone(accelerator, students: dict, batches: dict, repeats: int, teacher, config: BenchConfig) -> dict:
+    """Each variant's loss, forward + backward, on one fixed batch of the CE student's logits (their real dtype
+    under autocast; online: against teacher logits computed beforehand), interleaved; median ms. Isolates the loss
+    from the model."""
+    device = accelerator.device
+    on_device = {mode: {k: v.to(device) for k, v in b.items()} for mode, b in batches.items()}
+    tokens = on_device["topk"]["tokens"]
     with torch.no_grad():
-        logits = model(input_ids=tokens[:, :-1]).logits
-        teacher_logits = None
-        if ctx.teacher is not None:
-            with ctx.accelerator.autocast():
-                teacher_logits = ctx.teacher(input_ids=tokens[:, :-1]).logits
-    flat = logits.reshape(-1, logits.shape[-1]).detach()
+        logits = students["ce"].model(input_ids=tokens[:, :-1]).logits.detach()
+        with accelerator.autocast():
+            teacher_logits = teacher(input_ids=tokens[:, :-1]).logits
     labels = tokens[:, 1:].reshape(-1)
-    mask = torch.ones_like(labels, dtype=torch.bool)
-    targets = {
-        mode: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in loss_targets(b, ctx.num_samples).items()}
-        for mode, b in batches.items()
+    renormalized = dataclasses.replace(students["topk"].loss_fn, topk_renormalize=True)
+    cases = {
+        "ce": lambda x: students["ce"].loss_fn(x, {"tokens": tokens}),
+        "topk": lambda x: students["topk"].loss_fn(x, on_device["topk"]),
+        "topk-renorm": lambda x: renormalized(x, on_device["topk"]),
+        "sampled": lambda x: students["sampled"].loss_fn(x, on_device["sampled"]),
+        "online": lambda x: dense_kd_loss(
+            x.reshape(-1, x.shape[-1]),
+            teacher_logits.reshape(-1, x.shape[-1]),
+            labels,
+            alpha=config.loss.alpha,
+            temperature=config.loss.temperature,
+        ),
     }
-    cases = {"ce": None, "topk": "topk", "topk-renorm": "topk", "sampled": "sampled", "online": "online"}
     times = {key: {"forward": [], "backward": []} for key in cases}
     for repeat in range(repeats + 1):
-        for key, mode in cases.items():
-            x = flat.clone().requires_grad_(True)
+        for key, loss_of in cases.items():
+            x = logits.clone().requires_grad_(True)
             _sync(device)
             t0 = time.perf_counter()
-            if mode == "online":
-                loss = dense_kd_loss(x, teacher_logits.reshape(flat.shape), labels, ctx.alpha, ctx.temperature)
-            else:
-                loss = distillation_loss(
-                    x,
-                    labels,
-                    mask,
-                    targets[mode] if mode else None,
-                    alpha=ctx.alpha,
-                    temperature=ctx.temperature,
-                    topk_renormalize=key == "topk-renorm",
-                    chunk_size=ctx.loss_chunk,
-                )
+            loss = loss_of(x)
             _sync(device)
             t1 = time.perf_counter()
             loss.total.backward()
@@ -803,7 +708,11 @@ def loss_alone(ctx: StepContext, model, batches: dict, repeats: int) -> dict:
             if repeat:
                 times[key]["forward"].append(t1 - t0)
                 times[key]["backward"].append(time.perf_counter() - t1)
-    out = {"positions": flat.shape[0], "vocab": flat.shape[1], "logits_dtype": str(flat.dtype).replace("torch.", "")}
+    out = {
+        "positions": labels.numel(),
+        "vocab": logits.shape[-1],
+        "logits_dtype": str(logits.dtype).replace("torch.", ""),
+    }
     for key, t in times.items():
         out[key] = {"forward_ms": 1000 * _median(t["forward"]), "backward_ms": 1000 * _median(t["backward"])}
         out[key]["total_ms"] = out[key]["forward_ms"] + out[key]["backward_ms"]
@@ -815,10 +724,6 @@ def loss_alone(ctx: StepContext, model, batches: dict, repeats: int) -> dict:
 
 def run_data_path(readers: dict, batch_size: int, config: BenchConfig, step_rows_per_s: dict, device) -> dict:
     """Rows/s of CacheRows + StepBatches + collate_rows through a DataLoader (with workers, and in-process)."""
-    from torch.utils.data import DataLoader
-
-    from pipeline.batches import CacheRows, StepBatches, collate_rows
-
     out = {}
     for mode, reader in readers.items():
         rows = CacheRows(reader)
@@ -846,17 +751,29 @@ def run_data_path(readers: dict, batch_size: int, config: BenchConfig, step_rows
     return out
 
 
-def run_memory(ctx: StepContext, students: dict, batches: dict, vocab: int) -> dict:
+class _CountingLoss:
+    """A step's loss_fn with the tensors it saves for backward counted (SavedTensorCounter)."""
+
+    def __init__(self, loss_fn, counter: SavedTensorCounter):
+        self.loss_fn, self.counter = loss_fn, counter
+
+    def __call__(self, logits, batch):
+        with self.counter.hooks():
+            return self.loss_fn(logits, batch)
+
+
+def run_memory(accelerator, students: dict, batches: dict, vocab: int, config: BenchConfig) -> dict:
     """One more step of each variant under PeakMemory, with the loss's saved tensors counted."""
     tokens = batches["topk"]["tokens"][:, 1:].numel()
     out, method = {}, None
-    for key, spec in STEP_VARIANTS.items():
-        model, optimizer, _ = students[key]
+    for key, student in students.items():
         counter = SavedTensorCounter(tokens * vocab)
-        with PeakMemory(ctx.device) as peak:
-            train_step(ctx, spec, model, optimizer, _batch_for(spec, batches), counter)
+        loss_fn, student.loss_fn = student.loss_fn, _CountingLoss(student.loss_fn, counter)
+        with PeakMemory(accelerator.device) as peak:
+            bench_step(accelerator, student, batches, config, 0, 1)
+        student.loss_fn = loss_fn
         method = peak.method
-        out[key] = {"label": spec[0], **peak.result, **{f"loss_{k}": v for k, v in counter.summary().items()}}
+        out[key] = {"label": student.label, **peak.result, **{f"loss_{k}": v for k, v in counter.summary().items()}}
     full_vocab_mb = tokens * vocab * 4 / 2**20
     return {"method": method, "tokens": tokens, "vocab": vocab, "float32_full_vocab_mb": full_vocab_mb, "variants": out}
 
@@ -865,41 +782,43 @@ def run_memory(ctx: StepContext, students: dict, batches: dict, vocab: int) -> d
 
 
 def run_quality(
-    ctx: StepContext,
+    accelerator,
     config: BenchConfig,
     student_config: StudentConfig,
     readers: dict,
     val_reader,
+    teacher,
     batch_size: int,
     vocab: int,
 ) -> dict:
-    """Train one student per QUALITY_VARIANTS entry for quality_steps steps on the same rows and schedule; evaluate."""
-    from pipeline.compare import evaluate_models
-
+    """Train one student per QUALITY_VARIANTS entry for --quality-steps steps on the same rows and schedule (the
+    training step and learning-rate schedule of distill), then evaluate them all with the evaluator of compare."""
     steps = config.quality_steps
     batches = step_batches(readers, batch_size, config.seed, steps)
-    warmup = max(1, steps // 10)
+    num_samples = int(readers["sampled"].attrs["num_samples"])
     results, trained = {}, {}
     for key, spec in QUALITY_VARIANTS.items():
-        ((model, optimizer, scheduler),) = make_students(
-            ctx, [key], student_config, config, vocab, steps, warmup
-        ).values()
+        student = BenchStudent(accelerator, spec, student_config, config, vocab, teacher, num_samples)
         start = time.perf_counter()
         for index, step in enumerate(batches):
-            train_step(ctx, spec, model, optimizer, _batch_for(spec, step))
-            scheduler.step()
+            bench_step(accelerator, student, step, config, index, steps)
             if (index + 1) % max(1, steps // 4) == 0:
                 _log(f"quality: {spec[0]} step {index + 1}/{steps}")
         seconds = time.perf_counter() - start
-        trained[key] = ctx.accelerator.unwrap_model(model)
-        trained[key].eval()
-        results[key] = {
-            "label": spec[0],
-            "train_tokens_per_s": steps * batches[0]["topk"]["tokens"][:, 1:].numel() / seconds,
-        }
+        trained[key] = accelerator.unwrap_model(student.model)
+        tokens = batches[0]["topk"]["tokens"][:, 1:].numel()
+        results[key] = {"label": spec[0], "train_tokens_per_s": steps * tokens / seconds}
     count = min(config.eval_rows, len(val_reader))
-    temperature = float(val_reader.attrs["temperature"])
-    figures = evaluate_models(ctx.teacher, trained, val_reader, count, batch_size, temperature, "eval quality")
+    figures = evaluate(
+        {"teacher": teacher, **trained},
+        CacheRows(val_reader),
+        count=count,
+        batch_size=batch_size,
+        reference="teacher",
+        temperature=float(val_reader.attrs["temperature"]),
+        num_samples=int(val_reader.attrs.get("num_samples", 0)),
+        desc="eval quality",
+    )
     for key in trained:
         results[key].update(
             {
@@ -915,7 +834,7 @@ def run_quality(
         "train_rows": min(len(r) for r in readers.values()),
         "eval_rows": count,
         "eval_positions": figures["teacher"]["positions"],
-        "kl_cache_estimator": f"{val_reader.mode} val cache (compare.evaluate_models)",
+        "kl_cache_estimator": f"{val_reader.mode} val cache (evaluate.evaluate)",
         "teacher_val_ppl": figures["teacher"]["val_ppl"],
         "variants": results,
     }
@@ -926,8 +845,6 @@ def run_quality(
 
 def _open_caches(config: BenchConfig, bench_caches: dict, meta: dict, vocab: int) -> dict:
     """CacheReaders (train) of the caches stages 2-3 read: --topk-cache / --sampled-cache, else the bench's."""
-    from pipeline.cache_format import CacheReader, check_compatible
-
     readers = {}
     for mode, given in (("topk", config.topk_cache), ("sampled", config.sampled_cache)):
         reader = CacheReader(given or bench_caches[mode], "train")
@@ -939,7 +856,7 @@ def _open_caches(config: BenchConfig, bench_caches: dict, meta: dict, vocab: int
                 "vocab_size": vocab,
                 "tokenizer_hash": meta["tokenizer_hash"],
                 "train_tokens_sha256": meta["train_sha256"],
-                "temperature": config.temperature,
+                "temperature": config.loss.temperature,
             },
             where=f"--{mode}-cache {given}" if given else f"the bench {mode} cache",
         )
@@ -951,17 +868,10 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     """Run every section, print the tables, write out_dir/bench.json and bench.md; returns the report."""
     from accelerate import Accelerator
 
-    from pipeline.cache_format import CacheReader
-    from pipeline.data import load_tokens, num_rows, read_meta
-    from pipeline.fsutil import atomic_write_bytes, atomic_write_json
-    from pipeline.student import count_parameters
-    from pipeline.teacher import load_teacher
-    from pipeline.train import resolve_mixed_precision, teacher_vocab_size
-
-    raise_problems(config.validate() + student_config.validate())
+    check(config, student_config)
     meta = read_meta(config.data_dir)
-    vocab = teacher_vocab_size(config.teacher)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
+    vocab = model_vocab_size(config.teacher)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.optim.mixed_precision))
     device = accelerator.device
     batch_size = resolve_batch_size(config.batch_size, config.seq_len, device)
     train_available = num_rows(len(load_tokens(config.data_dir, "train")), config.seq_len)
@@ -977,11 +887,11 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     report = {
         "machine": machine_info(device),
         "command": " ".join(["python -m pipeline"] + sys.argv[1:]) if sys.argv else "",
-        "options": dataclasses.asdict(config),
-        "student": dataclasses.asdict(student_config),
+        "options": to_flags(config),
+        "student": to_flags(student_config),
     }
     _log(f"device {device}, batch {batch_size} x {config.seq_len}, mixed precision {accelerator.mixed_precision}")
-    teacher = load_teacher(config.teacher).to(device)
+    teacher = load_causal_lm(config.teacher).to(device)
     report["resolved"] = {
         "device": str(device),
         "batch_size": batch_size,
@@ -1018,19 +928,18 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     # ---- stage 2: the four steps, interleaved, on the same batches
     readers = _open_caches(config, bench_caches, meta, vocab)
     num_samples = int(readers["sampled"].attrs["num_samples"])
-    ctx = StepContext(accelerator, teacher, config, config.temperature, num_samples)
-    students = make_students(ctx, STEP_VARIANTS, student_config, config, vocab, config.steps + 1)
-    report["resolved"]["student_parameters"] = count_parameters(accelerator.unwrap_model(students["ce"][0]))
+    students = make_students(accelerator, STEP_VARIANTS, student_config, config, vocab, teacher, num_samples)
+    report["resolved"]["student_parameters"] = count_parameters(accelerator.unwrap_model(students["ce"].model))
     batches = step_batches(readers, batch_size, config.seed, config.steps + 1)
-    report["stage2"] = run_stage2(ctx, students, batches, config)
+    report["stage2"] = run_stage2(accelerator, students, batches, config)
     _log("stage 2: the loss alone")
-    report["stage2"]["loss_alone"] = loss_alone(ctx, students["ce"][0], batches[0], config.steps)
+    report["stage2"]["loss_alone"] = loss_alone(accelerator, students, batches[0], config.steps, teacher, config)
 
     # ---- data path, memory
     _log("data path and memory")
     step_rows = {mode: report["stage2"]["variants"][mode]["rows_per_s"] for mode in ("topk", "sampled")}
     report["data"] = run_data_path(readers, batch_size, config, step_rows, device)
-    report["memory"] = run_memory(ctx, students, batches[0], vocab)
+    report["memory"] = run_memory(accelerator, students, batches[0], vocab, config)
     del students
     gc.collect()
 
@@ -1038,7 +947,9 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     report["quality"] = None
     if config.quality:
         val_reader = CacheReader(config.topk_cache or bench_caches["topk"], "val")
-        report["quality"] = run_quality(ctx, config, student_config, readers, val_reader, batch_size, vocab)
+        report["quality"] = run_quality(
+            accelerator, config, student_config, readers, val_reader, teacher, batch_size, vocab
+        )
     report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     markdown = render_markdown(report)

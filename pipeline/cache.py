@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,11 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import cache_format, sparse_targets
-from pipeline.config import CacheConfig
+from pipeline.config import CacheConfig, check
 from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json
-from pipeline.teacher import load_teacher, teacher_identity
+from pipeline.models import load_causal_lm
+from pipeline.teacher import teacher_identity
 
 SPLITS = ("train", "val")
 
@@ -71,15 +73,12 @@ def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: in
 # ---------------------------------------------------------------- teacher -> sparse targets
 
 # Positions per output-head matmul (one reused [chunk, V] float32 buffer) and per extraction pass over
-# a piece of it. CPU (2 cores, V = 49,152): 1,024-row matmuls into a kept buffer run 13% faster than one
-# fresh [1024, V] matmul, and 256-row extraction pieces keep the sampled mode's scratch small.
+# a piece of it: on a CPU, matmuls into a kept buffer beat fresh allocations (README, "What moved the
+# figures"), and small extraction pieces keep the sampled mode's scratch small.
 HEAD_CHUNK = {"cpu": 1024, "cuda": 8192}
 EXTRACT_CHUNK = {"cpu": 256, "cuda": 8192}
-LOGITS, SCRATCH, MODE_COPY = (
-    0,
-    1,
-    2,
-)  # TeacherRunner's kept buffers: head output, sampling scratch, a copy for a second mode
+# TeacherRunner's kept buffers: head output, sampling scratch, a copy for a second mode
+LOGITS, SCRATCH, MODE_COPY = 0, 1, 2
 
 
 def row_uniforms(row_seeds: list[int], seq_len: int, num_samples: int) -> torch.Tensor:
@@ -140,33 +139,34 @@ class TeacherRunner:
     the extraction costs). This needs logits == head(last hidden state); `fused_head` is checked once
     against the model's own logits, and the stage falls back to the full logits when they differ."""
 
-    def __init__(self, model, config: CacheConfig, device: torch.device):
-        self.model, self.config, self.device = model, config, device
+    def __init__(self, model, config: CacheConfig, device: torch.device, lap: Callable[[str], None] | None = None):
+        """`lap` (profiling, e.g. bench): called with "body" after the teacher body and "head_extract" after the
+        output head and the extraction of each batch."""
+        self.model, self.config, self.device, self.lap = model, config, device, lap
         dtype = compute_dtype(config.dtype, device)
         self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
         self.head_chunk = HEAD_CHUNK.get(device.type, HEAD_CHUNK["cpu"])
         self.extract_chunk = EXTRACT_CHUNK.get(device.type, EXTRACT_CHUNK["cpu"])
         self.fused_head: bool | None = None  # decided on the first batch
         self._buffers: list[torch.Tensor] = []
-        self.phase_seconds: dict[str, float] | None = None  # bench: set to {} to time "body" and "head_extract"
-        self._lap_start = 0.0
 
-    def _lap(self, phase: str | None) -> None:
-        """Profiling only (phase_seconds set): add the time since the last lap to `phase` (synchronised on GPU)."""
-        if self.phase_seconds is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if phase:
-            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + now - self._lap_start
-        self._lap_start = now
+    def _lap(self, phase: str) -> None:
+        if self.lap is not None:
+            self.lap(phase)
 
     def autocast(self):
         """The autocast context the teacher runs under (a no-op in float32)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def full_logits(self, input_ids: np.ndarray) -> torch.Tensor:
+        """[B, L] ids -> the model's own [B, L, V] logits, as a plain forward at the runner's precision gives them
+        (what the chunked path must match, and what bench times it against)."""
+        ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
+        with self.autocast():
+            return self.model(input_ids=ids, use_cache=False).logits
 
     def _head_matches(self, ids: torch.Tensor) -> bool:
         """Does the output head applied to the base model's last hidden state give the model's logits?"""
@@ -188,7 +188,6 @@ class TeacherRunner:
     def logit_chunks(self, input_ids: np.ndarray):
         """[B, L] ids -> yields (first position, [n, V] float32 logits / temperature) over the B * L
         positions in order. Each chunk lives in a reused buffer: consume it before the next."""
-        self._lap(None)
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         with self.autocast():
             if self.fused_head is None:
@@ -309,7 +308,7 @@ def build_cache(config: CacheConfig) -> dict:
     manifest.json last."""
     from accelerate import PartialState
 
-    config.validate()
+    check(config)
     # On a CPU-only machine accelerate sees a torchrun launch only with cpu=True (else every rank
     # would think it is alone and compute the whole cache).
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -342,7 +341,7 @@ def build_cache(config: CacheConfig) -> dict:
             manifest_path.unlink(missing_ok=True)
             _reset_parts_if_stale(out_dir, attrs)
         state.wait_for_everyone()
-        model = load_teacher(config.teacher).to(state.device)
+        model = load_causal_lm(config.teacher).to(state.device)
         runner = TeacherRunner(model, config, state.device)
         started = time.perf_counter()
         entries = []

@@ -8,7 +8,6 @@ resumed); 130 interrupted (rerun to resume)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -31,29 +30,28 @@ def _click_type(annotation):
 
 
 def config_options(config_class, **default_overrides):
-    """Decorator: one --flag per dataclass field (underscores become dashes), help and default from the field;
-    the command receives a ready `config` instance (stacked decorators pass one instance each, top first)."""
-    hints = typing.get_type_hints(config_class)
+    """Decorator: one --flag per option of the config class, its own fields and its sections' (underscores become
+    dashes), help and default from the field; the command receives a ready config instance (stacked decorators
+    pass one instance each, top first). `default_overrides` changes a default for this command only."""
+    flags = cfg.flag_fields(config_class)
 
     def decorate(func):
         @functools.wraps(func)
         def wrapper(*configs, **kwargs):
-            names = {f.name for f in dataclasses.fields(config_class)}
-            config = config_class(**{k: v for k, v in kwargs.items() if k in names})
-            rest = {k: v for k, v in kwargs.items() if k not in names}
+            config = cfg.from_flags(config_class, **{k: v for k, v in kwargs.items() if k in flags})
+            rest = {k: v for k, v in kwargs.items() if k not in flags}
             return func(*configs, config, **rest)
 
-        for field in reversed(dataclasses.fields(config_class)):
-            kind = _click_type(hints[field.name])
-            flag = "--" + field.name.replace("_", "-")
-            help_text = field.metadata.get("help", "")
-            default = default_overrides.get(field.name, field.default)
+        for name, flag in reversed(flags.items()):
+            kind = _click_type(typing.get_type_hints(flag.owner)[name])
+            option = "--" + name.replace("_", "-")
+            default = default_overrides.get(name, flag.default)
+            help_text = flag.field.metadata.get("help", "")
             if kind is bool:
-                wrapper = click.option(
-                    flag + "/--no-" + field.name.replace("_", "-"), default=default, show_default=True, help=help_text
-                )(wrapper)
+                option += "/--no-" + name.replace("_", "-")
+                wrapper = click.option(option, default=default, show_default=True, help=help_text)(wrapper)
             else:
-                wrapper = click.option(flag, type=kind, default=default, show_default=True, help=help_text)(wrapper)
+                wrapper = click.option(option, type=kind, default=default, show_default=True, help=help_text)(wrapper)
         return wrapper
 
     return decorate
@@ -125,7 +123,8 @@ def data(config):
 def cache_logits(config):
     """Run the teacher once over train and val and store its sparse next-token distributions (HDF5).
 
-    Resumable (rerun after a kill) and distributed: under `torchrun` / `accelerate launch` every process writes its own shard."""
+    Resumable (rerun after a kill) and distributed: under `torchrun` / `accelerate launch` every process writes its
+    own shard."""
     from pipeline.cache import build_cache
 
     run_stage(build_cache, config)
@@ -151,14 +150,11 @@ def baseline(config, student):
     run_stage(train, config, student, distill=False)
 
 
-from pipeline.export import ExportConfig  # noqa: E402  (finetune.py and export.py import torch lazily: --help stays fast)
-from pipeline.finetune import FinetuneConfig  # noqa: E402
-
-
 @main.command("finetune-teacher")
-@config_options(FinetuneConfig)
+@config_options(cfg.FinetuneConfig)
 def finetune_teacher(config):
-    """Fine-tune the teacher on the train split (cross-entropy, the students' loop); prints val perplexity before -> after.
+    """Fine-tune the teacher on the train split (cross-entropy, the students' loop); prints val perplexity before
+    and after.
     The result is a teacher folder: pass it as --teacher (make ... TEACHER=OUT_DIR) to cache its logits."""
     from pipeline.finetune import finetune_teacher as run_finetune
 
@@ -166,9 +162,10 @@ def finetune_teacher(config):
 
 
 @main.command()
-@config_options(ExportConfig)
+@config_options(cfg.ExportConfig)
 def export(config):
-    """Export a student to GGUF (f16, q8_0; llama architecture) and int8 safetensors, with size, perplexity and tokens/s."""
+    """Export a student to GGUF (f16, q8_0; llama architecture) and int8 safetensors, with size, perplexity and
+    tokens/s."""
     from pipeline.export import export_model
 
     run_stage(export_model, config)
@@ -196,11 +193,8 @@ def generate(sample, model_dir, prompts):
     run_stage(run_generate, model_dir, list(prompts), sample)
 
 
-from pipeline.bench import BenchConfig  # noqa: E402  (bench.py imports torch lazily: --help stays fast)
-
-
 @main.command()
-@config_options(BenchConfig)
+@config_options(cfg.BenchConfig)
 @config_options(cfg.StudentConfig)
 def bench(config, student):
     """Benchmark cache-logits vs the teacher forward, KD vs CE training steps, the data path, memory, and

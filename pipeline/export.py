@@ -22,63 +22,29 @@ deprecated torch.ao in favour of torchao; the file format here (plain int8 + sca
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import opt, raise_problems
+import numpy as np
+import torch
+
+from pipeline.batches import TokenRows
+from pipeline.config import ExportConfig, SampleConfig, check
 from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_path, atomic_write_json, read_json
+from pipeline.generate import continue_prompts, val_prompts
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.teacher import weights_hash
 
-# numpy, torch and transformers are imported inside the functions: the CLI imports this module for its flags.
-
-FORMATS = ("f16", "q8_0", "int8")
 GGUF_FILES = {"f16": "model-f16.gguf", "q8_0": "model-q8_0.gguf"}
 INT8_DIR = "int8"
 INT8_WEIGHTS = "model.int8.safetensors"
 INT8_FORMAT = "pipeline-int8-v1"
 REPORT_FILE = "export_report.json"
 EXPORT_DIR = "export"
-
-
-@dataclass
-class ExportConfig:
-    """Export a trained student (any Hugging Face causal LM folder) to GGUF and int8."""
-
-    model: str = opt(
-        "checkpoints/default-distill",
-        "model folder to export (a run folder of distill / baseline, or any HF causal LM)",
-    )
-    out_dir: str | None = opt(None, "where the files go (default: MODEL/export)")
-    formats: str = opt(
-        "f16,q8_0,int8", "comma-separated: f16 and q8_0 (GGUF, llama architecture) and int8 (safetensors + loader)"
-    )
-    data_dir: str | None = opt(
-        None, "measure perplexity and tokens/s on this tokenized corpus's val split (default: the run's own)"
-    )
-    measure: bool = opt(True, "measure size, val perplexity and CPU tokens/s of each export next to the float model")
-    seq_len: int | None = opt(None, "tokens per evaluated row (default: the run's --seq-len, else 256)")
-    eval_rows: int = opt(16, "val rows evaluated (0: all)")
-    batch_size: int = opt(4, "rows per evaluation forward")
-    max_new_tokens: int = opt(32, "greedy tokens generated per prompt to time tokens/s")
-    overwrite: bool = opt(False, "replace existing export files")
-
-    def format_list(self) -> list[str]:
-        return [f.strip().lower() for f in self.formats.split(",") if f.strip()]
-
-    def validate(self) -> list[str]:
-        problems = []
-        unknown = [f for f in self.format_list() if f not in FORMATS]
-        if unknown or not self.format_list():
-            problems.append(f"--formats must list some of {', '.join(FORMATS)}, got {self.formats!r}")
-        if self.seq_len is not None and self.seq_len <= 0:
-            problems.append(f"--seq-len must be positive, got {self.seq_len}")
-        if self.eval_rows < 0 or self.batch_size <= 0 or self.max_new_tokens <= 0:
-            problems.append("--eval-rows must not be negative; --batch-size and --max-new-tokens must be positive")
-        return problems
 
 
 # ---------------------------------------------------------------- input checks
@@ -165,7 +131,8 @@ _BLOCK_NAMES = {
 
 
 def gguf_tensors(state: dict[str, torch.Tensor], config) -> list[tuple[str, np.ndarray]]:
-    """(llama.cpp name, float32 array) for every weight of a Llama state dict, q/k permuted; lm_head dropped when tied."""
+    """(llama.cpp name, float32 array) for every weight of a Llama state dict, q/k permuted; lm_head dropped when
+    tied."""
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     out = []
     for key, value in state.items():
@@ -192,7 +159,8 @@ def gguf_tensors(state: dict[str, torch.Tensor], config) -> list[tuple[str, np.n
 
 
 def gguf_pre_tokenizer(backend: dict) -> str:
-    """llama.cpp's tokenizer.ggml.pre for the HF pre-tokenizer: plain byte-level (GPT-2 regex) or SmolLM's digits + byte-level."""
+    """llama.cpp's tokenizer.ggml.pre for the HF pre-tokenizer: plain byte-level (GPT-2 regex) or SmolLM's digits +
+    byte-level."""
     pre = backend.get("pre_tokenizer") or {}
 
     def gpt2_split(part: dict) -> bool:
@@ -267,7 +235,6 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
 def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> Path:
     """Write a Llama model + tokenizer as one GGUF file; qtype "f16" or "q8_0" (1-D tensors stay float32)."""
     import gguf
-    import numpy as np
 
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -322,7 +289,6 @@ def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> Path:
 
 def load_gguf(path: str | Path):
     """A GGUF file back as a float32 transformers model (dequantized by transformers' GGUF loader), eval mode."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -349,8 +315,6 @@ def int8_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     Each Linear `name` gives name.weight (int8 [out, in]), name.weight_scale (float32 [out]) and its bias; the rest
     stays float32. With tied embeddings the embedding is left out and rebuilt from lm_head's int8 rows."""
     import copy
-
-    import torch
 
     nnqd, qconfig, quantize_dynamic = _quantized_dynamic()
     with warnings.catch_warnings():
@@ -409,7 +373,6 @@ def save_int8(model, tokenizer, out_dir: Path) -> Path:
 def load_int8(folder: str | Path):
     """Rebuild a model saved by save_int8: float32 model from config.json, every stored Linear replaced by a
     dynamic int8 Linear (torch.ao.nn.quantized.dynamic.Linear) holding the saved int8 weights. CPU only."""
-    import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -421,7 +384,7 @@ def load_int8(folder: str | Path):
         )
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     if metadata.get("format") != INT8_FORMAT:
         raise PipelineError(
             f"{path} is not an int8 export of this tool (format {metadata.get('format')!r}); rerun the export"
@@ -463,18 +426,10 @@ def load_int8(folder: str | Path):
 
 
 def next_token_logprobs(model, rows, count: int, batch_size: int) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) under `model` for the first `count` rows: float64 [count, seq_len] (CPU)."""
-    import torch
-
-    from pipeline.batches import collate_rows
-
-    out = []
-    with torch.inference_mode():
-        for start in range(0, count, batch_size):
-            tokens = collate_rows([rows[i] for i in range(start, min(count, start + batch_size))])["tokens"].long()
-            logits = model(input_ids=tokens[:, :-1]).logits.double()
-            out.append(torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0])
-    return torch.cat(out)
+    """log p(token t+1 | tokens <= t) under `model` for the first `count` rows: [count, seq_len] float64 (CPU)."""
+    return evaluate({"model": model}, rows, count=count, batch_size=batch_size, keep_label_logprobs=True)["model"][
+        "label_logprobs"
+    ]
 
 
 def files_size(path: Path) -> int:
@@ -500,18 +455,11 @@ def exported_variants(
     export_dir: str | Path | None = None,
 ) -> dict:
     """Size on disk, val perplexity, mean |delta log-prob| against the float model and CPU greedy tokens/s of the float
-    model in `model_dir` and of every export in `export_dir` (default model_dir/export), on the same val rows and prompts.
+    model in `model_dir` and of every export in `export_dir` (default model_dir/export), on the same val rows and
+    prompts.
 
     All on CPU (the int8 kernels are CPU kernels). GGUF files are scored after transformers dequantizes them, so their
     perplexity shows the quantization error; their speed is llama.cpp's business and is not measured (None)."""
-    import torch
-
-    from pipeline.batches import TokenRows
-    from pipeline.compare import val_prompts
-    from pipeline.config import SampleConfig
-    from pipeline.generate import continue_prompts
-    from pipeline.teacher import load_teacher, load_tokenizer
-
     model_dir = Path(model_dir)
     export_dir = Path(export_dir) if export_dir else model_dir / EXPORT_DIR
     rows = TokenRows(str(data_dir), "val", seq_len)
@@ -523,7 +471,7 @@ def exported_variants(
     tokenizer = load_tokenizer(model_dir)
     prompts = prompts if prompts is not None else val_prompts(str(data_dir), tokenizer, 3, 16)
     sample = SampleConfig(max_new_tokens=max_new_tokens, sample_temperature=0.0)
-    loaders = {"float32": lambda: load_teacher(model_dir)}
+    loaders = {"float32": lambda: load_causal_lm(model_dir)}
     for label, path in export_files(export_dir).items():
         loaders[label] = (lambda p=path: load_int8(p)) if label == "int8" else (lambda p=path: load_gguf(p))
     sizes = {"float32": sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))}
@@ -537,14 +485,15 @@ def exported_variants(
     variants, reference = {}, None
     for label, load in loaders.items():
         model = load()
-        logprobs = next_token_logprobs(model, rows, count, batch_size)
+        figures = evaluate({label: model}, rows, count=count, batch_size=batch_size, keep_label_logprobs=True)[label]
+        logprobs = figures["label_logprobs"]
         reference = logprobs if reference is None else reference
         speed = None
         if not label.startswith("gguf") and prompts:
             _, speed = continue_prompts(model, tokenizer, prompts, sample, torch.device("cpu"))
         variants[label] = {
             "size_bytes": sizes[label],
-            "val_ppl": math.exp(min(-logprobs.mean().item(), 50.0)),
+            "val_ppl": figures["val_ppl"],
             "mean_abs_logprob_delta": (logprobs - reference).abs().mean().item(),
             "tokens_per_s": speed,
             "path": str(export_dir / GGUF_FILES[label[5:]])
@@ -573,48 +522,23 @@ def render_variants(figures: dict) -> str:
     for label, v in figures["variants"].items():
         speed = f"{v['tokens_per_s']:.1f}" if v["tokens_per_s"] is not None else "llama.cpp"
         lines.append(
-            f"{label:10}{v['size_bytes'] / 1e6:>10.2f}{v['val_ppl']:>11.3f}{v['mean_abs_logprob_delta']:>14.2e}{speed:>14}"
+            f"{label:10}{v['size_bytes'] / 1e6:>10.2f}{v['val_ppl']:>11.3f}"
+            f"{v['mean_abs_logprob_delta']:>14.2e}{speed:>14}"
         )
     return "\n".join(lines)
 
 
-def add_export_rows(report: dict, config) -> dict:
-    """compare's hook: figures of the distilled student's exports (config.distilled/export) into report["exports"],
-    a table appended to report.md, report.json rewritten. Same val rows, seq_len and prompts as the report."""
-    from pipeline.fsutil import atomic_write_bytes
-
-    figures = exported_variants(
-        config.distilled,
-        config.data_dir,
-        report["eval"]["seq_len"],
-        report["eval"]["rows"],
-        config.batch_size,
-        report["samples"]["prompts"],
-        report["samples"]["settings"]["max_new_tokens"],
-    )
-    report["exports"] = figures
-    out_dir = Path(config.out_dir)
-    atomic_write_json(out_dir / "report.json", report)
-    md = out_dir / "report.md"
-    table = [
-        "",
-        "## Exported distilled student (CPU)",
-        "",
-        f"{figures['eval']['rows']} val rows x {figures['eval']['seq_len']} tokens; {figures['eval']['generation']}; "
-        "GGUF scored after dequantization (speed: run it in llama.cpp).",
-        "",
-        "| variant | size (MB) | val perplexity | mean abs delta log-prob | CPU tokens/s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for label, v in figures["variants"].items():
-        speed = f"{v['tokens_per_s']:.1f}" if v["tokens_per_s"] is not None else "n/a"
-        table.append(
-            f"| {label} | {v['size_bytes'] / 1e6:.2f} | {v['val_ppl']:.3f} | {v['mean_abs_logprob_delta']:.2e} | "
-            f"{speed} |"
-        )
-    atomic_write_bytes(md, (md.read_text() if md.exists() else "").encode() + ("\n".join(table) + "\n").encode())
-    print(render_variants(figures))
-    return figures
+def read_export_report(model_dir: str | Path) -> dict | None:
+    """The figures `export` measured for the model in `model_dir` ({"variants", "eval"} of its export_report.json),
+    or None when it has not been exported or was retrained since (the report names other weights)."""
+    path = Path(model_dir) / EXPORT_DIR / REPORT_FILE
+    if not path.is_file():
+        return None
+    report = read_json(path)
+    if "variants" not in report or report.get("model_sha256") != weights_hash(model_dir):
+        print(f"compare: {path} describes other weights than {model_dir}'s (retrained since?); rerun make export")
+        return None
+    return {"variants": report["variants"], "eval": report["eval"]}
 
 
 # ---------------------------------------------------------------- the command
@@ -622,7 +546,7 @@ def add_export_rows(report: dict, config) -> dict:
 
 def export_model(config: ExportConfig) -> dict:
     """Write the requested formats of `config.model` and (with --measure) export_report.json; returns the report."""
-    raise_problems(config.validate())
+    check(config)
     model_dir = Path(config.model)
     model_config = read_causal_lm_config(model_dir)
     formats = config.format_list()
@@ -637,9 +561,7 @@ def export_model(config: ExportConfig) -> dict:
     if existing and not config.overwrite:
         raise PipelineError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out-dir")
 
-    from pipeline.teacher import load_teacher, load_tokenizer
-
-    model, tokenizer = load_teacher(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
     written = {}
     for fmt in formats:
         start = time.perf_counter()
@@ -653,7 +575,11 @@ def export_model(config: ExportConfig) -> dict:
         )
     del model
 
-    report = {"model": str(model_dir), "files": {fmt: str(path) for fmt, path in written.items()}}
+    report = {
+        "model": str(model_dir),
+        "model_sha256": weights_hash(model_dir),
+        "files": {fmt: str(path) for fmt, path in written.items()},
+    }
     if config.measure:
         run_config = read_json(model_dir / "run_config.json") if (model_dir / "run_config.json").exists() else {}
         train_options = run_config.get("resolved", {}).get("train", {})

@@ -1,13 +1,15 @@
-"""Sampling from any checkpoint folder, and the timed generation `compare` reports."""
+"""Sampling from any checkpoint folder, and the timed generation `compare` and `export` report."""
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
-from pipeline.config import SampleConfig, raise_problems
-from pipeline.teacher import load_teacher, load_tokenizer
+from pipeline.config import SampleConfig, check
+from pipeline.data import load_tokens
+from pipeline.models import load_causal_lm, load_tokenizer
 
 
 def _generation_kwargs(config: SampleConfig, tokenizer) -> dict:
@@ -32,6 +34,17 @@ def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = torch.tensor([[start]], dtype=torch.long)
     return ids
+
+
+def val_prompts(data_dir: str, tokenizer, count: int, prompt_tokens: int) -> list[str]:
+    """`count` openings of `prompt_tokens` tokens evenly spaced through the val split (empty ones dropped)."""
+    tokens = load_tokens(data_dir, "val")
+    prompts = []
+    for i in range(count):
+        start = int(len(tokens) * i / max(count, 1))
+        opening = np.asarray(tokens[start : start + prompt_tokens], dtype=np.int64)
+        prompts.append(tokenizer.decode(opening, skip_special_tokens=True).strip())
+    return [p for p in prompts if p]
 
 
 @torch.inference_mode()
@@ -59,9 +72,9 @@ def continue_prompts(
 
 def generate(model_dir: str, prompts: list[str], config: SampleConfig) -> list[str]:
     """Print and return continuations of `prompts` by the model in `model_dir`."""
-    raise_problems(config.validate())
+    check(config)
     tokenizer = load_tokenizer(model_dir)
-    model = load_teacher(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     texts, speed = continue_prompts(model, tokenizer, prompts, config)
     for prompt, text in zip(prompts, texts):
         print(f"--- {prompt!r}\n{prompt}{text}\n")

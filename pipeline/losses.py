@@ -28,9 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import cache_mode_problems, kd_problems
 from pipeline.errors import PipelineError
-
-KD_KINDS = ("forward-kl", "reverse-kl", "jsd")
 
 # A teacher log-prob at or below this carries no mass. exp(-80) ~ 2e-35 is far below anything a
 # divergence can feel, and the cut turns the cache's -inf / -1e4 sentinels into exact zeros
@@ -44,24 +43,21 @@ class LossParts(NamedTuple):
     kd: torch.Tensor  # the divergence itself, before its (1 - alpha) * T^2 weight
 
 
-def check_options(alpha: float, temperature: float, kd_loss: str, jsd_beta: float) -> None:
-    """Raise PipelineError naming the command-line option that is out of range."""
-    if not 0.0 <= alpha <= 1.0:
-        raise PipelineError(f"--alpha must be in [0, 1] (weight of the hard-label loss), got {alpha}")
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        raise PipelineError(f"--temperature must be a finite number > 0, got {temperature}")
-    if kd_loss not in KD_KINDS:
-        raise PipelineError(f"--kd-loss must be one of {', '.join(KD_KINDS)}, got {kd_loss!r}")
-    if not 0.0 < jsd_beta < 1.0:
-        raise PipelineError(f"--jsd-beta must be strictly between 0 and 1, got {jsd_beta}")
+def _check_options(alpha: float, temperature: float, kd_loss: str, jsd_beta: float, cache_mode: str | None = None):
+    """Raise one PipelineError naming every option out of range (the checks of config.Loss)."""
+    if temperature is None:
+        raise PipelineError("--temperature must be positive, got None")
+    problems = kd_problems(alpha, temperature, kd_loss, jsd_beta)
+    problems += cache_mode_problems(cache_mode, kd_loss, False) if cache_mode else []
+    if problems:
+        raise PipelineError("; ".join(problems))
 
 
-def _check_sampled_kind(kind: str) -> None:
-    if kind != "forward-kl":
-        raise PipelineError(
-            f"--kd-loss {kind} needs a top-k teacher cache: a sampled cache gives an unbiased "
-            "estimate of forward KL only. Use --kd-loss forward-kl or build a top-k cache"
-        )
+def _all_positions(mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """mask [N] as bool on `device`; None means every position counts."""
+    if mask is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return mask.reshape(-1).to(device=device, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------- student statistics
@@ -211,13 +207,13 @@ def _prepare_sampled(ids, counts, entropy, mask, dtype, device):
 # ----------------------------------------------------------------------------- public losses
 
 
-def hard_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def hard_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over masked-in rows of -log softmax(logits)[label].
 
     logits [N,V] any float dtype, labels [N] int (anything, e.g. -100, where masked out),
-    mask [N] bool. Returns a float32 scalar.
+    mask [N] bool (None: every row). Returns a float32 scalar.
     """
-    mask = mask.bool()
+    mask = _all_positions(mask, logits.shape[0], logits.device)
     st = _student_stats(logits.to(_compute_dtype(logits)), 1.0, labels=torch.where(mask, labels.long(), 0))
     return _masked_sum((st.lse - st.x_label).squeeze(1), mask) / _count(mask)
 
@@ -227,8 +223,8 @@ def topk_divergence(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     tail_logprob: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
     kind: str = "forward-kl",
     jsd_beta: float = 0.5,
     renormalize: bool = False,
@@ -237,7 +233,7 @@ def topk_divergence(
 
     student_logits [N,V]; topk_ids [N,K] int; topk_logprobs [N,K] teacher log-probs at T over the
     full vocabulary; tail_logprob [N] = log(1 - sum exp(topk_logprobs)), the teacher's mass outside
-    the ids (<= LOG_ZERO counts as none); mask [N] bool.
+    the ids (<= LOG_ZERO counts as none); mask [N] bool (None: every row).
 
     Buckets are the K ids plus the tail: p_k = exp(topk_logprobs), p_o = exp(tail_logprob);
     q = softmax(student_logits / T) over the full vocabulary, q_k gathered at the ids and
@@ -247,11 +243,11 @@ def topk_divergence(
     renormalize=True is the common variant kept for comparison: p_k / sum_k p_k against
     softmax over the K gathered student logits, no tail bucket.
     """
-    check_options(0.0, temperature, kind, jsd_beta)
+    _check_options(0.0, temperature, kind, jsd_beta)
     x = student_logits.to(_compute_dtype(student_logits))
+    mask = _all_positions(mask, x.shape[0], x.device)
     ids, logp, tail = _prepare_topk(topk_ids, topk_logprobs, tail_logprob, mask, x.dtype, x.device)
     st = _student_stats(x, temperature, ids=ids, tail=not renormalize)
-    mask = mask.bool()
     return _masked_sum(_topk_rows(st, logp, tail, kind, jsd_beta, renormalize), mask) / _count(mask)
 
 
@@ -261,8 +257,8 @@ def sampled_divergence(
     sample_counts: torch.Tensor,
     num_samples: int,
     teacher_entropy: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
     kind: str = "forward-kl",
 ) -> torch.Tensor:
     """Unbiased estimate of KL(p||q) from sampled teacher ids (Anshumann et al. 2025), mean over rows.
@@ -271,15 +267,14 @@ def sampled_divergence(
 
     student_logits [N,V]; sample_ids [N,S] int, the distinct ids drawn; sample_counts [N,S] how often
     each was drawn out of num_samples draws from the teacher at T (padding: count 0, any valid id);
-    teacher_entropy [N] = H(p) at T; mask [N] bool. q = softmax(student_logits / T).
+    teacher_entropy [N] = H(p) at T; mask [N] bool (None: every row). q = softmax(student_logits / T).
     Only kind="forward-kl" exists: the samples say nothing unbiased about log p.
     """
-    check_options(0.0, temperature, kind, 0.5)
-    _check_sampled_kind(kind)
+    _check_options(0.0, temperature, kind, 0.5, cache_mode="sampled")
     x = student_logits.to(_compute_dtype(student_logits))
+    mask = _all_positions(mask, x.shape[0], x.device)
     ids, counts, entropy = _prepare_sampled(sample_ids, sample_counts, teacher_entropy, mask, x.dtype, x.device)
     st = _student_stats(x, temperature, ids=ids)
-    mask = mask.bool()
     return _masked_sum(_sampled_rows(st, counts, int(num_samples), entropy), mask) / _count(mask)
 
 
@@ -549,8 +544,9 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    mask: torch.Tensor,
-    targets: Mapping | None,
+    mask: torch.Tensor | None = None,
+    targets: Mapping | None = None,
+    *,
     alpha: float,
     temperature: float,
     kd_loss: str = "forward-kl",
@@ -561,7 +557,7 @@ def distillation_loss(
     """The training loss: total = alpha * CE + (1 - alpha) * T^2 * KD, or CE alone if targets is None.
 
     student_logits [N,V] any float dtype (bf16 is fine; math is float32); labels [N] int; mask [N]
-    bool; targets holds either topk_ids/topk_logprobs/tail_logprob ([N,K], [N,K], [N]) or
+    bool (None: every position); targets holds either topk_ids/topk_logprobs/tail_logprob ([N,K], [N,K], [N]) or
     sample_ids/sample_counts/teacher_entropy ([N,S], [N,S], [N]) plus num_samples (int).
     CE is at temperature 1; KD is topk_divergence / sampled_divergence at `temperature`, and T^2
     keeps its gradient on the scale of the CE's (Hinton et al. 2015).
@@ -572,14 +568,18 @@ def distillation_loss(
     forward and one backward, as CE alone does. Sums are divided by the masked-in count at the end,
     so the result equals the unchunked mean. Chunks with no masked-in row are skipped.
     """
-    check_options(alpha, temperature, kd_loss, jsd_beta)
+    cache_mode = None if targets is None else "topk" if "topk_ids" in targets else "sampled"
+    _check_options(alpha, temperature, kd_loss, jsd_beta, cache_mode)
+    if cache_mode == "sampled" and topk_renormalize:
+        raise PipelineError("; ".join(cache_mode_problems("sampled", kd_loss, topk_renormalize)))
     if chunk_size < 1:
-        raise PipelineError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise PipelineError(f"--loss-chunk must be positive, got {chunk_size}")
     vocab = student_logits.shape[-1]
     logits = student_logits.reshape(-1, vocab)
     n, device = logits.shape[0], logits.device
     dtype = _compute_dtype(logits)
-    mask = mask.reshape(-1).to(device=device, dtype=torch.bool)
+    every_position = mask is None
+    mask = _all_positions(mask, n, device)
     labels = torch.where(mask, labels.reshape(-1).to(device=device, dtype=torch.long), 0)
 
     mode, teacher, num_samples = None, (), 0
@@ -595,9 +595,6 @@ def distillation_loss(
                 device,
             )
         elif "sample_ids" in targets:
-            _check_sampled_kind(kd_loss)
-            if topk_renormalize:
-                raise PipelineError("--topk-renormalize applies to a top-k teacher cache, not a sampled one")
             mode, num_samples = "sampled", int(targets["num_samples"])
             if num_samples < 1:
                 raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -614,8 +611,10 @@ def distillation_loss(
 
     cfg = _Config(mode, kd_loss, float(jsd_beta), bool(topk_renormalize), float(temperature), num_samples, chunk_size)
     n_chunks = -(-n // chunk_size)
-    # One host sync for the whole batch, to skip chunks that are all padding.
-    busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()
+    if every_position:
+        busy = [True] * n_chunks
+    else:  # one host sync for the whole batch, to skip chunks that are all padding
+        busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()
     chunks = [slice(i * chunk_size, (i + 1) * chunk_size) for i, b in enumerate(busy) if b]
     ce_sum, kd_sum = _ChunkedLoss.apply(logits, labels, mask, cfg, chunks, *teacher)
 
@@ -624,3 +623,79 @@ def distillation_loss(
     if mode is None:
         return LossParts(total=ce, ce=ce, kd=kd)
     return LossParts(total=alpha * ce + (1.0 - alpha) * temperature**2 * kd, ce=ce, kd=kd)
+
+
+def dense_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+) -> LossParts:
+    """Online KD as most distillation scripts write it, for comparison: full-vocabulary softmaxes of both models
+    in float32, total = alpha CE(student, labels) + (1 - alpha) T^2 KL(softmax(t/T) || softmax(s/T)), KL summed
+    over V and averaged over the N positions. student_logits, teacher_logits [N,V]; labels [N]."""
+    student = student_logits.float()
+    ce = F.cross_entropy(student, labels)
+    kd = F.kl_div(
+        F.log_softmax(student / temperature, dim=-1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return LossParts(total=alpha * ce + (1 - alpha) * temperature**2 * kd, ce=ce, kd=kd)
+
+
+# ----------------------------------------------------------------------------- the loss of a training step
+
+
+def teacher_targets(batch: Mapping[str, torch.Tensor], num_samples: int) -> dict | None:
+    """The cached teacher targets of a batch of rows, flattened to [B*L, ...] as distillation_loss takes them,
+    or None for a batch of tokens only (the baseline)."""
+    if "topk_ids" in batch:
+        k = batch["topk_ids"].shape[-1]
+        return {
+            "topk_ids": batch["topk_ids"].reshape(-1, k),
+            "topk_logprobs": batch["topk_logprobs"].reshape(-1, k),
+            "tail_logprob": batch["tail_logprob"].reshape(-1),
+        }
+    if "sample_ids" in batch:
+        s = batch["sample_ids"].shape[-1]
+        return {
+            "sample_ids": batch["sample_ids"].reshape(-1, s),
+            "sample_counts": batch["sample_counts"].reshape(-1, s),
+            "teacher_entropy": batch["teacher_entropy"].reshape(-1),
+            "num_samples": num_samples,
+        }
+    return None
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The loss of one training step: distillation_loss of the student's logits on a batch of rows.
+
+    Called with logits [B, L, V] (the student on tokens[:, :-1]) and the batch (tokens [B, L+1], plus the cached
+    teacher targets of the rows, if any): labels are tokens[:, 1:]; a batch without targets gives CE alone
+    (the baseline); temperature and num_samples are the cache's."""
+
+    alpha: float
+    temperature: float
+    kd_loss: str = "forward-kl"
+    jsd_beta: float = 0.5
+    topk_renormalize: bool = False
+    chunk_size: int = 2048
+    num_samples: int = 0
+
+    def __call__(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> LossParts:
+        return distillation_loss(
+            logits.reshape(-1, logits.shape[-1]),
+            batch["tokens"][:, 1:].reshape(-1),
+            targets=teacher_targets(batch, self.num_samples),
+            alpha=self.alpha,
+            temperature=self.temperature,
+            kd_loss=self.kd_loss,
+            jsd_beta=self.jsd_beta,
+            topk_renormalize=self.topk_renormalize,
+            chunk_size=self.chunk_size,
+        )

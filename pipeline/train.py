@@ -4,6 +4,11 @@ Both read the same rows in the same order for the same steps; only the loss diff
     distill:  alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T)   (losses.py)
     baseline: CE(labels)
 
+`train()` reads top to bottom: check the inputs, set up (Accelerator, rows, student, optimizer), decide whether
+to resume, run the loop (`run_loop`: one `training_step` per micro-batch; metrics, evaluation and resume points
+on schedule), save the final student. `training_step` is the one step every caller runs: distill, baseline,
+finetune-teacher and bench.
+
 Layout of a run folder (`--out-dir`): the final student as a Hugging Face folder (config.json,
 model.safetensors, tokenizer), `run_config.json` (resolved options + input hashes), `metrics.jsonl`,
 and `state/step_NNNNNN/` resume points (Accelerate state, written to a temp folder then renamed).
@@ -11,29 +16,36 @@ and `state/step_NNNNNN/` resume points (Accelerate state, written to a temp fold
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.batches import CacheRows, StepBatches, TokenRows, collate_rows, loss_targets
+from pipeline.batches import CacheRows, StepBatches, TokenRows, collate_rows
 from pipeline.cache_format import CacheReader, check_compatible, manifest_attrs, read_manifest, verify_cache
-from pipeline.config import StudentConfig, TrainConfig, raise_problems
+from pipeline.config import Optimization, StudentConfig, TrainConfig, cache_mode_problems, check, to_flags
 from pipeline.data import read_meta
 from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json, writing
-from pipeline.losses import distillation_loss, hard_ce
-from pipeline.student import build_student, count_parameters
-from pipeline.teacher import load_tokenizer, teacher_identity
+from pipeline.losses import LossParts, StepLoss
+from pipeline.models import count_parameters, load_tokenizer, model_vocab_size
+from pipeline.student import build_student
+from pipeline.teacher import teacher_identity
 
 STATE_DIR = "state"
 KEEP_STATES = 2
+VOLATILE_OPTIONS = ("resume", "num_workers", "out_dir")  # options that do not change what a run computes
+
+
+# ---------------------------------------------------------------- the training step
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -49,39 +61,73 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, optim: Optimization, max_steps: int) -> float:
     """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio at max_steps (a multiplier of --lr)."""
-    if step < config.warmup_steps:
-        return (step + 1) / (config.warmup_steps + 1)
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if step < optim.warmup_steps:
+        return (step + 1) / (optim.warmup_steps + 1)
+    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, optim: Optimization) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms, biases)."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-@torch.no_grad()
-def evaluate_ce(model, rows: TokenRows, batch_size: int, device, max_rows: int = 0, autocast=None) -> float:
-    """Mean next-token cross-entropy (nats) of `model` over the first `max_rows` rows (0: all)."""
-    model.eval()
-    count = len(rows) if max_rows == 0 else min(max_rows, len(rows))
-    total, tokens = 0.0, 0
-    for start in range(0, count, batch_size):
-        batch = collate_rows([rows[i] for i in range(start, min(count, start + batch_size))])["tokens"].to(device)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(input_ids=batch[:, :-1]).logits
-        labels = batch[:, 1:].reshape(-1)
-        mask = torch.ones_like(labels, dtype=torch.bool)
-        total += hard_ce(logits.reshape(-1, logits.shape[-1]), labels, mask).item() * labels.numel()
-        tokens += labels.numel()
-    model.train()
-    return total / max(tokens, 1)
+def training_step(
+    accelerator,
+    model,
+    optimizer,
+    batch: dict[str, torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, dict], LossParts],
+    optim: Optimization,
+    step: int,
+    max_steps: int,
+    lap: Callable[[str], None] | None = None,
+) -> LossParts:
+    """One micro-batch of optimizer step `step`: the step's learning rate, forward, loss, backward, and on the last
+    micro-batch of the step (Accelerate's gradient accumulation) clipping and the AdamW update.
+
+    batch: tokens [B, L+1] and the rows' cached teacher targets, if any; loss_fn(logits [B, L, V], batch) gives the
+    loss (losses.StepLoss). The rate is a function of the step alone, so a resume needs no scheduler state.
+    `lap` (profiling, e.g. bench) is called after each phase: "forward", "loss", "backward", "optimizer"."""
+    lap = lap or (lambda phase: None)
+    lr = optim.lr * lr_at(step, optim, max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+    with accelerator.accumulate(model):
+        logits = model(input_ids=batch["tokens"][:, :-1]).logits  # (B, L, V) in the mixed-precision dtype
+        lap("forward")
+        loss = loss_fn(logits, batch)
+        lap("loss")
+        accelerator.backward(loss.total)
+        lap("backward")
+        if accelerator.sync_gradients and optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+    return loss
+
+
+def save_tied_weights_once(models, weights: list[dict], output_dir) -> None:
+    """save_state pre-hook: a tied embedding is one tensor under two names; keep its first name only (Accelerate
+    would drop the alias itself, warning at every save; loading re-ties it either way)."""
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            storage = (state[name].untyped_storage().data_ptr(), state[name].device)
+            if storage in seen:
+                del state[name]
+            seen.add(storage)
+
+
+# ---------------------------------------------------------------- inputs
 
 
 def input_identity(config: TrainConfig, distill: bool) -> dict:
@@ -104,10 +150,11 @@ def check_cache(config: TrainConfig, meta: dict, vocab_size: int) -> dict:
     options and teacher; the shards themselves are verified later, by the main process only."""
     attrs = manifest_attrs(read_manifest(config.cache_dir))
     cache_temperature = float(attrs["temperature"])
-    if config.temperature is not None and abs(config.temperature - cache_temperature) > 1e-6:
+    temperature = config.loss.temperature
+    if temperature is not None and abs(temperature - cache_temperature) > 1e-6:
         raise PipelineError(
-            f"--temperature {config.temperature} differs from the cache's {cache_temperature}; "
-            f"rebuild the cache at that temperature (make cache-logits TEMPERATURE={config.temperature}) or drop "
+            f"--temperature {temperature} differs from the cache's {cache_temperature}; "
+            f"rebuild the cache at that temperature (make cache-logits TEMPERATURE={temperature}) or drop "
             "--temperature"
         )
     check_compatible(
@@ -119,10 +166,9 @@ def check_cache(config: TrainConfig, meta: dict, vocab_size: int) -> dict:
             "max_rows": int(config.max_rows or 0),
         },
     )
-    if config.kd_loss != "forward-kl" and attrs["mode"] == "sampled":
-        raise PipelineError(
-            f"--kd-loss {config.kd_loss} needs a topk cache; the sampled cache only estimates forward KL"
-        )
+    problems = cache_mode_problems(attrs["mode"], config.loss.kd_loss, config.loss.topk_renormalize)
+    if problems:
+        raise PipelineError("; ".join(problems))
     if int(attrs["vocab_size"]) != vocab_size:
         raise PipelineError(
             f"the cache's vocabulary ({attrs['vocab_size']}) differs from the teacher {config.teacher}'s "
@@ -131,10 +177,26 @@ def check_cache(config: TrainConfig, meta: dict, vocab_size: int) -> dict:
     if attrs.get("teacher_hash") != teacher_identity(config.teacher)["teacher_hash"]:
         raise PipelineError(
             f"the cache {config.cache_dir} was built by another teacher ({attrs.get('teacher_name')}) than --teacher "
-            f"{config.teacher}; "
-            f"pass that teacher with --teacher or rebuild the cache (make cache-logits TEACHER={config.teacher})"
+            f"{config.teacher}; pass that teacher with --teacher or rebuild the cache "
+            f"(make cache-logits TEACHER={config.teacher})"
         )
     return attrs
+
+
+def step_loss(config: TrainConfig, cache_attrs: dict | None) -> StepLoss:
+    """The loss of each step: with the cache's temperature and draws (distill), or CE alone (baseline)."""
+    return StepLoss(
+        alpha=config.loss.alpha,
+        temperature=float(cache_attrs["temperature"]) if cache_attrs else 1.0,
+        kd_loss=config.loss.kd_loss,
+        jsd_beta=config.loss.jsd_beta,
+        topk_renormalize=config.loss.topk_renormalize,
+        chunk_size=config.loss.loss_chunk,
+        num_samples=int(cache_attrs.get("num_samples", 0)) if cache_attrs else 0,
+    )
+
+
+# ---------------------------------------------------------------- the run folder: states and metrics
 
 
 def _latest_state(out_dir: Path) -> Path | None:
@@ -167,8 +229,8 @@ def _append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line cut short by a kill mid-write is skipped."""
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a kill mid-write is skipped."""
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -181,8 +243,156 @@ def _read_metrics(path: Path) -> list[dict]:
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records past the resumed step so a resumed run's metrics read like an uninterrupted one's."""
     if path.exists():
-        kept = [record for record in _read_metrics(path) if record.get("step", last_step + 1) <= last_step]
+        kept = [record for record in read_metrics(path) if record.get("step", last_step + 1) <= last_step]
         path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def start_or_resume(accelerator, out_dir: Path, resolved: dict, resume: bool, run_kind: str) -> tuple[int, int]:
+    """Load the latest resume point of this run (--resume) and return (step, tokens seen), or clear the folder for
+    a fresh start and return (0, 0). A resume point of other settings is refused while its run is unfinished (its
+    progress is never overwritten silently) and discarded once that run has finished (what `make` expects after a
+    changed option)."""
+    saved = out_dir / "resolved_config.json"
+    run_config_path = out_dir / "run_config.json"
+    latest = _latest_state(out_dir) if resume else None
+    if latest is not None and (not saved.exists() or read_json(saved) != resolved):
+        if not run_config_path.exists():
+            raise PipelineError(
+                f"the saved state in {out_dir} was made with other settings or inputs; delete {out_dir / STATE_DIR} "
+                "to start over or pass the same options"
+            )
+        accelerator.print(f"{run_kind}: options or inputs changed since the finished run in {out_dir}; training anew")
+        latest = None
+    start_step, tokens_seen = 0, 0
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        trainer_state = read_json(latest / "trainer_state.json")
+        start_step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
+        accelerator.print(f"{run_kind}: resuming from {latest} (step {start_step})")
+    elif accelerator.is_main_process:
+        shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(saved, resolved)
+    if accelerator.is_main_process:
+        run_config_path.unlink(missing_ok=True)  # an unfinished folder must never look finished (up to date)
+        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+    return start_step, tokens_seen
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _Window:
+    """Sums of the logged figures since the last log line."""
+
+    def __init__(self):
+        self.ce = self.kd = self.total = 0.0
+        self.micro_batches = self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: LossParts, tokens: int) -> None:
+        self.ce += loss.ce.item()
+        self.kd += loss.kd.item()
+        self.total += loss.total.item()
+        self.micro_batches += 1
+        self.tokens += tokens
+
+    def record(self, step: int, tokens_seen: int, lr: float) -> dict:
+        n, elapsed = self.micro_batches, time.perf_counter() - self.started
+        return {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "ce": self.ce / n,
+            "kd": self.kd / n,
+            "total": self.total / n,
+            "lr": lr,
+            "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+        }
+
+
+def validation_figures(accelerator, model, val_rows: TokenRows, config: TrainConfig) -> dict:
+    """Val cross-entropy and perplexity of the student on the first --eval-rows val rows, in the training precision."""
+    figures = evaluate(
+        {"student": accelerator.unwrap_model(model)},
+        val_rows,
+        count=config.eval.eval_rows,
+        batch_size=config.steps.batch_size,
+        autocast=accelerator.autocast,
+    )["student"]
+    return {"val_ce": figures["val_ce"], "val_ppl": figures["val_ppl"]}
+
+
+def run_loop(
+    accelerator,
+    model,
+    optimizer,
+    loader,
+    loss_fn,
+    val_rows,
+    config: TrainConfig,
+    out_dir: Path,
+    start_step: int,
+    tokens_seen: int,
+    run_kind: str,
+) -> None:
+    """Train from start_step to --max-steps: one training_step per micro-batch; every --log-every steps a
+    metrics.jsonl record (the evaluation added every --eval-every steps and at the end), every --save-every steps
+    and at the end a resume point."""
+    steps, every = config.steps, config.eval
+    model.train()
+    step, window = start_step, _Window()
+    progress = tqdm(
+        total=steps.max_steps,
+        initial=start_step,
+        desc=run_kind,
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+    )
+    for batch in loader:
+        loss = training_step(accelerator, model, optimizer, batch, loss_fn, config.optim, step, steps.max_steps)
+        tokens = batch["tokens"][:, 1:].numel() * accelerator.num_processes
+        window.add(loss, tokens)
+        tokens_seen += tokens
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+
+        is_last = step == steps.max_steps
+        evaluate_now = step % every.eval_every == 0 or is_last
+        if step % every.log_every == 0 or evaluate_now:
+            record = window.record(step, tokens_seen, optimizer.param_groups[0]["lr"])
+            if evaluate_now:
+                record.update(validation_figures(accelerator, model, val_rows, config))
+            if accelerator.is_main_process:
+                _append_metrics(out_dir / "metrics.jsonl", record)
+            progress.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("total", "ce", "kd", "val_ppl")})
+            window = _Window()
+        if step % config.checkpoint.save_every == 0 or is_last:
+            _save_state(accelerator, out_dir, step, tokens_seen)
+    progress.close()
+
+
+def save_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, run_kind: str) -> None:
+    """The final student as a Hugging Face folder; run_config.json, written last, marks the folder finished."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model)
+        with writing(out_dir):
+            final_model.save_pretrained(out_dir, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+        last = read_metrics(out_dir / "metrics.jsonl")
+        final = last[-1] if last else {}
+        atomic_write_json(
+            out_dir / "run_config.json",
+            {"resolved": resolved, "parameters": count_parameters(final_model), "final": final},
+        )
+        accelerator.print(f"{run_kind}: wrote {out_dir} (val ppl {final.get('val_ppl', float('nan')):.2f})")
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------- the stage
 
 
 def train(
@@ -196,32 +406,28 @@ def train(
     """Train a student; returns the run folder. `distill=False` is the baseline (cache ignored).
 
     `run_kind` (default "distill" / "baseline") names the run in logs and run_config.json; `extra_inputs`
-    adds hashes to the run's identity, so a change in them makes the folder stale (finetune.py: the source teacher)."""
+    adds hashes to the run's identity, so a change in them makes the folder stale (finetune.py: the source
+    teacher)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    raise_problems(config.validate() + student_config.validate())
+    check(config, student_config)
     out_dir = Path(config.out_dir)
     run_kind = run_kind or ("distill" if distill else "baseline")
 
     # ---- inputs checked against each other and the options (manifest only: cheap, before any setup)
     meta = read_meta(config.data_dir)
-    vocab_size = teacher_vocab_size(config.teacher)
-    temperature, num_samples = 1.0, 0
-    if distill:
-        cache_attrs = check_cache(config, meta, vocab_size)
-        temperature, num_samples = float(cache_attrs["temperature"]), int(cache_attrs.get("num_samples", 0))
+    vocab_size = model_vocab_size(config.teacher)
+    cache_attrs = check_cache(config, meta, vocab_size) if distill else None
+    loss_fn = step_loss(config, cache_attrs)
 
-    # ---- accelerator
+    # ---- accelerator and rows: cache rows (distill) or token rows (baseline), the same rows either way
     # cpu=True on a CPU-only machine: only then does Accelerate join the ranks of a torchrun launch.
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
-        gradient_accumulation_steps=config.grad_accum,
+        mixed_precision=resolve_mixed_precision(config.optim.mixed_precision),
+        gradient_accumulation_steps=config.steps.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
-    device = accelerator.device
-
-    # ---- data: cache rows (distill) or token rows (baseline)
     if distill:
         if accelerator.is_main_process:
             verify_cache(config.cache_dir, "train")  # checksums: a truncated or bit-flipped shard stops here
@@ -235,15 +441,15 @@ def train(
             f"not enough tokens for one sequence of {config.seq_len + 1} in train and val; lower --seq-len"
         )
 
+    # ---- a finished run of the same options and inputs is up to date
+    options = {k: v for k, v in to_flags(config).items() if k not in VOLATILE_OPTIONS}
     resolved = {
         "kind": run_kind,
-        "train": dataclasses.asdict(config),
-        "student": dataclasses.asdict(student_config),
-        "temperature": temperature,
+        "train": options,
+        "student": to_flags(student_config),
+        "temperature": loss_fn.temperature,
         "inputs": {**input_identity(config, distill), **(extra_inputs or {})},
     }
-    for volatile in ("resume", "num_workers", "out_dir"):
-        resolved["train"].pop(volatile)
     run_config_path = out_dir / "run_config.json"
     if (
         run_config_path.exists()
@@ -253,57 +459,23 @@ def train(
         accelerator.print(f"{run_kind}: {out_dir} is up to date")
         return out_dir
 
-    with folder_lock(out_dir, f"a {run_kind} run") if accelerator.is_main_process else _nullcontext():
-        # ---- seed, model, optimizer, schedule
-        set_seed(config.seed)
+    with folder_lock(out_dir, f"a {run_kind} run") if accelerator.is_main_process else contextlib.nullcontext():
+        # ---- seed, model, optimizer; then resume or start fresh
+        set_seed(config.steps.seed)
         tokenizer = load_tokenizer(config.teacher)
-        model = build_student(student_config, config.teacher, vocab_size, config.seed)
-        optimizer = make_optimizer(model, config)
-        # The learning rate is a function of the step alone (set before each update below), so a resume
-        # needs no scheduler state: nothing but tensors and safetensors is loaded back.
+        model = build_student(student_config, config.teacher, vocab_size, config.steps.seed)
+        optimizer = make_optimizer(model, config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
-
-        # ---- resume or start fresh
-        start_step, tokens_seen = 0, 0
-        saved = out_dir / "resolved_config.json"
-        latest = _latest_state(out_dir) if config.resume else None
-        if latest is not None and (not saved.exists() or read_json(saved) != resolved):
-            if (
-                not run_config_path.exists()
-            ):  # an interrupted run of other settings: never overwrite its progress silently
-                raise PipelineError(
-                    f"the saved state in {out_dir} was made with other settings or inputs; delete "
-                    f"{out_dir / STATE_DIR} to start over or pass the same options"
-                )
-            # The state belongs to a finished run whose options or inputs have since changed (e.g. STEPS=):
-            # nothing is lost by training anew, as `make` expects after a changed option.
-            accelerator.print(
-                f"{run_kind}: options or inputs changed since the finished run in {out_dir}; training anew"
-            )
-            latest = None
-        if latest is not None:
-            accelerator.load_state(str(latest))
-            trainer_state = read_json(latest / "trainer_state.json")
-            start_step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
-            accelerator.print(f"{run_kind}: resuming from {latest} (step {start_step})")
-        elif accelerator.is_main_process:
-            shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(saved, resolved)
-        if accelerator.is_main_process:
-            run_config_path.unlink(
-                missing_ok=True
-            )  # an unfinished folder must never look finished (up to date, comparable)
-            _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        accelerator.register_save_state_pre_hook(save_tied_weights_once)
+        start_step, tokens_seen = start_or_resume(accelerator, out_dir, resolved, config.checkpoint.resume, run_kind)
 
         sampler = StepBatches(
             len(train_rows),
-            config.batch_size,
-            config.grad_accum,
-            config.seed,
+            config.steps.batch_size,
+            config.steps.grad_accum,
+            config.steps.seed,
             start_step,
-            config.max_steps,
+            config.steps.max_steps,
             accelerator.process_index,
             accelerator.num_processes,
         )
@@ -311,129 +483,18 @@ def train(
             train_rows,
             batch_sampler=sampler,
             collate_fn=collate_rows,
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
+            num_workers=config.steps.num_workers,
+            pin_memory=accelerator.device.type == "cuda",
             persistent_workers=False,
         )
         accelerator.print(
             f"{run_kind}: {count_parameters(accelerator.unwrap_model(model)) / 1e6:.1f}M-parameter student, "
-            f"{len(train_rows)} train rows x {config.seq_len} tokens, {config.max_steps} steps, "
-            f"mixed precision {accelerator.mixed_precision}, device {device}"
+            f"{len(train_rows)} train rows x {config.seq_len} tokens, {config.steps.max_steps} steps, "
+            f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}"
         )
 
-        # ---- the loop
-        model.train()
-        step = start_step
-        window = {"ce": 0.0, "kd": 0.0, "total": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter()}
-        progress = tqdm(
-            total=config.max_steps,
-            initial=start_step,
-            desc=run_kind,
-            unit="step",
-            disable=not accelerator.is_local_main_process,
+        run_loop(
+            accelerator, model, optimizer, loader, loss_fn, val_rows, config, out_dir, start_step, tokens_seen, run_kind
         )
-        for batch in loader:
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            tokens = batch["tokens"]
-            step_lr = config.lr * lr_at(step, config)  # the rate this step's update uses
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            with accelerator.accumulate(model):
-                logits = model(input_ids=tokens[:, :-1]).logits  # (B, L, V) in the mixed-precision dtype
-                labels = tokens[:, 1:].reshape(-1)
-                mask = torch.ones_like(labels, dtype=torch.bool)
-                loss = distillation_loss(
-                    logits.reshape(-1, logits.shape[-1]),
-                    labels,
-                    mask,
-                    loss_targets(batch, num_samples),
-                    alpha=config.alpha,
-                    temperature=temperature,
-                    kd_loss=config.kd_loss,
-                    jsd_beta=config.jsd_beta,
-                    topk_renormalize=config.topk_renormalize,
-                    chunk_size=config.loss_chunk,
-                )
-                accelerator.backward(loss.total)
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window["ce"] += loss.ce.item()
-            window["kd"] += loss.kd.item()
-            window["total"] += loss.total.item()
-            window["micro"] += 1
-            window["tokens"] += labels.numel() * accelerator.num_processes
-            tokens_seen += labels.numel() * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-
-            is_last = step == config.max_steps
-            if step % config.log_every == 0 or step % config.eval_every == 0 or is_last:
-                elapsed = time.perf_counter() - window["time"]
-                record = {
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "ce": window["ce"] / window["micro"],
-                    "kd": window["kd"] / window["micro"],
-                    "total": window["total"] / window["micro"],
-                    "lr": step_lr,
-                    "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                }
-                if step % config.eval_every == 0 or is_last:
-                    val_ce = evaluate_ce(
-                        accelerator.unwrap_model(model),
-                        val_rows,
-                        config.batch_size,
-                        device,
-                        config.eval_rows,
-                        accelerator.autocast,
-                    )
-                    record.update({"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0))})
-                if accelerator.is_main_process:
-                    _append_metrics(out_dir / "metrics.jsonl", record)
-                progress.set_postfix(
-                    {k: f"{v:.3g}" for k, v in record.items() if k in ("total", "ce", "kd", "val_ppl")}
-                )
-                window = {"ce": 0.0, "kd": 0.0, "total": 0.0, "micro": 0, "tokens": 0, "time": time.perf_counter()}
-            if step % config.save_every == 0 or is_last:
-                _save_state(accelerator, out_dir, step, tokens_seen)
-        progress.close()
-
-        # ---- the final student, as a Hugging Face folder
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            final_model = accelerator.unwrap_model(model)
-            with writing(out_dir):  # run_config.json, written last, marks the folder finished
-                final_model.save_pretrained(out_dir, safe_serialization=True)
-                tokenizer.save_pretrained(out_dir)
-            last = _read_metrics(out_dir / "metrics.jsonl")
-            atomic_write_json(
-                run_config_path,
-                {"resolved": resolved, "parameters": count_parameters(final_model), "final": last[-1] if last else {}},
-            )
-            accelerator.print(f"{run_kind}: wrote {out_dir} (val ppl {last[-1].get('val_ppl', float('nan')):.2f})")
-        accelerator.wait_for_everyone()
+        save_final(accelerator, model, tokenizer, out_dir, resolved, run_kind)
     return out_dir
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def teacher_vocab_size(teacher: str) -> int:
-    """The teacher model's vocabulary (the width of its logits, which the cache and the student share)."""
-    from transformers import AutoConfig
-
-    try:
-        return int(AutoConfig.from_pretrained(teacher).vocab_size)
-    except Exception as exc:
-        raise PipelineError(
-            f"could not read the teacher config in {teacher} ({type(exc).__name__}); run make teacher"
-        ) from exc

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WILLOWS = Path(__file__).resolve().parent / "data" / "wind_in_the_willows_excerpt.txt"  # public domain; see data/README.md
+WILLOWS = (
+    Path(__file__).resolve().parent / "data" / "wind_in_the_willows_excerpt.txt"
+)  # public domain; see data/README.md
 
 
 def willows_text() -> str:

@@ -15,18 +15,18 @@ import torch
 from conftest import run_cli
 
 from pipeline.bench import (
-    BenchConfig,
     PeakMemory,
     SavedTensorCounter,
     busy_machine,
     cpu_busy_fraction,
-    dense_kd_loss,
     forward_flops,
     peak_bf16_flops,
     resolve_batch_size,
 )
 from pipeline.cache_format import CacheReader, verify_cache
+from pipeline.config import BenchConfig, from_flags
 from pipeline.data import load_tokens
+from pipeline.losses import dense_kd_loss
 
 SEQ_LEN, BATCH, BATCHES, K, QUALITY_ROWS, EVAL_ROWS = 32, 2, 2, 16, 6, 2
 STUDENT = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "2", "--mlp-size", "64"]
@@ -173,7 +173,7 @@ def test_data_path_and_memory(bench_run):
     memory = bench_run.report["memory"]
     assert memory["tokens"] == BATCH * SEQ_LEN and memory["method"]
     variants = memory["variants"]
-    for key, v in variants.items():
+    for v in variants.values():
         assert _positive(v["peak_mb"]) and v["increase_mb"] >= 0 and v["peak_mb"] >= v["increase_mb"]
     # The offline losses keep at most the logits themselves; the dense online KL keeps several [N, V] float32 tensors.
     for key in ("ce", "topk", "sampled"):
@@ -227,7 +227,9 @@ def test_too_few_rows_is_one_line_error(tiny_teacher, tiny_data, tmp_path):
 
 def test_config_validate_lists_every_problem():
     assert BenchConfig().validate() == []
-    problems = BenchConfig(batch_size="many", seq_len=0, num_samples=300, mixed_precision="fp8", alpha=2.0).validate()
+    problems = from_flags(
+        BenchConfig, batch_size="many", seq_len=0, num_samples=300, mixed_precision="fp8", alpha=2.0
+    ).validate()
     joined = "; ".join(problems)
     for flag in ("--batch-size", "--seq-len", "--num-samples", "--mixed-precision", "--alpha"):
         assert flag in joined

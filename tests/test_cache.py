@@ -34,7 +34,8 @@ from pipeline.config import CacheConfig, DataConfig
 from pipeline.data import load_tokens, prepare_data, read_meta
 from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json, sha256_file
-from pipeline.teacher import load_teacher, load_tokenizer, teacher_identity, tokenizer_hash, weights_hash
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.teacher import teacher_identity, tokenizer_hash, weights_hash
 
 SEQ_LEN, K, ROWS_PER_PART, BATCH = 32, 8, 2, 2
 NUM_SAMPLES, SAMPLED_ROWS = 50, 6
@@ -96,7 +97,7 @@ def sampled_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_model(tiny_teacher):
-    return load_teacher(tiny_teacher)
+    return load_causal_lm(tiny_teacher)
 
 
 def dense_logprobs(model, tokens: np.ndarray, temperature: float = 1.0, dtype=torch.float64) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,8 +24,9 @@ from conftest import run_cli, willows_text
 
 from pipeline import export as ex
 from pipeline.batches import TokenRows
+from pipeline.config import ExportConfig
 from pipeline.errors import PipelineError
-from pipeline.export import ExportConfig, export_model
+from pipeline.export import export_model
 
 SEQ_LEN, EVAL_ROWS = 32, 8
 TOLERANCE = {"gguf-f16": 1e-2, "gguf-q8_0": 5e-2, "int8": 1e-1}
@@ -69,9 +70,9 @@ def exported(student, tiny_data) -> dict:
 @pytest.fixture(scope="module")
 def reference(student, tiny_data) -> torch.Tensor:
     """log p(next token) of the float32 student on the first EVAL_ROWS val rows [EVAL_ROWS, SEQ_LEN]."""
-    from pipeline.teacher import load_teacher
+    from pipeline.models import load_causal_lm
 
-    return ex.next_token_logprobs(load_teacher(student), TokenRows(str(tiny_data), "val", SEQ_LEN), EVAL_ROWS, 4)
+    return ex.next_token_logprobs(load_causal_lm(student), TokenRows(str(tiny_data), "val", SEQ_LEN), EVAL_ROWS, 4)
 
 
 def fields(path: Path) -> dict:
@@ -153,10 +154,10 @@ def test_gguf_loads_in_transformers_with_matching_log_likelihood(exported, stude
 def test_a_missing_permutation_would_fail_the_log_likelihood_check(
     student, tiny_data, reference, tmp_path, monkeypatch
 ):
-    from pipeline.teacher import load_teacher, load_tokenizer
+    from pipeline.models import load_causal_lm, load_tokenizer
 
     monkeypatch.setattr(ex, "permute_qk", lambda weight, n_head: weight)
-    path = ex.write_gguf(load_teacher(student), load_tokenizer(student), tmp_path / "unpermuted.gguf", "f16", "x")
+    path = ex.write_gguf(load_causal_lm(student), load_tokenizer(student), tmp_path / "unpermuted.gguf", "f16", "x")
     logprobs = ex.next_token_logprobs(ex.load_gguf(path), TokenRows(str(tiny_data), "val", SEQ_LEN), EVAL_ROWS, 4)
     assert (logprobs - reference).abs().mean().item() > 10 * TOLERANCE["gguf-f16"]
 
@@ -172,9 +173,9 @@ def test_gguf_tokenizer_round_trips_through_transformers(exported, student, tiny
 
 def test_tiny_teacher_exports_to_f16_within_tolerance(tiny_teacher, tiny_data, tmp_path):
     """The conftest teacher (2 heads = 2 kv heads, embeddings x20: large logits) through the same path."""
-    from pipeline.teacher import load_teacher, load_tokenizer
+    from pipeline.models import load_causal_lm, load_tokenizer
 
-    model = load_teacher(tiny_teacher)
+    model = load_causal_lm(tiny_teacher)
     path = ex.write_gguf(model, load_tokenizer(tiny_teacher), tmp_path / "teacher-f16.gguf", "f16", "tiny")
     rows = TokenRows(str(tiny_data), "val", SEQ_LEN)
     delta = (
@@ -195,7 +196,7 @@ def test_int8_is_safetensors_int8_and_reloads_close_to_float(exported, student, 
         ".safetensors"
     ]  # no pickle
     with safe_open(str(folder / ex.INT8_WEIGHTS), framework="pt") as f:
-        dtypes = {key: f.get_tensor(key).dtype for key in f.keys()}
+        dtypes = {key: f.get_tensor(key).dtype for key in f.keys()}  # noqa: SIM118 (not a dict)
     assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.int8 and dtypes["lm_head.weight"] == torch.int8
     assert dtypes["model.layers.0.mlp.down_proj.weight_scale"] == torch.float32
     assert "model.embed_tokens.weight" not in dtypes  # tied: rebuilt from lm_head's int8 rows
@@ -226,18 +227,21 @@ def test_report_has_size_speed_and_perplexity_per_variant(exported, student):
     )
 
 
-def test_compare_hook_adds_the_export_rows(exported, student, tiny_data, tmp_path):
-    report = {
-        "eval": {"rows": 4, "seq_len": SEQ_LEN},
-        "samples": {"prompts": ["The Mole"], "settings": {"max_new_tokens": 4}},
-    }
-    (tmp_path / "report.md").write_text("# Distillation report\n")
-    config = SimpleNamespace(distilled=str(student), data_dir=str(tiny_data), batch_size=4, out_dir=str(tmp_path))
-    figures = ex.add_export_rows(report, config)
-    assert set(figures["variants"]) == {"float32", "gguf-f16", "gguf-q8_0", "int8"} and figures["eval"]["rows"] == 4
-    assert json.loads((tmp_path / "report.json").read_text())["exports"]["variants"]["int8"]["size_bytes"] > 0
-    markdown = (tmp_path / "report.md").read_text()
-    assert markdown.startswith("# Distillation report") and "| gguf-q8_0 |" in markdown
+def test_compare_reads_the_export_report_of_the_same_weights_only(exported, student, tmp_path):
+    from pipeline.compare import render_exports
+    from pipeline.export import read_export_report
+
+    figures = read_export_report(student)
+    assert set(figures["variants"]) == {"float32", "gguf-f16", "gguf-q8_0", "int8"}
+    assert figures["eval"]["rows"] == EVAL_ROWS and figures["variants"]["int8"]["size_bytes"] > 0
+    markdown = "\n".join(render_exports(figures))
+    assert "## Exported distilled student (CPU)" in markdown and "| gguf-q8_0 |" in markdown
+    retrained = tmp_path / "retrained"
+    shutil.copytree(student, retrained)
+    weights = bytearray((retrained / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # other weights than the export measured
+    (retrained / "model.safetensors").write_bytes(bytes(weights))
+    assert read_export_report(retrained) is None
 
 
 def test_refusals(exported, student, tiny_data, tmp_path):

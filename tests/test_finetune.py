@@ -13,10 +13,12 @@ import torch
 from conftest import run_cli
 
 from pipeline import batches
+from pipeline.config import FinetuneConfig, from_flags
 from pipeline.errors import PipelineError
-from pipeline.finetune import FinetuneConfig, finetune_teacher
+from pipeline.finetune import finetune_teacher
 from pipeline.fsutil import read_json
-from pipeline.teacher import load_teacher, load_tokenizer, teacher_identity, tokenizer_hash, weights_hash
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.teacher import teacher_identity, tokenizer_hash, weights_hash
 
 SEQ_LEN, BATCH, STEPS, EVAL_ROWS = 32, 4, 12, 16
 
@@ -38,7 +40,7 @@ def tiny_config(tiny_data, teacher, out_dir, **overrides) -> FinetuneConfig:
         mixed_precision="no",
         num_workers=0,
     )
-    return FinetuneConfig(**{**options, **overrides})
+    return from_flags(FinetuneConfig, **{**options, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def val_ppl_by_hand(model_dir, tiny_data, rows: int) -> float:
     tokens = torch.from_numpy(load_tokens(tiny_data, "val")[: rows * SEQ_LEN + 1].astype("int64"))
     ids = torch.stack([tokens[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1] for i in range(rows)])
     with torch.no_grad():
-        logits = load_teacher(model_dir)(input_ids=ids[:, :-1]).logits
+        logits = load_causal_lm(model_dir)(input_ids=ids[:, :-1]).logits
     return math.exp(
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
     )
@@ -100,7 +102,7 @@ def test_output_is_a_teacher_folder_with_its_own_identity(finetuned, tiny_teache
     assert teacher_identity(config.out_dir)["teacher_hash"] == info["weights_sha256"]
     assert info["finetuned_from"] == source
     assert info["tokenizer_hash"] == tokenizer_hash(load_tokenizer(config.out_dir)) == source["tokenizer_hash"]
-    before, after = load_teacher(tiny_teacher).state_dict(), load_teacher(config.out_dir).state_dict()
+    before, after = load_causal_lm(tiny_teacher).state_dict(), load_causal_lm(config.out_dir).state_dict()
     assert before.keys() == after.keys()
     assert not torch.equal(
         before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]

@@ -469,8 +469,10 @@ def test_all_masked_gives_zeros(mode, kind, dtype):
 def test_no_grad_evaluation_works():
     s = _setup(dtype=torch.float32)
     with torch.no_grad():
-        out = distillation_loss(s["student"], s["labels"], s["mask"], _targets(s, "topk"), 0.5, 1.0, chunk_size=3)
-    ref = distillation_loss(s["student"], s["labels"], s["mask"], _targets(s, "topk"), 0.5, 1.0)
+        out = distillation_loss(
+            s["student"], s["labels"], s["mask"], _targets(s, "topk"), alpha=0.5, temperature=1.0, chunk_size=3
+        )
+    ref = distillation_loss(s["student"], s["labels"], s["mask"], _targets(s, "topk"), alpha=0.5, temperature=1.0)
     torch.testing.assert_close(out.total, ref.total)
 
 
@@ -524,7 +526,7 @@ def test_no_float32_vocab_sized_activation_is_kept_for_backward(mode):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = distillation_loss(x, s["labels"], s["mask"], _targets(s, mode), 0.5, 2.0, chunk_size=4)
+        out = distillation_loss(x, s["labels"], s["mask"], _targets(s, mode), alpha=0.5, temperature=2.0, chunk_size=4)
     assert kept == []
     out.total.backward()
     assert torch.isfinite(x.grad).all()
@@ -535,7 +537,9 @@ def test_gradient_of_each_part_alone(part):
     # The parts share one recomputing backward; each must still get its own gradient.
     s = _setup(temperature=2.0, dtype=torch.float32)
     x = s["student"].clone().requires_grad_(True)
-    out = distillation_loss(x, s["labels"], s["mask"], _targets(s, "topk"), 0.5, 2.0, kd_loss="jsd", chunk_size=3)
+    out = distillation_loss(
+        x, s["labels"], s["mask"], _targets(s, "topk"), alpha=0.5, temperature=2.0, kd_loss="jsd", chunk_size=3
+    )
     (got,) = torch.autograd.grad(getattr(out, part), x)
     y = s["student"].clone().requires_grad_(True)
     ref = (
@@ -564,9 +568,14 @@ def test_cache_dtypes_and_batch_shape(mode):
         for k, v in targets.items()
     }
     shaped = {k: v.reshape(3, 4, *v.shape[1:]) if torch.is_tensor(v) else v for k, v in small.items()}
-    want = distillation_loss(s["student"], s["labels"], s["mask"], targets, 0.5, 2.0)
+    want = distillation_loss(s["student"], s["labels"], s["mask"], targets, alpha=0.5, temperature=2.0)
     got = distillation_loss(
-        s["student"].reshape(3, 4, V), s["labels"].reshape(3, 4), s["mask"].reshape(3, 4), shaped, 0.5, 2.0
+        s["student"].reshape(3, 4, V),
+        s["labels"].reshape(3, 4),
+        s["mask"].reshape(3, 4),
+        shaped,
+        alpha=0.5,
+        temperature=2.0,
     )
     for u, w in zip(got, want):
         torch.testing.assert_close(u, w, rtol=2e-3, atol=2e-3)
@@ -577,7 +586,9 @@ def test_empty_batch():
     targets = dict(
         topk_ids=torch.zeros(0, 3, dtype=torch.long), topk_logprobs=torch.zeros(0, 3), tail_logprob=torch.zeros(0)
     )
-    out = distillation_loss(x, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), targets, 0.5, 2.0)
+    out = distillation_loss(
+        x, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), targets, alpha=0.5, temperature=2.0
+    )
     assert [t.item() for t in out] == [0.0, 0.0, 0.0]
     out.total.backward()
     assert x.grad.shape == (0, V)
@@ -673,7 +684,7 @@ def test_chunked_kd_gradient_matches_autograd_float32(kind, temperature):
     s = _setup(temperature=temperature, dtype=torch.float32)
     x = s["student"].clone().requires_grad_(True)
     out = distillation_loss(
-        x, s["labels"], s["mask"], _targets(s, "topk"), 0.0, temperature, kd_loss=kind, chunk_size=3
+        x, s["labels"], s["mask"], _targets(s, "topk"), alpha=0.0, temperature=temperature, kd_loss=kind, chunk_size=3
     )
     (got,) = torch.autograd.grad(out.kd, x)
     y = s["student"].clone().requires_grad_(True)

@@ -9,8 +9,8 @@ import torch
 
 from pipeline.cache import TeacherRunner, row_seed
 from pipeline.config import CacheConfig
+from pipeline.models import load_causal_lm
 from pipeline.sparse_targets import BLOCK, _topk, sampled_draws, topk_with_tail
-from pipeline.teacher import load_teacher
 
 
 def peaked_logits(rows: int, vocab: int, seed: int, scale: float = 4.0) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_sampled_draws_never_pick_zero_probability_ids():
 
 @pytest.fixture(scope="module")
 def teacher_model(tiny_teacher):
-    return load_teacher(tiny_teacher)
+    return load_causal_lm(tiny_teacher)
 
 
 def runner_targets(model, mode: str, rows: np.ndarray, chunk: int, fused: bool | None, temperature: float) -> dict:

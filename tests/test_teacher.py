@@ -15,10 +15,9 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import TeacherConfig
 from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json
+from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.teacher import (
     INFO_FILE,
-    load_teacher,
-    load_tokenizer,
     prepare_teacher,
     teacher_identity,
     tokenizer_hash,
@@ -48,7 +47,7 @@ def test_teacher_from_a_folder_writes_a_hf_folder_and_rerun_is_a_noop(tmp_path, 
     assert info["weights_sha256"] == weights_hash(out)
     assert info["tokenizer_hash"] == tokenizer_hash(load_tokenizer(out)) == tokenizer_hash(source_tokenizer)
     assert info["vocab_size"] == len(source_tokenizer) == 384 and info["max_position_embeddings"] == 256
-    model = load_teacher(out)
+    model = load_causal_lm(out)
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     assert teacher_identity(out) == {
         "teacher_name": info["name"],
@@ -56,7 +55,7 @@ def test_teacher_from_a_folder_writes_a_hf_folder_and_rerun_is_a_noop(tmp_path, 
         "tokenizer_hash": info["tokenizer_hash"],
     }
     # same weights as the source, and same outputs
-    source = load_teacher(tiny_teacher)
+    source = load_causal_lm(tiny_teacher)
     ids = torch.tensor([source_tokenizer("The Rat and the Mole went boating.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, source(ids).logits, rtol=0, atol=0)

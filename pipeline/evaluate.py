@@ -1,0 +1,124 @@
+"""The one evaluator: models on held-out rows -> perplexity, KL to the teacher (exact and as the cache estimates
+it), top-1 agreement. Training (every --eval-every steps), finetune-teacher, compare, export and bench all
+call `evaluate`.
+
+Rows are what the pipeline's datasets yield: `tokens` [L+1] (TokenRows), plus the cached teacher targets of the
+row (CacheRows over a val cache). Per position j of a row the model reads tokens 0..j and is scored on
+token j+1, in float32 whatever dtype the model computes in:
+
+    val_ce         mean of -log q(label), q = softmax(logits)                     (val_ppl = exp(val_ce))
+    kl_exact       mean of KL(p_T || q_T) over the full vocabulary, p the reference model's distribution
+    kl_to_teacher  the same as the cache estimates it (the estimator training uses; rows with targets only)
+    top1_agreement share of positions where argmax q = argmax p
+
+Each model runs once per batch; the reference (usually "teacher") runs first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.batches import collate_rows
+from pipeline.losses import sampled_divergence, teacher_targets, topk_divergence
+
+
+def cache_kl(logits: torch.Tensor, targets: Mapping, temperature: float) -> torch.Tensor:
+    """KL(teacher_T || model_T) as the cached targets estimate it, mean over positions; logits [N, V]."""
+    if "topk_ids" in targets:
+        return topk_divergence(
+            logits, targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], temperature=temperature
+        )
+    return sampled_divergence(
+        logits,
+        targets["sample_ids"],
+        targets["sample_counts"],
+        targets["num_samples"],
+        targets["teacher_entropy"],
+        temperature=temperature,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    models: Mapping[str, torch.nn.Module],
+    rows,
+    *,
+    count: int = 0,
+    batch_size: int = 4,
+    reference: str | None = None,
+    temperature: float = 1.0,
+    num_samples: int = 0,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    keep_label_logprobs: bool = False,
+    desc: str | None = None,
+) -> dict[str, dict]:
+    """{label: figures} of each model over the first `count` rows (0: all), `batch_size` rows per forward.
+
+    rows: a sequence of row dicts (TokenRows, CacheRows). reference: the label of the model the others are
+    compared with (kl_exact and top1_agreement, at `temperature`); rows with cached targets also give
+    kl_to_teacher (num_samples: the sampled cache's draws per position). autocast: a context factory the
+    forwards run under (training passes the accelerator's). keep_label_logprobs: also return each model's
+    log q(label) per position, [count, L] float64 on the CPU ("label_logprobs"; computed in float32).
+    Every model must sit on the same device; each is put in eval mode and given back in its former mode.
+    """
+    count = len(rows) if count == 0 else min(count, len(rows))
+    order = sorted(models, key=lambda label: label != reference)  # the reference first
+    was_training = {label: models[label].training for label in order}
+    for model in models.values():
+        model.eval()
+    device = next(models[order[0]].parameters()).device
+    sums = {label: {"ce": 0.0, "kl_cache": 0.0, "kl_exact": 0.0, "agree": 0} for label in order}
+    label_logprobs = {label: [] for label in order}
+    positions, has_targets = 0, False
+    starts = range(0, count, batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+        batch = collate_rows([rows[i] for i in range(start, min(count, start + batch_size))])
+        tokens = batch["tokens"].to(device)
+        labels = tokens[:, 1:].reshape(-1)
+        n = labels.numel()
+        targets = teacher_targets(batch, num_samples)
+        if targets is not None:
+            has_targets = True
+            targets = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in targets.items()}
+        reference_logp = reference_p = reference_argmax = None
+        for label in order:
+            with autocast() if autocast else contextlib.nullcontext():
+                logits = models[label](input_ids=tokens[:, :-1]).logits
+            flat = logits.float().reshape(n, -1)  # [N, V]
+            logp = torch.log_softmax(flat, dim=-1)
+            label_logp = logp.gather(1, labels[:, None]).squeeze(1)
+            figures = sums[label]
+            figures["ce"] -= float(label_logp.double().sum())
+            if keep_label_logprobs:
+                label_logprobs[label].append(label_logp.view(tokens.shape[0], -1).double().cpu())
+            if targets is not None:
+                figures["kl_cache"] += cache_kl(flat, targets, temperature).item() * n
+            if reference is not None:
+                logp_t = logp if temperature == 1.0 else torch.log_softmax(flat / temperature, dim=-1)
+                argmax = flat.argmax(-1)
+                if label == reference:
+                    reference_logp, reference_p, reference_argmax = logp_t, logp_t.exp(), argmax
+                figures["kl_exact"] += float((reference_p * (reference_logp - logp_t)).sum())
+                figures["agree"] += int((argmax == reference_argmax).sum())
+        positions += n
+    for label, training in was_training.items():
+        models[label].train(training)
+
+    results = {}
+    for label, figures in sums.items():
+        ce = figures["ce"] / max(positions, 1)
+        result = {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "positions": positions}
+        if reference is not None:
+            result["kl_exact"] = figures["kl_exact"] / max(positions, 1)
+            result["top1_agreement"] = figures["agree"] / max(positions, 1)
+        if has_targets:
+            result["kl_to_teacher"] = figures["kl_cache"] / max(positions, 1)
+        if keep_label_logprobs:
+            result["label_logprobs"] = torch.cat(label_logprobs[label]) if label_logprobs[label] else torch.zeros(0)
+        results[label] = result
+    return results

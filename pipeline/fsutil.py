@@ -26,10 +26,6 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # How libraries word a disk-full errno they do not raise as OSError: h5py "errno = 28", safetensors
 # (Rust) "os error 28", or the strerror text itself.

@@ -115,7 +115,7 @@ def training_step(
     return loss
 
 
-def save_tied_weights_once(models, weights: list[dict], output_dir) -> None:
+def save_tied_weights_once(_models, weights: list[dict], _output_dir) -> None:
     """save_state pre-hook: a tied embedding is one tensor under two names; keep its first name only (Accelerate
     would drop the alias itself, warning at every save; loading re-ties it either way)."""
     for state in weights:

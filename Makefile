@@ -78,7 +78,7 @@ CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_D
 TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --seq-len $(SEQ_LEN) --max-steps $(STEPS) \
                  --batch-size $(BATCH) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)
 
-.PHONY: help install teacher data cache-logits distill baseline compare test lint bench clean finetune-teacher export
+.PHONY: help install teacher data cache-logits distill baseline compare test lint bench clean finetune-teacher export sweep
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -122,6 +122,13 @@ finetune-teacher: $(TEACHER_FT_DIR)/teacher_info.json  ## fine-tune the teacher 
 $(TEACHER_FT_DIR)/teacher_info.json: $(DATA_DIR)/meta.json $(call stamp,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
 	$(LAUNCH) finetune-teacher $(FINETUNE_OPTS)
 
+SWEEP         ?= alpha=0.3,0.5,0.7
+SWEEP_ARGS    ?=
+SWEEP_DIR     := checkpoints/$(NAME)-sweep
+sweep: $(CACHE_DIR)/manifest.json  ## students over a grid from one cache (SWEEP="alpha=0.3,0.7 lr=1e-3,2e-3"), ranked
+	$(LAUNCH) sweep $(TRAIN_OPTS) --alpha $(ALPHA) --cache-dir $(CACHE_DIR) --out-dir $(SWEEP_DIR) \
+	  --grid "$(SWEEP)" $(SWEEP_ARGS)
+
 EXPORT_OPTS   := --model $(DISTILL_DIR) --data-dir $(DATA_DIR) $(EXPORT_ARGS)
 export: $(EXPORT_DIR)/export_report.json  ## GGUF (f16, q8_0) + int8 exports of the distilled student with size, perplexity, tokens/s
 $(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call stamp,$(EXPORT_DIR)/.options,$(EXPORT_OPTS))
@@ -138,4 +145,4 @@ bench: $(TEACHER_DEP) $(DATA_DIR)/meta.json  ## benchmark cache and training thr
 	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(BENCH_ARGS)
 
 clean:  ## remove generated data, caches and checkpoints (keeps downloads and the teacher)
-	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR) $(TEACHER_FT_DIR)
+	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR) $(TEACHER_FT_DIR) $(SWEEP_DIR)

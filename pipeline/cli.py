@@ -194,6 +194,17 @@ def generate(sample, model_dir, prompts):
 
 
 @main.command()
+@config_options(cfg.SweepConfig)
+@config_options(cfg.StudentConfig)
+def sweep(config, student):
+    """Train several students from one cache over a grid of distill options (one after another, resumable), evaluate
+    them as compare does, and rank them: OUT_DIR/sweep.json, sweep.md, curves.png. The temperature is the cache's."""
+    from pipeline.sweep import sweep as run_sweep
+
+    run_stage(run_sweep, config, student)
+
+
+@main.command()
 @config_options(cfg.BenchConfig)
 @config_options(cfg.StudentConfig)
 def bench(config, student):

@@ -57,25 +57,31 @@ def check(*configs) -> None:
 
 
 class Flag(NamedTuple):
-    """One option of a command: the section holding it (None: the command's own field), the dataclass that declares
-    the field, the field, and this command's default."""
+    """One option of a command: the path of sections holding it (() for the command's own field), the dataclass
+    that declares the field, the field, and this command's default."""
 
-    section: str | None
+    section: tuple[str, ...]
     owner: type
     field: dataclasses.Field
     default: Any
 
 
 def flag_fields(config_class) -> dict[str, Flag]:
-    """{option name: Flag} of a command's config class, its own fields and its sections', in declaration order."""
+    """{option name: Flag} of a command's config class, its own fields and its sections' (sections may hold
+    sections), in declaration order. Option names are unique within a command."""
     flags = {}
-    for top in dataclasses.fields(config_class):
-        if is_section(top):
-            defaults = top.default_factory()
-            for inner in dataclasses.fields(defaults):
-                flags[inner.name] = Flag(top.name, type(defaults), inner, getattr(defaults, inner.name))
-        else:
-            flags[top.name] = Flag(None, config_class, top, top.default)
+
+    def walk(cls, defaults, path):
+        for f in dataclasses.fields(cls):
+            value = getattr(defaults, f.name)
+            if is_section(f):
+                walk(type(value), value, (*path, f.name))
+            elif f.name in flags:
+                raise TypeError(f"{config_class.__name__} declares the option {f.name} twice")
+            else:
+                flags[f.name] = Flag(path, cls, f, value)
+
+    walk(config_class, config_class(), ())
     return flags
 
 
@@ -85,25 +91,21 @@ def from_flags(config_class, **values):
     unknown = sorted(set(values) - set(flags))
     if unknown:
         raise TypeError(f"{config_class.__name__} has no option {', '.join(unknown)}")
-    top, sections = {}, {}
+    config = config_class()
     for name, value in values.items():
-        section_name = flags[name].section
-        if section_name is None:
-            top[name] = value
-        else:
-            sections.setdefault(section_name, {})[name] = value
-    config = config_class(**top)
-    for section_name, section_values in sections.items():
-        setattr(config, section_name, dataclasses.replace(getattr(config, section_name), **section_values))
+        holder = config
+        for section_name in flags[name].section:
+            holder = getattr(holder, section_name)
+        setattr(holder, name, value)
     return config
 
 
 def to_flags(config) -> dict[str, Any]:
     """The flag values of a config: the inverse of from_flags."""
     values = {}
-    for top in dataclasses.fields(config):
-        value = getattr(config, top.name)
-        values.update(dataclasses.asdict(value) if is_section(top) else {top.name: value})
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        values.update(to_flags(value) if is_section(f) else {f.name: value})
     return values
 
 
@@ -343,7 +345,9 @@ class TrainConfig:
     data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
     cache_dir: str = opt("cache/default", "teacher-logit cache folder (make cache-logits); ignored by baseline")
     teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder: tokenizer, and weights for --student-init teacher-layers")
-    out_dir: str = opt("checkpoints/default-distill", "run folder: final model, metrics.jsonl, state/")
+    out_dir: str = opt(
+        "checkpoints/default-distill", "run folder: final model, metrics.jsonl, state/ (sweep: the sweep's folder)"
+    )
     seq_len: int = opt(512, "tokens per sequence; must equal the cache's")
     max_rows: int | None = opt(None, "use only the first N train rows (smoke runs); must equal the cache's")
     steps: Steps = section(Steps)
@@ -530,3 +534,24 @@ class BenchConfig:
         if self.num_workers < 0:
             problems.append(f"--num-workers must not be negative, got {self.num_workers}")
         return problems + _sections_validate(self)
+
+
+@dataclass
+class SweepConfig:
+    """Students trained from one cache over a grid of distill options, one after another, evaluated and ranked."""
+
+    grid: str = opt(
+        "",
+        'options of distill and their values, e.g. "alpha=0.3,0.7 lr=1e-3,2e-3": every combination is trained',
+    )
+    grid_file: str | None = opt(
+        None, "a YAML or JSON file: {option: [values]} (every combination) or a list of {option: value} points"
+    )
+    baseline: bool = opt(True, "also train the CE baseline on the same rows and steps (the ratio's reference)")
+    train: TrainConfig = section(TrainConfig, out_dir="checkpoints/default-sweep")
+
+    def validate(self) -> list[str]:
+        problems = self.train.validate()
+        if not self.grid.strip() and not self.grid_file:
+            problems.append('give the grid: --grid "alpha=0.3,0.7 lr=1e-3,2e-3" or --grid-file FILE')
+        return problems

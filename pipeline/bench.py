@@ -52,7 +52,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json
 from pipeline.losses import LossParts, StepLoss, dense_kd_loss
-from pipeline.machine import cpu_model
+from pipeline.machine import cpu_features, cpu_model
 from pipeline.models import count_parameters, load_causal_lm, model_vocab_size
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
@@ -135,6 +135,7 @@ def machine_info(device) -> dict:
 
     return {
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -1003,7 +1004,8 @@ def render_markdown(report: dict) -> str:
     out = [
         "# Benchmark",
         "",
-        f"Machine: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads){gpu}; torch {m['torch']}, "
+        f"Machine: {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads; CPU features "
+        f"{', '.join(m.get('cpu_features') or []) or 'unknown'}){gpu}; torch {m['torch']}, "
         f"transformers {m['transformers']}; {m['date']}; load average "
         f"{_fmt((m.get('load_average_start') or [None])[0], '{:.2f}')} at start.",
         f"Command: `{report['command']}`",

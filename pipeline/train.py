@@ -36,6 +36,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json, writing
 from pipeline.losses import LossParts, StepLoss
+from pipeline.machine import fast_bf16
 from pipeline.models import count_parameters, load_tokenizer, model_vocab_size
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
@@ -49,16 +50,13 @@ VOLATILE_OPTIONS = ("resume", "num_workers", "out_dir")  # options that do not c
 
 
 def resolve_mixed_precision(choice: str) -> str:
-    """auto: bf16 where the hardware has it (CUDA bf16, or a CPU with AVX512-BF16/AMX), fp16 on older GPUs, else no."""
+    """auto: bf16 where the hardware multiplies it natively (machine.fast_bf16), fp16 on older GPUs, else no."""
     if choice != "auto":
         return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if fast_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "no"
 
 
 def lr_at(step: int, optim: Optimization, max_steps: int) -> float:

@@ -18,6 +18,8 @@ Every `validate()` returns the list of problems (empty when all is well), each n
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +107,87 @@ def to_flags(config) -> dict[str, Any]:
         value = getattr(config, top.name)
         values.update(dataclasses.asdict(value) if is_section(top) else {top.name: value})
     return values
+
+
+# ---------------------------------------------------------------- config files (--config FILE)
+
+
+def _option_key(name: str) -> str:
+    """A config file key as the flag it stands for: `max-steps`, `--max-steps` and `max_steps` are `max_steps`."""
+    return name.strip().lstrip("-").replace("-", "_")
+
+
+def _closest(key: str, valid) -> str:
+    """`; did you mean 'X'?` for the valid key nearest to a misspelled one."""
+    match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def read_config_file(path: str | Path, command: str, options, commands) -> dict[str, Any]:
+    """The values a config file gives `command`: {option key (flag name with underscores): value as written}.
+
+    The file (JSON when it ends in .json, else YAML) is a mapping, either of the command's options or of sections
+    named by command (`data:`, `cache-logits:`, `distill:`, ...), each a mapping of that command's options; a command
+    reads its own section and ignores the others', so one file can drive a whole pipeline. `options` are the keys
+    the command takes, `commands` every command's name. An unknown key is an error naming the closest valid one;
+    null stands for the command's default."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"config file {path} does not exist; pass a YAML or JSON file with --config")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise PipelineError(f"config file {path} is not valid {kind}: {detail}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"config file {path} must hold a mapping of option: value, got a {type(data).__name__}")
+    sectioned = [key for key, value in data.items() if isinstance(value, dict)]
+    if sectioned:
+        if len(sectioned) != len(data):
+            flat = sorted(str(key) for key in data if key not in sectioned)
+            raise PipelineError(
+                f"config file {path} mixes sections ({', '.join(map(str, sectioned))}) with plain options "
+                f"({', '.join(flat)}); put every option under the section of its command"
+            )
+        for name in data:
+            if name not in commands:
+                raise PipelineError(
+                    f"config file {path}: {name!r} is not a command{_closest(str(name), commands)} (a section holds "
+                    "the options of the command it is named after)"
+                )
+        data, where = data.get(command, {}), f"{path} [{command}]"
+    else:
+        where = str(path)
+    values = {}
+    for key, value in data.items():
+        name = _option_key(str(key))
+        if name not in options:
+            raise PipelineError(
+                f"config file {where}: {command} has no option {key!r}{_closest(name, options)} "
+                f"(python -m pipeline {command} --help lists them)"
+            )
+        if value is not None:
+            values[name] = value
+    return values
+
+
+def config_file_text(command: str, values: dict[str, Any]) -> str:
+    """A config file that --config reads back: `command`'s options in a section named after it, with a header
+    saying how to rerun it (values with None, the command's default, are written as null)."""
+    import yaml
+
+    header = (
+        f"# The resolved options of `python -m pipeline {command}` that wrote this folder. Rerun it with\n"
+        f"#   python -m pipeline {command} --config THIS_FILE\n"
+        "# (flags given on the command line win over these values).\n"
+    )
+    return header + yaml.safe_dump({command: values}, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def _sections_validate(config) -> list[str]:

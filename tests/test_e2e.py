@@ -48,7 +48,7 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
         12000,
         check=True,
     )
-    assert names(data) == {"meta.json", "train.bin", "val.bin"}
+    assert names(data) == {"config.yaml", "meta.json", "train.bin", "val.bin"}
     meta = json.loads((data / "meta.json").read_text())
     token_counts = {split: np.fromfile(data / f"{split}.bin", dtype=meta["dtype"]).size for split in ("train", "val")}
     assert token_counts == {"train": meta["train_tokens"], "val": meta["val_tokens"]}
@@ -71,6 +71,7 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
         check=True,
     )
     assert names(cache) == {
+        "config.yaml",
         "manifest.json",
         "train-00000-of-00001.h5",
         "val-00000-of-00001.h5",

@@ -32,6 +32,7 @@ KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 CACHE_MODES = ("sampled", "topk")
 MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 EXPORT_FORMATS = ("f16", "q8_0", "int8")  # GGUF f16, GGUF q8_0, int8 safetensors
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # Accelerate's trackers that --report-to offers
 
 
 def opt(default, help: str):
@@ -293,16 +294,36 @@ class Loss:
 
 @dataclass
 class Evaluation:
-    """When the run logs and evaluates on the val split."""
+    """When the run logs and evaluates on the val split, and which experiment trackers get the same figures."""
 
     eval_every: int = opt(50, "steps between validation evaluations")
     eval_rows: int = opt(64, "val rows used by each evaluation (0: all)")
     log_every: int = opt(10, "steps between log lines")
+    report_to: str = opt(
+        "none",
+        "experiment trackers that also get the metrics.jsonl figures (Accelerate's): none | all (every installed one) "
+        "| comma-separated tensorboard, wandb, mlflow, trackio",
+    )
+    tracker_project: str = opt(
+        "distill-pipeline", "project (experiment) name in the trackers; the run is named after --out-dir"
+    )
+
+    def tracker_names(self) -> list[str]:
+        """The trackers --report-to names ("all": every one of TRACKERS; "none": none)."""
+        names = [name.strip().lower() for name in self.report_to.split(",") if name.strip()]
+        if names == ["all"]:
+            return list(TRACKERS)
+        return [] if names == ["none"] else names
 
     def validate(self) -> list[str]:
         problems = _positive(self, "eval_every", "log_every")
         if self.eval_rows < 0:
             problems.append(f"--eval-rows must not be negative, got {self.eval_rows}")
+        unknown = [name for name in self.tracker_names() if name not in TRACKERS]
+        if unknown or not self.report_to.strip():
+            problems.append(f"--report-to must be none | all | some of {', '.join(TRACKERS)}, got {self.report_to!r}")
+        if not self.tracker_project.strip():
+            problems.append("--tracker-project must not be empty")
         return problems
 
 

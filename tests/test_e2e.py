@@ -13,6 +13,8 @@ from conftest import run_cli
 SEQ_LEN, STEPS = 32, 8
 STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 RUN_FILES = {
+    "README.md",
+    "config.yaml",
     "config.json",
     "generation_config.json",
     "model.safetensors",

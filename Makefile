@@ -3,6 +3,7 @@
 #   make compare SMOKE=1          # the same path on a tiny slice (a few minutes)
 #   make test                     # the test suite (what CI runs)
 #   make compare FINETUNE=1       # fine-tune the teacher on the corpus first, then distil from it
+#   make compare NAME=willows FINETUNE=1 CONFIG=examples/willows.yaml   # options from a config file
 # Variables pass options through: CORPUS, TEACHER, NAME, SEQ_LEN, MODE, K, NUM_SAMPLES, TEMPERATURE, ALPHA, STEPS, ...
 # Each stage command is itself a no-op when its inputs and options match what is on disk.
 
@@ -34,9 +35,12 @@ COMPARE_ARGS  ?=
 FINETUNE_ARGS ?=
 EXPORT_ARGS   ?=
 LAUNCH        ?= $(PY) -m pipeline
+CONFIG        ?=
+SMOKE_VARS    :=
 
 ifeq ($(SMOKE),1)
 NAME          ?= smoke
+SMOKE_VARS    := SEQ_LEN STEPS BATCH
 DATA_ARGS     += --max-tokens 12000
 SEQ_LEN       := 128
 STEPS         := 40
@@ -67,16 +71,32 @@ TEACHER_FT_DIR := checkpoints/$(NAME)-teacher-ft
 EXPORT_DIR    := $(DISTILL_DIR)/export
 COMPARE_DIR   := checkpoints/$(if $(filter default,$(NAME)),compare,$(NAME)-compare)
 
-# A stamp file per stage holds its options; it is rewritten (making the stage stale) only when they change.
+# CONFIG=FILE passes --config FILE to every stage: a YAML or JSON file of options, in sections named by command
+# (examples/*.yaml). The file's values stand unless a variable below is given to make (or set by SMOKE=1): then the
+# Makefile passes no default of its own for it. Paths (data/cache/checkpoint folders from NAME) are always passed.
+ifneq ($(CONFIG),)
+ifeq ($(wildcard $(CONFIG)),)
+$(error CONFIG=$(CONFIG) does not exist)
+endif
+CONFIG_HASH   := $(firstword $(shell sha256sum $(CONFIG)))
+endif
+CONFIG_ARG     = $(if $(CONFIG), --config $(CONFIG))
+# $(call option,VAR,--flag): "--flag $(VAR)", or nothing when CONFIG is given and VAR is this Makefile's default.
+option         = $(if $(or $(if $(CONFIG),,1),$(filter-out default file,$(origin $(1))),$(filter $(1),$(SMOKE_VARS))),$(2) $($(1)))
+
+# A stamp file per stage holds its options (and the CONFIG file's hash); it is rewritten (making the stage stale)
+# only when they change.
 define stamp
-$(shell mkdir -p $(dir $(1)) && if [ "$$(cat $(1) 2>/dev/null)" != "$(2)" ]; then echo "$(2)" > $(1); fi)$(1)
+$(shell mkdir -p $(dir $(1)) && if [ "$$(cat $(1) 2>/dev/null)" != "$(2)$(CONFIG_HASH)" ]; then echo "$(2)$(CONFIG_HASH)" > $(1); fi)$(1)
 endef
 
-DATA_OPTS     := --corpus $(CORPUS) --tokenizer $(BASE_TEACHER) --out-dir $(DATA_DIR) $(DATA_ARGS)
-CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_DIR) --mode $(MODE) --k $(K) \
-                 --num-samples $(NUM_SAMPLES) --temperature $(TEMPERATURE) --seq-len $(SEQ_LEN) --batch-size $(CACHE_BATCH) $(CACHE_ARGS)
-TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --seq-len $(SEQ_LEN) --max-steps $(STEPS) \
-                 --batch-size $(BATCH) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)
+TEACHER_OPTS  := $(call option,TEACHER_SOURCE,--source) --out-dir $(BASE_TEACHER)$(CONFIG_ARG)
+DATA_OPTS     := $(call option,CORPUS,--corpus) --tokenizer $(BASE_TEACHER) --out-dir $(DATA_DIR) $(DATA_ARGS)$(CONFIG_ARG)
+CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_DIR) $(call option,MODE,--mode) $(call option,K,--k) \
+                 $(call option,NUM_SAMPLES,--num-samples) $(call option,TEMPERATURE,--temperature) $(call option,SEQ_LEN,--seq-len) $(call option,CACHE_BATCH,--batch-size) $(CACHE_ARGS)$(CONFIG_ARG)
+TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) $(call option,SEQ_LEN,--seq-len) $(call option,STEPS,--max-steps) \
+                 $(call option,BATCH,--batch-size) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)$(CONFIG_ARG)
+ALPHA_OPT     := $(call option,ALPHA,--alpha)
 
 .PHONY: help install teacher data cache-logits distill baseline compare test lint bench clean finetune-teacher export sweep
 .DEFAULT_GOAL := help
@@ -95,7 +115,7 @@ install: $(VENV)/.installed  ## create .venv and install the package (TORCH_SPEC
 
 teacher: $(BASE_TEACHER)/config.json  ## fetch the embedded teacher (or TEACHER_SOURCE) and save it as a Hugging Face folder
 $(BASE_TEACHER)/config.json: $(VENV)/.installed $(call stamp,checkpoints/.teacher-options,$(TEACHER_SOURCE))
-	$(PY) -m pipeline teacher --source $(TEACHER_SOURCE) --out-dir $(BASE_TEACHER)
+	$(PY) -m pipeline teacher $(TEACHER_OPTS)
 
 data: $(DATA_DIR)/meta.json  ## tokenize CORPUS into data/NAME
 $(DATA_DIR)/meta.json: $(BASE_TEACHER)/config.json $(call stamp,$(DATA_DIR)/.options,$(DATA_OPTS))
@@ -106,8 +126,8 @@ $(CACHE_DIR)/manifest.json: $(DATA_DIR)/meta.json $(TEACHER_DEP) $(call stamp,$(
 	$(LAUNCH) cache-logits $(CACHE_OPTS)
 
 distill: $(DISTILL_DIR)/model.safetensors  ## train the student from the cache (hard + soft loss)
-$(DISTILL_DIR)/model.safetensors: $(CACHE_DIR)/manifest.json $(call stamp,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) --alpha $(ALPHA))
-	$(LAUNCH) distill $(TRAIN_OPTS) --alpha $(ALPHA) --cache-dir $(CACHE_DIR) --out-dir $(DISTILL_DIR)
+$(DISTILL_DIR)/model.safetensors: $(CACHE_DIR)/manifest.json $(call stamp,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) $(ALPHA_OPT))
+	$(LAUNCH) distill $(TRAIN_OPTS) $(ALPHA_OPT) --cache-dir $(CACHE_DIR) --out-dir $(DISTILL_DIR)
 
 baseline: $(BASELINE_DIR)/model.safetensors  ## train the same student with cross-entropy only
 $(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(call stamp,$(BASELINE_DIR)/.options,$(TRAIN_OPTS))
@@ -115,9 +135,9 @@ $(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(call stamp,$(BASELINE
 
 compare: $(DISTILL_DIR)/model.safetensors $(BASELINE_DIR)/model.safetensors  ## report perplexity, KL, agreement, speed, samples
 	$(PY) -m pipeline compare --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) --teacher $(TEACHER) \
-	  --distilled $(DISTILL_DIR) --baseline $(BASELINE_DIR) --out-dir $(COMPARE_DIR) $(COMPARE_ARGS)
+	  --distilled $(DISTILL_DIR) --baseline $(BASELINE_DIR) --out-dir $(COMPARE_DIR) $(COMPARE_ARGS)$(CONFIG_ARG)
 
-FINETUNE_OPTS := --data-dir $(DATA_DIR) --teacher $(BASE_TEACHER) --out-dir $(TEACHER_FT_DIR) --resume $(FINETUNE_ARGS)
+FINETUNE_OPTS := --data-dir $(DATA_DIR) --teacher $(BASE_TEACHER) --out-dir $(TEACHER_FT_DIR) --resume $(FINETUNE_ARGS)$(CONFIG_ARG)
 finetune-teacher: $(TEACHER_FT_DIR)/teacher_info.json  ## fine-tune the teacher on the train split (make compare FINETUNE=1 distils from it)
 $(TEACHER_FT_DIR)/teacher_info.json: $(DATA_DIR)/meta.json $(call stamp,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
 	$(LAUNCH) finetune-teacher $(FINETUNE_OPTS)
@@ -126,10 +146,10 @@ SWEEP         ?= alpha=0.3,0.5,0.7
 SWEEP_ARGS    ?=
 SWEEP_DIR     := checkpoints/$(NAME)-sweep
 sweep: $(CACHE_DIR)/manifest.json  ## students over a grid from one cache (SWEEP="alpha=0.3,0.7 lr=1e-3,2e-3"), ranked
-	$(LAUNCH) sweep $(TRAIN_OPTS) --alpha $(ALPHA) --cache-dir $(CACHE_DIR) --out-dir $(SWEEP_DIR) \
+	$(LAUNCH) sweep $(TRAIN_OPTS) $(ALPHA_OPT) --cache-dir $(CACHE_DIR) --out-dir $(SWEEP_DIR) \
 	  --grid "$(SWEEP)" $(SWEEP_ARGS)
 
-EXPORT_OPTS   := --model $(DISTILL_DIR) --data-dir $(DATA_DIR) $(EXPORT_ARGS)
+EXPORT_OPTS   := --model $(DISTILL_DIR) --data-dir $(DATA_DIR) $(EXPORT_ARGS)$(CONFIG_ARG)
 export: $(EXPORT_DIR)/export_report.json  ## GGUF (f16, q8_0) + int8 exports of the distilled student with size, perplexity, tokens/s
 $(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call stamp,$(EXPORT_DIR)/.options,$(EXPORT_OPTS))
 	$(PY) -m pipeline export $(EXPORT_OPTS) --overwrite
@@ -142,7 +162,7 @@ lint: $(VENV)/.installed  ## check formatting and lint rules (ruff; settings in 
 	$(PY) -m ruff check .
 
 bench: $(TEACHER_DEP) $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
-	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(BENCH_ARGS)
+	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(BENCH_ARGS)$(CONFIG_ARG)
 
 clean:  ## remove generated data, caches and checkpoints (keeps downloads and the teacher)
 	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR) $(TEACHER_FT_DIR) $(SWEEP_DIR)

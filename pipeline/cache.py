@@ -30,10 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import cache_format, sparse_targets
-from pipeline.config import CacheConfig, check
+from pipeline.config import CacheConfig, check, config_file_text, to_flags
 from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write_json, folder_lock, read_json
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json
 from pipeline.models import load_causal_lm
 from pipeline.teacher import teacher_identity
 
@@ -355,6 +355,7 @@ def build_cache(config: CacheConfig) -> dict:
             all_entries = []
             for rank in range(state.num_processes):
                 all_entries.extend(read_json(out_dir / f".entry-{rank:05d}.json"))
+            atomic_write_bytes(out_dir / "config.yaml", config_file_text("cache-logits", to_flags(config)).encode())
             cache_format.write_manifest(out_dir, attrs, all_entries)
             for rank in range(state.num_processes):
                 (out_dir / f".entry-{rank:05d}.json").unlink()

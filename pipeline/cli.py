@@ -42,6 +42,8 @@ def config_options(config_class, **default_overrides):
             rest = {k: v for k, v in kwargs.items() if k not in flags}
             return func(*configs, config, **rest)
 
+        wrapper.config_classes = (config_class, *getattr(func, "config_classes", ()))  # top first, like the configs
+
         for name, flag in reversed(flags.items()):
             kind = _click_type(typing.get_type_hints(flag.owner)[name])
             option = "--" + name.replace("_", "-")
@@ -55,6 +57,72 @@ def config_options(config_class, **default_overrides):
         return wrapper
 
     return decorate
+
+
+def option_key(param: click.Parameter) -> str:
+    """The key of a parameter in a config file: its flag without dashes (`--max-steps` -> max_steps, `--prompt` ->
+    prompt), or an argument's name."""
+    if isinstance(param, click.Option):
+        return max(param.opts, key=len).lstrip("-").replace("-", "_")
+    return param.name
+
+
+def apply_config_file(ctx: click.Context, _param, path: str | None) -> None:
+    """--config FILE: the file's values become this invocation's defaults (click's default_map), so the flags given
+    on the command line win and every value goes through the same click types and config.from_flags as a flag.
+    Runs first (an eager option); a bad file is one `error:` line and exit code 2."""
+    if path is None:
+        return
+    params = {option_key(p): p for p in ctx.command.params if p.name not in ("config_file", "help")}
+    try:
+        commands = ctx.parent.command.commands if ctx.parent else {ctx.command.name: ctx.command}
+        values = cfg.read_config_file(path, ctx.command.name, params, commands)
+    except PipelineError as exc:
+        _fail(f"error: {exc}", 2)
+    defaults = dict(ctx.default_map or {})
+    for key, value in values.items():
+        param = params[key]
+        if getattr(param, "multiple", False) and isinstance(value, str):
+            value = [value]  # `prompt: text` for a repeatable flag
+        try:
+            defaults[param.name] = param.type_cast_value(ctx, value)
+        except click.BadParameter as exc:
+            _fail(f"error: config file {path}: {key}: {exc.message}", 2)
+    ctx.default_map = defaults
+
+
+class ConfigFileCommand(click.Command):
+    """A stage command that also takes --config FILE (every command of `main` is one)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.insert(
+            0,
+            click.Option(
+                ["--config", "config_file"],
+                metavar="FILE",
+                is_eager=True,
+                expose_value=False,
+                callback=apply_config_file,
+                help="YAML or JSON file of options (keys: the flag names, e.g. max_steps), either plain or in a "
+                "section named after this command; flags given here win. Run folders save theirs as config.yaml",
+            ),
+        )
+
+
+class PipelineGroup(click.Group):
+    command_class = ConfigFileCommand
+
+
+def resolve_configs(command: str, args: list[str]) -> list:
+    """The config instances `command` would run with for these arguments (e.g. ["--config", FILE]), without running
+    it: what a config file resolves to, for checks and tests."""
+    cmd = main.commands[command]
+    with cmd.make_context(command, list(args), parent=click.Context(main, info_name="pipeline")) as ctx:
+        return [
+            cfg.from_flags(config_class, **{k: v for k, v in ctx.params.items() if k in cfg.flag_fields(config_class)})
+            for config_class in cmd.callback.config_classes
+        ]
 
 
 def _fail(line: str, code: int) -> None:
@@ -91,7 +159,7 @@ def run_stage(entry, *args, **kwargs):
         sys.exit(130)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
     """Offline knowledge distillation: run the teacher once, cache its sparse logits, train students from the cache.
 

@@ -4,7 +4,8 @@ Reports, per model: val perplexity, KL(teacher || model) exactly over the full v
 recomputed) and as the val cache's estimate (the estimator training uses), top-1 agreement with the
 teacher's argmax, parameters, size on disk and generation speed; text samples side by side; and the
 training curves of both runs.
-Writes report.json, report.md and curves.png in `--out-dir`.
+Writes report.json, report.md and curves.png in `--out-dir`, and rewrites both students' model cards (README.md)
+with the figures.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pipeline.export import read_export_report
 from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, read_json
 from pipeline.generate import continue_prompts, val_prompts
 from pipeline.machine import device_name
+from pipeline.modelcard import write_model_card
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.teacher import teacher_identity
-from pipeline.train import read_metrics
+from pipeline.train import STUDENT_RUNS, read_metrics
 
 # What two runs must share to be compared; each key is read from run_config.json.
 MUST_MATCH = {
@@ -165,6 +167,9 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         report["exports"] = exports
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_bytes(out_dir / "report.md", render_markdown(report).encode())
+    for label, run in report["runs"].items():
+        if run["resolved"]["kind"] in STUDENT_RUNS:
+            write_model_card(models[label], run, comparison=report, label=label)
     print(render_table(report))
     print(f"compare: wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {out_dir / 'curves.png'}")
     return report

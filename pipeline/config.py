@@ -18,6 +18,8 @@ Every `validate()` returns the list of problems (empty when all is well), each n
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 CACHE_MODES = ("sampled", "topk")
 MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 EXPORT_FORMATS = ("f16", "q8_0", "int8")  # GGUF f16, GGUF q8_0, int8 safetensors
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # Accelerate's trackers that --report-to offers
 
 
 def opt(default, help: str):
@@ -107,6 +110,87 @@ def to_flags(config) -> dict[str, Any]:
         value = getattr(config, f.name)
         values.update(to_flags(value) if is_section(f) else {f.name: value})
     return values
+
+
+# ---------------------------------------------------------------- config files (--config FILE)
+
+
+def _option_key(name: str) -> str:
+    """A config file key as the flag it stands for: `max-steps`, `--max-steps` and `max_steps` are `max_steps`."""
+    return name.strip().lstrip("-").replace("-", "_")
+
+
+def _closest(key: str, valid) -> str:
+    """`; did you mean 'X'?` for the valid key nearest to a misspelled one."""
+    match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def read_config_file(path: str | Path, command: str, options, commands) -> dict[str, Any]:
+    """The values a config file gives `command`: {option key (flag name with underscores): value as written}.
+
+    The file (JSON when it ends in .json, else YAML) is a mapping, either of the command's options or of sections
+    named by command (`data:`, `cache-logits:`, `distill:`, ...), each a mapping of that command's options; a command
+    reads its own section and ignores the others', so one file can drive a whole pipeline. `options` are the keys
+    the command takes, `commands` every command's name. An unknown key is an error naming the closest valid one;
+    null stands for the command's default."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"config file {path} does not exist; pass a YAML or JSON file with --config")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise PipelineError(f"config file {path} is not valid {kind}: {detail}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"config file {path} must hold a mapping of option: value, got a {type(data).__name__}")
+    sectioned = [key for key, value in data.items() if isinstance(value, dict)]
+    if sectioned:
+        if len(sectioned) != len(data):
+            flat = sorted(str(key) for key in data if key not in sectioned)
+            raise PipelineError(
+                f"config file {path} mixes sections ({', '.join(map(str, sectioned))}) with plain options "
+                f"({', '.join(flat)}); put every option under the section of its command"
+            )
+        for name in data:
+            if name not in commands:
+                raise PipelineError(
+                    f"config file {path}: {name!r} is not a command{_closest(str(name), commands)} (a section holds "
+                    "the options of the command it is named after)"
+                )
+        data, where = data.get(command, {}), f"{path} [{command}]"
+    else:
+        where = str(path)
+    values = {}
+    for key, value in data.items():
+        name = _option_key(str(key))
+        if name not in options:
+            raise PipelineError(
+                f"config file {where}: {command} has no option {key!r}{_closest(name, options)} "
+                f"(python -m pipeline {command} --help lists them)"
+            )
+        if value is not None:
+            values[name] = value
+    return values
+
+
+def config_file_text(command: str, values: dict[str, Any]) -> str:
+    """A config file that --config reads back: `command`'s options in a section named after it, with a header
+    saying how to rerun it (values with None, the command's default, are written as null)."""
+    import yaml
+
+    header = (
+        f"# The resolved options of `python -m pipeline {command}` that wrote this folder. Rerun it with\n"
+        f"#   python -m pipeline {command} --config THIS_FILE\n"
+        "# (flags given on the command line win over these values).\n"
+    )
+    return header + yaml.safe_dump({command: values}, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def _sections_validate(config) -> list[str]:
@@ -212,16 +296,36 @@ class Loss:
 
 @dataclass
 class Evaluation:
-    """When the run logs and evaluates on the val split."""
+    """When the run logs and evaluates on the val split, and which experiment trackers get the same figures."""
 
     eval_every: int = opt(50, "steps between validation evaluations")
     eval_rows: int = opt(64, "val rows used by each evaluation (0: all)")
     log_every: int = opt(10, "steps between log lines")
+    report_to: str = opt(
+        "none",
+        "experiment trackers that also get the metrics.jsonl figures (Accelerate's): none | all (every installed one) "
+        "| comma-separated tensorboard, wandb, mlflow, trackio",
+    )
+    tracker_project: str = opt(
+        "distill-pipeline", "project (experiment) name in the trackers; the run is named after --out-dir"
+    )
+
+    def tracker_names(self) -> list[str]:
+        """The trackers --report-to names ("all": every one of TRACKERS; "none": none)."""
+        names = [name.strip().lower() for name in self.report_to.split(",") if name.strip()]
+        if names == ["all"]:
+            return list(TRACKERS)
+        return [] if names == ["none"] else names
 
     def validate(self) -> list[str]:
         problems = _positive(self, "eval_every", "log_every")
         if self.eval_rows < 0:
             problems.append(f"--eval-rows must not be negative, got {self.eval_rows}")
+        unknown = [name for name in self.tracker_names() if name not in TRACKERS]
+        if unknown or not self.report_to.strip():
+            problems.append(f"--report-to must be none | all | some of {', '.join(TRACKERS)}, got {self.report_to!r}")
+        if not self.tracker_project.strip():
+            problems.append("--tracker-project must not be empty")
         return problems
 
 

@@ -30,9 +30,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.cache_format import id_dtype_for
-from pipeline.config import DataConfig, check
+from pipeline.config import DataConfig, check, config_file_text, to_flags
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, atomic_write_json, folder_lock, read_json, sha256_file
+from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, folder_lock, read_json, sha256_file
 from pipeline.models import load_tokenizer
 from pipeline.teacher import tokenizer_hash
 
@@ -483,6 +483,7 @@ def prepare_data(config: DataConfig) -> dict:
             "train_sha256": sha256_file(out_dir / "train.bin"),
             "val_sha256": sha256_file(out_dir / "val.bin"),
         }
+        atomic_write_bytes(out_dir / "config.yaml", config_file_text("data", to_flags(config)).encode())
         atomic_write_json(meta_path, meta)  # written last: its presence marks a complete data folder
     print(
         f"data: wrote {out_dir}: {n_docs} documents, {meta['train_tokens']} train / {meta['val_tokens']} val tokens "

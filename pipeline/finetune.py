@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline.batches import TokenRows
-from pipeline.config import FinetuneConfig, StudentConfig, check
+from pipeline.config import FinetuneConfig, StudentConfig, check, to_flags
 from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
@@ -63,6 +63,7 @@ def finetune_teacher(config: FinetuneConfig) -> Path:
         distill=False,
         run_kind=RUN_KIND,
         extra_inputs={"source_teacher_hash": source["teacher_hash"]},
+        saved_config=(RUN_KIND, to_flags(config)),
     )
 
     from accelerate import PartialState

@@ -70,3 +70,15 @@ def model_vocab_size(path: str | Path) -> int:
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def generation_config_for(model, tokenizer):
+    """The model's generation config with the tokenizer's special tokens, so that generate() stops at EOS and pads
+    with a known id (EOS when the tokenizer has no pad token) instead of warning; other settings are kept."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return config

@@ -10,8 +10,10 @@ on schedule), save the final student. `training_step` is the one step every call
 finetune-teacher and bench.
 
 Layout of a run folder (`--out-dir`): the final student as a Hugging Face folder (config.json,
-model.safetensors, tokenizer), `run_config.json` (resolved options + input hashes), `metrics.jsonl`,
-and `state/step_NNNNNN/` resume points (Accelerate state, written to a temp folder then renamed).
+model.safetensors, tokenizer, generation_config.json with the tokenizer's special tokens, and for students a
+README.md model card), `run_config.json` (resolved options + input hashes), `config.yaml` (every option, in the
+form `--config` reads back), `metrics.jsonl`, `logs/` (TensorBoard, with --report-to tensorboard) and
+`state/step_NNNNNN/` resume points (Accelerate state, written to a temp folder then renamed).
 """
 
 from __future__ import annotations
@@ -30,20 +32,45 @@ from tqdm.auto import tqdm
 
 from pipeline.batches import CacheRows, StepBatches, TokenRows, collate_rows
 from pipeline.cache_format import CacheReader, check_compatible, manifest_attrs, read_manifest, verify_cache
-from pipeline.config import Optimization, StudentConfig, TrainConfig, cache_mode_problems, check, to_flags
+from pipeline.config import (
+    Evaluation,
+    Optimization,
+    StudentConfig,
+    TrainConfig,
+    cache_mode_problems,
+    check,
+    config_file_text,
+    to_flags,
+)
 from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import atomic_write_json, folder_lock, read_json, writing
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json, writing
 from pipeline.losses import LossParts, StepLoss
 from pipeline.machine import fast_bf16
-from pipeline.models import count_parameters, load_tokenizer, model_vocab_size
+from pipeline.modelcard import write_model_card
+from pipeline.models import count_parameters, generation_config_for, load_tokenizer, model_vocab_size
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
 
 STATE_DIR = "state"
+TRACKER_DIR = "logs"  # --report-to tensorboard writes its event files under logs/<tracker project>/
 KEEP_STATES = 2
-VOLATILE_OPTIONS = ("resume", "num_workers", "out_dir")  # options that do not change what a run computes
+# options that do not change what a run computes
+VOLATILE_OPTIONS = ("resume", "num_workers", "out_dir", "report_to", "tracker_project")
+STUDENT_RUNS = ("distill", "baseline")  # the run kinds whose folder gets a model card
+# metrics.jsonl keys -> the names experiment trackers show them under
+TRACKER_NAMES = {
+    "ce": "train/hard_loss_ce",
+    "kd": "train/soft_loss_kd",
+    "total": "train/total_loss",
+    "lr": "train/learning_rate",
+    "tokens_per_s": "train/tokens_per_second",
+    "tokens_seen": "train/tokens_seen",
+    "val_ce": "val/cross_entropy",
+    "val_ppl": "val/perplexity",
+}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 # ---------------------------------------------------------------- the training step
@@ -194,6 +221,15 @@ def step_loss(config: TrainConfig, cache_attrs: dict | None) -> StepLoss:
     )
 
 
+def run_provenance(config: TrainConfig, meta: dict, cache_attrs: dict | None) -> dict:
+    """What the model card says a run learned from: the teacher, the corpus and (distill) the cache's targets."""
+    cache = None
+    if cache_attrs is not None:
+        cache = {key: cache_attrs.get(key) for key in ("mode", "k", "num_samples", "temperature")}
+    teacher_name = cache_attrs["teacher_name"] if cache_attrs else teacher_identity(config.teacher)["teacher_name"]
+    return {"teacher_name": str(teacher_name), "corpus_name": meta["corpus_name"], "cache": cache}
+
+
 # ---------------------------------------------------------------- the run folder: states and metrics
 
 
@@ -270,12 +306,67 @@ def start_or_resume(accelerator, out_dir: Path, resolved: dict, resume: bool, ru
     elif accelerator.is_main_process:
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out_dir / TRACKER_DIR, ignore_errors=True)  # the trackers' local logs go with the metrics
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(saved, resolved)
     if accelerator.is_main_process:
         run_config_path.unlink(missing_ok=True)  # an unfinished folder must never look finished (up to date)
         _truncate_metrics(out_dir / "metrics.jsonl", start_step)
     return start_step, tokens_seen
+
+
+# ---------------------------------------------------------------- experiment trackers (Accelerate's)
+
+
+def trackers_to_start(evaluation: Evaluation) -> list[str]:
+    """The Accelerate trackers of --report-to, each checked to be installed (Accelerate would skip a missing one
+    without a word); `all` is every installed one."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_trackio_available, is_wandb_available
+
+    installed = {
+        "tensorboard": is_tensorboard_available(),
+        "wandb": is_wandb_available(),
+        "mlflow": is_mlflow_available(),
+        "trackio": is_trackio_available(),
+    }
+    names = evaluation.tracker_names()
+    if evaluation.report_to.strip().lower() == "all":
+        names = [name for name in names if installed[name]]
+        if not names:
+            raise PipelineError(
+                "--report-to all found no tracker package installed; install one, e.g. pip install -e '.[tensorboard]'"
+            )
+        return names
+    missing = [name for name in names if not installed[name]]
+    if missing:
+        packages = " ".join(TRACKER_PACKAGES[name] for name in missing)
+        raise PipelineError(
+            f"--report-to {evaluation.report_to}: not installed: {packages}; install it with "
+            f"pip install -e '.[{','.join(missing)}]' (or pip install {packages}), or pass --report-to none"
+        )
+    return names
+
+
+def start_trackers(accelerator, config: TrainConfig, hyperparameters: dict, start_step: int) -> None:
+    """Start the run in each tracker (main process only; nothing without --report-to), with the run's resolved options
+    as its hyperparameters. The run is named after its folder; a resumed run hides the TensorBoard events the
+    interrupted one logged past its resume point (purge_step), as metrics.jsonl drops those records."""
+    run_name = Path(config.out_dir).name
+    accelerator.init_trackers(
+        config.eval.tracker_project,
+        config=hyperparameters,
+        init_kwargs={
+            "tensorboard": {"purge_step": start_step + 1} if start_step else {},
+            "wandb": {"name": run_name},
+            "mlflow": {"run_name": run_name},
+            "trackio": {"name": run_name},
+        },
+    )
+
+
+def tracker_scalars(record: dict) -> dict:
+    """A metrics.jsonl record under the trackers' names (the step goes as the step)."""
+    return {TRACKER_NAMES[key]: value for key, value in record.items() if key in TRACKER_NAMES}
 
 
 # ---------------------------------------------------------------- the loop
@@ -365,6 +456,7 @@ def run_loop(
                 record.update(validation_figures(accelerator, model, val_rows, config))
             if accelerator.is_main_process:
                 _append_metrics(out_dir / "metrics.jsonl", record)
+            accelerator.log(tracker_scalars(record), step=step)  # the same figures to --report-to (main process)
             progress.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("total", "ce", "kd", "val_ppl")})
             window = _Window()
         if step % config.checkpoint.save_every == 0 or is_last:
@@ -372,20 +464,38 @@ def run_loop(
     progress.close()
 
 
-def save_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, run_kind: str) -> None:
-    """The final student as a Hugging Face folder; run_config.json, written last, marks the folder finished."""
+def save_final(
+    accelerator,
+    model,
+    tokenizer,
+    out_dir: Path,
+    resolved: dict,
+    run_kind: str,
+    saved_config: tuple[str, dict],
+    provenance: dict,
+) -> None:
+    """The final student as a Hugging Face folder (generate() stops at the tokenizer's EOS), config.yaml (the
+    command's options, `saved_config` = (command, flag values)), and for students a model card;
+    run_config.json, written last, marks the folder finished."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)
+        final_model.generation_config = generation_config_for(final_model, tokenizer)
         with writing(out_dir):
             final_model.save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
+        atomic_write_bytes(out_dir / "config.yaml", config_file_text(*saved_config).encode())
         last = read_metrics(out_dir / "metrics.jsonl")
         final = last[-1] if last else {}
-        atomic_write_json(
-            out_dir / "run_config.json",
-            {"resolved": resolved, "parameters": count_parameters(final_model), "final": final},
-        )
+        run_config = {
+            "resolved": resolved,
+            "parameters": count_parameters(final_model),
+            "final": final,
+            "provenance": provenance,
+        }
+        if run_kind in STUDENT_RUNS:
+            write_model_card(out_dir, run_config)
+        atomic_write_json(out_dir / "run_config.json", run_config)
         accelerator.print(f"{run_kind}: wrote {out_dir} (val ppl {final.get('val_ppl', float('nan')):.2f})")
     accelerator.wait_for_everyone()
 
@@ -400,18 +510,21 @@ def train(
     *,
     run_kind: str | None = None,
     extra_inputs: dict | None = None,
+    saved_config: tuple[str, dict] | None = None,
 ) -> Path:
     """Train a student; returns the run folder. `distill=False` is the baseline (cache ignored).
 
     `run_kind` (default "distill" / "baseline") names the run in logs and run_config.json; `extra_inputs`
     adds hashes to the run's identity, so a change in them makes the folder stale (finetune.py: the source
-    teacher)."""
+    teacher); `saved_config` (command, flag values) is what config.yaml holds (default: this command's options)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     check(config, student_config)
     out_dir = Path(config.out_dir)
     run_kind = run_kind or ("distill" if distill else "baseline")
+    saved_config = saved_config or (run_kind, {**to_flags(config), **to_flags(student_config)})
+    trackers = trackers_to_start(config.eval)  # a missing tracker package is refused before any work
 
     # ---- inputs checked against each other and the options (manifest only: cheap, before any setup)
     meta = read_meta(config.data_dir)
@@ -425,6 +538,8 @@ def train(
         mixed_precision=resolve_mixed_precision(config.optim.mixed_precision),
         gradient_accumulation_steps=config.steps.grad_accum,
         cpu=not torch.cuda.is_available(),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / TRACKER_DIR)),
     )
     if distill:
         if accelerator.is_main_process:
@@ -491,8 +606,28 @@ def train(
             f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}"
         )
 
-        run_loop(
-            accelerator, model, optimizer, loader, loss_fn, val_rows, config, out_dir, start_step, tokens_seen, run_kind
+        start_trackers(
+            accelerator,
+            config,
+            {"run_kind": run_kind, **saved_config[1], "kd_temperature": loss_fn.temperature},
+            start_step,
         )
-        save_final(accelerator, model, tokenizer, out_dir, resolved, run_kind)
+        try:
+            run_loop(
+                accelerator,
+                model,
+                optimizer,
+                loader,
+                loss_fn,
+                val_rows,
+                config,
+                out_dir,
+                start_step,
+                tokens_seen,
+                run_kind,
+            )
+            provenance = run_provenance(config, meta, cache_attrs)
+            save_final(accelerator, model, tokenizer, out_dir, resolved, run_kind, saved_config, provenance)
+        finally:
+            accelerator.end_training()  # closes the trackers' runs, even after an error
     return out_dir

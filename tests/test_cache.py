@@ -442,7 +442,8 @@ def test_torchrun_two_processes_write_two_shards_equal_to_one_process(tmp_path, 
             a, b = multi.row(i), single.row(i)
             for name in ("tokens", "topk_ids", "topk_logprobs", "tail_logprob"):
                 np.testing.assert_array_equal(a[name], b[name], err_msg=f"{split} row {i} {name}")
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json"] + [e["file"] for e in manifest["shards"]])
+    expected = ["config.yaml", "manifest.json"] + [e["file"] for e in manifest["shards"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
 
 
 def test_shard_blocks_cover_every_part_once():

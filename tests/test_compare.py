@@ -182,6 +182,24 @@ def test_report_files_and_samples(runs):
     assert "val perplexity" in runs["stdout"] and "report.json" in runs["stdout"]
 
 
+def test_compare_writes_its_figures_into_both_students_model_cards(runs, tiny_teacher):
+    """compare rewrites each student's README.md with its exact KL and perplexity, the teacher's beside them."""
+    from huggingface_hub import ModelCard
+
+    models = runs["report"]["models"]
+    for label, folder, tags in (("distilled", "distill", {"distillation"}), ("baseline", "baseline", set())):
+        card = ModelCard.load(runs["root"] / folder / "README.md")
+        assert card.data.library_name == "transformers" and card.data.teacher == str(tiny_teacher)
+        assert ("distillation" in card.data.tags) == bool(tags)  # the CE-only baseline is not tagged as distilled
+        rows = {line.split("|")[1].strip(): line for line in card.text.splitlines() if line.startswith("| ")}
+        header = next(line for line in card.text.splitlines() if line.startswith("| | teacher"))
+        assert f"{label} (this model)" in header
+        cells = [c.strip() for c in rows["val perplexity"].split("|")[2:-1]]
+        assert cells == [f"{models[name]['val_ppl']:.2f}" for name in ("teacher", "distilled", "baseline")]
+        exact = [c.strip() for c in next(v for k, v in rows.items() if k.startswith("KL(teacher")).split("|")[2:-1]]
+        assert exact == [f"{models[name]['kl_exact']:.4f}" for name in ("teacher", "distilled", "baseline")]
+
+
 def edited_copy(run: Path, dest: Path, section: str, key: str, value) -> Path:
     """A copy of a finished run whose run_config.json claims another setting (as if trained with it)."""
     shutil.copytree(run, dest)

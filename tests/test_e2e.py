@@ -13,6 +13,8 @@ from conftest import run_cli
 SEQ_LEN, STEPS = 32, 8
 STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 RUN_FILES = {
+    "README.md",
+    "config.yaml",
     "config.json",
     "generation_config.json",
     "model.safetensors",
@@ -48,7 +50,7 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
         12000,
         check=True,
     )
-    assert names(data) == {"meta.json", "train.bin", "val.bin"}
+    assert names(data) == {"config.yaml", "meta.json", "train.bin", "val.bin"}
     meta = json.loads((data / "meta.json").read_text())
     token_counts = {split: np.fromfile(data / f"{split}.bin", dtype=meta["dtype"]).size for split in ("train", "val")}
     assert token_counts == {"train": meta["train_tokens"], "val": meta["val_tokens"]}
@@ -71,6 +73,7 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
         check=True,
     )
     assert names(cache) == {
+        "config.yaml",
         "manifest.json",
         "train-00000-of-00001.h5",
         "val-00000-of-00001.h5",

@@ -336,7 +336,9 @@ def test_data_killed_at_three_points_and_a_second_process_refused(tmp_path, tiny
     assert (out / "train.bin").exists() and not (out / "val.bin").exists() and not (out / "meta.json").exists()
 
     invoke_ok(*args)  # the same command once more: the stale lock is taken over, the temp file removed
-    assert file_hashes(out) == file_hashes(tiny_data)  # train.bin, val.bin and meta.json identical, nothing else
+    # train.bin, val.bin and meta.json identical, nothing else; config.yaml names each run's own --out-dir
+    hashes, reference = file_hashes(out), file_hashes(tiny_data)
+    assert hashes.pop("config.yaml") != reference.pop("config.yaml") and hashes == reference
 
 
 # ----------------------------------------------------------------------------- cache stage
@@ -416,6 +418,7 @@ def test_cache_rerun_after_faults_reuses_parts_and_equals_the_uninterrupted_run(
     assert shard_hashes(out) == shard_hashes(reference_cache)  # byte-identical shards
     assert read_manifest(out) == read_manifest(reference_cache)
     assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml",
         "manifest.json",
         "train-00000-of-00001.h5",
         "val-00000-of-00001.h5",

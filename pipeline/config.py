@@ -368,6 +368,8 @@ class DataConfig:
     max_tokens: int | None = opt(None, "cap on the total tokens kept (None: all)")
     downloads_dir: str = opt("data/downloads", "where downloaded archives are kept")
     text_column: str = opt("text", "for Hugging Face datasets")
+    streaming: bool = opt(False, "read a Hugging Face dataset as a stream (datasets' IterableDataset), not whole")
+    num_proc: int = opt(0, "threads of the fast tokenizer's batch encoding (0: every core)")
     encoding: str = opt("utf-8", "text encoding of local corpus files (e.g. latin-1)")
     shakespeare_subset: str = opt(
         "hamlet", "hamlet | hamlet-macbeth | tragedies (four plays) | all (every play and poem)"
@@ -379,6 +381,8 @@ class DataConfig:
             problems.append(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             problems.append(f"--max-tokens must be positive, got {self.max_tokens}")
+        if self.num_proc < 0:
+            problems.append(f"--num-proc must be 0 (every core) or positive, got {self.num_proc}")
         return problems
 
 

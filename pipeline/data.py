@@ -299,7 +299,7 @@ def _data_file_builder(path: Path) -> str | None:
 
 def _first_split(dataset):
     """The train split of a dataset dict (else its first split by name); a single split as it is."""
-    if hasattr(dataset, "keys") and not hasattr(dataset, "column_names") or isinstance(dataset, dict):
+    if isinstance(dataset, dict):  # DatasetDict, IterableDatasetDict
         return dataset["train"] if "train" in dataset else dataset[sorted(dataset)[0]]
     return dataset
 
@@ -527,11 +527,11 @@ def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None
         ids = iter(ids_future.result())
         for item in items:
             if isinstance(item, _DocumentEnd):
-                before = writer.train_tokens + writer.val_tokens
                 writer.end_document(item.has_text, eos)
-                progress.update(writer.train_tokens + writer.val_tokens - before)
             else:
-                writer.add(next(ids))
+                piece_ids = next(ids)
+                writer.add(piece_ids)
+                progress.update(len(piece_ids))  # tokens read (a capped or blank document keeps fewer)
 
     with ThreadPoolExecutor(max_workers=1) as encoder:
         pending = None  # (items, future) of the batch being encoded

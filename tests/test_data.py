@@ -544,14 +544,18 @@ def test_saved_dataset_and_jsonl_streamed_or_not_give_the_same_tokens(
 ):
     import datasets
 
-    saved = tmp_path / "saved"
-    datasets.Dataset.from_dict({"text": dataset_texts, "n": list(range(len(dataset_texts)))}).save_to_disk(saved)
+    saved, saved_dict = tmp_path / "saved", tmp_path / "saved-dict"
+    dataset = datasets.Dataset.from_dict({"text": dataset_texts, "n": list(range(len(dataset_texts)))})
+    dataset.save_to_disk(saved)
+    other = datasets.Dataset.from_dict({"text": ["not this split"], "n": [0]})
+    datasets.DatasetDict({"validation": other, "train": dataset}).save_to_disk(saved_dict)  # its train split is read
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(dataset_texts)))
     want_train, want_val = expected_splits(tiny_tokenizer, [t for t in dataset_texts if t.strip()], 0.1)
     runs = {
         "saved": (saved, []),
         "saved-streamed": (saved, ["--streaming"]),
+        "saved-dict-streamed": (saved_dict, ["--streaming"]),
         "jsonl-streamed": (jsonl, ["--streaming", "--text-column", "body"]),
     }
     for name, (corpus, flags) in runs.items():

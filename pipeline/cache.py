@@ -386,14 +386,13 @@ def build_cache(config: CacheConfig) -> dict:
             f"{', '.join(map(str, waiting))}; the last job to finish (or cache-logits --merge) writes the manifest"
         )
         return {}
-    try:
-        with folder_lock(out_dir, "a cache-logits merge"):
-            return merge_shards(config, attrs, num_jobs)
-    except PipelineError as exc:
-        if "is in use by" not in str(exc):
-            raise
-        print(f"cache: another job is merging ({exc})")
-        return {}
+    with contextlib.ExitStack() as merge_lock:
+        try:
+            merge_lock.enter_context(folder_lock(out_dir, "a cache-logits merge"))
+        except PipelineError as exc:  # another job finished at the same time and merges
+            print(f"cache: not merging: {exc}")
+            return {}
+        return merge_shards(config, attrs, num_jobs)
 
 
 def _manifest_matches(manifest: dict, attrs: dict, config: CacheConfig) -> bool:

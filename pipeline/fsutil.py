@@ -136,14 +136,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold `folder/.lock` (owner pid + host) for the block; refuse if a live process holds it.
+def folder_lock(folder: str | os.PathLike, what: str, name: str = ".lock") -> Iterator[None]:
+    """Hold `folder/name` (owner pid + host) for the block; refuse if a live process holds it.
 
-    A lock left by a dead process (kill -9) is stale and taken over.
+    A lock left by a dead process (kill -9) is stale and taken over. Work that may run side by side in one
+    folder (cache-logits shard jobs) takes locks of different names.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / ".lock"
+    lock_path = folder / name
     me = f"{os.getpid()} {socket.gethostname()}"
     for _ in range(2):
         try:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -199,7 +198,7 @@ def test_cache_attributes_identify_teacher_tokenizer_and_tokens(topk_cache, tiny
         assert {k: attrs[k] for k in expected} == expected
         assert attrs["tokens_sha256"] == meta[f"{split}_sha256"] == entry["tokens_sha256"]
         assert attrs["id_dtype"] == "uint16" and attrs["split"] == split
-    assert not (topk_cache / ".parts").exists() and not list(topk_cache.glob(".entry-*"))
+    assert not (topk_cache / ".parts").exists() and not list(topk_cache.glob("*.entry.json"))
     assert not (topk_cache / ".lock").exists()
     verify_cache(topk_cache)
 
@@ -458,16 +457,15 @@ def test_shard_blocks_cover_every_part_once():
 
 
 def test_split_with_fewer_parts_than_processes(tmp_path, topk_cache, tiny_data, tiny_teacher, teacher_model):
-    """Two ranks simulated in one process: val (68 rows) fits one part, so only rank 0 writes a val shard."""
+    """Two jobs run in one process: val (68 rows) fits one part, so only job 0 writes a val shard."""
     cfg = config(tiny_data, tiny_teacher, tmp_path, rows_per_part=100, max_rows=150)
     meta = read_meta(tiny_data)
     attrs = common_attrs(cfg, meta, teacher_identity(tiny_teacher), 384, "float32")
     runner = TeacherRunner(teacher_model, cfg, torch.device("cpu"))
     entries = []
     for rank in range(2):
-        state = SimpleNamespace(process_index=rank, num_processes=2, is_local_main_process=False)
         for split in ("train", "val"):
-            entry = _build_shard(runner, cfg, attrs, split, state)
+            entry = _build_shard(runner, cfg, attrs, split, rank, 2, show_progress=False)
             assert (entry is None) == (split == "val" and rank == 1)
             entries += [entry] if entry else []
     cache_format.write_manifest(tmp_path, attrs, entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 from pathlib import Path
@@ -164,13 +165,139 @@ def test_sampled_round_trip_pads_with_zero_counts(tmp_path):
             assert (got["sample_counts"][j, n:] == 0).all() and (got["sample_ids"][j, n:] == 0).all()
         assert (got["sample_counts"].sum(axis=1) == NUM_SAMPLES).all()
 
-    # row_offsets agree with num_distinct inside each shard file.
-    for entry in entries:
+    # each row's bytes are the spec's encoding of its entries (spec_pack_row below), at row_offsets
+    rows_by_shard = [want[:5], want[5:]]
+    for entry, shard_rows in zip(entries, rows_by_shard):
         with h5py.File(cache_dir / entry["file"], "r") as f:
-            offsets, num_distinct = f["row_offsets"][:], f["num_distinct"][:]
-            assert offsets[0] == 0 and offsets[-1] == f["sample_ids"].shape[0] == f["sample_counts"].shape[0]
-            np.testing.assert_array_equal(np.diff(offsets), num_distinct.sum(axis=1))
-            assert f.attrs["max_distinct"] == num_distinct.max()
+            assert "sample_ids" not in f and "num_distinct" not in f
+            offsets, packed_ids, packed_counts = f["row_offsets"][:], f["packed_ids"][:], f["packed_counts"][:]
+            assert f.attrs["max_distinct"] == max(len(ids) for row in shard_rows for ids, _ in row["positions"])
+        assert offsets.shape == (len(shard_rows) + 1, 2) and (offsets[0] == 0).all()
+        assert tuple(offsets[-1]) == (len(packed_ids), len(packed_counts))
+        for r, row in enumerate(shard_rows):
+            want_ids, want_counts = spec_pack_row(row["positions"])
+            assert packed_ids[offsets[r, 0] : offsets[r + 1, 0]].tobytes() == want_ids
+            assert packed_counts[offsets[r, 1] : offsets[r + 1, 1]].tobytes() == want_counts
+
+
+def spec_nibbles(value: int) -> list[int]:
+    """The format's varint of one value, written from its description: 3-bit groups, low first, the top bit of
+    every group but the last set."""
+    groups = [value & 7]
+    value >>= 3
+    while value:
+        groups.append(value & 7)
+        value >>= 3
+    return [g | (8 if i < len(groups) - 1 else 0) for i, g in enumerate(groups)]
+
+
+def spec_bytes(nibbles: list[int]) -> bytes:
+    """Two groups per byte, low nibble first; an odd count padded with a lone continuation group (8)."""
+    if len(nibbles) % 2:
+        nibbles = nibbles + [8]
+    return bytes(low | high << 4 for low, high in zip(nibbles[0::2], nibbles[1::2]))
+
+
+def spec_pack_row(positions) -> tuple[bytes, bytes]:
+    """One row's packed_ids and packed_counts bytes, entry by entry, as the module docstring describes them."""
+    id_nibbles, count_nibbles = [], []
+    for ids, counts in positions:
+        previous = 0
+        for i, (token, count) in enumerate(zip(ids.tolist(), counts.tolist())):
+            gap = token - previous if i else token
+            previous = token
+            id_nibbles += spec_nibbles(2 * gap + (count > 1))
+            if count > 1:
+                count_nibbles += spec_nibbles(count - 2)
+    return spec_bytes(id_nibbles), spec_bytes(count_nibbles)
+
+
+def test_varints_round_trip_every_size():
+    rng = np.random.default_rng(11)
+    values = np.concatenate(
+        [np.arange(70), rng.integers(0, 2**20, 500), rng.integers(0, 2**40, 200), [2**33 - 1, 2**33, 8, 64, 512]]
+    )
+    for chunk in (values[:1], values[:2], values[:3], values):
+        packed = cf.pack_varints(chunk)
+        assert packed.dtype == np.uint8
+        assert packed.tobytes() == spec_bytes([n for v in chunk.tolist() for n in spec_nibbles(v)])
+        np.testing.assert_array_equal(cf.unpack_varints(packed), chunk)
+    assert cf.unpack_varints(cf.pack_varints(np.zeros(0, np.int64))).shape == (0,)
+
+
+def test_sampled_packing_reads_back_the_unpacked_arrays_at_the_limits(tmp_path):
+    """Ids at both ends of a uint32 vocabulary, a position holding every draw once, a position with one id
+    drawn N times, N = 255: the reader returns exactly the arrays the parts held (format 1 stored them as is)."""
+    vocab, n, rows = 2**32, 255, 3
+    rng = np.random.default_rng(4)
+    ids, counts, num_distinct = [], [], np.zeros((rows, SEQ_LEN), np.int64)
+    for r in range(rows):
+        for j in range(SEQ_LEN):
+            kind = (r * SEQ_LEN + j) % 4
+            if kind == 0:  # all draws distinct, gaps of every size
+                distinct = np.unique(rng.integers(0, vocab, n, dtype=np.int64))
+                count = np.ones(len(distinct), np.int64)
+                count[0] += n - len(distinct)
+            elif kind == 1:  # one id drawn every time: the largest id
+                distinct, count = np.array([vocab - 1]), np.array([n])
+            else:
+                distinct, count = np.unique(rng.integers(0, 1000, n), return_counts=True)
+            ids.append(distinct)
+            counts.append(count)
+            num_distinct[r, j] = len(distinct)
+    part = {
+        "tokens": rng.integers(0, vocab, (rows, SEQ_LEN + 1), dtype=np.int64),
+        "sample_ids": np.concatenate(ids),
+        "sample_counts": np.concatenate(counts),
+        "num_distinct": num_distinct,
+        "teacher_entropy": rng.random((rows, SEQ_LEN)).astype(np.float32),
+    }
+    write_part(tmp_path / "p.npz", part)
+    attrs = base_attrs("sampled", vocab_size=vocab) | {"num_samples": n, "shard_index": 0, "num_shards": 1}
+    entry = assemble_shard(tmp_path / "c" / shard_name("train", 0, 1), attrs | {"row_start": 0}, [tmp_path / "p.npz"])
+    write_manifest(tmp_path / "c", attrs, [entry])
+    reader = CacheReader(tmp_path / "c", "train", verify=True)
+    assert reader.attrs["id_dtype"] == "uint32" and reader.max_distinct == num_distinct.max() == n
+    (want,) = [expected_rows([part], "sampled")]
+    for r in range(rows):
+        got = reader.row(r)
+        for j, (position_ids, position_counts) in enumerate(want[r]["positions"]):
+            k = len(position_ids)
+            np.testing.assert_array_equal(got["sample_ids"][j, :k], position_ids)
+            np.testing.assert_array_equal(got["sample_counts"][j, :k], position_counts)
+            assert not got["sample_counts"][j, k:].any() and not got["sample_ids"][j, k:].any()
+    old_layout_bytes = len(part["sample_ids"]) * 4 + len(part["sample_counts"]) + num_distinct.size
+    print(f"packed {entry['bytes']} bytes for arrays of {old_layout_bytes} bytes in format 1 (uint32 ids)")
+
+
+def test_unsorted_sample_ids_and_damaged_packed_rows_are_refused(tmp_path):
+    part = sampled_part(np.random.default_rng(12), 2)
+    first = int(part["num_distinct"][0, 0])
+    assert first > 1
+    part["sample_ids"][:first] = part["sample_ids"][:first][::-1].copy()  # position 0's ids descending
+    write_part(tmp_path / "p.npz", part)
+    attrs = base_attrs("sampled") | {"shard_index": 0, "num_shards": 1, "row_start": 0}
+    with pytest.raises(PipelineError, match="not distinct and ascending"):
+        assemble_shard(tmp_path / "c" / shard_name("train", 0, 1), dict(attrs), [tmp_path / "p.npz"])
+
+    cache_dir, _, entries = build_cache(tmp_path / "ok", "sampled")
+    shard = cache_dir / entries[0]["file"]
+    with h5py.File(shard, "r+") as f:
+        f["packed_counts"][0] = 0xFF  # continuation groups: a count runs into the next one
+    write_manifest(cache_dir, base_attrs("sampled"), [dict(entries[0], bytes=shard.stat().st_size), entries[1]])
+    reader = CacheReader(cache_dir, "train")
+    with pytest.raises(PipelineError, match=r"train-00000-of-00002\.h5 is truncated or corrupted \(row 0 does not"):
+        reader.row(0)
+
+
+def test_format_version_1_is_refused_with_the_rebuild_command(tmp_path):
+    cache_dir, _, _ = build_cache(tmp_path, "sampled")
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
+    with pytest.raises(
+        PipelineError, match=r"format_version 1, this code reads 2: delete it and rerun make cache-logits"
+    ):
+        CacheReader(cache_dir, "train")
 
 
 def test_reads_do_not_touch_h5py(tmp_path, monkeypatch):

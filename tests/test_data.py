@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import random
 import zipfile
 from pathlib import Path
@@ -16,9 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_tiny_teacher, run_cli, willows_text
+from text8 import write_text8
 
 from pipeline.config import DataConfig
-from pipeline.data import load_tokens, prepare_data, read_meta, split_pieces, stream_pieces, strip_gutenberg
+from pipeline.data import (
+    Corpus,
+    TokenSplitWriter,
+    load_tokens,
+    prepare_data,
+    read_meta,
+    split_pieces,
+    stream_pieces,
+    strip_gutenberg,
+    tokenize_corpus,
+)
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
 
@@ -401,3 +413,213 @@ def test_encoding_option_reads_latin1(tmp_path, tiny_teacher):
     from pipeline.data import strip_gutenberg
 
     assert tokenizer.decode(ids[:-1]) == strip_gutenberg(text)  # the decoded text, EOS excluded
+
+
+# ---------------------------------------------------------------- streaming: corpora of any size
+
+
+def documents_corpus(texts: list[str], piece_chars: int = 50) -> Corpus:
+    """A corpus of these documents, each cut in pieces of about piece_chars characters."""
+    return Corpus("docs", "test", lambda: ((f"doc{i}", split_pieces(t, piece_chars)) for i, t in enumerate(texts)))
+
+
+def write_splits(tmp_path: Path, corpus: Corpus, tokenizer, val_fraction: float, max_tokens=None, buffer_tokens=7):
+    with open(tmp_path / "train", "wb+") as train_file, open(tmp_path / "val", "wb") as val_file:
+        writer = TokenSplitWriter(train_file, val_file, np.dtype("uint16"), val_fraction, max_tokens, buffer_tokens)
+        tokenize_corpus(corpus, tokenizer, writer)
+    train, val = (np.fromfile(tmp_path / name, dtype=np.uint16).astype(np.int64) for name in ("train", "val"))
+    assert (writer.train_tokens, writer.val_tokens) == (len(train), len(val))
+    return train, val, writer.documents
+
+
+@pytest.mark.parametrize("buffer_tokens", [1, 7, 100_000])
+def test_documents_longer_than_the_buffer_are_split_like_in_memory(tmp_path, tiny_tokenizer, buffer_tokens):
+    """A document spilled to the train file (its val tail moved at its end) gives the bytes of splitting it
+    in memory; whitespace-only documents, spilled or not, leave nothing."""
+    texts = [
+        willows_text()[1_000:4_000],
+        "  \n\t\n   " * 40,  # whitespace only: skipped, even when longer than the buffer
+        "",
+        willows_text()[9_000:9_400],
+        "Rat.",
+        willows_text()[20_000:26_000],
+    ]
+    kept = [t for t in texts if t.strip()]
+    train, val, documents = write_splits(tmp_path, documents_corpus(texts), tiny_tokenizer, 0.1, None, buffer_tokens)
+    want_train, want_val = expected_splits(tiny_tokenizer, kept, 0.1)
+    np.testing.assert_array_equal(train, want_train)
+    np.testing.assert_array_equal(val, want_val)
+    assert documents == len(kept)
+
+
+@pytest.mark.parametrize("max_tokens", [50, 700, 701, 1_000, 10**6])
+def test_max_tokens_cuts_the_document_that_reaches_it_then_splits_it(tmp_path, tiny_tokenizer, max_tokens):
+    texts = [willows_text()[30_000:32_000], "   \n" * 30, willows_text()[40_000:43_000], willows_text()[50_000:51_000]]
+    train, val, documents = write_splits(tmp_path, documents_corpus(texts), tiny_tokenizer, 0.2, max_tokens)
+    want_train, want_val, total, want_documents = [], [], 0, 0  # the rule, document by document
+    for text in texts:
+        if not text.strip():
+            continue
+        ids = (encode(tiny_tokenizer, text) + [tiny_tokenizer.eos_token_id])[: max_tokens - total]
+        n_val = int(round(len(ids) * 0.2))
+        want_train += ids[: len(ids) - n_val]
+        want_val += ids[len(ids) - n_val :]
+        total += len(ids)
+        want_documents += 1
+        if total >= max_tokens:
+            break
+    np.testing.assert_array_equal(train, want_train)
+    np.testing.assert_array_equal(val, want_val)
+    assert documents == want_documents and len(train) + len(val) == min(total, max_tokens)
+
+
+def test_memory_does_not_grow_with_a_one_line_corpus(tmp_path, tiny_teacher, monkeypatch):
+    """Python and numpy allocations (tracemalloc) while a one-line text8-format file is read, tokenized and
+    written are the same for 1 MB and 4 MB, and far below the corpus's ids (small batches and buffer here; the
+    README measures the defaults on 100 MB)."""
+    import tracemalloc
+
+    from pipeline import data
+
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 1 << 15)
+    monkeypatch.setattr(data, "DOCUMENT_BUFFER_TOKENS", 1 << 12)
+    monkeypatch.setattr(data, "MOVE_BLOCK_BYTES", 1 << 16)
+    peaks = []
+
+    def measured(*args):
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        tokenize_corpus(*args)
+        peaks.append(tracemalloc.get_traced_memory()[1] - before)
+
+    monkeypatch.setattr(data, "tokenize_corpus", measured)
+    tracemalloc.start()
+    try:
+        for megabytes in (1, 4):
+            corpus = write_text8(tmp_path / f"{megabytes}" / "text8", megabytes * 1_000_000, seed=megabytes)
+            meta = build(corpus, tiny_teacher, tmp_path / f"data-{megabytes}")
+            tokens = meta["train_tokens"] + meta["val_tokens"]
+            print(f"{megabytes} MB: {tokens} tokens, peak {peaks[-1] / 1e6:.2f} MB while tokenizing")
+    finally:
+        tracemalloc.stop()
+    assert peaks[1] < 8 * tokens / 8  # an eighth of the corpus's ids as int64, which the stage used to hold
+    assert peaks[1] < 1.25 * peaks[0], peaks
+
+
+def test_text8_file_and_text8_zip_give_the_same_tokens_with_the_tail_held_out(tmp_path, tiny_teacher, tiny_tokenizer):
+    """The real text8.zip layout (one member named text8) and the bare file: one document, streamed."""
+    plain = write_text8(tmp_path / "plain" / "text8", 2_000_000, seed=3)
+    archive = write_text8(tmp_path / "text8.zip", 2_000_000, seed=3)
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.namelist() == ["text8"] and zf.read("text8") == plain.read_bytes()
+    line = plain.read_text(encoding="ascii")
+    assert (
+        line.startswith(" ")
+        and "\n" not in line
+        and "  " not in line
+        and set(line) <= set(" abcdefghijklmnopqrstuvwxyz")
+    )
+    metas = {name: build(path, tiny_teacher, tmp_path / name) for name, path in (("plain", plain), ("zip", archive))}
+    for split in ("train", "val"):
+        assert sha256_file(tmp_path / "plain" / f"{split}.bin") == sha256_file(tmp_path / "zip" / f"{split}.bin")
+    ids = np.concatenate([split_ids(tmp_path / "zip", "train"), split_ids(tmp_path / "zip", "val")])
+    val = split_ids(tmp_path / "zip", "val")
+    assert metas["zip"]["documents"] == 1 and len(val) == round(len(ids) * 0.05)
+    tail = encode(tiny_tokenizer, line[line.rindex(" ", 0, len(line) - 150_000) :]) + [tiny_tokenizer.eos_token_id]
+    np.testing.assert_array_equal(ids[-len(tail) :], tail)  # val is the end of the line, then EOS
+    np.testing.assert_array_equal(val, tail[-len(val) :])
+
+
+# ---------------------------------------------------------------- Hugging Face datasets, streamed
+
+
+@pytest.fixture(scope="module")
+def dataset_texts() -> list[str]:
+    text = willows_text()
+    return [text[i : i + 2_500 + 37 * (i % 7)] for i in range(0, 60_000, 3_000)] + ["", "   \n"]
+
+
+def test_saved_dataset_and_jsonl_streamed_or_not_give_the_same_tokens(
+    tmp_path, tiny_teacher, tiny_tokenizer, dataset_texts
+):
+    import datasets
+
+    saved, saved_dict = tmp_path / "saved", tmp_path / "saved-dict"
+    dataset = datasets.Dataset.from_dict({"text": dataset_texts, "n": list(range(len(dataset_texts)))})
+    dataset.save_to_disk(saved)
+    other = datasets.Dataset.from_dict({"text": ["not this split"], "n": [0]})
+    datasets.DatasetDict({"validation": other, "train": dataset}).save_to_disk(saved_dict)  # its train split is read
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(dataset_texts)))
+    want_train, want_val = expected_splits(tiny_tokenizer, [t for t in dataset_texts if t.strip()], 0.1)
+    runs = {
+        "saved": (saved, []),
+        "saved-streamed": (saved, ["--streaming"]),
+        "saved-dict-streamed": (saved_dict, ["--streaming"]),
+        "jsonl-streamed": (jsonl, ["--streaming", "--text-column", "body"]),
+    }
+    for name, (corpus, flags) in runs.items():
+        run_cli(
+            "data", "--corpus", corpus, "--tokenizer", tiny_teacher, "--out-dir", tmp_path / name,
+            "--val-fraction", "0.1", *flags, check=True,
+        )  # fmt: skip
+        np.testing.assert_array_equal(split_ids(tmp_path / name, "train"), want_train, err_msg=name)
+        np.testing.assert_array_equal(split_ids(tmp_path / name, "val"), want_val, err_msg=name)
+        assert read_meta(tmp_path / name)["documents"] == len(dataset_texts) - 2
+    # the same data with or without --streaming is the same corpus: the second is a no-op
+    assert read_meta(tmp_path / "saved")["inputs"] == read_meta(tmp_path / "saved-streamed")["inputs"]
+    assert read_meta(tmp_path / "jsonl-streamed")["inputs"]["corpus_sha256"].startswith(sha256_file(jsonl))
+
+
+def test_streamed_dataset_without_the_text_column_is_one_error_line(tmp_path, tiny_teacher, dataset_texts):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(dataset_texts)))
+    out = tmp_path / "out"
+    result = run_cli("data", "--corpus", jsonl, "--tokenizer", tiny_teacher, "--out-dir", out, "--streaming")
+    assert_error_line(result, "has no column 'text'", "columns: ['id', 'body']", "--text-column")
+    assert_nothing_written(out)
+    result = run_cli(
+        "data", "--corpus", jsonl, "--tokenizer", tiny_teacher, "--out-dir", out, "--streaming", "--text-column", "id"
+    )
+    assert_error_line(result, "column 'id'", "holds int values, not text", "--text-column")
+    assert_nothing_written(out)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_num_proc_gives_the_same_bytes_and_is_checked(tmp_path, tiny_teacher, tiny_data, tiny_corpus):
+    out = tmp_path / "one-thread"
+    run_cli(
+        "data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1",
+        "--num-proc", "1", check=True,
+    )  # fmt: skip
+    for split in ("train", "val"):
+        assert sha256_file(out / f"{split}.bin") == sha256_file(tiny_data / f"{split}.bin")
+    with pytest.raises(PipelineError, match="--num-proc must be 0 .every core. or positive, got -2"):
+        build(tiny_corpus, tiny_teacher, tmp_path / "bad", num_proc=-2)
+
+
+def test_text_files_above_the_limit_are_streamed_gz_by_its_uncompressed_size(tmp_path, tiny_teacher, monkeypatch):
+    """Files with more text than STREAMED_FILE_BYTES (lowered here) are never read whole: a .gz counts its
+    uncompressed size. Same tokens as the whole-file path for a text without a Gutenberg header; a damaged .gz
+    is one error line."""
+    from pipeline import data
+
+    text = willows_text()[60_000:80_000].strip() + "\n"
+    raw, packed = text.encode("utf-8"), gzip.compress(text.encode("utf-8"))
+    assert len(packed) < 10_000 < len(raw)
+    (tmp_path / "a.txt").write_bytes(raw)
+    (tmp_path / "a.txt.gz").write_bytes(packed)
+    whole = {name: build(tmp_path / name, tiny_teacher, tmp_path / f"whole-{name}") for name in ("a.txt", "a.txt.gz")}
+
+    monkeypatch.setattr(data, "STREAMED_FILE_BYTES", 10_000)
+    monkeypatch.setattr(data, "_read_text_file", lambda *a, **k: pytest.fail("a big file was read whole"))
+    for name in ("a.txt", "a.txt.gz"):
+        meta = build(tmp_path / name, tiny_teacher, tmp_path / f"streamed-{name}")
+        for split in ("train", "val"):
+            assert meta[f"{split}_sha256"] == whole[name][f"{split}_sha256"], (name, split)
+    monkeypatch.setattr(data, "STREAMED_FILE_BYTES", 0)  # whatever its trailer says
+    (tmp_path / "broken.txt.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(PipelineError, match=r"broken\.txt\.gz cannot be read \(EOFError.*valid \.txt\.gz") as info:
+        build(tmp_path / "broken.txt.gz", tiny_teacher, tmp_path / "broken")
+    assert "\n" not in str(info.value)
+    assert_nothing_written(tmp_path / "broken")

@@ -312,13 +312,13 @@ def reference_runs(tmp_path_factory, train_args) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- data stage
 
 
-def test_data_killed_at_three_points_and_a_second_process_refused(tmp_path, tiny_corpus, tiny_teacher, tiny_data):
+def test_data_killed_at_four_points_and_a_second_process_refused(tmp_path, tiny_corpus, tiny_teacher, tiny_data):
     out = tmp_path / "data"
     args = ["data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1"]
 
-    # 1. frozen before it writes a token file: a second data run on the folder is refused, naming the owner
+    # 1. frozen before it writes anything: a second data run on the folder is refused, naming the owner
     first = start_frozen(
-        *args, fault={"target": "pipeline.data:write_tokens", "call": 1, "when": "before"}, log=tmp_path / "log"
+        *args, fault={"target": "pipeline.data:load_tokenizer", "call": 1, "when": "before"}, log=tmp_path / "log"
     )
     try:
         line = refused(invoke(*args))
@@ -328,12 +328,16 @@ def test_data_killed_at_three_points_and_a_second_process_refused(tmp_path, tiny
     finally:
         sigkill(first)
     assert (out / ".lock").exists()  # the killed owner's lock: stale, the next run takes it over
-    # 2. killed mid-write: train.bin's temp file complete, not yet renamed into place
+    # 2. killed while tokenizing (the first ids arrived): both token files open under temp names, nothing else
+    killed(run(*args, fault={"target": "pipeline.data:TokenSplitWriter.add", "call": 1}))
+    assert sorted(p.name.split(".")[1] for p in out.glob(".*.tmp")) == ["train", "val"]
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+    # 3. killed with both temp files complete, before either is renamed into place
     killed(run(*args, fault={"target": "pipeline.fsutil:os.replace", "call": 1, "when": "before"}))
-    assert [p.name.split(".")[1] for p in out.glob(".*.tmp")] == ["train"] and not (out / "train.bin").exists()
-    # 3. killed after train.bin: no val.bin, no meta.json (written last, it marks a complete folder)
-    killed(run(*args, fault={"target": "pipeline.data:write_tokens", "call": 1}))
-    assert (out / "train.bin").exists() and not (out / "val.bin").exists() and not (out / "meta.json").exists()
+    assert not (out / "train.bin").exists() and not (out / "val.bin").exists()
+    # 4. killed after both token files are in place: no meta.json (written last, it marks a complete folder)
+    killed(run(*args, fault={"target": "pipeline.fsutil:os.replace", "call": 2}))
+    assert (out / "train.bin").exists() and (out / "val.bin").exists() and not (out / "meta.json").exists()
 
     invoke_ok(*args)  # the same command once more: the stale lock is taken over, the temp file removed
     # train.bin, val.bin and meta.json identical, nothing else; config.yaml names each run's own --out-dir

@@ -114,7 +114,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 install: $(VENV)/.installed  ## create .venv and install the package (TORCH_SPEC= to keep your own torch)
 
 teacher: $(BASE_TEACHER)/config.json  ## fetch the embedded teacher (or TEACHER_SOURCE) and save it as a Hugging Face folder
-$(BASE_TEACHER)/config.json: $(VENV)/.installed $(call stamp,checkpoints/.teacher-options,$(TEACHER_SOURCE))
+# The venv is an order-only prerequisite: it must exist, but reinstalling it does not make the teacher (and every
+# stage after it) stale.
+$(BASE_TEACHER)/config.json: $(call stamp,checkpoints/.teacher-options,$(TEACHER_SOURCE)) | $(VENV)/.installed
 	$(PY) -m pipeline teacher $(TEACHER_OPTS)
 
 data: $(DATA_DIR)/meta.json  ## tokenize CORPUS into data/NAME

@@ -37,6 +37,7 @@ from pipeline.config import CacheConfig, check, config_file_text, to_flags
 from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json, sha256_file
+from pipeline.machine import fast_bf16
 from pipeline.models import load_causal_lm
 from pipeline.teacher import teacher_identity
 
@@ -44,10 +45,16 @@ SPLITS = ("train", "val")
 
 
 def compute_dtype(dtype: str, device: torch.device) -> str:
-    """The dtype the teacher runs in: --dtype, with "auto" = bfloat16 on GPU, float32 elsewhere."""
+    """The dtype the teacher's weights and forward run in: --dtype, with "auto" = bfloat16 where the device multiplies
+    it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX: machine.fast_bf16), float32 elsewhere."""
     if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
+        return "bfloat16" if fast_bf16(device) else "float32"
     return dtype
+
+
+def load_teacher(config: CacheConfig, device: torch.device):
+    """The teacher of `config`, on `device`, with its weights in the compute dtype."""
+    return load_causal_lm(config.teacher, dtype=getattr(torch, compute_dtype(config.dtype, device))).to(device)
 
 
 def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: int, dtype: str) -> dict:
@@ -80,8 +87,9 @@ def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: in
 # figures"), and small extraction pieces keep the sampled mode's scratch small.
 HEAD_CHUNK = {"cpu": 1024, "cuda": 8192}
 EXTRACT_CHUNK = {"cpu": 256, "cuda": 8192}
-# TeacherRunner's kept buffers: head output, sampling scratch, a copy for a second mode
-LOGITS, SCRATCH, MODE_COPY = 0, 1, 2
+# TeacherRunner's kept buffers: float32 logits, sampling scratch, a copy for a second mode, the head's output at the
+# teacher's precision when that is not float32
+LOGITS, SCRATCH, MODE_COPY, HEAD_OUT = 0, 1, 2, 3
 
 
 def row_uniforms(row_seeds: list[int], seq_len: int, num_samples: int) -> torch.Tensor:
@@ -137,17 +145,24 @@ def sampled_targets(logits: torch.Tensor, num_samples: int, row_seeds: list[int]
 class TeacherRunner:
     """Runs the teacher on [B, L] token batches and turns its logits into the cache's sparse targets.
 
-    The output head runs chunk by chunk into one reused float32 buffer and each chunk is reduced to
-    its sparse targets at once, so the [B * L, V] logits never exist whole (on CPU that saves more than
-    the extraction costs). This needs logits == head(last hidden state); `fused_head` is checked once
-    against the model's own logits, and the stage falls back to the full logits when they differ."""
+    The teacher runs with its weights in the compute dtype (compute_dtype: bf16 where the hardware has it), the
+    output head included, as a plain forward at that precision does. The head runs chunk by chunk into one reused
+    buffer and each chunk is reduced to its sparse targets at once, so the [B * L, V] logits never exist whole (on
+    CPU that saves more than the extraction costs); the extraction (log-softmax, tail mass, sampling CDF) is float32
+    whatever the teacher's dtype, so the stored numbers are exact for the logits the teacher computed. This needs
+    logits == head(last hidden state); `fused_head` is checked once against the model's own logits, and the stage
+    falls back to the full logits when they differ."""
 
     def __init__(self, model, config: CacheConfig, device: torch.device, lap: Callable[[str], None] | None = None):
-        """`lap` (profiling, e.g. bench): called with "body" after the teacher body and "head_extract" after the
-        output head and the extraction of each batch."""
+        """`model` sits on `device` with its weights in the compute dtype (load_teacher). `lap` (profiling, e.g.
+        bench): called with "body" after the teacher body and "head_extract" after the output head and the
+        extraction of each batch."""
+        self.dtype = getattr(torch, compute_dtype(config.dtype, device))
+        if model.dtype != self.dtype:
+            raise ValueError(
+                f"the teacher's weights are {model.dtype}, the cache computes in {self.dtype}: load_teacher"
+            )
         self.model, self.config, self.device, self.lap = model, config, device, lap
-        dtype = compute_dtype(config.dtype, device)
-        self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
         self.head_chunk = HEAD_CHUNK.get(device.type, HEAD_CHUNK["cpu"])
         self.extract_chunk = EXTRACT_CHUNK.get(device.type, EXTRACT_CHUNK["cpu"])
         self.fused_head: bool | None = None  # decided on the first batch
@@ -157,19 +172,12 @@ class TeacherRunner:
         if self.lap is not None:
             self.lap(phase)
 
-    def autocast(self):
-        """The autocast context the teacher runs under (a no-op in float32)."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     @torch.inference_mode()
     def full_logits(self, input_ids: np.ndarray) -> torch.Tensor:
         """[B, L] ids -> the model's own [B, L, V] logits, as a plain forward at the runner's precision gives them
         (what the chunked path must match, and what bench times it against)."""
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
-        with self.autocast():
-            return self.model(input_ids=ids, use_cache=False).logits
+        return self.model(input_ids=ids, use_cache=False).logits
 
     def _head_matches(self, ids: torch.Tensor) -> bool:
         """Does the output head applied to the base model's last hidden state give the model's logits?"""
@@ -181,47 +189,43 @@ class TeacherRunner:
         hidden = self.model.base_model(input_ids=probe, use_cache=False).last_hidden_state
         return torch.allclose(head(hidden).float(), full, rtol=1e-3, atol=1e-3 * full.abs().max().item())
 
-    def _buffer(self, index: int, rows: int, vocab: int) -> torch.Tensor:
+    def _buffer(self, index: int, rows: int, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         while len(self._buffers) <= index:
             self._buffers.append(torch.empty(0, device=self.device))
-        if self._buffers[index].numel() < rows * vocab:
-            self._buffers[index] = torch.empty(rows * vocab, device=self.device)
+        if self._buffers[index].numel() < rows * vocab or self._buffers[index].dtype != dtype:
+            self._buffers[index] = torch.empty(rows * vocab, device=self.device, dtype=dtype)
         return self._buffers[index][: rows * vocab].view(rows, vocab)
 
     def logit_chunks(self, input_ids: np.ndarray):
         """[B, L] ids -> yields (first position, [n, V] float32 logits / temperature) over the B * L
         positions in order. Each chunk lives in a reused buffer: consume it before the next."""
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
-        with self.autocast():
-            if self.fused_head is None:
-                self.fused_head = self._head_matches(ids)
-            if self.fused_head:
-                head = self.model.get_output_embeddings()
-                states = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-            else:
-                states = self.model(input_ids=ids, use_cache=False).logits
-            states = states.reshape(-1, states.shape[-1])
-            self._lap("body")
-            vocab = head.out_features if self.fused_head else states.shape[-1]
-            for start in range(0, states.shape[0], self.head_chunk):
-                piece = states[start : start + self.head_chunk]
-                if not self.fused_head:  # the model's own logits: float32 ones are ours to overwrite
-                    logits = (
-                        piece if piece.dtype == torch.float32 else self._buffer(LOGITS, len(piece), vocab).copy_(piece)
-                    )
-                elif (
-                    self.autocast_dtype is None and piece.dtype == torch.float32 and head.weight.dtype == torch.float32
-                ):
-                    logits = torch.matmul(piece, head.weight.T, out=self._buffer(LOGITS, len(piece), vocab))
-                    if head.bias is not None:
-                        logits.add_(head.bias)
-                else:
-                    logits = self._buffer(LOGITS, len(piece), vocab).copy_(head(piece))
-                for offset in range(0, len(logits), self.extract_chunk):
-                    part = logits[offset : offset + self.extract_chunk]
-                    if self.config.temperature != 1.0:
-                        part.div_(self.config.temperature)
-                    yield start + offset, part
+        if self.fused_head is None:
+            self.fused_head = self._head_matches(ids)
+        if self.fused_head:
+            head = self.model.get_output_embeddings()
+            states = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        else:
+            states = self.model(input_ids=ids, use_cache=False).logits
+        states = states.reshape(-1, states.shape[-1])
+        self._lap("body")
+        vocab = head.out_features if self.fused_head else states.shape[-1]
+        for start in range(0, states.shape[0], self.head_chunk):
+            piece = states[start : start + self.head_chunk]
+            if not self.fused_head:  # the model's own logits: float32 ones are ours to overwrite
+                logits = piece if piece.dtype == torch.float32 else self._buffer(LOGITS, len(piece), vocab).copy_(piece)
+            else:  # the head at the teacher's precision, into a kept buffer (then float32 for the extraction)
+                out = self._buffer(HEAD_OUT if self.dtype != torch.float32 else LOGITS, len(piece), vocab, self.dtype)
+                logits = torch.matmul(piece, head.weight.T, out=out)
+                if head.bias is not None:
+                    logits.add_(head.bias)
+                if self.dtype != torch.float32:
+                    logits = self._buffer(LOGITS, len(piece), vocab).copy_(logits)
+            for offset in range(0, len(logits), self.extract_chunk):
+                part = logits[offset : offset + self.extract_chunk]
+                if self.config.temperature != 1.0:
+                    part.div_(self.config.temperature)
+                yield start + offset, part
 
     @torch.inference_mode()
     def targets_by_mode(
@@ -364,7 +368,7 @@ def build_cache(config: CacheConfig) -> dict:
         names, started = [], time.perf_counter()
         for split in SPLITS:
             if runner is None and not _job_split_done(config, attrs, split, job, num_jobs):
-                runner = TeacherRunner(load_causal_lm(config.teacher).to(state.device), config, state.device)
+                runner = TeacherRunner(load_teacher(config, state.device), config, state.device)
             entry = _build_shard(runner, config, attrs, split, job, num_jobs, state.is_local_main_process)
             names += [entry["file"]] if entry else []
         rows = sum(job_shard(config, split, job, num_jobs).get("rows", 0) for split in SPLITS)

@@ -31,6 +31,7 @@ DEFAULT_TEACHER_DIR = "checkpoints/teacher"
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 CACHE_MODES = ("sampled", "topk")
 MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPORT_FORMATS = ("f16", "q8_0", "int8")  # GGUF f16, GGUF q8_0, int8 safetensors
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # Accelerate's trackers that --report-to offers
 
@@ -402,7 +403,11 @@ class CacheConfig:
     rows_per_part: int = opt(16, "rows per resumable part (a killed run loses at most one part per process)")
     max_rows: int | None = opt(None, "cap rows per split (smoke runs)")
     seed: int = opt(0, "seed of the sampled mode (draws are reproducible)")
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    dtype: str = opt(
+        "auto",
+        "the teacher's weights and forward: auto (bf16 where the hardware has it natively) | float32 | bfloat16"
+        " | float16; the extraction is float32 either way",
+    )
     num_shards: int | None = opt(None, "split the work into N independent jobs (with --shard-index or --merge)")
     shard_index: int | None = opt(None, "compute only job I of --num-shards (0..N-1): its shards and entries")
     merge: bool = opt(False, "check the shards of every job against their entries and write manifest.json")
@@ -432,7 +437,7 @@ class CacheConfig:
             problems.append(f"--temperature must be positive, got {self.temperature}")
         if self.max_rows is not None and self.max_rows <= 0:
             problems.append(f"--max-rows must be positive, got {self.max_rows}")
-        return problems + _one_of("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        return problems + _one_of("dtype", self.dtype, TEACHER_DTYPES)
 
 
 @dataclass
@@ -631,6 +636,7 @@ class BenchConfig:
     steps: int = opt(10, "stage 2: timed rounds of a b c d steps (after one warm-up round; medians)")
     k: int = opt(64, "topk mode: ids per position")
     num_samples: int = opt(50, "sampled mode: draws per position")
+    dtype: str = opt("auto", "stage 1: the teacher's compute dtype, as cache-logits --dtype (auto: bf16 where native)")
     num_workers: int = opt(1, "data path: DataLoader workers")
     data_batches: int = opt(64, "data path: batches read per measurement")
     topk_cache: str | None = opt(
@@ -659,6 +665,7 @@ class BenchConfig:
             problems.append(f"--num-samples must be in 1..255, got {self.num_samples}")
         if self.num_workers < 0:
             problems.append(f"--num-workers must not be negative, got {self.num_workers}")
+        problems += _one_of("dtype", self.dtype, TEACHER_DTYPES)
         return problems + _sections_validate(self)
 
 

@@ -59,6 +59,8 @@ def cache_args(data_dir, teacher, out_dir, *extra) -> list:
         ROWS_PER_PART,
         "--batch-size",
         BATCH,
+        "--dtype",  # float32: these tests check the stored numbers against float64 references
+        "float32",
         *extra,
     ]
 
@@ -124,7 +126,7 @@ def count_teacher_rows(monkeypatch) -> list[int]:
 
 
 def config(data_dir, teacher, out_dir, **options) -> CacheConfig:
-    settings = dict(mode="topk", seq_len=SEQ_LEN, k=K, rows_per_part=ROWS_PER_PART, batch_size=BATCH)
+    settings = dict(mode="topk", seq_len=SEQ_LEN, k=K, rows_per_part=ROWS_PER_PART, batch_size=BATCH, dtype="float32")
     settings.update(options)
     return CacheConfig(data_dir=str(data_dir), teacher=str(teacher), out_dir=str(out_dir), **settings)
 
@@ -170,6 +172,45 @@ def test_topk_row_j_is_the_teacher_distribution_of_token_j_plus_1(topk_cache, ti
             )
             labels_in_top += int(in_top.sum())
     assert labels_in_top > 0, "the sharp tiny teacher should rank some labels in its top-K"
+
+
+def test_auto_dtype_is_bfloat16_exactly_where_the_hardware_multiplies_it_natively():
+    from pipeline.cache import compute_dtype
+    from pipeline.machine import cpu_features
+
+    cpu = torch.device("cpu")
+    native = bool({"avx512_bf16", "amx_bf16"} & set(cpu_features())) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert compute_dtype("auto", cpu) == ("bfloat16" if native else "float32")
+    assert compute_dtype("float32", cpu) == "float32" and compute_dtype("bfloat16", cpu) == "bfloat16"
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_a_bfloat16_cache_holds_the_bfloat16_teachers_own_distribution(mode, tmp_path, tiny_data, tiny_teacher):
+    """--dtype bfloat16: the teacher's weights, body and head in bf16 (what a plain bf16 forward computes), the
+    extraction in float32 on those logits: the stored numbers are exact for the bf16 teacher's logits."""
+    extra = ("--mode", mode, "--num-samples", NUM_SAMPLES) if mode == "sampled" else ()
+    run_cli(
+        *cache_args(tiny_data, tiny_teacher, tmp_path / "bf16", "--max-rows", 4, *extra, "--dtype", "bfloat16"),
+        check=True,
+    )
+    assert read_manifest(tmp_path / "bf16")["compute_dtype"] == "bfloat16"
+    model = load_causal_lm(tiny_teacher, dtype=torch.bfloat16)
+    reader = CacheReader(tmp_path / "bf16", "train")
+    for i in (0, 3):
+        row = reader.row(i)
+        dense = dense_logprobs(model, row["tokens"])  # float64 log-softmax of the bf16 model's own logits
+        if mode == "topk":
+            np.testing.assert_array_equal(row["topk_ids"], dense.float().topk(K, dim=-1).indices.numpy())
+            np.testing.assert_allclose(
+                row["topk_logprobs"], np.take_along_axis(dense.numpy(), row["topk_ids"], -1), rtol=1e-3, atol=1e-3
+            )
+            top_mass = np.exp(np.take_along_axis(dense.numpy(), row["topk_ids"], -1)).sum(-1)
+            np.testing.assert_allclose(row["tail_logprob"], np.log1p(-top_mass), rtol=1e-4, atol=1e-3)
+        else:
+            entropy = -(dense.exp() * dense).sum(-1).numpy()
+            np.testing.assert_allclose(row["teacher_entropy"], entropy, rtol=2e-3, atol=2e-3)  # float16 on disk
+            drawn = np.take_along_axis(dense.numpy(), row["sample_ids"], -1)[row["sample_counts"] > 0]
+            assert np.isfinite(drawn).all() and (drawn > -30).all()  # only ids the bf16 teacher gives mass
 
 
 def test_cache_attributes_identify_teacher_tokenizer_and_tokens(topk_cache, tiny_data, tiny_teacher):

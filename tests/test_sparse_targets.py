@@ -76,7 +76,14 @@ def teacher_model(tiny_teacher):
 
 def runner_targets(model, mode: str, rows: np.ndarray, chunk: int, fused: bool | None, temperature: float) -> dict:
     config = CacheConfig(
-        data_dir="unused", teacher="unused", out_dir="unused", mode=mode, k=8, num_samples=20, temperature=temperature
+        data_dir="unused",
+        teacher="unused",
+        out_dir="unused",
+        mode=mode,
+        k=8,
+        num_samples=20,
+        temperature=temperature,
+        dtype="float32",
     )
     runner = TeacherRunner(model, config, torch.device("cpu"))
     runner.head_chunk, runner.extract_chunk, runner.fused_head = chunk, max(1, chunk // 2), fused

@@ -4,7 +4,7 @@ teacher's tokenizer.
 
 What a student must share with the teacher is the tokenizer, not the embedding size: its output head needs a row
 for every token id (at least the tokenizer's length), and may have more (padding rows, as many checkpoints round
-their embeddings up). New students get exactly the tokenizer's rows."""
+their embeddings up). New students get the tokenizer's length rounded up to a multiple of ROW_MULTIPLE."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from pipeline.teacher import tokenizer_hash as hash_of_tokenizer
 
 # Per-layer settings of a config (one entry per decoder block) that a slice of the teacher's blocks must slice too.
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
+# New students' rows: the tokenizer's length rounded up to a multiple of this (faster steps; README, Benchmarks,
+# "Student rows"). The loss does not mask the extra rows: training pushes their logits down.
+ROW_MULTIPLE = 64
 NOT_SHARED = "this project distils between models that share one tokenizer (no cross-tokenizer distillation)"
 
 
@@ -28,6 +31,11 @@ def teacher_layer_indices(teacher_layers: int, student_layers: int) -> list[int]
         raise PipelineError(f"--n-layer {student_layers} is more than the teacher's {teacher_layers} blocks")
     stride = teacher_layers // student_layers
     return [i * stride for i in range(student_layers)]
+
+
+def student_rows(vocab_size: int) -> int:
+    """Rows of a new student's embedding and head for a tokenizer of vocab_size tokens."""
+    return -(-vocab_size // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def output_rows(model) -> int:
@@ -55,7 +63,7 @@ def decoder_blocks(model) -> str:
 
 def _teacher_layers(teacher_dir: str, n_layer: int, rows: int):
     """Every n-th block of the teacher, with its embeddings (token and position), final norm and head; the
-    embedding cut to `rows` (the tokenizer's ids) when the teacher's is padded past it."""
+    embedding cut to `rows` when the teacher's has more (a padded embedding)."""
     teacher = load_causal_lm(teacher_dir)
     keep = teacher_layer_indices(teacher.config.num_hidden_layers, n_layer)
     student_config = copy.deepcopy(teacher.config)
@@ -82,7 +90,7 @@ def _teacher_layers(teacher_dir: str, n_layer: int, rows: int):
 
 def _from_config_file(path: str, teacher_dir: str, rows: int):
     """A new model from a transformers config JSON (any causal LM: the "custom decoder" case). Keys it leaves out take
-    the tokenizer's rows (vocab_size) and the teacher's special token ids."""
+    `rows` (vocab_size) and the teacher's special token ids."""
     from transformers import AutoConfig
 
     student_config, given = config_from_json(path, f"--student-config {path}")
@@ -144,11 +152,11 @@ def build_student(
     if config.student:
         model = _pretrained(config.student, tokenizer_hash)
     elif config.student_config:
-        model = _from_config_file(config.student_config, teacher_dir, vocab_size)
+        model = _from_config_file(config.student_config, teacher_dir, student_rows(vocab_size))
     elif config.student_init == "teacher-layers":
-        model = _teacher_layers(teacher_dir, config.n_layer, vocab_size)
+        model = _teacher_layers(teacher_dir, config.n_layer, student_rows(vocab_size))
     else:
-        model = _new_llama(config, teacher_dir, vocab_size)
+        model = _new_llama(config, teacher_dir, student_rows(vocab_size))
     rows = output_rows(model)
     if rows < vocab_size:
         raise PipelineError(

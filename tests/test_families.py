@@ -28,7 +28,7 @@ from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
 from pipeline.data import read_meta
 from pipeline.models import load_causal_lm
-from pipeline.student import build_student, decoder_blocks, output_rows
+from pipeline.student import build_student, decoder_blocks, output_rows, student_rows
 
 SEQ_LEN, ROWS, K, NUM_SAMPLES = 32, 8, 8, 20
 STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
@@ -255,7 +255,7 @@ def test_family_runs_every_stage(family, mode, teachers, corpus, tmp_path):
 
     for run in ("distill", "baseline"):
         student = load_causal_lm(paths[run])
-        assert output_rows(student) == vocab  # the default student: exactly the tokenizer's rows
+        assert output_rows(student) == vocab  # the default student: the tokenizer's rows (multiples of 64 here)
         final = json.loads((paths[run] / "run_config.json").read_text())["final"]
         assert math.isfinite(final["val_ppl"])
     check_report(paths, teachers[family], vocab)
@@ -289,6 +289,17 @@ def test_teacher_layers_student_of_every_family(family, teachers):
     assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in kept)
     with torch.no_grad():
         assert not torch.allclose(one.eval()(tokens).logits, expected, atol=1e-3)
+
+
+def test_new_students_get_the_tokenizer_rows_rounded_up_to_64(teachers):
+    """A tokenizer of 385 tokens: a new student gets 448 rows; teacher-layers keeps a padded teacher's rows up to that
+    (400 here: it never adds random rows to a copied embedding)."""
+    assert [student_rows(v) for v in (384, 385, 50257, 128256, 151665)] == [384, 448, 50304, 128256, 151680]
+    small = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_kv_head": 2, "mlp_size": 32}
+    assert output_rows(build_student(StudentConfig(**small), str(teachers["gpt2"]), 385, 0)) == 448
+    layers = StudentConfig(student_init="teacher-layers", n_layer=1)
+    assert output_rows(build_student(layers, str(teachers["qwen2"]), 385, 0)) == 400
+    assert output_rows(build_student(layers, str(teachers["qwen2"]), 384, 0)) == 384
 
 
 def write_json(path: Path, values: dict) -> Path:

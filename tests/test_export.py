@@ -357,3 +357,28 @@ def test_gpt2_exports_reload_with_matching_log_likelihood(gpt2_exported, gpt2_st
     delta = (ex.next_token_logprobs(model, rows, EVAL_ROWS, 4) - reference).abs().mean().item()
     assert delta < TOLERANCE[label], delta
     assert gpt2_exported["variants"][label]["mean_abs_logprob_delta"] == pytest.approx(delta, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_int8_works_for_families_gguf_cannot_express(family, tiny_tokenizer, tmp_path):
+    """int8 (every nn.Linear) of a Qwen2 (biases, untied head) and a Gemma-2 (soft-capping, tied head): saved without
+    pickle, reloaded, log-probs close to the float model's."""
+    from transformers import Gemma2Config, Qwen2Config
+
+    from pipeline.models import new_causal_lm
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if family == "qwen2":
+        config = Qwen2Config(vocab_size=448, num_key_value_heads=2, tie_word_embeddings=False, **shape)
+    else:
+        config = Gemma2Config(vocab_size=384, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0, **shape)
+    config.initializer_range = 0.1
+    torch.manual_seed(0)
+    model = new_causal_lm(config, family).eval()
+    ex.save_int8(model, tiny_tokenizer, tmp_path / "int8")
+    reloaded = ex.load_int8(tmp_path / "int8")
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(tokens).logits.log_softmax(-1), reloaded(tokens).logits.log_softmax(-1)
+    assert type(reloaded) is type(model)
+    assert (got - want).abs().mean().item() < TOLERANCE["int8"]

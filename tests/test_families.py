@@ -252,6 +252,12 @@ def test_family_runs_every_stage(family, mode, teachers, corpus, tmp_path):
     assert CacheReader(paths["topk"], "train").attrs["id_dtype"] == id_dtype
     if family == "llama3":  # the random teacher's top ids reach past uint16
         assert CacheReader(paths["topk"], "train").row(0)["topk_ids"].max() >= 2**16
+    if family == "gemma2":  # the capped distribution, not head(last hidden state): those differ by far
+        teacher, row = load_causal_lm(teachers[family]), CacheReader(paths["topk"], "train").row(0)
+        with torch.no_grad():
+            hidden = teacher.base_model(torch.from_numpy(row["tokens"][None, :-1])).last_hidden_state
+            uncapped = torch.log_softmax(teacher.get_output_embeddings()(hidden)[0].double(), -1)
+        assert np.abs(uncapped.topk(K, -1).values.numpy() - row["topk_logprobs"]).max() > 1.0
 
     for run in ("distill", "baseline"):
         student = load_causal_lm(paths[run])

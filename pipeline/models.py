@@ -96,13 +96,19 @@ def new_causal_lm(config, what: str):
     """A randomly initialised float32 causal LM of a transformers config, or one error line when the config is not
     a causal language model's."""
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    try:
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except ValueError as exc:
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise PipelineError(
             f"{what} describes a {config.model_type} model, which is not a causal language model (transformers has no "
             "...ForCausalLM for it); write the config of a decoder (llama, gpt2, qwen2, gemma2, ...)"
+        )
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, TypeError, RuntimeError) as exc:  # inconsistent sizes, e.g. heads not dividing the width
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise PipelineError(
+            f"{what}: transformers cannot build this {config.model_type} model ({type(exc).__name__}: {first_line})"
         ) from exc
 
 

@@ -144,10 +144,16 @@ def _new_llama(config: StudentConfig, teacher_dir: str, rows: int):
 
 
 def build_student(
-    config: StudentConfig, teacher_dir: str, vocab_size: int, seed: int, tokenizer_hash: str | None = None
+    config: StudentConfig,
+    teacher_dir: str,
+    vocab_size: int,
+    seed: int,
+    tokenizer_hash: str | None = None,
+    seq_len: int | None = None,
 ):
     """The student in float32: its logits cover at least the tokenizer's `vocab_size` ids (the bound of every id in
-    the data and the cache). tokenizer_hash (the data's): a pretrained --student with another tokenizer is refused."""
+    the data and the cache). tokenizer_hash (the data's): a pretrained --student with another tokenizer is refused;
+    seq_len: a student whose context is shorter (GPT-2's learned positions end there) is refused."""
     torch.manual_seed(seed)
     if config.student:
         model = _pretrained(config.student, tokenizer_hash)
@@ -163,5 +169,11 @@ def build_student(
             f"the student's output head has {rows} rows, fewer than the tokenizer's {vocab_size} tokens, so it cannot "
             f"predict every token id; give it at least {vocab_size} rows (vocab_size) or pick a student sharing the "
             "teacher's tokenizer"
+        )
+    context = getattr(model.config, "max_position_embeddings", None)
+    if seq_len and context and seq_len > context:
+        raise PipelineError(
+            f"--seq-len {seq_len} is longer than the student's context ({context} positions); lower SEQ_LEN or give "
+            "the student more positions (max_position_embeddings / n_positions)"
         )
     return model.float()

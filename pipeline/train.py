@@ -464,7 +464,9 @@ def train(
         # ---- seed, model, optimizer; then resume or start fresh
         set_seed(config.steps.seed)
         tokenizer = load_tokenizer(config.teacher)
-        model = build_student(student_config, config.teacher, vocab_size, config.steps.seed, meta["tokenizer_hash"])
+        model = build_student(
+            student_config, config.teacher, vocab_size, config.steps.seed, meta["tokenizer_hash"], config.seq_len
+        )
         optimizer = make_optimizer(model, config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_save_state_pre_hook(save_tied_weights_once)

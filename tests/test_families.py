@@ -357,7 +357,14 @@ def test_student_config_file_builds_a_gpt2_student_of_a_llama_teacher(llama_runs
         distill(llama_runs, tmp_path / "t5", "--student-config", not_causal)
     )
     no_type = write_json(tmp_path / "bare.json", {"hidden_size": 16})
+    odd = write_json(tmp_path / "odd.json", {"model_type": "gpt2", "n_embd": 16, "n_head": 12})  # 16 / 12 heads
+    assert "cannot build this gpt2 model" in one_error(distill(llama_runs, tmp_path / "odd", "--student-config", odd))
     assert "no model_type" in one_error(distill(llama_runs, tmp_path / "bare", "--student-config", no_type))
+    short = write_json(
+        tmp_path / "short.json", {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 16}
+    )
+    line = one_error(distill(llama_runs, tmp_path / "short", "--student-config", short))
+    assert f"--seq-len {SEQ_LEN} is longer than the student's context (16 positions)" in line
     both = one_error(
         distill(llama_runs, tmp_path / "both", "--student-config", config, "--student-init", "teacher-layers")
     )

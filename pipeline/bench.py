@@ -57,7 +57,14 @@ from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json
 from pipeline.losses import LossParts, StepLoss, dense_kd_loss
 from pipeline.machine import cpu_model
-from pipeline.models import config_from_json, count_parameters, load_causal_lm, model_vocab_size, new_causal_lm
+from pipeline.models import (
+    config_from_json,
+    count_parameters,
+    load_causal_lm,
+    logit_width,
+    model_vocab_size,
+    new_causal_lm,
+)
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
 from pipeline.train import make_optimizer, resolve_mixed_precision, training_step
@@ -960,7 +967,7 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     _log(f"device {device}, batch {batch_size} x {config.seq_len}, mixed precision {accelerator.mixed_precision}")
     if config.teacher_shape:
         teacher = shaped_teacher(config.teacher_shape, device)
-        teacher_vocab = vocab = int(teacher.get_output_embeddings().weight.shape[0])
+        teacher_vocab = vocab = logit_width(teacher)
         identity = {"teacher_name": f"random {config.teacher_shape}", "teacher_hash": "", "tokenizer_hash": ""}
         if meta["vocab_size"] > vocab:
             raise PipelineError(

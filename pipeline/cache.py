@@ -36,7 +36,7 @@ from pipeline.config import CacheConfig, check
 from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json
-from pipeline.models import load_causal_lm
+from pipeline.models import load_causal_lm, logit_width
 from pipeline.teacher import teacher_identity
 
 SPLITS = ("train", "val")
@@ -95,12 +95,6 @@ HEAD_CHUNK = {"cpu": 1024, "cuda": 8192}
 EXTRACT_CHUNK = {"cpu": 256, "cuda": 8192}
 # TeacherRunner's kept buffers: head output, sampling scratch, a copy for a second mode
 LOGITS, SCRATCH, MODE_COPY = 0, 1, 2
-
-
-def logit_width(model) -> int:
-    """Columns of the model's logits: the rows of its output head (its config's vocab_size when it has none)."""
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def row_uniforms(row_seeds: list[int], seq_len: int, num_samples: int) -> torch.Tensor:

@@ -112,6 +112,12 @@ def new_causal_lm(config, what: str):
         ) from exc
 
 
+def logit_width(model) -> int:
+    """Columns of the model's logits: the rows of its output head (its config's vocab_size when it has none)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

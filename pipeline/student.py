@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import StudentConfig
 from pipeline.errors import PipelineError
-from pipeline.models import config_from_json, load_causal_lm, new_causal_lm
+from pipeline.models import config_from_json, load_causal_lm, logit_width, new_causal_lm
 from pipeline.teacher import tokenizer_hash as hash_of_tokenizer
 
 # Per-layer settings of a config (one entry per decoder block) that a slice of the teacher's blocks must slice too.
@@ -36,12 +36,6 @@ def teacher_layer_indices(teacher_layers: int, student_layers: int) -> list[int]
 def student_rows(vocab_size: int) -> int:
     """Rows of a new student's embedding and head for a tokenizer of vocab_size tokens."""
     return -(-vocab_size // ROW_MULTIPLE) * ROW_MULTIPLE
-
-
-def output_rows(model) -> int:
-    """Rows of the model's output head: the width of its logits."""
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def decoder_blocks(model) -> str:
@@ -83,7 +77,7 @@ def _teacher_layers(teacher_dir: str, n_layer: int, rows: int):
                 source = f"{teacher_blocks}{keep[int(index)]}.{rest}"
             value.copy_(teacher_state[source])
     del teacher
-    if output_rows(model) > rows:
+    if logit_width(model) > rows:
         model.resize_token_embeddings(rows, mean_resizing=False)  # keeps the first rows (tied or not)
     return model
 
@@ -163,7 +157,7 @@ def build_student(
         model = _teacher_layers(teacher_dir, config.n_layer, student_rows(vocab_size))
     else:
         model = _new_llama(config, teacher_dir, student_rows(vocab_size))
-    rows = output_rows(model)
+    rows = logit_width(model)
     if rows < vocab_size:
         raise PipelineError(
             f"the student's output head has {rows} rows, fewer than the tokenizer's {vocab_size} tokens, so it cannot "

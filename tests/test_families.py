@@ -27,8 +27,8 @@ from conftest import invoke_cli, willows_text
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
 from pipeline.data import read_meta
-from pipeline.models import load_causal_lm
-from pipeline.student import build_student, decoder_blocks, output_rows, student_rows
+from pipeline.models import load_causal_lm, logit_width
+from pipeline.student import build_student, decoder_blocks, student_rows
 
 SEQ_LEN, ROWS, K, NUM_SAMPLES = 32, 8, 8, 20
 STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
@@ -198,7 +198,7 @@ def check_cached_targets(paths: dict, teacher_dir: Path, vocab: int) -> None:
     the tail); the sampled rows hold ids of the tokenizer only and the entropy of the distribution renormalised over
     them."""
     teacher = load_causal_lm(teacher_dir)
-    width = output_rows(teacher)
+    width = logit_width(teacher)
     topk, sampled = CacheReader(paths["topk"], "train"), CacheReader(paths["sampled"], "train")
     for reader in (topk, sampled):
         assert reader.vocab_size == vocab
@@ -261,7 +261,7 @@ def test_family_runs_every_stage(family, mode, teachers, corpus, tmp_path):
 
     for run in ("distill", "baseline"):
         student = load_causal_lm(paths[run])
-        assert output_rows(student) == vocab  # the default student: the tokenizer's rows (multiples of 64 here)
+        assert logit_width(student) == vocab  # the default student: the tokenizer's rows (multiples of 64 here)
         final = json.loads((paths[run] / "run_config.json").read_text())["final"]
         assert math.isfinite(final["val_ppl"])
     check_report(paths, teachers[family], vocab)
@@ -283,7 +283,7 @@ def test_teacher_layers_student_of_every_family(family, teachers):
     teacher = load_causal_lm(teachers[family])
     vocab = LLAMA3_VOCAB if family == "llama3" else 384
     whole = build_student(StudentConfig(student_init="teacher-layers", n_layer=2), str(teachers[family]), vocab, 0)
-    assert type(whole) is type(teacher) and output_rows(whole) == vocab
+    assert type(whole) is type(teacher) and logit_width(whole) == vocab
     tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = teacher(tokens).logits[..., :vocab]
@@ -302,10 +302,10 @@ def test_new_students_get_the_tokenizer_rows_rounded_up_to_64(teachers):
     (400 here: it never adds random rows to a copied embedding)."""
     assert [student_rows(v) for v in (384, 385, 50257, 128256, 151665)] == [384, 448, 50304, 128256, 151680]
     small = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_kv_head": 2, "mlp_size": 32}
-    assert output_rows(build_student(StudentConfig(**small), str(teachers["gpt2"]), 385, 0)) == 448
+    assert logit_width(build_student(StudentConfig(**small), str(teachers["gpt2"]), 385, 0)) == 448
     layers = StudentConfig(student_init="teacher-layers", n_layer=1)
-    assert output_rows(build_student(layers, str(teachers["qwen2"]), 385, 0)) == 400
-    assert output_rows(build_student(layers, str(teachers["qwen2"]), 384, 0)) == 384
+    assert logit_width(build_student(layers, str(teachers["qwen2"]), 385, 0)) == 400
+    assert logit_width(build_student(layers, str(teachers["qwen2"]), 384, 0)) == 384
 
 
 def write_json(path: Path, values: dict) -> Path:
@@ -347,7 +347,7 @@ def test_student_config_file_builds_a_gpt2_student_of_a_llama_teacher(llama_runs
     result = distill(llama_runs, tmp_path / "gpt2-student", "--student-config", config)
     assert result.exit_code == 0, result.output[-2000:]
     student = load_causal_lm(tmp_path / "gpt2-student")
-    assert type(student).__name__ == "GPT2LMHeadModel" and output_rows(student) == 384
+    assert type(student).__name__ == "GPT2LMHeadModel" and logit_width(student) == 384
     assert student.config.eos_token_id == load_causal_lm(llama_runs["teacher"]).config.eos_token_id
     records = [json.loads(line) for line in (tmp_path / "gpt2-student" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kd"] > 0 and math.isfinite(records[-1]["val_ppl"])
@@ -396,7 +396,7 @@ def test_pretrained_students_padded_otherwise_train_and_too_small_or_foreign_are
     padded = save_llama(tmp_path / "padded", 448, tiny_tokenizer)
     result = distill(llama_runs, tmp_path / "padded-run", "--student", padded)
     assert result.exit_code == 0, result.output[-2000:]
-    assert output_rows(load_causal_lm(tmp_path / "padded-run")) == 448
+    assert logit_width(load_causal_lm(tmp_path / "padded-run")) == 448
 
     small = save_llama(tmp_path / "small", 300)
     line = one_error(distill(llama_runs, tmp_path / "small-run", "--student", small))

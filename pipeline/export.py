@@ -169,9 +169,16 @@ def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+# Llama-3's pre-tokenizer split (its tokenizer.json), which llama.cpp calls "llama-bpe"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def gguf_pre_tokenizer(backend: dict) -> str:
-    """llama.cpp's tokenizer.ggml.pre for the HF pre-tokenizer: plain byte-level (GPT-2 regex) or SmolLM's digits +
-    byte-level."""
+    """llama.cpp's tokenizer.ggml.pre for the HF pre-tokenizer: plain byte-level (GPT-2 regex), SmolLM's digits +
+    byte-level, or Llama-3's split + byte-level ("llama-bpe")."""
     pre = backend.get("pre_tokenizer") or {}
 
     def gpt2_split(part: dict) -> bool:
@@ -189,9 +196,20 @@ def gguf_pre_tokenizer(backend: dict) -> str:
         and gpt2_split(parts[1])
     ):
         return "smollm"
+    if (
+        len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+        and parts[0].get("behavior") == "Isolated"
+        and not parts[0].get("invert", False)
+        and parts[1].get("type") == "ByteLevel"
+        and not parts[1].get("use_regex", True)
+        and not parts[1].get("add_prefix_space", False)
+    ):
+        return "llama-bpe"
     raise PipelineError(
         "the GGUF writer supports byte-level BPE tokenizers with the GPT-2 split (optionally single digits first, no "
-        "prefix space); "
+        "prefix space) or Llama-3's split; "
         f"this tokenizer's pre-tokenizer is {json.dumps(pre)[:120]}; export with --formats int8"
     )
 

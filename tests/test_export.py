@@ -382,3 +382,43 @@ def test_int8_works_for_families_gguf_cannot_express(family, tiny_tokenizer, tmp
         want, got = model(tokens).logits.log_softmax(-1), reloaded(tokens).logits.log_softmax(-1)
     assert type(reloaded) is type(model)
     assert (got - want).abs().mean().item() < TOLERANCE["int8"]
+
+
+def test_a_llama3_style_tokenizer_exports_as_llama_bpe_and_round_trips(student, tiny_tokenizer, tmp_path):
+    """A student on a byte-level BPE trained with Llama-3's pre-tokenizer (its split regex, then byte-level without
+    a regex): the GGUF says llama.cpp's "llama-bpe", and transformers' GGUF reader tokenizes like the original, which
+    differs from the GPT-2 split on this text (so a wrong pre-tokenizer name would show)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    def llama3_split():
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(ex.LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer, backend.decoder = llama3_split(), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(tiny_tokenizer),
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([willows_text()], trainer=trainer)
+    specials = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    folder = tmp_path / "llama3-student"
+    shutil.copytree(student, folder, ignore=shutil.ignore_patterns("export", "tokenizer*"))
+    tokenizer.save_pretrained(folder)
+    export_model(ExportConfig(model=str(folder), formats="f16", measure=False))
+    meta, _ = fields(folder / "export" / "model-f16.gguf")
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe"
+    loaded = AutoTokenizer.from_pretrained(folder / "export", gguf_file="model-f16.gguf")
+    text = willows_text()[95_000:97_000] + "\n\n 1234567 IT'S naive.\r\n\r\n Toad's 42 <|endoftext|>"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    gpt2_split = Tokenizer.from_str(backend.to_str())
+    gpt2_split.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert gpt2_split.encode(text).ids != tokenizer(text)["input_ids"]

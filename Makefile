@@ -163,8 +163,10 @@ lint: $(VENV)/.installed  ## check formatting and lint rules (ruff; settings in 
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
+# TEACHER_SHAPE=llama-3.2-1b (or a config .json): stage 1 alone, with a random teacher of that shape built in memory
+TEACHER_SHAPE ?=
 bench: $(TEACHER_DEP) $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
-	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(BENCH_ARGS)$(CONFIG_ARG)
+	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(if $(TEACHER_SHAPE),--teacher-shape $(TEACHER_SHAPE)) $(BENCH_ARGS)$(CONFIG_ARG)
 
 clean:  ## remove generated data, caches and checkpoints (keeps downloads and the teacher)
 	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR) $(TEACHER_FT_DIR) $(SWEEP_DIR)

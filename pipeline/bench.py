@@ -21,6 +21,10 @@ Sections (bench.json keys; bench.md and the terminal get the same tables):
 
 The stage 1 passes write real parts; they are assembled into small topk and sampled caches in
 `out_dir/cache-topk` and `out_dir/cache-sampled`, which stages 2-3 read (or --topk-cache / --sampled-cache).
+
+--teacher-shape NAME|FILE.json runs stage 1 alone with a randomly initialised teacher of that shape, built in memory
+(e.g. llama-3.2-1b: speed and memory do not depend on the weights), on the data's token rows; its ids are bounded by
+its own head's width, as if its tokenizer had that many tokens.
 """
 
 from __future__ import annotations
@@ -54,7 +58,14 @@ from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json
 from pipeline.losses import LossParts, StepLoss, dense_kd_loss
 from pipeline.machine import cpu_features, cpu_model
-from pipeline.models import count_parameters, load_causal_lm, model_vocab_size
+from pipeline.models import (
+    config_from_json,
+    count_parameters,
+    load_causal_lm,
+    logit_width,
+    model_vocab_size,
+    new_causal_lm,
+)
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
 from pipeline.train import make_optimizer, resolve_mixed_precision, training_step
@@ -75,6 +86,33 @@ TOKENS_PER_GPU_BATCH = 32768  # --batch-size auto on a GPU: rows = this // seq_l
 CPU_AUTO_BATCH = 2
 TARGET_CACHE_RATIO = 0.95  # cache-logits tokens/s over plain forward tokens/s
 TARGET_STEP_RATIO = 1.05  # offline KD step time over CE step time
+
+# --teacher-shape: config.json values of public checkpoints, for a randomly initialised teacher of the same shape
+TEACHER_SHAPES = {
+    "llama-3.2-1b": {  # meta-llama/Llama-3.2-1B
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "tie_word_embeddings": True,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    },
+}
 
 STEP_VARIANTS = {  # key: (label, cache mode read, topk renormalised, teacher inside the step)
     "ce": ("(a) CE only", None, False, False),
@@ -364,11 +402,11 @@ def _part_paths(work_dir: Path, mode: str, split: str, first_batch: int, count: 
     return [work_dir / "parts" / mode / split / f"part-{i:06d}.npz" for i in range(first_batch, first_batch + count)]
 
 
-def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: Path) -> tuple[dict, dict]:
+def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: Path, vocab: int) -> tuple[dict, dict]:
     """Interleaved passes over the same batches: the plain forward in float32 and at the cache's compute dtype (when
-    that is another), then cache-logits in each mode. The cache passes are measured against the faster forward.
-    `teacher` (float32) stays float32: the cache's runners hold their own copy at the compute dtype.
-    Returns (section, runners)."""
+    that is another), then cache-logits in each mode, measured against the faster forward; then one more pass of
+    each for its peak memory. `teacher` (float32) stays float32: the cache's runners hold their own copy at the
+    compute dtype. vocab: the tokenizer's length (the bound of the stored ids). Returns (section, runners)."""
     rows = config.batches * batch_size
     batches = _split_batches(config, "train", 0, rows, batch_size)
     laps = Laps(device)
@@ -376,7 +414,11 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
     cache_teacher = teacher if dtype == "float32" else copy.deepcopy(teacher).to(getattr(torch, dtype))
     runners = {
         mode: TeacherRunner(
-            cache_teacher, _cache_config(config, mode, batch_size, rows, work_dir), device, lap=laps.lap
+            cache_teacher,
+            _cache_config(config, mode, batch_size, rows, work_dir),
+            device,
+            lap=laps.lap,
+            vocab_size=vocab,
         )
         for mode in ("topk", "sampled")
     }
@@ -435,6 +477,16 @@ def run_stage1(config: BenchConfig, teacher, device, batch_size: int, work_dir: 
             "meets_target": forward_s / seconds >= TARGET_CACHE_RATIO,
             **per_batch,
         }
+    # Peak memory of one more pass of each (the runners' chunk buffers are already allocated, so "increase" is
+    # what a pass adds beyond them: the forward's whole [tokens, V] logits, or the cache path's per-batch arrays).
+    with PeakMemory(device) as peak:
+        _forward_pass(runners["topk"], batches)
+    section["forward"]["memory"] = peak.result
+    for mode, runner in runners.items():
+        with PeakMemory(device) as peak:
+            _cache_pass(runner, laps, batches, paths[mode], "train")
+        section[mode]["memory"] = peak.result
+    section["memory_method"] = peak.method
     for runner in runners.values():
         runner.lap = None  # the untimed passes that follow (extend_parts) are not profiled
     return section, runners
@@ -472,19 +524,27 @@ def extend_parts(
 
 
 def assemble_bench_cache(
-    config: BenchConfig, mode: str, batch_size: int, work_dir: Path, split_rows: dict, device
+    config: BenchConfig,
+    mode: str,
+    batch_size: int,
+    work_dir: Path,
+    split_rows: dict,
+    device,
+    vocab: int,
+    teacher_vocab: int,
+    identity: dict,
 ) -> Path:
     """Assemble the parts of `mode` into a cache folder work_dir/cache-MODE (one shard per split) + manifest."""
     cache_dir = work_dir / f"cache-{mode}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     meta = read_meta(config.data_dir)
-    vocab = model_vocab_size(config.teacher)
     attrs = common_attrs(
         _cache_config(config, mode, batch_size, split_rows["train"], cache_dir),
         meta,
-        teacher_identity(config.teacher),
+        identity,
         vocab,
         compute_dtype(config.dtype, device),
+        teacher_vocab,
     )
     entries = []
     for split, rows in split_rows.items():
@@ -541,7 +601,9 @@ class OnlineStepLoss:
         flat = logits.reshape(-1, logits.shape[-1])
         return dense_kd_loss(
             flat,
-            teacher_logits.reshape(flat.shape),
+            teacher_logits[..., : flat.shape[-1]].reshape(
+                flat.shape
+            ),  # a padded teacher: its columns past the student's
             tokens[:, 1:].reshape(-1),
             alpha=self.alpha,
             temperature=self.temperature,
@@ -883,13 +945,26 @@ def _open_caches(config: BenchConfig, bench_caches: dict, meta: dict, vocab: int
     return readers
 
 
+def shaped_teacher(shape: str, device):
+    """A randomly initialised teacher of a TEACHER_SHAPES name or a transformers config JSON, in float32 on device."""
+    known = TEACHER_SHAPES.get(shape)
+    if known is None and not shape.endswith(".json"):
+        raise PipelineError(
+            f"--teacher-shape {shape} is neither a known shape ({', '.join(TEACHER_SHAPES)}) nor a config .json file"
+        )
+    model_config, _ = config_from_json(known or shape, f"--teacher-shape {shape}")
+    _log(f"building a randomly initialised {shape} teacher")
+    with torch.device(device):
+        return new_causal_lm(model_config, f"--teacher-shape {shape}").eval()
+
+
 def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     """Run every section, print the tables, write out_dir/bench.json and bench.md; returns the report."""
     from accelerate import Accelerator
 
     check(config, student_config)
     meta = read_meta(config.data_dir)
-    vocab = model_vocab_size(config.teacher)
+    vocab = int(meta["vocab_size"])  # the tokenizer's length: students' rows, the bound of the cached ids
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.optim.mixed_precision))
     device = accelerator.device
     batch_size = resolve_batch_size(config.batch_size, config.seq_len, device)
@@ -910,17 +985,30 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
         "student": to_flags(student_config),
     }
     _log(f"device {device}, batch {batch_size} x {config.seq_len}, mixed precision {accelerator.mixed_precision}")
-    teacher = load_causal_lm(config.teacher).to(device)
+    if config.teacher_shape:
+        teacher = shaped_teacher(config.teacher_shape, device)
+        teacher_vocab = vocab = logit_width(teacher)
+        identity = {"teacher_name": f"random {config.teacher_shape}", "teacher_hash": "", "tokenizer_hash": ""}
+        if meta["vocab_size"] > vocab:
+            raise PipelineError(
+                f"--teacher-shape {config.teacher_shape} has {vocab} output rows, fewer than the {meta['vocab_size']} "
+                f"tokens of {config.data_dir}'s tokenizer; pick a shape with a larger vocabulary"
+            )
+    else:
+        teacher = load_causal_lm(config.teacher).to(device)
+        teacher_vocab, identity = model_vocab_size(config.teacher), teacher_identity(config.teacher)
     report["resolved"] = {
         "device": str(device),
         "batch_size": batch_size,
         "mixed_precision": accelerator.mixed_precision,
+        "teacher": f"random {config.teacher_shape}" if config.teacher_shape else config.teacher,
         "teacher_parameters": count_parameters(teacher),
         "vocab_size": vocab,
+        "teacher_vocab_size": teacher_vocab,
     }
 
     # ---- stage 1, then the bench caches from its parts
-    stage1, runners = run_stage1(config, teacher, device, batch_size, work_dir)
+    stage1, runners = run_stage1(config, teacher, device, batch_size, work_dir, vocab)
     stage1["mfu"] = stage1_mfu(stage1, teacher, device, config.seq_len)
     split_rows = {"train": stage1_rows}
     if config.quality and not (config.topk_cache and config.sampled_cache):
@@ -936,13 +1024,18 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
         extend_parts(config, runners, work_dir, "val", 0, val_rows, batch_size)
         split_rows = {"train": train_rows, "val": val_rows}
     bench_caches = {
-        mode: assemble_bench_cache(config, mode, batch_size, work_dir, split_rows, device)
+        mode: assemble_bench_cache(
+            config, mode, batch_size, work_dir, split_rows, device, vocab, teacher_vocab, identity
+        )
         for mode in ("topk", "sampled")
     }
     shutil.rmtree(work_dir / "parts", ignore_errors=True)
     for mode in ("topk", "sampled"):
-        stage1[mode].update(storage_figures(bench_caches[mode], vocab))
+        stage1[mode].update(storage_figures(bench_caches[mode], teacher_vocab))
     report["stage1"] = stage1
+    if config.teacher_shape:  # stage 1 alone: training needs the teacher's own weights and tokenizer
+        report.update(stage2=None, data=None, memory=None, quality=None)
+        return write_report(report, work_dir)
 
     # ---- stage 2: the four steps, interleaved, on the same batches
     readers = _open_caches(config, bench_caches, meta, vocab)
@@ -969,8 +1062,12 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
         report["quality"] = run_quality(
             accelerator, config, student_config, readers, val_reader, teacher, batch_size, vocab
         )
-    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return write_report(report, work_dir)
 
+
+def write_report(report: dict, work_dir: Path) -> dict:
+    """Close the report (load at the end), print its tables and write bench.json and bench.md."""
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     markdown = render_markdown(report)
     atomic_write_json(work_dir / "bench.json", report)
     atomic_write_bytes(work_dir / "bench.md", markdown.encode())
@@ -1017,7 +1114,7 @@ def busy_machine(machine: dict) -> bool:
 
 
 def render_markdown(report: dict) -> str:
-    m, r, s1, s2 = report["machine"], report["resolved"], report["stage1"], report["stage2"]
+    m, r, s1 = report["machine"], report["resolved"], report["stage1"]
     gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
     out = [
         "# Benchmark",
@@ -1036,9 +1133,10 @@ def render_markdown(report: dict) -> str:
             f"{m['cpu_cores']}), so these timings, ratios included, are unreliable: rerun on an idle machine.**",
             "",
         ]
+    student = f", student {r['student_parameters'] / 1e6:.1f}M" if r.get("student_parameters") else ""
     out += [
-        f"Teacher {r['teacher_parameters'] / 1e6:.1f}M parameters, student "
-        f"{r.get('student_parameters', 0) / 1e6:.1f}M, "
+        f"Teacher {r.get('teacher', '')} ({r['teacher_parameters'] / 1e6:.1f}M parameters, output head "
+        f"{r.get('teacher_vocab_size', r['vocab_size']):,} rows){student}, "
         f"vocabulary {r['vocab_size']:,}; device {r['device']}, mixed precision {r['mixed_precision']}; batch "
         f"{r['batch_size']} rows x {report['options']['seq_len']} tokens.",
         "",
@@ -1090,6 +1188,17 @@ def render_markdown(report: dict) -> str:
         )
         + ".",
     ]
+    if "memory" in s1["forward"]:
+        dense_mb = r["batch_size"] * report["options"]["seq_len"] * r.get("teacher_vocab_size", r["vocab_size"]) * 4
+        out += [
+            "",
+            f"Peak memory of one pass ({s1['memory_method']}), MB: "
+            + "; ".join(
+                f"{key} {_fmt(s1[key]['memory']['peak_mb'])} (+{_fmt(s1[key]['memory']['increase_mb'])} over its start)"
+                for key in ("forward", "topk", "sampled")
+            )
+            + f". A float32 [tokens, vocab] tensor of one batch is {dense_mb / 2**20:,.0f} MB.",
+        ]
     if s1.get("mfu"):
         u = s1["mfu"]
         cells = ", ".join(
@@ -1102,6 +1211,9 @@ def render_markdown(report: dict) -> str:
             "TFLOP/s dense bf16; "
             f"target >= {u['target']:.0%}): {cells}.",
         ]
+    if report.get("stage2") is None:  # --teacher-shape: stage 1 alone
+        return "\n".join(out) + "\n"
+    s2 = report["stage2"]
 
     out += [
         "",

@@ -7,6 +7,8 @@ cache temperature, computed over the full vocabulary before anything is cut:
   - mode "topk": the K most likely ids, their log-probs, and the exact log of the tail mass;
   - mode "sampled": N draws with replacement (Anshumann et al. 2025), stored as distinct ids + counts,
     plus the teacher entropy (so the count-weighted cross-entropy becomes a KL estimate).
+Ids are those of the tokenizer (below its length, data/meta.json's vocab_size) whatever the width of the
+teacher's head: see TeacherRunner for the padding columns of a padded embedding.
 
 Work is split into parts of `rows_per_part` rows. Each finished part is written atomically, so a
 killed run resumes where it stopped. Parts are assigned to jobs in contiguous blocks (one shard per
@@ -38,7 +40,7 @@ from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json, sha256_file
 from pipeline.machine import fast_bf16
-from pipeline.models import load_causal_lm
+from pipeline.models import load_causal_lm, logit_width
 from pipeline.teacher import teacher_identity
 
 SPLITS = ("train", "val")
@@ -57,9 +59,22 @@ def load_teacher(config: CacheConfig, device: torch.device):
     return load_causal_lm(config.teacher, dtype=getattr(torch, compute_dtype(config.dtype, device))).to(device)
 
 
-def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: int, dtype: str) -> dict:
+def common_attrs(
+    config: CacheConfig, meta: dict, identity: dict, vocab_size: int, dtype: str, teacher_vocab_size: int | None = None
+) -> dict:
     """The attributes every shard of this cache carries: what it takes to refuse a wrong pairing, and
-    every setting that changes the stored numbers (a rerun with another one rebuilds)."""
+    every setting that changes the stored numbers (a rerun with another one rebuilds).
+
+    vocab_size is the bound of the stored ids: the tokenizer's length. A teacher whose head is wider (a padded
+    embedding) adds teacher_vocab_size (its logit width) and padding_mass: "tail" (topk: the padding columns' mass is
+    in the tail) or "excluded" (sampled: drawn from the tokenizer's columns, renormalised). A teacher without
+    padding writes neither, so its shards keep the bytes they had before these attributes existed."""
+    padding = {}
+    if teacher_vocab_size is not None and int(teacher_vocab_size) != int(vocab_size):
+        padding = {
+            "teacher_vocab_size": int(teacher_vocab_size),
+            "padding_mass": "tail" if config.mode == "topk" else "excluded",
+        }
     return {
         "format_version": cache_format.FORMAT_VERSION,
         "mode": config.mode,
@@ -77,6 +92,7 @@ def common_attrs(config: CacheConfig, meta: dict, identity: dict, vocab_size: in
         "train_tokens_sha256": meta["train_sha256"],
         "val_tokens_sha256": meta["val_sha256"],
         "max_rows": int(config.max_rows or 0),
+        **padding,
     }
 
 
@@ -151,18 +167,32 @@ class TeacherRunner:
     CPU that saves more than the extraction costs); the extraction (log-softmax, tail mass, sampling CDF) is float32
     whatever the teacher's dtype, so the stored numbers are exact for the logits the teacher computed. This needs
     logits == head(last hidden state); `fused_head` is checked once against the model's own logits, and the stage
-    falls back to the full logits when they differ."""
+    falls back to the full logits when they differ.
 
-    def __init__(self, model, config: CacheConfig, device: torch.device, lap: Callable[[str], None] | None = None):
+    Stored ids stay below `vocab_size`, the tokenizer's length, whatever the head's width V (embeddings are often
+    padded past the tokenizer: Qwen2.5, or a multiple of 64). The padding columns are never drawn from: the sampled
+    mode runs the head on the tokenizer's rows only (their mass is left out and the distribution renormalised over
+    the real tokens), and the topk mode picks its K ids among the tokenizer's columns while normalising over all V
+    (their mass falls in the tail)."""
+
+    def __init__(
+        self,
+        model,
+        config: CacheConfig,
+        device: torch.device,
+        lap: Callable[[str], None] | None = None,
+        vocab_size: int | None = None,
+    ):
         """`model` sits on `device` with its weights in the compute dtype (load_teacher). `lap` (profiling, e.g.
         bench): called with "body" after the teacher body and "head_extract" after the output head and the
-        extraction of each batch."""
+        extraction of each batch. `vocab_size`: the tokenizer's length (None: the head's width)."""
         self.dtype = getattr(torch, compute_dtype(config.dtype, device))
         if model.dtype != self.dtype:
             raise ValueError(
                 f"the teacher's weights are {model.dtype}, the cache computes in {self.dtype}: load_teacher"
             )
         self.model, self.config, self.device, self.lap = model, config, device, lap
+        self.vocab_size = int(vocab_size or logit_width(model))
         self.head_chunk = HEAD_CHUNK.get(device.type, HEAD_CHUNK["cpu"])
         self.extract_chunk = EXTRACT_CHUNK.get(device.type, EXTRACT_CHUNK["cpu"])
         self.fused_head: bool | None = None  # decided on the first batch
@@ -196,9 +226,10 @@ class TeacherRunner:
             self._buffers[index] = torch.empty(rows * vocab, device=self.device, dtype=dtype)
         return self._buffers[index][: rows * vocab].view(rows, vocab)
 
-    def logit_chunks(self, input_ids: np.ndarray):
-        """[B, L] ids -> yields (first position, [n, V] float32 logits / temperature) over the B * L
-        positions in order. Each chunk lives in a reused buffer: consume it before the next."""
+    def logit_chunks(self, input_ids: np.ndarray, width: int | None = None):
+        """[B, L] ids -> yields (first position, [n, width] float32 logits / temperature) over the B * L
+        positions in order: the first `width` columns of the head (None: all of them). Each chunk lives in a
+        reused buffer: consume it before the next."""
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         if self.fused_head is None:
             self.fused_head = self._head_matches(ids)
@@ -209,16 +240,23 @@ class TeacherRunner:
             states = self.model(input_ids=ids, use_cache=False).logits
         states = states.reshape(-1, states.shape[-1])
         self._lap("body")
-        vocab = head.out_features if self.fused_head else states.shape[-1]
+        full = head.out_features if self.fused_head else states.shape[-1]
+        vocab = min(width or full, full)
+        if self.fused_head:  # the head's first `vocab` rows: views, so a narrower head costs no copy
+            weight = head.weight[:vocab]
+            bias = None if head.bias is None else head.bias[:vocab]
         for start in range(0, states.shape[0], self.head_chunk):
             piece = states[start : start + self.head_chunk]
-            if not self.fused_head:  # the model's own logits: float32 ones are ours to overwrite
-                logits = piece if piece.dtype == torch.float32 else self._buffer(LOGITS, len(piece), vocab).copy_(piece)
+            if not self.fused_head:  # the model's own logits: float32 ones of full width are ours to overwrite
+                if piece.dtype == torch.float32 and vocab == full:
+                    logits = piece
+                else:
+                    logits = self._buffer(LOGITS, len(piece), vocab).copy_(piece[:, :vocab])
             else:  # the head at the teacher's precision, into a kept buffer (then float32 for the extraction)
                 out = self._buffer(HEAD_OUT if self.dtype != torch.float32 else LOGITS, len(piece), vocab, self.dtype)
-                logits = torch.matmul(piece, head.weight.T, out=out)
-                if head.bias is not None:
-                    logits.add_(head.bias)
+                logits = torch.matmul(piece, weight.T, out=out)
+                if bias is not None:
+                    logits.add_(bias)
                 if self.dtype != torch.float32:
                     logits = self._buffer(LOGITS, len(piece), vocab).copy_(logits)
             for offset in range(0, len(logits), self.extract_chunk):
@@ -236,13 +274,19 @@ class TeacherRunner:
         batch, seq_len = rows.shape[0], rows.shape[1] - 1
         uniforms = row_uniforms(row_seeds, seq_len, self.config.num_samples) if "sampled" in modes else None
         pieces = {mode: [] for mode in modes}
-        for start, logits in self.logit_chunks(rows[:, :-1]):
+        # topk needs every column of the head (padding mass goes to the tail); sampled the tokenizer's only
+        width = None if "topk" in modes else self.vocab_size
+        for start, logits in self.logit_chunks(rows[:, :-1], width):
             for i, mode in enumerate(modes):
-                chunk = logits if i == len(modes) - 1 else self._buffer(MODE_COPY, *logits.shape).copy_(logits)
+                columns = self.vocab_size if mode == "sampled" else logits.shape[1]
+                if i == len(modes) - 1 and columns == logits.shape[1]:
+                    chunk = logits  # the last mode may overwrite the chunk
+                else:  # a contiguous copy of the columns this mode reads (one [chunk, V] buffer)
+                    chunk = self._buffer(MODE_COPY, len(logits), columns).copy_(logits[:, :columns])
                 if mode == "topk":
-                    pieces[mode].append(sparse_targets.topk_with_tail(chunk, self.config.k))
+                    pieces[mode].append(sparse_targets.topk_with_tail(chunk, self.config.k, self.vocab_size))
                 else:
-                    scratch = self._buffer(SCRATCH, *logits.shape)
+                    scratch = self._buffer(SCRATCH, *chunk.shape)
                     pieces[mode].append(
                         sparse_targets.sampled_draws(chunk, uniforms[start : start + len(chunk)], scratch)
                     )
@@ -284,9 +328,11 @@ def shard_block(num_parts: int, process_index: int, num_processes: int) -> tuple
 # ---------------------------------------------------------------- the stage
 
 
-def _validate_against_teacher(config: CacheConfig, model_config, meta: dict, identity: dict) -> int:
+def _validate_against_teacher(config: CacheConfig, model_config, meta: dict, identity: dict) -> tuple[int, int]:
+    """(the tokenizer's length: the bound of the stored ids, the teacher's logit width), after the checks."""
     problems = []
-    vocab_size = int(model_config.vocab_size)
+    teacher_vocab = int(model_config.vocab_size)
+    vocab_size = int(meta["vocab_size"])  # len(tokenizer), recorded by the data stage
     max_positions = getattr(model_config, "max_position_embeddings", None)
     if max_positions and config.seq_len > max_positions:
         problems.append(
@@ -294,17 +340,21 @@ def _validate_against_teacher(config: CacheConfig, model_config, meta: dict, ide
             f"SEQ_LEN={max_positions} or less"
         )
     if config.mode == "topk" and config.k > vocab_size:
-        problems.append(f"--k {config.k} is larger than the vocabulary ({vocab_size}); pass K={vocab_size} or less")
+        problems.append(
+            f"--k {config.k} is larger than the tokenizer's vocabulary ({vocab_size}); pass K={vocab_size} or less"
+        )
     if meta["tokenizer_hash"] != identity["tokenizer_hash"]:
         problems.append(
             f"{config.data_dir} was tokenized with another tokenizer than the teacher {config.teacher}'s; rerun make "
             f"data with TEACHER={config.teacher}"
         )
-    if meta["vocab_size"] > vocab_size:
-        problems.append(f"the tokenizer has {meta['vocab_size']} tokens but the teacher's vocabulary only {vocab_size}")
+    if vocab_size > teacher_vocab:
+        problems.append(
+            f"the tokenizer has {vocab_size} tokens but the teacher's output head only {teacher_vocab} rows"
+        )
     if problems:
         raise PipelineError("; ".join(problems))
-    return vocab_size
+    return vocab_size, teacher_vocab
 
 
 def build_cache(config: CacheConfig) -> dict:
@@ -338,8 +388,8 @@ def build_cache(config: CacheConfig) -> dict:
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(config.teacher)
-    vocab_size = _validate_against_teacher(config, model_config, meta, identity)
-    attrs = common_attrs(config, meta, identity, vocab_size, compute_dtype(config.dtype, state.device))
+    vocab_size, teacher_vocab = _validate_against_teacher(config, model_config, meta, identity)
+    attrs = common_attrs(config, meta, identity, vocab_size, compute_dtype(config.dtype, state.device), teacher_vocab)
 
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
@@ -368,7 +418,7 @@ def build_cache(config: CacheConfig) -> dict:
         names, started = [], time.perf_counter()
         for split in SPLITS:
             if runner is None and not _job_split_done(config, attrs, split, job, num_jobs):
-                runner = TeacherRunner(load_teacher(config, state.device), config, state.device)
+                runner = TeacherRunner(load_teacher(config, state.device), config, state.device, vocab_size=vocab_size)
             entry = _build_shard(runner, config, attrs, split, job, num_jobs, state.is_local_main_process)
             names += [entry["file"]] if entry else []
         rows = sum(job_shard(config, split, job, num_jobs).get("rows", 0) for split in SPLITS)

@@ -102,7 +102,12 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     val_cache = CacheReader(config.cache_dir, "val")
     check_compatible(
         val_cache.attrs,
-        {"seq_len": seq_len, "tokens_sha256": meta["val_sha256"], "tokenizer_hash": meta["tokenizer_hash"]},
+        {
+            "seq_len": seq_len,
+            "tokens_sha256": meta["val_sha256"],
+            "tokenizer_hash": meta["tokenizer_hash"],
+            "vocab_size": int(meta["vocab_size"]),  # ids bounded by the tokenizer (older caches of padded teachers)
+        },
     )
     if teacher_identity(config.teacher)["teacher_hash"] != val_cache.attrs["teacher_hash"]:  # KL needs one teacher
         raise PipelineError(
@@ -126,6 +131,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         temperature=temperature,
         num_samples=int(val_cache.attrs.get("num_samples", 0)),
         desc="eval",
+        vocab_size=int(meta["vocab_size"]),
     )
     samples = {}
     for label, model in loaded.items():

@@ -450,6 +450,9 @@ class StudentConfig:
     student_init: str = opt(
         "random", "random (new Llama decoder) | teacher-layers (teacher embeddings, norm and every n-th block)"
     )
+    student_config: str | None = opt(
+        None, "build a new student from this transformers config JSON (any causal LM; size flags ignored)"
+    )
     n_layer: int = opt(4, "student decoder blocks")
     n_embd: int = opt(256, "student width (ignored with teacher-layers: the teacher's width is kept)")
     n_head: int = opt(4, "attention heads")
@@ -460,6 +463,8 @@ class StudentConfig:
         problems = _one_of("student-init", self.student_init, ("random", "teacher-layers"))
         if self.student and self.student_init != "random":
             problems.append("Can't provide both `--student` and `--student-init teacher-layers`. Choose one.")
+        if self.student_config and (self.student or self.student_init != "random"):
+            problems.append("--student-config builds a new student: pass it without --student or --student-init")
         problems += _positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "mlp_size")
         if self.n_embd % max(self.n_head, 1) or self.n_head % max(self.n_kv_head, 1):
             problems.append(
@@ -650,6 +655,11 @@ class BenchConfig:
     quality_rows: int = opt(64, "quality: train rows in the bench caches")
     eval_rows: int = opt(16, "quality: val rows evaluated")
     seed: int = opt(0, "seed of the students, the row order and the sampled draws")
+    teacher_shape: str | None = opt(
+        None,
+        "stage 1 only, with a randomly initialised teacher of this shape built in memory instead of --teacher: "
+        "llama-3.2-1b or a transformers config JSON",
+    )
     optim: Optimization = section(Optimization, warmup_steps=10)
     loss: Loss = section(Loss, temperature=1.0)
 

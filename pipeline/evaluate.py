@@ -11,6 +11,12 @@ token j+1, in float32 whatever dtype the model computes in:
     kl_to_teacher  the same as the cache estimates it (the estimator training uses; rows with targets only)
     top1_agreement share of positions where argmax q = argmax p
 
+Models may have output heads of different widths around one tokenizer (padded embeddings): p is the reference's
+distribution over the tokenizer's ids (`vocab_size`; its padding columns left out and the rest renormalised, as the
+sampled cache stores it), q each model's own softmax over all its columns (the distribution it samples from), so
+mass a model puts on padding columns counts against it in kl_exact (the reference's own row included) and an argmax
+on a padding column is a disagreement.
+
 Each model runs once per batch; the reference (usually "teacher") runs first.
 """
 
@@ -56,6 +62,7 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     keep_label_logprobs: bool = False,
     desc: str | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, dict]:
     """{label: figures} of each model over the first `count` rows (0: all), `batch_size` rows per forward.
 
@@ -65,6 +72,7 @@ def evaluate(
     forwards run under (training passes the accelerator's). keep_label_logprobs: also return each model's
     log q(label) per position, [count, L] float64 on the CPU ("label_logprobs"; computed in float32).
     Every model must sit on the same device; each is put in eval mode and given back in its former mode.
+    vocab_size: the tokenizer's length, the ids p lives on (None: the reference's full width).
     """
     count = len(rows) if count == 0 else min(count, len(rows))
     order = sorted(models, key=lambda label: label != reference)  # the reference first
@@ -102,8 +110,14 @@ def evaluate(
                 logp_t = logp if temperature == 1.0 else torch.log_softmax(flat / temperature, dim=-1)
                 argmax = flat.argmax(-1)
                 if label == reference:
-                    reference_logp, reference_p, reference_argmax = logp_t, logp_t.exp(), argmax
-                figures["kl_exact"] += float((reference_p * (reference_logp - logp_t)).sum())
+                    ids = min(vocab_size or flat.shape[1], flat.shape[1])
+                    if ids == flat.shape[1]:  # no padding columns: p is the reference's softmax as it is
+                        reference_logp, reference_argmax = logp_t, argmax
+                    else:  # [N, ids]: renormalised over the tokenizer's ids
+                        reference_logp = torch.log_softmax(flat[:, :ids] / temperature, dim=-1)
+                        reference_argmax = flat[:, :ids].argmax(-1)
+                    reference_p = reference_logp.exp()
+                figures["kl_exact"] += float((reference_p * (reference_logp - logp_t[:, :ids])).sum())
                 figures["agree"] += int((argmax == reference_argmax).sum())
         positions += n
     for label, training in was_training.items():

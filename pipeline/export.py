@@ -4,16 +4,19 @@
 
     model-f16.gguf    every matrix float16, norms float32
     model-q8_0.gguf   every matrix Q8_0 (blocks of 32 int8 + one f16 scale; f16 where a row is not a multiple of 32)
-    int8/             config.json, tokenizer, model.int8.safetensors: each nn.Linear as int8 [out, in] + float32
-                      scale [out] (symmetric per output channel, w ~= int8 * scale); a tied embedding is not
-                      stored twice (it is the lm_head's int8 rows times their scales). No pickle: load_int8()
-                      rebuilds the model and runs the Linears with torch's dynamic int8 kernels (x86/fbgemm).
+    int8/             config.json, tokenizer, model.int8.safetensors: each nn.Linear (and GPT-2 Conv1D, as the
+                      Linear it equals) as int8 [out, in] + float32 scale [out] (symmetric per output channel,
+                      w ~= int8 * scale); a tied embedding is not stored twice (it is the lm_head's int8 rows times
+                      their scales). No pickle: load_int8() rebuilds the model and runs those layers with torch's
+                      dynamic int8 kernels (x86/fbgemm). Any causal LM family.
     export_report.json  size on disk, val perplexity, mean |delta log-prob| to the float model, CPU tokens/s.
 
-GGUF layout follows llama.cpp's convert_hf_to_gguf for Llama: tensor names token_embd / blk.N.attn_q ... /
-output_norm / output (absent when tied), the llama.* hyperparameters, and q_proj / k_proj rows permuted from
-Hugging Face's rotate-half order to llama.cpp's interleaved-pair order (permute_qk). The tokenizer is written
-as llama.cpp's "gpt2" byte-level BPE (tokens, token types, merges, special ids).
+GGUF (Llama and GPT-2 architectures; other families are refused, naming int8) follows llama.cpp's
+convert_hf_to_gguf: tensor names from the gguf package's map of the architecture (token_embd, position_embd,
+blk.N.attn_q / attn_qkv ..., output_norm, output: absent when tied), the architecture's hyperparameters, GPT-2's
+Conv1D weights transposed to [out, in], and Llama's q_proj / k_proj rows permuted from Hugging Face's rotate-half
+order to llama.cpp's interleaved-pair order (permute_qk). The tokenizer is written as llama.cpp's "gpt2" byte-level
+BPE (tokens, token types, merges, special ids).
 
 The int8 runtime is torch.ao dynamic quantization (quantize_dynamic + per-channel qint8 weights). PyTorch has
 deprecated torch.ao in favour of torchao; the file format here (plain int8 + scales) does not depend on it.
@@ -80,28 +83,43 @@ def read_causal_lm_config(model_dir: str | Path):
     return config
 
 
+# transformers model_type -> the GGUF architecture written for it (llama.cpp's names). Other families are refused with
+# the formats that do work: int8 quantizes the nn.Linear / Conv1D layers of any causal LM.
+GGUF_ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2"}
+
+
 def check_gguf_supported(config, model_dir: str | Path) -> None:
-    """One line naming what the GGUF writer supports: a plain Llama (no biases, SiLU, default RoPE)."""
-    if config.model_type != "llama":
+    """One line naming what the GGUF writer supports: a plain Llama (no biases, SiLU, default RoPE) or a GPT-2
+    that transformers' GGUF reader rebuilds (gelu_new, 4 x n_embd MLP, 1024 positions)."""
+    if config.model_type not in GGUF_ARCHITECTURES:
         raise PipelineError(
-            f"the GGUF writer supports the llama architecture only (LlamaForCausalLM); {model_dir} is "
-            f"{config.model_type}; export it with --formats int8"
+            f"the GGUF writer supports the {' and '.join(GGUF_ARCHITECTURES)} architectures; {model_dir} is "
+            f"{config.model_type} ({', '.join(getattr(config, 'architectures', None) or [])}); export it with "
+            "--formats int8 (int8 works for every family)"
         )
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    unsupported = [
-        name
-        for name, bad in (
+    if config.model_type == "gpt2":
+        checks = (
+            (f"activation_function={config.activation_function}", config.activation_function != "gelu_new"),
+            (f"n_inner={config.n_inner}", config.n_inner not in (None, 4 * config.n_embd)),
+            (f"n_positions={config.n_positions}", config.n_positions != 1024),
+            ("scale_attn_by_inverse_layer_idx", getattr(config, "scale_attn_by_inverse_layer_idx", False)),
+        )
+        wants = (
+            "gpt2 as llama.cpp runs it and transformers reads it back (gelu_new, n_inner 4 x n_embd, 1024 positions)"
+        )
+    else:
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        checks = (
             ("attention_bias", getattr(config, "attention_bias", False)),
             ("mlp_bias", getattr(config, "mlp_bias", False)),
             (f"hidden_act={config.hidden_act}", config.hidden_act != "silu"),
             (f"rope_type={rope.get('rope_type')}", rope.get("rope_type", "default") != "default"),
         )
-        if bad
-    ]
+        wants = "plain llama (no biases, silu, default rope)"
+    unsupported = [name for name, bad in checks if bad]
     if unsupported:
         raise PipelineError(
-            f"the GGUF writer supports plain llama (no biases, silu, default rope); {model_dir} has "
-            f"{', '.join(unsupported)}; export it with --formats int8"
+            f"the GGUF writer supports {wants}; {model_dir} has {', '.join(unsupported)}; export it with --formats int8"
         )
 
 
@@ -117,50 +135,50 @@ def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-_BLOCK_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for every weight of a Llama or GPT-2 model, named by the gguf package's own
+    tensor map of the architecture (the map transformers' GGUF reader inverts); lm_head dropped when tied.
 
+    Stored as llama.cpp expects: [out, in] matrices, so GPT-2's Conv1D weights ([in, out]) are transposed; Llama's
+    q_proj / k_proj rows permuted to llama.cpp's RoPE pairs (permute_qk)."""
+    import gguf
+    from transformers.pytorch_utils import Conv1D
 
-def gguf_tensors(state: dict[str, torch.Tensor], config) -> list[tuple[str, np.ndarray]]:
-    """(llama.cpp name, float32 array) for every weight of a Llama state dict, q/k permuted; lm_head dropped when
-    tied."""
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    config = model.config
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == GGUF_ARCHITECTURES[config.model_type])
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     out = []
-    for key, value in state.items():
+    for key, value in model.state_dict().items():
+        module_name, suffix = key.rsplit(".", 1)
+        if tied and model.get_submodule(module_name) is model.get_output_embeddings():
+            continue
+        name = names.get_name(module_name)
+        if name is None:
+            raise PipelineError(
+                f"the GGUF writer does not know the {config.model_type} tensor {key}; export with --formats int8"
+            )
         array = value.detach().float().cpu().numpy()
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        elif key == "lm_head.weight":
-            if config.tie_word_embeddings:
-                continue
-            name = "output.weight"
-        elif key.startswith("model.layers.") and key.split(".", 3)[3] in _BLOCK_NAMES:
-            index, rest = key.split(".", 3)[2:]
-            name = f"blk.{index}.{_BLOCK_NAMES[rest]}"
-            if rest == "self_attn.q_proj.weight":
-                array = permute_qk(array, n_head)
-            elif rest == "self_attn.k_proj.weight":
-                array = permute_qk(array, n_kv)
-        else:
-            raise PipelineError(f"the GGUF writer does not know the llama tensor {key}; export with --formats int8")
-        out.append((name, array))
+        if isinstance(model.get_submodule(module_name), Conv1D) and suffix == "weight":
+            array = array.T
+        elif module_name.endswith("self_attn.q_proj") and suffix == "weight":
+            array = permute_qk(array, config.num_attention_heads)
+        elif module_name.endswith("self_attn.k_proj") and suffix == "weight":
+            array = permute_qk(array, config.num_key_value_heads)
+        out.append((f"{name}.{suffix}", np.ascontiguousarray(array)))
     return out
 
 
+# Llama-3's pre-tokenizer split (its tokenizer.json), which llama.cpp calls "llama-bpe"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def gguf_pre_tokenizer(backend: dict) -> str:
-    """llama.cpp's tokenizer.ggml.pre for the HF pre-tokenizer: plain byte-level (GPT-2 regex) or SmolLM's digits +
-    byte-level."""
+    """llama.cpp's tokenizer.ggml.pre for the HF pre-tokenizer: plain byte-level (GPT-2 regex), SmolLM's digits +
+    byte-level, or Llama-3's split + byte-level ("llama-bpe")."""
     pre = backend.get("pre_tokenizer") or {}
 
     def gpt2_split(part: dict) -> bool:
@@ -178,9 +196,20 @@ def gguf_pre_tokenizer(backend: dict) -> str:
         and gpt2_split(parts[1])
     ):
         return "smollm"
+    if (
+        len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+        and parts[0].get("behavior") == "Isolated"
+        and not parts[0].get("invert", False)
+        and parts[1].get("type") == "ByteLevel"
+        and not parts[1].get("use_regex", True)
+        and not parts[1].get("add_prefix_space", False)
+    ):
+        return "llama-bpe"
     raise PipelineError(
         "the GGUF writer supports byte-level BPE tokenizers with the GPT-2 split (optionally single digits first, no "
-        "prefix space); "
+        "prefix space) or Llama-3's split; "
         f"this tokenizer's pre-tokenizer is {json.dumps(pre)[:120]}; export with --formats int8"
     )
 
@@ -232,30 +261,39 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     }
 
 
+def _add_hyperparameters(writer, config) -> None:
+    """The architecture's keys, as llama.cpp's convert_hf_to_gguf writes them for Llama and GPT-2."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    if config.model_type == "gpt2":
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+
+
 def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> Path:
-    """Write a Llama model + tokenizer as one GGUF file; qtype "f16" or "q8_0" (1-D tensors stay float32)."""
+    """Write a Llama or GPT-2 model + tokenizer as one GGUF file; qtype "f16" or "q8_0" (1-D tensors stay float32)."""
     import gguf
 
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = dict(getattr(config, "rope_parameters", None) or {})
     meta = tokenizer_metadata(tokenizer, config.vocab_size)
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, "llama")
+        writer = gguf.GGUFWriter(tmp, GGUF_ARCHITECTURES[config.model_type])
         writer.add_name(name)
         writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        if head_dim != config.hidden_size // config.num_attention_heads:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        _add_hyperparameters(writer, config)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("gpt2")
@@ -269,7 +307,7 @@ def write_gguf(model, tokenizer, path: Path, qtype: str, name: str) -> Path:
         writer.add_add_space_prefix(False)
         if meta["chat_template"]:
             writer.add_chat_template(meta["chat_template"])
-        for tensor_name, array in gguf_tensors(model.state_dict(), config):
+        for tensor_name, array in gguf_tensors(model):
             if array.ndim == 1:
                 writer.add_tensor(tensor_name, array.astype(np.float32))
             elif qtype == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
@@ -309,6 +347,22 @@ def _quantized_dynamic():
     return nnqd, per_channel_dynamic_qconfig, quantize_dynamic
 
 
+def as_linears(model):
+    """Every transformers Conv1D (GPT-2's projections: y = x W + b, W [in, out]) replaced in place by the nn.Linear it
+    equals (weight W^T), so that one int8 path covers every family; returns the model."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = torch.nn.Linear(module.weight.shape[0], module.weight.shape[1])
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.T)
+                linear.bias.copy_(module.bias)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return model
+
+
 def int8_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """quantize_dynamic (per-channel symmetric qint8) of every nn.Linear -> tensors for safetensors + metadata.
 
@@ -319,7 +373,9 @@ def int8_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     nnqd, qconfig, quantize_dynamic = _quantized_dynamic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(copy.deepcopy(model).float().eval(), {torch.nn.Linear: qconfig}, dtype=torch.qint8)
+        quantized = quantize_dynamic(
+            as_linears(copy.deepcopy(model).float().eval()), {torch.nn.Linear: qconfig}, dtype=torch.qint8
+        )
     tensors, linear_names = {}, []
     for name, module in quantized.named_modules():
         if isinstance(module, nnqd.Linear):
@@ -334,10 +390,7 @@ def int8_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 tensors[f"{name}.bias"] = bias.detach().float().contiguous()
             linear_names.append(name)
     if not linear_names:
-        raise PipelineError(
-            f"int8 export quantizes nn.Linear layers and {type(model).__name__} has none (e.g. GPT-2 uses Conv1D); "
-            f"export a Llama-style student"
-        )
+        raise PipelineError(f"int8 export quantizes nn.Linear / Conv1D layers and {type(model).__name__} has none")
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and "lm_head" in linear_names
     embedding_key = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
     for key, value in model.state_dict().items():

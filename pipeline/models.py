@@ -67,6 +67,57 @@ def model_vocab_size(path: str | Path) -> int:
         ) from exc
 
 
+def config_from_json(values: dict | str | Path, what: str):
+    """A transformers config from a config JSON file (or its parsed content), e.g. {"model_type": "gpt2", "n_layer": 4,
+    ...}: (config, the keys the file gives). `what` names the source in errors ("--student-config x.json")."""
+    import json
+
+    from transformers import AutoConfig
+
+    if not isinstance(values, dict):
+        try:
+            values = json.loads(Path(values).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{what} is not a readable JSON file ({exc})") from exc
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise PipelineError(
+            f"{what} has no model_type; write a transformers config.json, e.g. "
+            '{"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4, ...}'
+        )
+    given = dict(values)
+    model_type = given.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **given), given
+    except Exception as exc:
+        raise PipelineError(f"{what}: transformers knows no model_type {model_type!r} ({type(exc).__name__})") from exc
+
+
+def new_causal_lm(config, what: str):
+    """A randomly initialised float32 causal LM of a transformers config, or one error line when the config is not
+    a causal language model's."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise PipelineError(
+            f"{what} describes a {config.model_type} model, which is not a causal language model (transformers has no "
+            "...ForCausalLM for it); write the config of a decoder (llama, gpt2, qwen2, gemma2, ...)"
+        )
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, TypeError, RuntimeError) as exc:  # inconsistent sizes, e.g. heads not dividing the width
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise PipelineError(
+            f"{what}: transformers cannot build this {config.model_type} model ({type(exc).__name__}: {first_line})"
+        ) from exc
+
+
+def logit_width(model) -> int:
+    """Columns of the model's logits: the rows of its output head (its config's vocab_size when it has none)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

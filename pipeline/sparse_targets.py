@@ -19,11 +19,17 @@ import torch
 BLOCK = 64  # vocabulary ids per block of the two-level searches
 
 
-def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_with_tail(
+    logits: torch.Tensor, k: int, id_bound: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [n, V] -> (log-probs [n, K] sorted high to low, ids [n, K] int64, log tail mass [n]).
-    The tail is the log of the summed probability of the V - K other ids, computed from those ids
-    (exact when the top-K mass is within 1e-7 of 1); -1e4 when there is nothing left (K == V)."""
-    values, ids = _topk(logits, k)
+
+    The K ids are the most likely among the first `id_bound` columns (the tokenizer's ids; None: all V), while the
+    log-probs and the tail are normalised over all V columns: the mass of a padded head's columns past the tokenizer
+    (ids no text can hold) lands in the tail. The tail is the log of the summed probability of the V - K other
+    columns, computed from those columns (exact when the top-K mass is within 1e-7 of 1); -1e4 when there is nothing
+    left (K == V)."""
+    values, ids = _topk(logits if id_bound is None else logits[:, :id_bound], k)  # a view: no copy
     top_max = values[:, :1]
     top_mass = (values - top_max).exp().sum(-1)  # >= 1: the largest term is exp(0)
     logits.scatter_(-1, ids, float("-inf"))
@@ -40,6 +46,7 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, vocab = logits.shape
     if vocab % BLOCK or 4 * k * BLOCK > vocab:
         return logits.topk(k, dim=-1)
+    # logits may be a column slice of a wider buffer (rows strided): splitting its unit-stride last dimension is a view
     blocks = logits.view(n, vocab // BLOCK, BLOCK)
     best_blocks = blocks.amax(-1).topk(k, dim=-1).indices  # [n, k]
     candidates = blocks.gather(1, best_blocks[..., None].expand(-1, -1, BLOCK)).view(n, k * BLOCK)

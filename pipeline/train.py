@@ -49,7 +49,7 @@ from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, 
 from pipeline.losses import LossParts, StepLoss
 from pipeline.machine import fast_bf16
 from pipeline.modelcard import write_model_card
-from pipeline.models import count_parameters, generation_config_for, load_tokenizer, model_vocab_size
+from pipeline.models import count_parameters, generation_config_for, load_tokenizer
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
 
@@ -194,10 +194,11 @@ def check_cache(config: TrainConfig, meta: dict, vocab_size: int) -> dict:
     problems = cache_mode_problems(attrs["mode"], config.loss.kd_loss, config.loss.topk_renormalize)
     if problems:
         raise PipelineError("; ".join(problems))
-    if int(attrs["vocab_size"]) != vocab_size:
+    if int(attrs["vocab_size"]) != vocab_size:  # a cache from before ids were bounded by the tokenizer
         raise PipelineError(
-            f"the cache's vocabulary ({attrs['vocab_size']}) differs from the teacher {config.teacher}'s "
-            f"({vocab_size}); rebuild it: make cache-logits"
+            f"the cache {config.cache_dir} bounds its ids by {attrs['vocab_size']} (the teacher's embedding rows, as "
+            f"caches did before ids were bounded by the tokenizer), the tokenizer has {vocab_size} tokens; rebuild it: "
+            f"make cache-logits (python -m pipeline cache-logits --out-dir {config.cache_dir} ...)"
         )
     if attrs.get("teacher_hash") != teacher_identity(config.teacher)["teacher_hash"]:
         raise PipelineError(
@@ -528,7 +529,7 @@ def train(
 
     # ---- inputs checked against each other and the options (manifest only: cheap, before any setup)
     meta = read_meta(config.data_dir)
-    vocab_size = model_vocab_size(config.teacher)
+    vocab_size = int(meta["vocab_size"])  # the tokenizer's length: every id the data and the cache hold is below it
     cache_attrs = check_cache(config, meta, vocab_size) if distill else None
     loss_fn = step_loss(config, cache_attrs)
 
@@ -576,7 +577,9 @@ def train(
         # ---- seed, model, optimizer; then resume or start fresh
         set_seed(config.steps.seed)
         tokenizer = load_tokenizer(config.teacher)
-        model = build_student(student_config, config.teacher, vocab_size, config.steps.seed)
+        model = build_student(
+            student_config, config.teacher, vocab_size, config.steps.seed, meta["tokenizer_hash"], config.seq_len
+        )
         optimizer = make_optimizer(model, config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_save_state_pre_hook(save_tied_weights_once)

@@ -319,3 +319,51 @@ def test_cpu_busy_fraction_sees_a_busy_core():
         done.set()
         worker.join()
     assert busy is not None and busy >= 0.9 / os.cpu_count()  # one spinning thread holds one core
+
+
+def test_teacher_shape_runs_stage_1_alone_with_a_random_teacher_of_that_shape(tiny_data, tmp_path):
+    """--teacher-shape FILE.json: a random teacher built in memory (here a Llama-3-like one in miniature: 1,000 rows
+    around the data's 384-token tokenizer, grouped-query attention); stage 1 with per-pass peak memory, ids bounded by
+    its head's width, and no training sections."""
+    shape = tmp_path / "shape.json"
+    shape.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 70_000,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
+    out = tmp_path / "bench"
+    result = run_cli(
+        *("bench", "--data-dir", tiny_data, "--teacher", "does-not-exist", "--out-dir", out),
+        *("--teacher-shape", shape, "--seq-len", SEQ_LEN, "--batch-size", BATCH, "--batches", 1, "--repeats", 1),
+        *("--k", K, "--num-samples", 20, "--mixed-precision", "no"),
+        timeout=300,
+        check=True,
+    )
+    report = json.loads((out / "bench.json").read_text())
+    assert (
+        report["resolved"]["teacher_parameters"]
+        == 70_000 * 32 + 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 64) + 32
+    )
+    assert report["resolved"]["vocab_size"] == report["resolved"]["teacher_vocab_size"] == 70_000
+    stage1 = report["stage1"]
+    for key in ("forward", "topk", "sampled"):
+        assert _positive(stage1[key]["tokens_per_s"]) and _positive(stage1[key]["memory"]["peak_mb"])
+    assert report["stage2"] is None and report["quality"] is None
+    reader = CacheReader(out / "cache-topk", "train")
+    assert reader.attrs["id_dtype"] == "uint32" and reader.vocab_size == 70_000  # its ids reach past uint16
+    assert reader.row(0)["topk_ids"].max() >= 2**16
+    markdown = (out / "bench.md").read_text()
+    assert "## Stage 1" in markdown and "Peak memory of one pass" in markdown and "## Stage 2" not in markdown
+    assert markdown.strip() in result.stdout
+
+    unknown = run_cli("bench", "--data-dir", tiny_data, "--out-dir", out, "--teacher-shape", "llama-9t", timeout=120)
+    assert unknown.returncode == 2 and "llama-3.2-1b" in unknown.stderr.strip().splitlines()[-1]

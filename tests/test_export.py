@@ -263,22 +263,162 @@ def test_refusals(exported, student, tiny_data, tmp_path):
     GPT2LMHeadModel(
         GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
     ).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(PipelineError, match="supports the llama architecture only"):
-        export_model(ExportConfig(model=str(tmp_path / "gpt2"), formats="q8_0"))
+    with pytest.raises(PipelineError, match="n_positions=64; export it with --formats int8"):
+        export_model(ExportConfig(model=str(tmp_path / "gpt2"), formats="q8_0"))  # transformers reads back 1024 only
     with pytest.raises(PipelineError, match="--formats must list"):
         export_model(ExportConfig(model=str(student), formats="q4_k"))
 
 
-def test_cli_refuses_an_unsupported_architecture_in_one_line(tmp_path):
+def test_cli_refuses_a_family_gguf_cannot_express_naming_it_and_int8(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=384,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "qwen2")
+    result = run_cli("export", "--model", tmp_path / "qwen2")
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and not (tmp_path / "qwen2" / "export").exists()
+    assert "qwen2" in line and "llama and gpt2" in line and "--formats int8" in line
+
+
+# ----------------------------------------------------------------------------- GPT-2
+
+
+@pytest.fixture(scope="module")
+def gpt2_student(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A distilgpt2-shaped student in miniature: learned positions (1024, as distilgpt2), Conv1D projections, final
+    layer norm, tied head; weights at std 0.1 so that a transposition mistake shows in the log-probs."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(
-        GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
-    ).save_pretrained(tmp_path / "gpt2")
-    result = run_cli("export", "--model", tmp_path / "gpt2")
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip().count("\n") == 0
-        and "llama" in result.stderr
-        and not (tmp_path / "gpt2" / "export").exists()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tiny_tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        initializer_range=0.1,
+        bos_token_id=tiny_tokenizer.eos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
     )
+    folder = tmp_path_factory.mktemp("gpt2-student") / "gpt2-distill"
+    GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_exported(gpt2_student, tiny_data) -> dict:
+    return export_model(
+        ExportConfig(
+            model=str(gpt2_student), data_dir=str(tiny_data), seq_len=SEQ_LEN, eval_rows=EVAL_ROWS, max_new_tokens=8
+        )
+    )
+
+
+def test_gpt2_gguf_has_gpt2_metadata_and_llama_cpp_tensors(gpt2_exported, gpt2_student):
+    meta, tensors = fields(gpt2_student / "export" / "model-f16.gguf")
+    expected = {
+        "general.architecture": "gpt2",
+        "gpt2.context_length": 1024,
+        "gpt2.embedding_length": 64,
+        "gpt2.block_count": 2,
+        "gpt2.feed_forward_length": 256,
+        "gpt2.attention.head_count": 4,
+        "tokenizer.ggml.model": "gpt2",
+    }
+    assert {k: meta[k] for k in expected} == expected
+    per_block = {"attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"}
+    names = {f"blk.{b}.{t}.{w}" for b in range(2) for t in per_block for w in ("weight", "bias")}
+    names |= {"token_embd.weight", "position_embd.weight", "output_norm.weight", "output_norm.bias"}
+    assert set(tensors) == names  # tied head: no output.weight
+    assert [int(n) for n in tensors["blk.0.attn_qkv.weight"].shape] == [64, 192]  # ggml order [in, out]: W^T of Conv1D
+
+
+@pytest.mark.parametrize("label", ["gguf-f16", "gguf-q8_0", "int8"])
+def test_gpt2_exports_reload_with_matching_log_likelihood(gpt2_exported, gpt2_student, tiny_data, label):
+    """GGUF read back by transformers' GGUF reader (which transposes GPT-2's matrices back), int8 with Conv1D
+    quantized as the Linear it equals: log-probs of the val rows close to the float model's."""
+    from pipeline.models import load_causal_lm
+
+    rows = TokenRows(str(tiny_data), "val", SEQ_LEN)
+    reference = ex.next_token_logprobs(load_causal_lm(gpt2_student), rows, EVAL_ROWS, 4)
+    path = gpt2_student / "export" / ("int8" if label == "int8" else f"model-{label[5:]}.gguf")
+    model = ex.load_int8(path) if label == "int8" else ex.load_gguf(path)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    delta = (ex.next_token_logprobs(model, rows, EVAL_ROWS, 4) - reference).abs().mean().item()
+    assert delta < TOLERANCE[label], delta
+    assert gpt2_exported["variants"][label]["mean_abs_logprob_delta"] == pytest.approx(delta, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_int8_works_for_families_gguf_cannot_express(family, tiny_tokenizer, tmp_path):
+    """int8 (every nn.Linear) of a Qwen2 (biases, untied head) and a Gemma-2 (soft-capping, tied head): saved without
+    pickle, reloaded, log-probs close to the float model's."""
+    from transformers import Gemma2Config, Qwen2Config
+
+    from pipeline.models import new_causal_lm
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if family == "qwen2":
+        config = Qwen2Config(vocab_size=448, num_key_value_heads=2, tie_word_embeddings=False, **shape)
+    else:
+        config = Gemma2Config(vocab_size=384, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0, **shape)
+    config.initializer_range = 0.1
+    torch.manual_seed(0)
+    model = new_causal_lm(config, family).eval()
+    ex.save_int8(model, tiny_tokenizer, tmp_path / "int8")
+    reloaded = ex.load_int8(tmp_path / "int8")
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(tokens).logits.log_softmax(-1), reloaded(tokens).logits.log_softmax(-1)
+    assert type(reloaded) is type(model)
+    assert (got - want).abs().mean().item() < TOLERANCE["int8"]
+
+
+def test_a_llama3_style_tokenizer_exports_as_llama_bpe_and_round_trips(student, tiny_tokenizer, tmp_path):
+    """A student on a byte-level BPE trained with Llama-3's pre-tokenizer (its split regex, then byte-level without
+    a regex): the GGUF says llama.cpp's "llama-bpe", and transformers' GGUF reader tokenizes like the original, which
+    differs from the GPT-2 split on this text (so a wrong pre-tokenizer name would show)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    def llama3_split():
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(ex.LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer, backend.decoder = llama3_split(), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(tiny_tokenizer),
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([willows_text()], trainer=trainer)
+    specials = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    folder = tmp_path / "llama3-student"
+    shutil.copytree(student, folder, ignore=shutil.ignore_patterns("export", "tokenizer*"))
+    tokenizer.save_pretrained(folder)
+    export_model(ExportConfig(model=str(folder), formats="f16", measure=False))
+    meta, _ = fields(folder / "export" / "model-f16.gguf")
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe"
+    loaded = AutoTokenizer.from_pretrained(folder / "export", gguf_file="model-f16.gguf")
+    text = willows_text()[95_000:97_000] + "\n\n 1234567 IT'S naive.\r\n\r\n Toad's 42 <|endoftext|>"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    gpt2_split = Tokenizer.from_str(backend.to_str())
+    gpt2_split.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert gpt2_split.encode(text).ids != tokenizer(text)["input_ids"]

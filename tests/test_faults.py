@@ -656,14 +656,14 @@ def inputs(tmp_path_factory, tiny_tokenizer, tiny_teacher, tiny_corpus):
     make_tiny_teacher(root / "other-tokenizer", make_tokenizer(willows_text()[:40_000], vocab_size=300))
     LlamaForCausalLM(
         LlamaConfig(
-            vocab_size=500,
+            vocab_size=300,  # fewer rows than the tokenizer's 384 tokens
             hidden_size=16,
             intermediate_size=32,
             num_hidden_layers=1,
             num_attention_heads=2,
             num_key_value_heads=2,
         )
-    ).save_pretrained(root / "student-500")
+    ).save_pretrained(root / "student-300")
     for name, tokenizer, text in (
         ("data-other-tokenizer", root / "other-tokenizer", tiny_corpus.read_text()),
         ("data-other-corpus", tiny_teacher, willows_text()[75_000:115_000]),
@@ -688,7 +688,7 @@ BAD_INPUTS = [
     ("cache-teacher-without-weights", "cache", "--teacher {in}/no-weights", "holds no *.safetensors weights"),
     ("gguf-not-a-model", "teacher", "--source {in}/model.gguf", "is not a GGUF language model"),
     ("seq-len-beyond-context", "cache", "--seq-len 300", "--seq-len 300 is longer than the teacher's context (256)"),
-    ("k-beyond-vocabulary", "cache", "--k 1000", "--k 1000 is larger than the vocabulary (384)"),
+    ("k-beyond-vocabulary", "cache", "--k 1000", "--k 1000 is larger than the tokenizer's vocabulary (384)"),
     ("cache-batch-size-0", "cache", "--batch-size 0", "--batch-size must be positive, got 0"),
     ("cache-batch-size-negative", "cache", "--batch-size -4", "--batch-size must be positive, got -4"),
     ("cache-temperature-0", "cache", "--temperature 0", "--temperature must be positive, got 0.0"),
@@ -706,10 +706,10 @@ BAD_INPUTS = [
     ("alpha-above-1", "distill", "--alpha 1.5", "--alpha must be in [0, 1], got 1.5"),
     ("alpha-below-0", "distill", "--alpha -0.1", "--alpha must be in [0, 1], got -0.1"),
     (
-        "student-of-another-vocabulary",
+        "student-smaller-than-the-tokenizer",
         "distill",
-        "--student {in}/student-500",
-        "the student's vocabulary (500) differs from the cache's (384)",
+        "--student {in}/student-300",
+        "the student's output head has 300 rows, fewer than the tokenizer's 384 tokens",
     ),
     ("cache-of-another-teacher", "distill", "--teacher {in}/other-teacher", "was built by another teacher"),
     (

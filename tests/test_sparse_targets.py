@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import TeacherRunner, row_seed
+from pipeline.cache import TeacherRunner, row_seed, sampled_targets
 from pipeline.config import CacheConfig
 from pipeline.models import load_causal_lm
 from pipeline.sparse_targets import BLOCK, _topk, sampled_draws, topk_with_tail
@@ -130,3 +130,81 @@ def test_a_model_whose_logits_are_not_its_head_output_is_cached_from_its_logits(
     assert out["fused_head"] is False
     np.testing.assert_array_equal(out["topk_ids"], dense.topk(8, -1).indices.numpy())
     np.testing.assert_allclose(out["topk_logprobs"], dense.topk(8, -1).values.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- a head padded past the tokenizer
+
+
+def test_topk_with_an_id_bound_picks_tokenizer_ids_and_keeps_the_padding_mass_in_the_tail():
+    """Columns from id_bound on (a padded embedding's rows) are never picked, but their mass is in the tail: the
+    log-probs are normalised over every column, as the full-vocabulary softmax gives them."""
+    logits = peaked_logits(40, 448, seed=5)
+    logits[:, 384:] += 6.0  # padding columns with a real share of the mass
+    dense = torch.log_softmax(logits.double(), -1)
+    values, ids, tail = topk_with_tail(logits.clone(), 16, id_bound=384)
+    want = dense[:, :384].topk(16, -1)
+    assert torch.equal(ids, want.indices) and int(ids.max()) < 384
+    torch.testing.assert_close(values.double(), want.values, rtol=0, atol=2e-5)
+    rest = dense.scatter(1, ids, float("-inf")).logsumexp(-1)  # everything but the K ids, padding included
+    torch.testing.assert_close(tail.double(), rest, rtol=1e-5, atol=2e-5)
+    assert (dense[:, 384:].logsumexp(-1) < tail.double()).all() and (dense[:, 384:].logsumexp(-1) > -3).all()
+
+
+@pytest.fixture(scope="module")
+def padded_model(tmp_path_factory, tiny_tokenizer):
+    """The tiny Llama with its embedding padded to 448 rows around the 384-token tokenizer (the padding rows as
+    trained as the rest: random), untied so that the head is its own Linear."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=448,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.eval()
+
+
+def padded_runner(model, modes: tuple[str, ...], rows, chunk: int, fused: bool | None) -> dict:
+    config = CacheConfig(data_dir="-", teacher="-", out_dir="-", mode=modes[-1], k=8, num_samples=20, temperature=1.5)
+    runner = TeacherRunner(model, config, torch.device("cpu"), vocab_size=384)
+    runner.head_chunk, runner.extract_chunk, runner.fused_head = chunk, max(1, chunk // 2), fused
+    return runner.targets_by_mode(rows, [row_seed(0, "train", i) for i in range(len(rows))], modes)
+
+
+def test_runner_on_a_padded_head_bounds_ids_by_the_tokenizer(padded_model):
+    """topk: the tokenizer's top ids, normalised over all 448 columns; sampled: drawn from the tokenizer's 384
+    columns renormalised (what cache.sampled_targets gives on those columns of the dense logits). The same whatever
+    the chunking, the head path (fused or the model's logits) and whether one forward serves both modes."""
+    rows = np.random.default_rng(3).integers(0, 384, size=(3, 41))
+    both = padded_runner(padded_model, ("sampled", "topk"), rows, chunk=10_000, fused=None)
+    for modes, chunk, fused in ((("topk",), 7, None), (("sampled",), 7, False), (("topk", "sampled"), 16, False)):
+        other = padded_runner(padded_model, modes, rows, chunk=chunk, fused=fused)
+        for mode in modes:
+            for name, array in both[mode].items():
+                if name in ("topk_logprobs", "tail_logprob", "teacher_entropy"):
+                    np.testing.assert_allclose(other[mode][name], array, rtol=1e-5, atol=1e-5)
+                else:
+                    np.testing.assert_array_equal(other[mode][name], array)
+    with torch.no_grad():
+        logits = padded_model(torch.from_numpy(rows[:, :-1])).logits.double() / 1.5  # [3, 40, 448]
+    dense = torch.log_softmax(logits, -1)
+    want = dense[..., :384].topk(8, -1)
+    np.testing.assert_array_equal(both["topk"]["topk_ids"], want.indices.numpy())
+    np.testing.assert_allclose(both["topk"]["topk_logprobs"], want.values.numpy(), atol=1e-5)
+    tail = dense.scatter(-1, want.indices, float("-inf")).logsumexp(-1)
+    np.testing.assert_allclose(both["topk"]["tail_logprob"], tail.numpy(), rtol=1e-5, atol=1e-5)
+    assert dense[..., 384:].exp().sum(-1).min() > 0.01  # the padding columns hold mass worth keeping out
+    expected = sampled_targets(logits[..., :384].float().clone(), 20, [row_seed(0, "train", i) for i in range(3)])
+    for name in ("sample_ids", "sample_counts", "num_distinct"):
+        np.testing.assert_array_equal(both["sampled"][name], expected[name])
+    np.testing.assert_allclose(both["sampled"]["teacher_entropy"], expected["teacher_entropy"], rtol=1e-4)
+    assert int(both["sampled"]["sample_ids"].max()) < 384

@@ -408,26 +408,6 @@ def test_teacher_layers_student_copies_embeddings_norm_and_every_nth_block(tmp_p
         )
 
 
-def test_student_with_another_vocabulary_is_refused(options, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=500,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    ).save_pretrained(tmp_path / "other")
-    line = in_process_error(
-        invoke("distill", *options(), "--student", tmp_path / "other", "--out-dir", tmp_path / "run")
-    )
-    assert "vocabulary" in line and "500" in line and "384" in line
-    assert not (tmp_path / "run" / "model.safetensors").exists()
-
-
 def test_temperature_other_than_the_caches_names_the_rebuild(options, tmp_path):
     result = invoke("distill", *options(), "--temperature", 2.0, "--out-dir", tmp_path / "run")
     assert result.exit_code == 2

@@ -174,6 +174,7 @@ def run_family(teacher: Path, corpus: Path, out: Path, mode_of_distill: str) -> 
             "cache-logits",
             *("--data-dir", paths["data"], "--teacher", teacher, "--out-dir", paths[mode], "--seq-len", SEQ_LEN),
             *("--mode", mode, "--k", K, "--num-samples", NUM_SAMPLES, "--max-rows", ROWS, "--batch-size", 4),
+            *("--dtype", "float32"),  # the stored numbers are checked against the float32 teacher's own logits
         )
     flags = train_flags(paths["data"], teacher)
     cli("distill", *flags, *STUDENT, "--cache-dir", paths[mode_of_distill], "--out-dir", paths["distill"])
@@ -322,7 +323,7 @@ def llama_runs(tmp_path_factory, tiny_teacher, corpus) -> dict[str, Path]:
     cli(
         "cache-logits",
         *("--data-dir", data, "--teacher", tiny_teacher, "--out-dir", cache, "--seq-len", SEQ_LEN),
-        *("--mode", "topk", "--k", K, "--max-rows", ROWS, "--batch-size", 4),
+        *("--mode", "topk", "--k", K, "--max-rows", ROWS, "--batch-size", 4, "--dtype", "float32"),
     )
     return {"data": data, "cache": cache, "teacher": tiny_teacher, "root": root}
 

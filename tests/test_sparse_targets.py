@@ -174,7 +174,9 @@ def padded_model(tmp_path_factory, tiny_tokenizer):
 
 
 def padded_runner(model, modes: tuple[str, ...], rows, chunk: int, fused: bool | None) -> dict:
-    config = CacheConfig(data_dir="-", teacher="-", out_dir="-", mode=modes[-1], k=8, num_samples=20, temperature=1.5)
+    config = CacheConfig(
+        data_dir="-", teacher="-", out_dir="-", mode=modes[-1], k=8, num_samples=20, temperature=1.5, dtype="float32"
+    )
     runner = TeacherRunner(model, config, torch.device("cpu"), vocab_size=384)
     runner.head_chunk, runner.extract_chunk, runner.fused_head = chunk, max(1, chunk // 2), fused
     return runner.targets_by_mode(rows, [row_seed(0, "train", i) for i in range(len(rows))], modes)

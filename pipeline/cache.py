@@ -98,11 +98,11 @@ def common_attrs(
 
 # ---------------------------------------------------------------- teacher -> sparse targets
 
-# Positions per output-head matmul (one reused [chunk, V] float32 buffer) and per extraction pass over
-# a piece of it: on a CPU, matmuls into a kept buffer beat fresh allocations (README, "What moved the
-# figures"), and small extraction pieces keep the sampled mode's scratch small.
+# Positions per output-head matmul (one reused [chunk, V] buffer) and per extraction pass over a piece of it: on a
+# CPU, big matmuls into a kept buffer beat small ones and fresh allocations, and pieces of a few rows keep the
+# extraction's passes inside the core's cache (README, "What moved the figures").
 HEAD_CHUNK = {"cpu": 1024, "cuda": 8192}
-EXTRACT_CHUNK = {"cpu": 256, "cuda": 8192}
+EXTRACT_CHUNK = {"cpu": 16, "cuda": 8192}
 # TeacherRunner's kept buffers: float32 logits, sampling scratch, a copy for a second mode, the head's output at the
 # teacher's precision when that is not float32
 LOGITS, SCRATCH, MODE_COPY, HEAD_OUT = 0, 1, 2, 3
@@ -247,20 +247,20 @@ class TeacherRunner:
             bias = None if head.bias is None else head.bias[:vocab]
         for start in range(0, states.shape[0], self.head_chunk):
             piece = states[start : start + self.head_chunk]
-            if not self.fused_head:  # the model's own logits: float32 ones of full width are ours to overwrite
-                if piece.dtype == torch.float32 and vocab == full:
-                    logits = piece
-                else:
-                    logits = self._buffer(LOGITS, len(piece), vocab).copy_(piece[:, :vocab])
-            else:  # the head at the teacher's precision, into a kept buffer (then float32 for the extraction)
-                out = self._buffer(HEAD_OUT if self.dtype != torch.float32 else LOGITS, len(piece), vocab, self.dtype)
-                logits = torch.matmul(piece, weight.T, out=out)
+            if self.fused_head:  # the head at the teacher's precision, into a kept buffer
+                index = LOGITS if self.dtype == torch.float32 else HEAD_OUT
+                logits = torch.matmul(piece, weight.T, out=self._buffer(index, len(piece), vocab, self.dtype))
                 if bias is not None:
                     logits.add_(bias)
-                if self.dtype != torch.float32:
-                    logits = self._buffer(LOGITS, len(piece), vocab).copy_(logits)
+            else:  # the model's own logits
+                logits = piece[:, :vocab]
+            # float32 logits of full width are ours to overwrite; others are copied piece by piece into a small
+            # float32 buffer that the extraction's passes then find in the CPU's cache
+            in_place = logits.dtype == torch.float32 and (self.fused_head or vocab == full)
             for offset in range(0, len(logits), self.extract_chunk):
                 part = logits[offset : offset + self.extract_chunk]
+                if not in_place:
+                    part = self._buffer(LOGITS, len(part), vocab).copy_(part)
                 if self.config.temperature != 1.0:
                     part.div_(self.config.temperature)
                 yield start + offset, part

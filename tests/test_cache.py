@@ -271,7 +271,7 @@ def test_sampled_targets_draw_from_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0, 0.0], dtype=torch.float64)
     rows, length, draws = 8, 50, 40
     logprobs = probs.log().float().expand(rows, length, -1).clone()
-    out = sampled_targets(logprobs, draws, [row_seed(3, "train", i) for i in range(rows)])
+    out = sampled_targets(logprobs.clone(), draws, [row_seed(3, "train", i) for i in range(rows)])  # overwrites
     num_distinct = out["num_distinct"].reshape(-1).astype(np.int64)
     counts, ids = out["sample_counts"].astype(np.int64), out["sample_ids"]
     starts = np.concatenate([[0], np.cumsum(num_distinct)[:-1]])
@@ -282,7 +282,7 @@ def test_sampled_targets_draw_from_the_distribution():
     assert np.abs(frequencies - probs.numpy()).max() < 0.02  # 16000 draws: 4+ standard deviations
     entropy = -(probs[:4] * probs[:4].log()).sum().item()
     np.testing.assert_allclose(out["teacher_entropy"], entropy, rtol=1e-5)
-    again = sampled_targets(logprobs, draws, [row_seed(3, "train", i) for i in range(rows)])
+    again = sampled_targets(logprobs.clone(), draws, [row_seed(3, "train", i) for i in range(rows)])
     assert all(np.array_equal(out[k], again[k]) for k in out)
 
 

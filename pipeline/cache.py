@@ -537,7 +537,7 @@ def merge_shards(config: CacheConfig, attrs: dict, num_jobs: int | None) -> dict
     """Check that every shard of every split is present and matches its entry (size, sha256, rows) and the
     shared attributes (teacher, tokenizer, tokens, temperature, mode, seed, ...), then write manifest.json and
     remove the entries, parts and files of other runs. One PipelineError names every missing or mismatched shard.
-    num_jobs: None takes it from the entries. compute_dtype ("auto": bf16 on GPU, fp32 on CPU) is taken from
+    num_jobs: None takes it from the entries. compute_dtype (with "auto", bf16 or fp32 by the machine) is taken from
     the entries, which must agree on it, so that the merge may run on a machine of another kind."""
     out_dir = Path(config.out_dir)
     entries = [e for e in map(_read_entry, sorted(out_dir.glob("*.entry.json"))) if e]

@@ -1,0 +1,182 @@
+"""The fused output head + loss (losses.fused_distillation_loss) against the unfused path: distillation_loss on
+logits = hidden @ W.T (+ b), values and gradients with respect to the hidden states and the head."""
+
+import pytest
+import torch
+from test_losses import _draw, _targets, _tiny_tail_setup
+
+from pipeline.losses import distillation_loss, fused_distillation_loss
+
+N, H, V = 13, 6, 37  # odd sizes: a chunk of 4 does not divide N, V is not a multiple of 64
+
+CASES = [  # (cache mode, kd_loss, topk_renormalize)
+    (None, "forward-kl", False),
+    ("topk", "forward-kl", False),
+    ("topk", "reverse-kl", False),
+    ("topk", "jsd", False),
+    ("topk", "forward-kl", True),
+    ("sampled", "forward-kl", False),
+]
+
+
+def _problem(temperature, dtype=torch.float64, bias=False, seed=0, k=5, num_samples=12):
+    """hidden [N,H], head weight [V,H] (bias [V]), labels, a mask with two rows out, and both caches' targets."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    head_bias = (torch.randn(V, generator=g, dtype=torch.float64) * 0.1).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[2] = mask[N - 1] = False
+    logp_full = torch.log_softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 3 / temperature, dim=1)
+    topk_logprobs, topk_ids = logp_full.topk(k, dim=1)
+    sample_ids, counts = _draw(logp_full, num_samples, g)
+    targets = {
+        "topk": dict(
+            topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprob=torch.log1p(-topk_logprobs.exp().sum(1))
+        ),
+        "sampled": dict(
+            sample_ids=sample_ids,
+            sample_counts=counts,
+            num_samples=num_samples,
+            teacher_entropy=-(logp_full.exp() * logp_full).sum(1),
+        ),
+        None: None,
+    }
+    return hidden, weight, head_bias, labels, mask, targets
+
+
+def _both(mode, kind, renormalize, temperature, dtype=torch.float64, bias=False, chunk=4, autocast=False):
+    """(loss, d hidden, d weight, d bias) of the fused path and of the unfused one (head, then distillation_loss)."""
+    hidden, weight, head_bias, labels, mask, targets = _problem(temperature, dtype, bias)
+    options = dict(alpha=0.3, temperature=temperature, kd_loss=kind, topk_renormalize=renormalize, chunk_size=chunk)
+    results = []
+    for fused in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        b = None if head_bias is None else head_bias.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                out = fused_distillation_loss(
+                    h,
+                    w,
+                    labels,
+                    mask,
+                    targets[mode],
+                    head_bias=b,
+                    logits_dtype=torch.bfloat16 if autocast else None,
+                    **options,
+                )
+            else:
+                logits = torch.nn.functional.linear(h, w, b)
+        if not fused:  # as accelerate hands the logits on: float32 after autocast
+            out = distillation_loss(logits.float() if autocast else logits, labels, mask, targets[mode], **options)
+        grads = torch.autograd.grad(out.total, [h, w] + ([b] if b is not None else []))
+        results.append((out, grads))
+    return results
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", CASES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_equals_unfused_float64(mode, kind, renormalize, temperature):
+    (fused, fused_grads), (plain, plain_grads) = _both(mode, kind, renormalize, temperature)
+    for part in ("total", "ce", "kd"):
+        torch.testing.assert_close(getattr(fused, part), getattr(plain, part), rtol=1e-12, atol=1e-12)
+    for got, want in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", [CASES[0], CASES[1], CASES[3], CASES[5]])
+def test_fused_equals_unfused_with_bias_and_one_chunk(mode, kind, renormalize):
+    for chunk in (4, 100):
+        (fused, fused_grads), (plain, plain_grads) = _both(mode, kind, renormalize, 1.5, bias=True, chunk=chunk)
+        torch.testing.assert_close(fused.total, plain.total, rtol=1e-12, atol=1e-12)
+        assert len(fused_grads) == 3
+        for got, want in zip(fused_grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", CASES)
+def test_fused_equals_unfused_under_bf16_autocast(mode, kind, renormalize):
+    # float32 hidden and head, logits in bf16 as an autocast Linear gives them: the same bf16 logits either way,
+    # so the values agree closely; the gradients differ by bf16 rounding of per-chunk sums.
+    (fused, fused_grads), (plain, plain_grads) = _both(mode, kind, renormalize, 2.0, dtype=torch.float32, autocast=True)
+    assert fused.total.dtype == torch.float32
+    torch.testing.assert_close(fused.total, plain.total, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fused_grads, plain_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_tied_head_gradient_reaches_the_embedding_once():
+    # A tied head: the embedding matrix is both the input table and the head; its gradient sums both uses.
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(V, H, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, V, (N + 1,), generator=g)
+    grads = []
+    for fused in (True, False):
+        w = table.clone().requires_grad_(True)
+        hidden = torch.tanh(w[tokens[:-1]])  # a stand-in body
+        if fused:
+            out = fused_distillation_loss(hidden, w, tokens[1:], alpha=1.0, temperature=1.0, chunk_size=5)
+        else:
+            out = distillation_loss(hidden @ w.T, tokens[1:], alpha=1.0, temperature=1.0, chunk_size=5)
+        grads.append(torch.autograd.grad(out.total, w)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", [CASES[0], CASES[1], CASES[4], CASES[5]])
+def test_nothing_of_tokens_by_vocab_is_saved_or_made(mode, kind, renormalize):
+    # Saved for backward: only hidden, the head and [N,1] / [N,K] statistics; no tensor of N x V elements.
+    hidden, weight, _, labels, mask, targets = _problem(1.0, torch.float32)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fused_distillation_loss(
+            h, w, labels, mask, targets[mode], alpha=0.5, temperature=1.0, topk_renormalize=renormalize, chunk_size=4
+        )
+    assert saved and all(torch.Size(s).numel() < N * V for s in saved), saved
+    assert (N, V) not in saved
+    out.total.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_all_masked_gives_zero_loss_and_gradients():
+    hidden, weight, _, labels, _, targets = _problem(1.0)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    out = fused_distillation_loss(
+        h, w, labels, torch.zeros(N, dtype=torch.bool), targets["topk"], alpha=0.5, temperature=1.0, chunk_size=4
+    )
+    out.total.backward()
+    assert out.total.item() == 0.0 and not h.grad.any() and not w.grad.any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_tiny_student_tails_are_redone_from_the_hidden_states(temperature, monkeypatch):
+    # Rows whose student tail is below float32's reach get lse_out summed again (losses._redo_lse_out); the fused
+    # path makes those rows' logits from hidden states. An identity head makes the logits the hidden states.
+    import pipeline.losses as losses
+
+    redone = []
+    real = losses._redo_lse_out
+    monkeypatch.setattr(losses, "_redo_lse_out", lambda *a: redone.append(list(a[3])) or real(*a))
+    s = _tiny_tail_setup(temperature, 60.0 * temperature, torch.float32)
+    targets, grads, values = _targets(s, "topk"), [], []
+    for fused in (True, False):
+        x = s["student"].clone().requires_grad_(True)
+        options = dict(alpha=0.3, temperature=temperature, kd_loss="forward-kl", chunk_size=3)
+        if fused:
+            eye = torch.eye(x.shape[1])
+            out = fused_distillation_loss(x, eye, s["labels"], s["mask"], targets, **options)
+        else:
+            out = distillation_loss(x, s["labels"], s["mask"], targets, **options)
+        values.append(out.total)
+        grads.append(torch.autograd.grad(out.total, x)[0])
+    assert redone == [[0, 3, 4, 5], [0, 3, 4, 5]]
+    torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

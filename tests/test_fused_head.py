@@ -3,7 +3,9 @@ logits = hidden @ W.T (+ b), values and gradients with respect to the hidden sta
 
 import pytest
 import torch
+from conftest import invoke_cli, run_cli
 from test_losses import _draw, _targets, _tiny_tail_setup
+from test_train import SEQ_LEN, metrics, train_options
 
 from pipeline.losses import distillation_loss, fused_distillation_loss
 
@@ -180,3 +182,96 @@ def test_tiny_student_tails_are_redone_from_the_hidden_states(temperature, monke
     assert redone == [[0, 3, 4, 5], [0, 3, 4, 5]]
     torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the student's head (models.py)
+
+
+def _tiny(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    if model_type == "gpt2":
+        sizes = dict(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    elif model_type in ("gemma2", "llama", "qwen2"):
+        sizes.update(num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, **extra)).train()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+def test_head_input_is_the_final_hidden_state_and_the_head_gives_the_logits(model_type):
+    from pipeline.models import head_gives_logits, head_input_as_logits
+
+    model = _tiny(model_type).eval()
+    ids = torch.arange(10)[None] % V
+    assert head_gives_logits(model, ids)
+    assert model.training is False
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        with head_input_as_logits(model) as head_call:
+            hidden = model(input_ids=ids).logits
+        assert hidden.shape == (1, 10, model.config.hidden_size) and head_call["dtype"] == torch.float32
+        torch.testing.assert_close(model.get_output_embeddings()(hidden), logits)
+        assert model(input_ids=ids).logits.shape[-1] == V  # the head is back after the block
+        with head_input_as_logits(model) as head_call, torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids)
+        assert head_call["dtype"] == torch.bfloat16  # what the head's logits would have been
+
+
+def test_soft_capped_logits_use_the_unfused_head_and_on_is_refused():
+    from pipeline.errors import PipelineError
+    from pipeline.train import use_fused_head
+
+    gemma = _tiny("gemma2", final_logit_softcapping=30.0)
+    assert use_fused_head("auto", gemma, V) is False
+    assert gemma.training  # the probe leaves the mode as it was
+    with pytest.raises(PipelineError, match="--fused-head on: the gemma2 student's logits are not its output head"):
+        use_fused_head("on", gemma, V)
+    llama = _tiny("llama")
+    assert use_fused_head("auto", llama, V) and use_fused_head("on", llama, V)
+    assert use_fused_head("off", llama, V) is False
+
+
+# ----------------------------------------------------------------------------- training runs, fused vs unfused
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory, tiny_data, tiny_teacher):
+    out = tmp_path_factory.mktemp("fused-cache") / "topk"
+    run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out, "--seq-len", SEQ_LEN,
+            "--mode", "topk", "--k", 16, check=True)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("kind, precision", [("distill", "no"), ("baseline", "bf16")])
+def test_twenty_steps_fused_and_unfused_give_the_same_losses(
+    kind, precision, tiny_data, tiny_teacher, topk_cache, tmp_path
+):
+    runs = {}
+    for fused in ("on", "off"):
+        out = tmp_path / fused
+        options = train_options(
+            tiny_data,
+            tiny_teacher,
+            topk_cache,
+            max_steps=20,
+            eval_every=20,
+            save_every=20,
+            mixed_precision=precision,
+            loss_chunk=48,  # 128 positions a step: chunks of 48, 48 and 32
+        )
+        result = invoke_cli(kind, *options, "--fused-head", fused, "--out-dir", out, check=True)
+        assert ("output head fused with the loss" in result.stdout) == (fused == "on")
+        runs[fused] = metrics(out)
+    assert [r["step"] for r in runs["on"]] == list(range(1, 21))
+    rel = 1e-4 if precision == "no" else 2e-2  # bf16: the head's gradient summed per chunk, rounded differently
+    for on, off in zip(runs["on"], runs["off"]):
+        for key in ("total", "ce", "kd"):
+            assert on[key] == pytest.approx(off[key], rel=rel, abs=1e-6), (on["step"], key)
+    assert runs["on"][-1]["val_ce"] == pytest.approx(runs["off"][-1]["val_ce"], rel=rel)
+    print(
+        "WORST",
+        kind,
+        max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(runs["on"], runs["off"]) for k in ("total", "ce")),
+    )

@@ -662,6 +662,9 @@ class BenchConfig:
     quality_rows: int = opt(64, "quality: train rows in the bench caches")
     eval_rows: int = opt(16, "quality: val rows evaluated")
     seed: int = opt(0, "seed of the students, the row order and the sampled draws")
+    memory_budget_mb: int = opt(
+        8192, "fused head: the step memory (MB beyond the model and optimizer) the largest-batch figure fits in"
+    )
     teacher_shape: str | None = opt(
         None,
         "stage 1 only, with a randomly initialised teacher of this shape built in memory instead of --teacher: "
@@ -677,7 +680,7 @@ class BenchConfig:
         problems += _positive(
             self, "seq_len", "batches", "repeats", "steps", "k", "data_batches", "quality_steps", "quality_rows"
         )
-        problems += _positive(self, "eval_rows")
+        problems += _positive(self, "eval_rows", "memory_budget_mb")
         if not 0 < self.num_samples <= 255:
             problems.append(f"--num-samples must be in 1..255, got {self.num_samples}")
         if self.num_workers < 0:

@@ -851,6 +851,12 @@ def teacher_targets(batch: Mapping[str, torch.Tensor], num_samples: int) -> dict
     return None
 
 
+# The fused head's chunk, in logits: 2^24 (64 MB of float32) is 341 rows at a 49,152 vocabulary, 130 at 128,256;
+# the head's matmul on that many rows still runs at full speed, and the chunk's temporaries (its logits, one float32
+# softmax, its gradient) stay a few hundred MB whatever the batch.
+FUSED_CHUNK_ELEMENTS = 2**24
+
+
 @dataclass(frozen=True)
 class StepLoss:
     """The loss of one training step: distillation_loss of the student's logits on a batch of rows (or, with
@@ -891,7 +897,10 @@ class StepLoss:
         self, hidden: torch.Tensor, head: torch.nn.Linear, logits_dtype: torch.dtype, batch: Mapping[str, torch.Tensor]
     ) -> LossParts:
         """The same loss from the final hidden states [B, L, H] and the output head (fused_distillation_loss);
-        logits_dtype: the dtype the head's logits have on the unfused path."""
+        logits_dtype: the dtype the head's logits have on the unfused path. Chunks are at most chunk_size rows and
+        FUSED_CHUNK_ELEMENTS logits, so that the head's temporaries stay small at any vocabulary."""
+        options = self._options()
+        options["chunk_size"] = min(self.chunk_size, max(1, FUSED_CHUNK_ELEMENTS // head.weight.shape[0]))
         return fused_distillation_loss(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,
@@ -899,5 +908,5 @@ class StepLoss:
             targets=teacher_targets(batch, self.num_samples),
             head_bias=head.bias,
             logits_dtype=logits_dtype,
-            **self._options(),
+            **options,
         )

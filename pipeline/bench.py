@@ -628,6 +628,9 @@ class BenchStudent:
     ):
         label, cache_mode, renormalize, online = spec
         model = build_student(student_config, config.teacher, vocab, config.seed)
+        # before prepare, as train() decides it: Accelerate's autocast wrapper changes the logits' precision
+        self.fused_applies = use_fused_head("auto", model, vocab)
+        fused = use_fused_head(config.loss.fused_head, model, vocab)
         optimizer = make_optimizer(model, config.optim)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.model.train()
@@ -643,6 +646,7 @@ class BenchStudent:
                 topk_renormalize=renormalize,
                 chunk_size=config.loss.loss_chunk,
                 num_samples=num_samples,
+                fused_head=fused,  # as distill runs it
             )
 
     def batch(self, batches: dict) -> dict:
@@ -840,10 +844,15 @@ class _CountingLoss:
 
     def __init__(self, loss_fn, counter: SavedTensorCounter):
         self.loss_fn, self.counter = loss_fn, counter
+        self.fused_head = getattr(loss_fn, "fused_head", False)  # the step takes the path the loss takes
 
     def __call__(self, logits, batch):
         with self.counter.hooks():
             return self.loss_fn(logits, batch)
+
+    def on_hidden(self, *args):
+        with self.counter.hooks():
+            return self.loss_fn.on_hidden(*args)
 
 
 def run_memory(accelerator, students: dict, batches: dict, vocab: int, config: BenchConfig) -> dict:
@@ -907,7 +916,7 @@ def run_fused_head(accelerator, student_config, config: BenchConfig, batches: li
             student_config, student=None, student_config=None, student_init="random", n_embd=width
         )
         head_rows = logit_width(accelerator.unwrap_model(student.model))
-        applies = use_fused_head("auto", accelerator.unwrap_model(student.model), vocab)
+        applies = student.fused_applies
         variants = {}
         for key, mode in FUSED_MODES.items():
             loss_fn = dataclasses.replace(

@@ -130,7 +130,8 @@ def head_gives_logits(model, input_ids: torch.Tensor) -> bool:
     after it (no logit soft-capping or scaling)? Then the head can run apart from the body: the cache's chunked head,
     the trainer's fused head + loss. Checked on the config and once on the model itself, input_ids [B, L] (its first
     16 positions), in eval mode: the head's output must be the logits exactly (up to an upcast), and its input the
-    base model's last hidden state."""
+    base model's last hidden state. Ask before Accelerate prepares the model: its autocast wrapper runs the model's
+    forward in bf16 but not the base model's, so the two would differ by rounding."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", None) is model:
         return False
@@ -169,11 +170,15 @@ def head_input_as_logits(model):
         seen["dtype"] = torch.get_autocast_dtype(kind) if on else torch.promote_types(hidden.dtype, head.weight.dtype)
         return hidden
 
+    previous = head.__dict__.get("forward")  # a forward already set on the instance (hooks of other libraries)
     head.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
     try:
         yield seen
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def count_parameters(model) -> int:

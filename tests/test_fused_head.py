@@ -1,11 +1,15 @@
 """The fused output head + loss (losses.fused_distillation_loss) against the unfused path: distillation_loss on
 logits = hidden @ W.T (+ b), values and gradients with respect to the hidden states and the head."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import invoke_cli, run_cli
+from conftest import REPO, invoke_cli, run_cli
 from test_losses import _draw, _targets, _tiny_tail_setup
-from test_train import SEQ_LEN, metrics, train_options
+from test_train import SEQ_LEN, metrics, train_options, weights
 
 from pipeline.losses import distillation_loss, fused_distillation_loss
 
@@ -275,3 +279,30 @@ def test_twenty_steps_fused_and_unfused_give_the_same_losses(
         kind,
         max(abs(a[k] - b[k]) / abs(b[k]) for a, b in zip(runs["on"], runs["off"]) for k in ("total", "ce")),
     )
+
+
+def test_torchrun_two_processes_with_grad_accum_fused_and_unfused_agree(tiny_data, tiny_teacher, topk_cache, tmp_path):
+    """Two CPU ranks, two micro-batches a step: the body goes through DDP (no_sync on the first micro-batch), the
+    head's weight gets its gradient from the loss's backward and is all-reduced with the rest. Fused and unfused
+    runs end with the same weights; an unsynced head gradient would leave rank 0's head off by far more."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline"]
+    options = train_options(tiny_data, tiny_teacher, topk_cache, max_steps=4, eval_every=4, save_every=4, batch_size=2)
+    runs = {}
+    for fused in ("on", "off"):
+        out = tmp_path / fused
+        args = ["distill", *map(str, options), "--grad-accum", "2", "--loss-chunk", "48", "--fused-head", fused]
+        result = subprocess.run(
+            launch + args + ["--out-dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        runs[fused] = weights(out)
+    a, b = runs["on"], runs["off"]
+    assert a.keys() == b.keys()
+    worst = max(((a[n] - b[n]).abs().max() / b[n].abs().max()).item() for n in a)
+    assert worst < 1e-4, worst

@@ -900,8 +900,8 @@ def run_fused_head(accelerator, student_config, config: BenchConfig, batches: li
     topk KD and sampled KD, at the tokenizer's vocabulary and on a random student of the same width with a
     FUSED_WIDE_VOCAB-row head: step time (train.training_step, the six variants interleaved, medians), peak memory
     of one step at the bench batch and at twice it, the [tokens, vocab] tensors saved for backward, and the largest
-    batch whose step fits --memory-budget-mb (from the line through those two points; over the step's start, i.e.
-    beyond the model and the optimizer state)."""
+    batch whose step fits --memory-budget-mb (from the line through those two points, its slope at least that of the
+    saved tensors; over the step's start, i.e. beyond the model and the optimizer state)."""
     tokens = batches[0]["topk"]["tokens"][:, 1:].numel()
     rows_per_batch = batches[0]["topk"]["tokens"].shape[0]
     out = {"tokens_per_step": tokens, "rounds": len(batches) - 1, "memory_budget_mb": config.memory_budget_mb}
@@ -939,8 +939,11 @@ def run_fused_head(accelerator, student_config, config: BenchConfig, batches: li
             step_s = _median(times[(key, fused)])
             one = _fused_memory(accelerator, variant, batches[0], head_rows, config)
             two = _fused_memory(accelerator, variant, _doubled(batches), head_rows, config)
-            per_row = max(two["increase_mb"] - one["increase_mb"], 1e-9) / rows_per_batch
-            fixed = one["increase_mb"] - per_row * rows_per_batch
+            # MB per row: the slope of peak RSS, but at least the slope of what autograd saves (exact, while RSS
+            # moves by the allocator's reuse of freed pages, which can hide a few tens of MB)
+            slope = max(two["increase_mb"] - one["increase_mb"], two["saved_mb"] - one["saved_mb"], 1e-3)
+            per_row = slope / rows_per_batch
+            fixed = max(0.0, one["increase_mb"] - per_row * rows_per_batch)
             section["variants"][f"{key}_{'fused' if fused else 'unfused'}"] = {
                 "mode": key,
                 "fused": fused,

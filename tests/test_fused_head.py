@@ -183,7 +183,8 @@ def test_tiny_student_tails_are_redone_from_the_hidden_states(temperature, monke
             out = distillation_loss(x, s["labels"], s["mask"], targets, **options)
         values.append(out.total)
         grads.append(torch.autograd.grad(out.total, x)[0])
-    assert redone == [[0, 3, 4, 5], [0, 3, 4, 5]]
+    # fused: per chunk of 3, rows local to it (0 | 3 4 5); unfused: all rows at once
+    assert redone == [[0], [0, 1, 2], [0, 3, 4, 5]]
     torch.testing.assert_close(values[0], values[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
@@ -306,3 +307,27 @@ def test_torchrun_two_processes_with_grad_accum_fused_and_unfused_agree(tiny_dat
     assert a.keys() == b.keys()
     worst = max(((a[n] - b[n]).abs().max() / b[n].abs().max()).item() for n in a)
     assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("part", ["ce", "kd", "scaled_total", "mixed"])
+def test_gradients_of_any_combination_of_the_parts(part):
+    # The forward keeps the gradients of alpha CE + (1 - alpha) T^2 KD; a multiple of total uses them, any other
+    # combination makes the chunks' logits again. Both must match the unfused path.
+    hidden, weight, _, labels, mask, targets = _problem(2.0)
+    got = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        options = dict(alpha=0.3, temperature=2.0, chunk_size=4)
+        if fused:
+            out = fused_distillation_loss(h, w, labels, mask, targets["topk"], **options)
+        else:
+            out = distillation_loss(h @ w.T, labels, mask, targets["topk"], **options)
+        loss = {
+            "ce": out.ce,
+            "kd": out.kd,
+            "scaled_total": 0.25 * out.total,
+            "mixed": out.total + out.ce,
+        }[part]
+        got.append(torch.autograd.grad(loss, [h, w]))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

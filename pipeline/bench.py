@@ -16,6 +16,9 @@ Sections (bench.json keys; bench.md and the terminal get the same tables):
   data    CacheRows + StepBatches + collate_rows through a DataLoader, rows/s, against the rows/s a step eats.
   memory  per step variant: peak RSS (CPU; VmHWM reset through /proc/self/clear_refs before each variant) or
           peak allocated (GPU), and the [tokens, vocab] tensors the loss saves for backward (saved-tensor hook).
+  fused_head  the output head fused with the loss (--fused-head on) vs unfused, for CE, topk and sampled KD, at the
+          tokenizer's vocabulary and with a 128,256-row head: step tokens/s (interleaved), peak memory of a step at
+          the batch and twice it, [tokens, vocab] tensors saved, the largest batch within --memory-budget-mb.
   quality (--quality) students trained for the same steps on the same rows with CE, topk+tail KD,
           topk-renormalised KD, sampled KD and online dense KD: val perplexity, KL to the teacher.
 
@@ -68,7 +71,7 @@ from pipeline.models import (
 )
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
-from pipeline.train import make_optimizer, resolve_mixed_precision, training_step
+from pipeline.train import make_optimizer, resolve_mixed_precision, training_step, use_fused_head
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_FLOPS = (
@@ -625,6 +628,9 @@ class BenchStudent:
     ):
         label, cache_mode, renormalize, online = spec
         model = build_student(student_config, config.teacher, vocab, config.seed)
+        # before prepare, as train() decides it: Accelerate's autocast wrapper changes the logits' precision
+        self.fused_applies = use_fused_head("auto", model, vocab)
+        fused = use_fused_head(config.loss.fused_head, model, vocab)
         optimizer = make_optimizer(model, config.optim)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.model.train()
@@ -640,6 +646,7 @@ class BenchStudent:
                 topk_renormalize=renormalize,
                 chunk_size=config.loss.loss_chunk,
                 num_samples=num_samples,
+                fused_head=fused,  # as distill runs it
             )
 
     def batch(self, batches: dict) -> dict:
@@ -837,10 +844,15 @@ class _CountingLoss:
 
     def __init__(self, loss_fn, counter: SavedTensorCounter):
         self.loss_fn, self.counter = loss_fn, counter
+        self.fused_head = getattr(loss_fn, "fused_head", False)  # the step takes the path the loss takes
 
     def __call__(self, logits, batch):
         with self.counter.hooks():
             return self.loss_fn(logits, batch)
+
+    def on_hidden(self, *args):
+        with self.counter.hooks():
+            return self.loss_fn.on_hidden(*args)
 
 
 def run_memory(accelerator, students: dict, batches: dict, vocab: int, config: BenchConfig) -> dict:
@@ -857,6 +869,120 @@ def run_memory(accelerator, students: dict, batches: dict, vocab: int, config: B
         out[key] = {"label": student.label, **peak.result, **{f"loss_{k}": v for k, v in counter.summary().items()}}
     full_vocab_mb = tokens * vocab * 4 / 2**20
     return {"method": method, "tokens": tokens, "vocab": vocab, "float32_full_vocab_mb": full_vocab_mb, "variants": out}
+
+
+# ---------------------------------------------------------------- fused output head + loss vs the unfused head
+
+FUSED_WIDE_VOCAB = 128256  # Llama-3's head rows: the fused rows are also measured on a random student this wide
+FUSED_MEMORY_TARGET = 0.40  # fused step memory increase over the unfused one's, at the wide vocabulary
+FUSED_MODES = {"ce": None, "topk": "topk", "sampled": "sampled"}
+
+
+def _doubled(batches: list[dict]) -> dict:
+    """Two steps' rows as one batch of twice the rows (the second point of the memory line)."""
+    return {
+        mode: {key: torch.cat([b[mode][key] for b in batches[:2]]) for key in batches[0][mode]} for mode in batches[0]
+    }
+
+
+def _fused_memory(accelerator, variant: BenchStudent, batches: dict, vocab: int, config: BenchConfig) -> dict:
+    """One step under PeakMemory with everything autograd saves counted (SavedTensorCounter over the model's
+    forward and the loss: on the unfused path the head's float32 logits are saved by the loss)."""
+    tokens = batches["topk"]["tokens"][:, 1:].numel()
+    counter = SavedTensorCounter(tokens * vocab)
+    with PeakMemory(accelerator.device) as peak, counter.hooks():
+        bench_step(accelerator, variant, batches, config, 0, 1)
+    return {**peak.result, "method": peak.method, **counter.summary()}
+
+
+def run_fused_head(accelerator, student_config, config: BenchConfig, batches: list[dict], vocab: int, samples: int):
+    """Fused output head + loss (--fused-head on) against the unfused head (today's logits, then the loss) for CE,
+    topk KD and sampled KD, at the tokenizer's vocabulary and on a random student of the same width with a
+    FUSED_WIDE_VOCAB-row head: step time (train.training_step, the six variants interleaved, medians), peak memory
+    of one step at the bench batch and at twice it, the [tokens, vocab] tensors saved for backward, and the largest
+    batch whose step fits --memory-budget-mb (from the line through those two points, its slope at least that of the
+    saved tensors; over the step's start, i.e. beyond the model and the optimizer state)."""
+    tokens = batches[0]["topk"]["tokens"][:, 1:].numel()
+    rows_per_batch = batches[0]["topk"]["tokens"].shape[0]
+    out = {"tokens_per_step": tokens, "rounds": len(batches) - 1, "memory_budget_mb": config.memory_budget_mb}
+    out["heads"] = {}
+    spec = student_config
+    for rows in dict.fromkeys((vocab, FUSED_WIDE_VOCAB)):
+        _log(f"fused head: student with a {rows:,}-row head")
+        student = BenchStudent(accelerator, STEP_VARIANTS["ce"], spec, config, rows, None, samples)
+        # the wide student: a random Llama of the first one's width
+        width = accelerator.unwrap_model(student.model).config.hidden_size
+        spec = dataclasses.replace(
+            student_config, student=None, student_config=None, student_init="random", n_embd=width
+        )
+        head_rows = logit_width(accelerator.unwrap_model(student.model))
+        applies = student.fused_applies
+        variants = {}
+        for key, mode in FUSED_MODES.items():
+            loss_fn = dataclasses.replace(
+                student.loss_fn,
+                kd_loss=config.loss.kd_loss if mode == "topk" else "forward-kl",
+                num_samples=samples,
+            )
+            for fused in (True, False) if applies else (False,):
+                variant = copy.copy(student)  # the same model and optimizer: only the loss and the rows differ
+                variant.cache_mode, variant.loss_fn = mode, dataclasses.replace(loss_fn, fused_head=fused)
+                variants[(key, fused)] = variant
+        times, laps = {name: [] for name in variants}, Laps(accelerator.device)
+        for round_index, step in enumerate(batches):
+            for name, variant in variants.items():
+                record = bench_step(accelerator, variant, step, config, round_index, len(batches), laps)
+                if round_index:  # round 0 warms up
+                    times[name].append(record["step"])
+        section = {"head_rows": head_rows, "fused_applies": applies, "variants": {}}
+        for (key, fused), variant in variants.items():
+            step_s = _median(times[(key, fused)])
+            one = _fused_memory(accelerator, variant, batches[0], head_rows, config)
+            two = _fused_memory(accelerator, variant, _doubled(batches), head_rows, config)
+            # MB per row: the slope of peak RSS, but at least the slope of what autograd saves (exact, while RSS
+            # moves by the allocator's reuse of freed pages, which can hide a few tens of MB)
+            slope = max(two["increase_mb"] - one["increase_mb"], two["saved_mb"] - one["saved_mb"], 1e-3)
+            per_row = slope / rows_per_batch
+            fixed = max(0.0, one["increase_mb"] - per_row * rows_per_batch)
+            section["variants"][f"{key}_{'fused' if fused else 'unfused'}"] = {
+                "mode": key,
+                "fused": fused,
+                "step_ms": 1000 * step_s,
+                "tokens_per_s": tokens / step_s,
+                "peak_mb": one["peak_mb"],
+                "increase_mb": one["increase_mb"],
+                "increase_mb_2x": two["increase_mb"],
+                "full_vocab_saved": one["full_vocab_saved"],
+                "saved_mb": one["saved_mb"],
+                "largest_batch": max(0, math.floor((config.memory_budget_mb - fixed) / per_row)),
+            }
+            out["memory_method"] = one["method"]
+        v = section["variants"]
+        if applies:
+            section["memory_ratio"] = {
+                k: _ratio(v[f"{k}_fused"]["increase_mb"], v[f"{k}_unfused"]["increase_mb"]) for k in FUSED_MODES
+            }
+            section["fused_over_unfused_ce_step_time"] = {
+                k: _ratio(v[f"{k}_fused"]["step_ms"], v["ce_unfused"]["step_ms"]) for k in FUSED_MODES
+            }
+        out["heads"][str(head_rows)] = section
+        del student, variants
+        gc.collect()
+    wide = out["heads"].get(str(FUSED_WIDE_VOCAB), {})
+    memory, times = wide.get("memory_ratio", {}), wide.get("fused_over_unfused_ce_step_time", {})
+    fused_rows = [v for s in out["heads"].values() for v in s["variants"].values() if v["fused"]]
+    out["targets"] = {
+        "fused_full_vocab_saved": sum(v["full_vocab_saved"] for v in fused_rows),
+        "memory_ratio_target": FUSED_MEMORY_TARGET,
+        "memory_meets_target": bool(memory)
+        and all(r is not None and r <= FUSED_MEMORY_TARGET for r in memory.values()),
+        "fused_ce_not_slower": times.get("ce") is not None and times["ce"] <= 1.0,
+    }
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
 
 
 # ---------------------------------------------------------------- quality at equal budget
@@ -1034,7 +1160,7 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
         stage1[mode].update(storage_figures(bench_caches[mode], teacher_vocab))
     report["stage1"] = stage1
     if config.teacher_shape:  # stage 1 alone: training needs the teacher's own weights and tokenizer
-        report.update(stage2=None, data=None, memory=None, quality=None)
+        report.update(stage2=None, data=None, memory=None, fused_head=None, quality=None)
         return write_report(report, work_dir)
 
     # ---- stage 2: the four steps, interleaved, on the same batches
@@ -1054,6 +1180,7 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     report["memory"] = run_memory(accelerator, students, batches[0], vocab, config)
     del students
     gc.collect()
+    report["fused_head"] = run_fused_head(accelerator, student_config, config, batches, vocab, num_samples)
 
     # ---- quality
     report["quality"] = None
@@ -1317,6 +1444,52 @@ def render_markdown(report: dict) -> str:
             for v in mem["variants"].values()
         ],
     )
+
+    fused = report.get("fused_head")
+    if fused:
+        out += [
+            "",
+            f"## Output head fused with the loss vs unfused ({fused['tokens_per_step']:,} tokens a step, "
+            f"{fused['rounds']} interleaved rounds; memory: {fused['memory_method']})",
+            "",
+            "Memory is the step's peak over its start (the model and optimizer state already there), at the bench "
+            f"batch and at twice it; the largest batch is where the line through them reaches "
+            f"{fused['memory_budget_mb']:,} MB. 'Saved' counts [tokens, vocab] tensors autograd keeps for the "
+            "backward.",
+            "",
+        ]
+        rows = []
+        for head_rows, section in fused["heads"].items():
+            for v in section["variants"].values():
+                rows.append(
+                    [
+                        f"{int(head_rows):,}",
+                        f"{v['mode']} {'fused' if v['fused'] else 'unfused'}",
+                        _fmt(v["tokens_per_s"]),
+                        _fmt(v["step_ms"]),
+                        _fmt(v["increase_mb"]),
+                        _fmt(v["increase_mb_2x"]),
+                        str(v["full_vocab_saved"]),
+                        _fmt(v["largest_batch"]),
+                    ]
+                )
+        out += _table(
+            ["head rows", "step", "tokens/s", "step ms", "memory +MB", "+MB at 2x batch", "saved", "largest batch"],
+            rows,
+        )
+        t = fused["targets"]
+        wide = fused["heads"].get(str(FUSED_WIDE_VOCAB), {})
+        ratios = ", ".join(f"{k} {_fmt(r, '{:.0%}')}" for k, r in wide.get("memory_ratio", {}).items())
+        times = ", ".join(
+            f"{k} {_fmt(r, '{:.2f}')}" for k, r in wide.get("fused_over_unfused_ce_step_time", {}).items()
+        )
+        out += [
+            "",
+            f"At {FUSED_WIDE_VOCAB:,} rows: fused memory increase over unfused {ratios or '-'} (target <= "
+            f"{t['memory_ratio_target']:.0%}) {_mark(t['memory_meets_target'])}; fused step time over the unfused CE "
+            f"step {times or '-'} (target <= 1) {_mark(t['fused_ce_not_slower'])}; [tokens, vocab] tensors saved by "
+            f"the fused steps: {t['fused_full_vocab_saved']} {_mark(t['fused_full_vocab_saved'] == 0)}.",
+        ]
 
     qual = report.get("quality")
     if qual:

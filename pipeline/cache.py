@@ -40,7 +40,7 @@ from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json, sha256_file
 from pipeline.machine import fast_bf16
-from pipeline.models import load_causal_lm, logit_width
+from pipeline.models import head_gives_logits, load_causal_lm, logit_width
 from pipeline.teacher import teacher_identity
 
 SPLITS = ("train", "val")
@@ -166,7 +166,7 @@ class TeacherRunner:
     buffer and each chunk is reduced to its sparse targets at once, so the [B * L, V] logits never exist whole (on
     CPU that saves more than the extraction costs); the extraction (log-softmax, tail mass, sampling CDF) is float32
     whatever the teacher's dtype, so the stored numbers are exact for the logits the teacher computed. This needs
-    logits == head(last hidden state); `fused_head` is checked once against the model's own logits, and the stage
+    logits == head(last hidden state); `fused_head` is checked once (models.head_gives_logits), and the stage
     falls back to the full logits when they differ.
 
     Stored ids stay below `vocab_size`, the tokenizer's length, whatever the head's width V (embeddings are often
@@ -209,16 +209,6 @@ class TeacherRunner:
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         return self.model(input_ids=ids, use_cache=False).logits
 
-    def _head_matches(self, ids: torch.Tensor) -> bool:
-        """Does the output head applied to the base model's last hidden state give the model's logits?"""
-        head = self.model.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear) or getattr(self.model, "base_model", None) is self.model:
-            return False
-        probe = ids[:1, :16]
-        full = self.model(input_ids=probe, use_cache=False).logits.float()
-        hidden = self.model.base_model(input_ids=probe, use_cache=False).last_hidden_state
-        return torch.allclose(head(hidden).float(), full, rtol=1e-3, atol=1e-3 * full.abs().max().item())
-
     def _buffer(self, index: int, rows: int, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         while len(self._buffers) <= index:
             self._buffers.append(torch.empty(0, device=self.device))
@@ -232,7 +222,7 @@ class TeacherRunner:
         reused buffer: consume it before the next."""
         ids = torch.from_numpy(input_ids).to(self.device, non_blocking=True)
         if self.fused_head is None:
-            self.fused_head = self._head_matches(ids)
+            self.fused_head = head_gives_logits(self.model, ids)
         if self.fused_head:
             head = self.model.get_output_embeddings()
             states = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state

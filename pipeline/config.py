@@ -31,6 +31,7 @@ DEFAULT_TEACHER_DIR = "checkpoints/teacher"
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 CACHE_MODES = ("sampled", "topk")
 MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
+FUSED_HEAD_CHOICES = ("auto", "on", "off")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPORT_FORMATS = ("f16", "q8_0", "int8")  # GGUF f16, GGUF q8_0, int8 safetensors
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # Accelerate's trackers that --report-to offers
@@ -290,9 +291,15 @@ class Loss:
     jsd_beta: float = opt(0.5, "beta of --kd-loss jsd")
     topk_renormalize: bool = opt(False, "renormalise the top-k teacher mass instead of keeping the tail bucket")
     loss_chunk: int = opt(2048, "token positions per chunk of the loss (bounds float32 [tokens, vocab] memory)")
+    fused_head: str = opt(
+        "auto",
+        "auto | on | off: the student's output head runs inside the loss, chunk by chunk, so its [tokens, vocab] "
+        "logits never exist (auto: wherever the logits are the head's alone, i.e. no logit soft-capping or scaling)",
+    )
 
     def validate(self) -> list[str]:
-        return kd_problems(self.alpha, self.temperature, self.kd_loss, self.jsd_beta) + _positive(self, "loss_chunk")
+        problems = kd_problems(self.alpha, self.temperature, self.kd_loss, self.jsd_beta)
+        return problems + _positive(self, "loss_chunk") + _one_of("fused-head", self.fused_head, FUSED_HEAD_CHOICES)
 
 
 @dataclass
@@ -655,6 +662,9 @@ class BenchConfig:
     quality_rows: int = opt(64, "quality: train rows in the bench caches")
     eval_rows: int = opt(16, "quality: val rows evaluated")
     seed: int = opt(0, "seed of the students, the row order and the sampled draws")
+    memory_budget_mb: int = opt(
+        8192, "fused head: the step memory (MB beyond the model and optimizer) the largest-batch figure fits in"
+    )
     teacher_shape: str | None = opt(
         None,
         "stage 1 only, with a randomly initialised teacher of this shape built in memory instead of --teacher: "
@@ -670,7 +680,7 @@ class BenchConfig:
         problems += _positive(
             self, "seq_len", "batches", "repeats", "steps", "k", "data_batches", "quality_steps", "quality_rows"
         )
-        problems += _positive(self, "eval_rows")
+        problems += _positive(self, "eval_rows", "memory_budget_mb")
         if not 0 < self.num_samples <= 255:
             problems.append(f"--num-samples must be in 1..255, got {self.num_samples}")
         if self.num_workers < 0:

@@ -3,6 +3,7 @@ Hugging Face folder, or a hub id when online, with one-line errors that say what
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -116,6 +117,68 @@ def logit_width(model) -> int:
     """Columns of the model's logits: the rows of its output head (its config's vocab_size when it has none)."""
     head = model.get_output_embeddings()
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+# Config fields of families whose logits are not the output head's alone (logit soft-capping, logit scaling): for
+# them the head cannot be fused with anything that reads the logits.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@torch.no_grad()
+def head_gives_logits(model, input_ids: torch.Tensor) -> bool:
+    """Are the model's logits its output head (a Linear) applied to its base model's last hidden state, with nothing
+    after it (no logit soft-capping or scaling)? Then the head can run apart from the body: the cache's chunked head,
+    the trainer's fused head + loss. Checked on the config and once on the model itself, input_ids [B, L] (its first
+    16 positions), in eval mode: the head's output must be the logits exactly (up to an upcast), and its input the
+    base model's last hidden state. Ask before Accelerate prepares the model: its autocast wrapper runs the model's
+    forward in bf16 but not the base model's, so the two would differ by rounding."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", None) is model:
+        return False
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return False
+    probe = input_ids[:1, :16]
+    seen = {}
+    hook = head.register_forward_hook(lambda _module, args, output: seen.update(input=args[0], output=output))
+    training = model.training
+    try:
+        model.eval()
+        logits = model(input_ids=probe, use_cache=False).logits
+        hidden = model.base_model(input_ids=probe, use_cache=False).last_hidden_state
+    finally:
+        hook.remove()
+        model.train(training)
+    if "output" not in seen or not torch.equal(seen["output"].to(logits.dtype), logits):
+        return False
+    head_input = seen["input"].float()
+    return torch.allclose(hidden.float(), head_input, rtol=1e-3, atol=1e-3 * head_input.abs().max().item())
+
+
+@contextlib.contextmanager
+def head_input_as_logits(model):
+    """Within the block a forward of `model` skips its output head: the `.logits` it returns are the head's input,
+    the final hidden states [B, L, H] (final norm applied). Yields a dict whose "dtype" is, after the forward, the
+    dtype the head's logits would have had (the autocast dtype where autocast was on at the head, else the
+    input's), so that a fused head + loss computes the same logits. Only for models where head_gives_logits."""
+    head = model.get_output_embeddings()
+    seen = {}
+
+    def forward(hidden):
+        kind = hidden.device.type
+        on = torch.is_autocast_enabled(kind)
+        seen["dtype"] = torch.get_autocast_dtype(kind) if on else torch.promote_types(hidden.dtype, head.weight.dtype)
+        return hidden
+
+    previous = head.__dict__.get("forward")  # a forward already set on the instance (hooks of other libraries)
+    head.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        yield seen
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def count_parameters(model) -> int:

@@ -19,6 +19,7 @@ form `--config` reads back), `metrics.jsonl`, `logs/` (TensorBoard, with --repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -49,7 +50,13 @@ from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, 
 from pipeline.losses import LossParts, StepLoss
 from pipeline.machine import fast_bf16
 from pipeline.modelcard import write_model_card
-from pipeline.models import count_parameters, generation_config_for, load_tokenizer
+from pipeline.models import (
+    count_parameters,
+    generation_config_for,
+    head_gives_logits,
+    head_input_as_logits,
+    load_tokenizer,
+)
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
 
@@ -57,7 +64,8 @@ STATE_DIR = "state"
 TRACKER_DIR = "logs"  # --report-to tensorboard writes its event files under logs/<tracker project>/
 KEEP_STATES = 2
 # options that do not change what a run computes
-VOLATILE_OPTIONS = ("resume", "num_workers", "out_dir", "report_to", "tracker_project")
+# (--fused-head computes the same loss and gradients, to float rounding, with less memory)
+VOLATILE_OPTIONS = ("resume", "num_workers", "out_dir", "report_to", "tracker_project", "fused_head")
 STUDENT_RUNS = ("distill", "baseline")  # the run kinds whose folder gets a model card
 # metrics.jsonl keys -> the names experiment trackers show them under
 TRACKER_NAMES = {
@@ -118,7 +126,9 @@ def training_step(
     micro-batch of the step (Accelerate's gradient accumulation) clipping and the AdamW update.
 
     batch: tokens [B, L+1] and the rows' cached teacher targets, if any; loss_fn(logits [B, L, V], batch) gives the
-    loss (losses.StepLoss). The rate is a function of the step alone, so a resume needs no scheduler state.
+    loss (losses.StepLoss). With loss_fn.fused_head the model's forward skips its output head and the loss gets the
+    final hidden states [B, L, H] and the head instead (StepLoss.on_hidden): no [B * L, V] logits, and the head's
+    time counts in "loss". The rate is a function of the step alone, so a resume needs no scheduler state.
     `lap` (profiling, e.g. bench) is called after each phase: "forward", "loss", "backward", "optimizer"."""
     lap = lap or (lambda phase: None)
     lr = optim.lr * lr_at(step, optim, max_steps)
@@ -126,9 +136,18 @@ def training_step(
         group["lr"] = lr
     batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
     with accelerator.accumulate(model):
-        logits = model(input_ids=batch["tokens"][:, :-1]).logits  # (B, L, V) in the mixed-precision dtype
-        lap("forward")
-        loss = loss_fn(logits, batch)
+        if getattr(loss_fn, "fused_head", False):
+            # The body still runs through the prepared (DDP) model, so its gradient sync and no_sync work as always;
+            # the head's weight is a parameter of it, its gradient (from the loss's backward) all-reduced once.
+            student = accelerator.unwrap_model(model)
+            with head_input_as_logits(student) as head_call:
+                hidden = model(input_ids=batch["tokens"][:, :-1]).logits  # (B, L, H): the head's input
+            lap("forward")
+            loss = loss_fn.on_hidden(hidden, student.get_output_embeddings(), head_call["dtype"], batch)
+        else:
+            logits = model(input_ids=batch["tokens"][:, :-1]).logits  # (B, L, V) in the mixed-precision dtype
+            lap("forward")
+            loss = loss_fn(logits, batch)
         lap("loss")
         accelerator.backward(loss.total)
         lap("backward")
@@ -220,6 +239,21 @@ def step_loss(config: TrainConfig, cache_attrs: dict | None) -> StepLoss:
         chunk_size=config.loss.loss_chunk,
         num_samples=int(cache_attrs.get("num_samples", 0)) if cache_attrs else 0,
     )
+
+
+def use_fused_head(choice: str, model, vocab_size: int) -> bool:
+    """--fused-head: off never; auto wherever the student's logits are its output head's alone
+    (models.head_gives_logits: no logit soft-capping or scaling); on there, else one error line."""
+    if choice == "off":
+        return False
+    device = next(model.parameters()).device
+    applies = head_gives_logits(model, (torch.arange(16, device=device) % vocab_size)[None])
+    if choice == "on" and not applies:
+        raise PipelineError(
+            f"--fused-head on: the {model.config.model_type} student's logits are not its output head's alone "
+            "(logit soft-capping or scaling, or no Linear head); use --fused-head auto or off"
+        )
+    return applies
 
 
 def run_provenance(config: TrainConfig, meta: dict, cache_attrs: dict | None) -> dict:
@@ -580,6 +614,7 @@ def train(
         model = build_student(
             student_config, config.teacher, vocab_size, config.steps.seed, meta["tokenizer_hash"], config.seq_len
         )
+        loss_fn = dataclasses.replace(loss_fn, fused_head=use_fused_head(config.loss.fused_head, model, vocab_size))
         optimizer = make_optimizer(model, config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_save_state_pre_hook(save_tied_weights_once)
@@ -606,7 +641,8 @@ def train(
         accelerator.print(
             f"{run_kind}: {count_parameters(accelerator.unwrap_model(model)) / 1e6:.1f}M-parameter student, "
             f"{len(train_rows)} train rows x {config.seq_len} tokens, {config.steps.max_steps} steps, "
-            f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}"
+            f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}, "
+            f"output head {'fused with the loss' if loss_fn.fused_head else 'unfused'}"
         )
 
         start_trackers(

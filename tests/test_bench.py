@@ -91,6 +91,7 @@ def test_report_has_every_section_with_machine_and_command(bench_run):
         "stage2",
         "data",
         "memory",
+        "fused_head",
         "quality",
     } <= set(report)
     machine = report["machine"]
@@ -184,6 +185,23 @@ def test_data_path_and_memory(bench_run):
     for key in ("ce", "topk", "sampled"):
         assert variants[key]["loss_full_vocab_float32_saved"] <= 1, variants[key]
     assert variants["online"]["loss_full_vocab_float32_saved"] >= 2
+
+
+def test_fused_head_rows(bench_run):
+    fused = bench_run.report["fused_head"]
+    vocab = bench_run.report["resolved"]["vocab_size"]
+    assert fused["tokens_per_step"] == BATCH * SEQ_LEN and fused["rounds"] == 2 and fused["memory_method"]
+    assert set(fused["heads"]) == {str(vocab), "128256"}
+    for head_rows, section in fused["heads"].items():
+        assert section["head_rows"] == int(head_rows) and section["fused_applies"] is True
+        assert set(section["variants"]) == {f"{m}_{f}" for m in ("ce", "topk", "sampled") for f in ("fused", "unfused")}
+        for key, v in section["variants"].items():
+            assert _positive(v["tokens_per_s"]) and v["increase_mb"] >= 0 and v["largest_batch"] >= 0, key
+            # the unfused path saves the float32 logits (the loss's input); the fused one nothing of that size
+            assert v["full_vocab_saved"] == (0 if v["fused"] else 1), (head_rows, key, v["full_vocab_saved"])
+        assert set(section["memory_ratio"]) == {"ce", "topk", "sampled"}
+    assert fused["targets"]["fused_full_vocab_saved"] == 0
+    assert "Output head fused with the loss" in (bench_run.out / "bench.md").read_text()
 
 
 def test_quality_section(bench_run):

@@ -71,7 +71,7 @@ from pipeline.models import (
 )
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
-from pipeline.train import make_optimizer, resolve_mixed_precision, training_step, use_fused_head
+from pipeline.train import head_fusable, make_optimizer, resolve_mixed_precision, training_step, use_fused_head
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_FLOPS = (
@@ -629,7 +629,7 @@ class BenchStudent:
         label, cache_mode, renormalize, online = spec
         model = build_student(student_config, config.teacher, vocab, config.seed)
         # before prepare, as train() decides it: Accelerate's autocast wrapper changes the logits' precision
-        self.fused_applies = use_fused_head("auto", model, vocab)
+        self.fused_applies = head_fusable(model, vocab)
         fused = use_fused_head(config.loss.fused_head, model, vocab)
         optimizer = make_optimizer(model, config.optim)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)

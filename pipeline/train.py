@@ -241,19 +241,26 @@ def step_loss(config: TrainConfig, cache_attrs: dict | None) -> StepLoss:
     )
 
 
+def head_fusable(model, vocab_size: int) -> bool:
+    """Are the student's logits its output head's alone (models.head_gives_logits: a Linear head, no logit
+    soft-capping or scaling), so that the head can run inside the loss?"""
+    device = next(model.parameters()).device
+    return head_gives_logits(model, (torch.arange(16, device=device) % vocab_size)[None])
+
+
 def use_fused_head(choice: str, model, vocab_size: int) -> bool:
-    """--fused-head: off never; auto wherever the student's logits are its output head's alone
-    (models.head_gives_logits: no logit soft-capping or scaling); on there, else one error line."""
+    """--fused-head: off never; on wherever the head is fusable, else one error line; auto on a GPU wherever it is
+    fusable (there the [tokens, vocab] logits bound the batch), and not on a CPU, where the fused step measured
+    slower than the unfused one at CPU batch sizes (README, "Output head fused with the loss")."""
     if choice == "off":
         return False
-    device = next(model.parameters()).device
-    applies = head_gives_logits(model, (torch.arange(16, device=device) % vocab_size)[None])
+    applies = head_fusable(model, vocab_size)
     if choice == "on" and not applies:
         raise PipelineError(
             f"--fused-head on: the {model.config.model_type} student's logits are not its output head's alone "
             "(logit soft-capping or scaling, or no Linear head); use --fused-head auto or off"
         )
-    return applies
+    return applies and (choice == "on" or next(model.parameters()).device.type == "cuda")
 
 
 def run_provenance(config: TrainConfig, meta: dict, cache_attrs: dict | None) -> dict:

@@ -1,5 +1,5 @@
 # Offline knowledge distillation pipeline.  `make compare` runs every stage whose output is missing or stale.
-#   make compare                  # full default run on the embedded teacher + corpus (about 30 min on 2 CPU cores)
+#   make compare                  # full default run on the embedded teacher + corpus (12-18 min on 2 CPU cores)
 #   make compare SMOKE=1          # the same path on a tiny slice (a few minutes)
 #   make test                     # the test suite (what CI runs)
 #   make compare FINETUNE=1       # fine-tune the teacher on the corpus first, then distil from it

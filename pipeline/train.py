@@ -252,15 +252,15 @@ def use_fused_head(choice: str, model, vocab_size: int) -> bool:
     """--fused-head: off never; on wherever the head is fusable, else one error line; auto on a GPU wherever it is
     fusable (there the [tokens, vocab] logits bound the batch), and not on a CPU, where the fused step measured
     slower than the unfused one at CPU batch sizes (README, "Output head fused with the loss")."""
-    if choice == "off":
-        return False
+    if choice == "off" or (choice == "auto" and next(model.parameters()).device.type != "cuda"):
+        return False  # without probing the model
     applies = head_fusable(model, vocab_size)
     if choice == "on" and not applies:
         raise PipelineError(
             f"--fused-head on: the {model.config.model_type} student's logits are not its output head's alone "
             "(logit soft-capping or scaling, or no Linear head); use --fused-head auto or off"
         )
-    return applies and (choice == "on" or next(model.parameters()).device.type == "cuda")
+    return applies
 
 
 def run_provenance(config: TrainConfig, meta: dict, cache_attrs: dict | None) -> dict:

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, invoke_cli, one_torch_thread, run_cli
 from safetensors.torch import load_file
+from test_faults import cli_env, command
 
 from pipeline.config import SweepConfig, from_flags
 from pipeline.errors import PipelineError
@@ -142,19 +140,12 @@ def test_a_killed_sweep_continues_where_it_stopped(swept, tmp_path):
     with the same students as an uninterrupted sweep."""
     out = tmp_path / "sweep"
     args = [*swept["paths"], *COMMON, "--out-dir", out, "--grid", "alpha=0.2,0.8", "--no-baseline"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "sweep", *map(str, args)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # killed right after the second student's first saved state: its 3rd save of 6 steps every 2 is the first's last
+    fault = {"target": "pipeline.train:_save_state", "call": STEPS // 2 + 1}
+    result = subprocess.run(
+        command("sweep", *args, fault=fault), cwd=REPO, env=cli_env(fault), capture_output=True, text=True, timeout=300
     )
-    second = out / "runs" / "02-alpha-0.8" / "state"
-    deadline = time.time() + 300
-    while not (second.exists() and any(second.glob("step_*"))) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     first = out / "runs" / "01-alpha-0.2" / "model.safetensors"
     assert first.exists() and not (out / "runs" / "02-alpha-0.8" / "model.safetensors").exists()
     before = first.stat().st_mtime_ns

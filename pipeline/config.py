@@ -294,8 +294,8 @@ class Loss:
     fused_head: str = opt(
         "auto",
         "auto | on | off: the student's output head runs inside the loss, chunk by chunk, so its [tokens, vocab] "
-        "logits never exist (on: wherever the logits are the head's alone, i.e. no logit soft-capping or scaling; "
-        "auto: there on a GPU, off on a CPU, where it is slower)",
+        "logits never exist (auto: wherever the logits are the head's alone, i.e. no logit soft-capping or "
+        "scaling; on: the same, and an error where that does not hold; off: never)",
     )
 
     def validate(self) -> list[str]:

@@ -327,7 +327,31 @@ class _ChunkStats(NamedTuple):
     redo: torch.Tensor | None  # bool: q_o < _tiny_tail, lse_out to be summed again
 
 
-def _chunk_stats(x: torch.Tensor, cfg: _Config, labels, ids) -> _ChunkStats:
+class _Buffers:
+    """[rows, V] work tensors kept from one chunk to the next, by name: on a CPU a fresh [chunk, V] tensor per pass
+    costs more than the pass itself (its pages are faulted in anew), and an op mixing bf16 logits with float32
+    statistics runs at a fraction of a same-dtype one, so narrower logits are copied into a float32 buffer first
+    and worked on in place. A view of a buffer lives until the next take of its name."""
+
+    def __init__(self):
+        self._held: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised [rows, V] tensor."""
+        rows, cols = shape
+        buf = self._held.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
+            buf = torch.empty(rows, cols, dtype=dtype, device=device)
+            self._held[name] = buf
+        return buf[:rows]
+
+
+def _upcast(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x in out's (the compute) dtype: x itself, or narrower x copied into out, a buffer of its shape."""
+    return x if x.dtype == out.dtype else out.copy_(x)
+
+
+def _chunk_stats(x: torch.Tensor, cfg: _Config, labels, ids, buffers: _Buffers) -> _ChunkStats:
     """The statistics of x [n,V] (any float dtype), with one exp pass over [n,V] (two at T != 1).
 
         e = exp(x - m), m = max_v x:       lse = m + log sum_v e
@@ -335,14 +359,16 @@ def _chunk_stats(x: torch.Tensor, cfg: _Config, labels, ids) -> _ChunkStats:
         e zeroed at the ids:               lse_out = m / T + log sum_v e
 
     The tail sums its own terms, so it does not lose digits to 1 - sum_k q_k; it only loses them when
-    its terms fall far below the row's maximum, and those rows are flagged in `redo`. At most two
-    float32 [n,V] temporaries (one at T = 1); bf16 x is never copied to float32 as a whole.
+    its terms fall far below the row's maximum, and those rows are flagged in `redo`. Works in one
+    float32 [n,V] buffer (two at T != 1).
     """
     dtype = _compute_dtype(x)
-    m = x.amax(dim=1, keepdim=True).to(dtype)  # exact in any dtype
+    a = buffers.take("a", x.shape, dtype, x.device)
+    x_up = _upcast(x, a)
+    m = x_up.amax(dim=1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)  # as torch.logsumexp: an infinite max is no shift
-    d = torch.sub(x, m)  # compute dtype: m is
-    e = torch.exp(d) if cfg.second_softmax else d.exp_()
+    d = torch.sub(x_up, m, out=a)
+    e = torch.exp(d, out=buffers.take("b", x.shape, dtype, x.device)) if cfg.second_softmax else d.exp_()
     total = e.sum(dim=1, keepdim=True)
     lse = total.log() + m
     x_label = x.gather(1, labels[:, None]).to(dtype)
@@ -390,7 +416,7 @@ def _kd_grads(cfg: _Config, mask, teacher, lse_t, z_ids, lse_out, empty):
     return kd_sum.detach(), d_lse_t, d_z_ids, grads[2] if cfg.tail else None
 
 
-def _loss_forward(logits_of, n: int, dtype, device, labels, mask, cfg: _Config, chunks, teacher):
+def _loss_forward(logits_of, n: int, dtype, device, labels, mask, cfg: _Config, chunks, teacher, buffers: _Buffers):
     """The forward of both chunked losses: (ce_sum, kd_sum, what the backward needs).
 
     logits_of(rows) gives the student's logits at rows (a slice of a chunk, or a LongTensor of rows redone), any
@@ -401,7 +427,7 @@ def _loss_forward(logits_of, n: int, dtype, device, labels, mask, cfg: _Config, 
     z_ids = torch.zeros(n, k, dtype=dtype, device=device)
     empty, redo = (torch.zeros(n, 1, dtype=torch.bool, device=device) for _ in range(2))
     for rows in chunks:
-        st = _chunk_stats(logits_of(rows), cfg, labels[rows], None if ids is None else ids[rows])
+        st = _chunk_stats(logits_of(rows), cfg, labels[rows], None if ids is None else ids[rows], buffers)
         lse[rows], x_label[rows] = st.lse, st.x_label
         if ids is not None:
             z_ids[rows] = st.z_ids
@@ -438,9 +464,12 @@ class _Saved(NamedTuple):
     d_lse_out: torch.Tensor | None
 
 
-def _loss_backward(logits_of, out_of, emit, labels, mask, cfg: _Config, chunks, redo_rows, s: _Saved, grad_ce, grad_kd):
+def _loss_backward(
+    logits_of, out_of, emit, labels, mask, cfg: _Config, chunks, redo_rows, s: _Saved, grad_ce, grad_kd, buffers
+):
     """The backward of both chunked losses: for each chunk, g = d loss / d logits [chunk,V] (_chunk_grad, written
-    into out_of(rows) when that is not None), handed to emit(rows, g) before the next chunk is made."""
+    into out_of(rows) when out_of is given, else into a buffer), handed to emit(rows, g) before the next chunk is
+    made."""
     dtype = s.lse.dtype
     # Per-row coefficients of the softmax passes, [N,1]; see _chunk_grad.
     scale = grad_kd / cfg.temperature  # dz/dx = 1/T
@@ -467,7 +496,8 @@ def _loss_backward(logits_of, out_of, emit, labels, mask, cfg: _Config, chunks, 
             part(c_kd),
             part(c_out),
             part(c_z_ids),
-            out_of(rows),
+            buffers.take("a", x.shape, dtype, x.device) if out_of is None else out_of(rows),
+            buffers,
         )
         local = [i - rows.start for i in redo_rows if rows.start <= i < rows.stop]
         if local:  # their tail term, left out of c_out: exp(x/T - lse_out) directly
@@ -503,7 +533,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, logits, labels, mask, cfg: _Config, chunks, *teacher):
         n, dtype = logits.shape[0], _compute_dtype(logits)
         ce_sum, kd_sum, saved, redo_rows = _loss_forward(
-            logits.__getitem__, n, dtype, logits.device, labels, mask, cfg, chunks, teacher
+            logits.__getitem__, n, dtype, logits.device, labels, mask, cfg, chunks, teacher, _Buffers()
         )
         ctx.cfg, ctx.chunks, ctx.redo_rows = cfg, chunks, redo_rows
         ctx.save_for_backward(logits, labels, mask, *saved)
@@ -527,7 +557,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
         _loss_backward(
             logits.__getitem__,
-            lambda rows: grad[rows] if in_place else None,
+            grad.__getitem__ if in_place else None,
             emit,
             labels,
             mask,
@@ -537,6 +567,7 @@ class _ChunkedLoss(torch.autograd.Function):
             _Saved(*saved),
             grad_ce,
             grad_kd,
+            _Buffers(),
         )
         return (grad, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
@@ -562,9 +593,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, logits_dtype, eager, labels, mask, cfg: _Config, chunks, *teacher):
         dtype = torch.promote_types(logits_dtype, torch.float32)
-        w = weight.to(logits_dtype)
-        logits_of = _head_logits(hidden, w, bias, logits_dtype)
-        grads = _HeadGrads(hidden, w, bias, logits_dtype) if eager else None
+        w, buffers = weight.to(logits_dtype), _Buffers()
+        logits_of = _head_logits(hidden, w, bias, logits_dtype, buffers)
+        grads = _HeadGrads(hidden, w, bias, logits_dtype, buffers) if eager else None
         ce_sum = kd_sum = torch.zeros((), dtype=dtype, device=hidden.device)
         saved, redo = [], []
         for rows in chunks:
@@ -572,14 +603,14 @@ class _FusedHeadLoss(torch.autograd.Function):
             one = [slice(0, x.shape[0])]
             part = (labels[rows], mask[rows], cfg, one)
             ce, kd, stats, redo_rows = _loss_forward(
-                x.__getitem__, x.shape[0], dtype, x.device, *part, tuple(t[rows] for t in teacher)
+                x.__getitem__, x.shape[0], dtype, x.device, *part, tuple(t[rows] for t in teacher), buffers
             )
             ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
             saved += stats
             redo.append(redo_rows)
             if eager:
                 emit = functools.partial(grads.add, rows)
-                _loss_backward(x.__getitem__, lambda _: None, emit, *part, redo_rows, stats, *eager)
+                _loss_backward(x.__getitem__, None, emit, *part, redo_rows, stats, *eager, buffers)
             del x
         ctx.cfg, ctx.chunks, ctx.redo, ctx.logits_dtype, ctx.eager = cfg, chunks, redo, logits_dtype, eager
         ctx.has_bias, ctx.kept_used = bias is not None, False
@@ -597,16 +628,15 @@ class _FusedHeadLoss(torch.autograd.Function):
             ctx.kept_used = True  # a second backward (retain_graph) recomputes
             return tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in kept) + nones
         dtype, width = ctx.logits_dtype, len(_Saved._fields)
-        w = weight.to(dtype)
-        logits_of = _head_logits(hidden, w, bias, dtype)
-        grads = _HeadGrads(hidden, w, bias, dtype)
+        w, buffers = weight.to(dtype), _Buffers()
+        logits_of = _head_logits(hidden, w, bias, dtype, buffers)
+        grads = _HeadGrads(hidden, w, bias, dtype, buffers)
         for i, rows in enumerate(ctx.chunks):
             x = logits_of(rows)
             part = (labels[rows], mask[rows], ctx.cfg, [slice(0, x.shape[0])], ctx.redo[i])
             stats = _Saved(*saved[i * width : (i + 1) * width])
-            _loss_backward(
-                x.__getitem__, lambda _: None, functools.partial(grads.add, rows), *part, stats, grad_ce, grad_kd
-            )
+            emit = functools.partial(grads.add, rows)
+            _loss_backward(x.__getitem__, None, emit, *part, stats, grad_ce, grad_kd, buffers)
         return grads.result(weight, bias) + nones
 
 
@@ -629,15 +659,16 @@ class _HeadGrads:
     error against 0.17% for one bf16 matmul over the whole batch at 8 chunks of 130 x 128,256), d bias [V] in
     float32 (float64 for float64)."""
 
-    def __init__(self, hidden, w, bias, dtype):
-        self.h, self.w, self.dtype = hidden.to(dtype), w, dtype
+    def __init__(self, hidden, w, bias, dtype, buffers: _Buffers):
+        self.h, self.w, self.dtype, self.buffers = hidden.to(dtype), w, dtype, buffers
         self.hidden = torch.zeros_like(hidden)  # rows of chunks with nothing masked in get 0
         self.weight = torch.zeros(w.shape, dtype=dtype, device=w.device)
         acc = torch.promote_types(dtype, torch.float32)
         self.bias = None if bias is None else torch.zeros(w.shape[0], dtype=acc, device=w.device)
 
     def add(self, rows, _local_rows, g) -> None:
-        g = g.to(self.dtype)  # what the head's backward receives on the unfused path
+        if g.dtype != self.dtype:  # what the head's backward receives on the unfused path
+            g = self.buffers.take("cast", g.shape, self.dtype, g.device).copy_(g)
         self.hidden[rows] = g @ self.w
         self.weight.addmm_(g.T, self.h[rows])
         if self.bias is not None:
@@ -647,13 +678,15 @@ class _HeadGrads:
         return self.hidden, self.weight.to(weight.dtype), None if bias is None else self.bias.to(bias.dtype)
 
 
-def _head_logits(hidden, weight, bias, dtype):
-    """rows -> logits of those rows, hidden[rows] @ weight.T (+ bias), in dtype (as an autocast Linear)."""
+def _head_logits(hidden, weight, bias, dtype, buffers: _Buffers):
+    """rows -> logits of those rows, hidden[rows] @ weight.T (+ bias), in dtype (as an autocast Linear), in a buffer
+    that the next call overwrites."""
     weight = weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
 
     def logits_of(rows):
-        x = hidden[rows].to(dtype) @ weight.T
+        h = hidden[rows].to(dtype)
+        x = torch.mm(h, weight.T, out=buffers.take("logits", (h.shape[0], weight.shape[0]), dtype, h.device))
         return x if bias is None else x.add_(bias)
 
     return logits_of
@@ -663,19 +696,20 @@ def _chunk_of(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
 
 
-def _chunk_grad(cfg: _Config, x, labels, ids, lse, lse_t, w_ce, c_kd, c_out, c_z_ids, out) -> torch.Tensor:
-    """d(grad_ce * CE sum + grad_kd * KD sum) / dx for one chunk x [n,V], into out (or a new tensor).
+def _chunk_grad(cfg: _Config, x, labels, ids, lse, lse_t, w_ce, c_kd, c_out, c_z_ids, out, buffers) -> torch.Tensor:
+    """d(grad_ce * CE sum + grad_kd * KD sum) / dx for one chunk x [n,V], into out ([n,V], compute dtype).
 
     Every entry outside the ids: w_ce softmax(x) + c_out softmax(x/T), c_out holding the tail's
     factor (one pass at T = 1, where both softmaxes are one). At the ids, written over it:
     w_ce softmax(x) + c_kd softmax(x/T) + c_z_ids. Then -w_ce at the label.
     """
-    dtype, t = _compute_dtype(x), cfg.temperature
+    dtype, t = out.dtype, cfg.temperature
     if cfg.second_softmax:
-        g = torch.add(-lse_t, x, alpha=1.0 / t, out=out).exp_().mul_(c_out)  # x/T - lse_t in one pass
-        g.addcmul_(torch.sub(x, lse).exp_(), w_ce)
+        x_up = _upcast(x, buffers.take("b", x.shape, dtype, x.device))
+        g = torch.add(-lse_t, x_up, alpha=1.0 / t, out=out).exp_().mul_(c_out)  # x/T - lse_t in one pass
+        g.addcmul_(torch.sub(x_up, lse, out=buffers.take("b", x.shape, dtype, x.device)).exp_(), w_ce)
     else:
-        g = torch.sub(x, lse, out=out).exp_()
+        g = torch.sub(_upcast(x, out), lse, out=out).exp_()
         g.mul_(w_ce if c_out is None else w_ce + c_out)
     if cfg.tail:
         x_ids = x.gather(1, ids).to(dtype)
@@ -920,8 +954,8 @@ def teacher_targets(batch: Mapping[str, torch.Tensor], num_samples: int) -> dict
 
 
 # The fused head's chunk, in logits: 2^24 (64 MB of float32) is 341 rows at a 49,152 vocabulary, 130 at 128,256;
-# the head's matmul on that many rows still runs at full speed, and the chunk's temporaries (its logits, one float32
-# softmax, its gradient) stay a few hundred MB whatever the batch.
+# the head's matmul on that many rows still runs at full speed, and the chunk's buffers (its logits, a float32 work
+# buffer, the cast of its gradient; _Buffers) stay a few hundred MB whatever the batch.
 FUSED_CHUNK_ELEMENTS = 2**24
 
 

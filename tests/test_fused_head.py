@@ -236,8 +236,7 @@ def test_soft_capped_logits_use_the_unfused_head_and_on_is_refused():
     llama = _tiny("llama")
     assert head_fusable(llama, V) and use_fused_head("on", llama, V)
     assert use_fused_head("off", llama, V) is False
-    # auto: fused on a GPU only (on a CPU the fused step measured slower than the unfused one)
-    assert use_fused_head("auto", llama, V) is (next(llama.parameters()).device.type == "cuda")
+    assert use_fused_head("auto", llama, V) is True  # wherever it applies, CPU included
 
 
 # ----------------------------------------------------------------------------- training runs, fused vs unfused

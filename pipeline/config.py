@@ -448,6 +448,9 @@ class CacheConfig:
         return problems + _one_of("dtype", self.dtype, TEACHER_DTYPES)
 
 
+STUDENT_INITS = ("random", "teacher-layers", "teacher-embeddings")
+
+
 @dataclass
 class StudentConfig:
     """Which student to train: a fresh small Llama, a slice of the teacher, or an existing model."""
@@ -456,7 +459,9 @@ class StudentConfig:
         None, "start from this Hugging Face causal LM (folder or hub id) instead of a new one; must share the tokenizer"
     )
     student_init: str = opt(
-        "random", "random (new Llama decoder) | teacher-layers (teacher embeddings, norm and every n-th block)"
+        "random",
+        "random (new Llama decoder) | teacher-layers (teacher embeddings, norm and every n-th block) | "
+        "teacher-embeddings (new Llama decoder whose token embeddings are the teacher's, projected to --n-embd)",
     )
     student_config: str | None = opt(
         None, "build a new student from this transformers config JSON (any causal LM; size flags ignored)"
@@ -468,9 +473,9 @@ class StudentConfig:
     mlp_size: int = opt(768, "MLP hidden size")
 
     def validate(self) -> list[str]:
-        problems = _one_of("student-init", self.student_init, ("random", "teacher-layers"))
+        problems = _one_of("student-init", self.student_init, STUDENT_INITS)
         if self.student and self.student_init != "random":
-            problems.append("Can't provide both `--student` and `--student-init teacher-layers`. Choose one.")
+            problems.append(f"Can't provide both `--student` and `--student-init {self.student_init}`. Choose one.")
         if self.student_config and (self.student or self.student_init != "random"):
             problems.append("--student-config builds a new student: pass it without --student or --student-init")
         problems += _positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "mlp_size")

@@ -34,9 +34,14 @@ def _student(student: dict) -> str:
     shape = f"{student['n_layer']} layers"
     if student.get("student_init") == "teacher-layers":
         return f"{shape} copied from the teacher (every n-th block, its embeddings and final norm)"
+    embeddings = (
+        ", token embeddings initialised from the teacher's (projected on their principal directions)"
+        if student.get("student_init") == "teacher-embeddings"
+        else ""
+    )
     return (
         f"new Llama decoder: {shape}, width {student['n_embd']}, {student['n_head']} heads ({student['n_kv_head']} "
-        f"key/value), MLP {student['mlp_size']}, tied embeddings"
+        f"key/value), MLP {student['mlp_size']}, tied embeddings{embeddings}"
     )
 
 

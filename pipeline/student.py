@@ -1,6 +1,6 @@
-"""The student: a new small Llama decoder, a shallow copy of the teacher (DistilBERT/DistilGPT2 recipe), a model
-built from any transformers config file (a custom decoder), or an existing Hugging Face causal LM that shares the
-teacher's tokenizer.
+"""The student: a new small Llama decoder (optionally with the teacher's token embeddings projected to its width), a
+shallow copy of the teacher (DistilBERT/DistilGPT2 recipe), a model built from any transformers config file (a
+custom decoder), or an existing Hugging Face causal LM that shares the teacher's tokenizer.
 
 What a student must share with the teacher is the tokenizer, not the embedding size: its output head needs a row
 for every token id (at least the tokenizer's length), and may have more (padding rows, as many checkpoints round
@@ -82,6 +82,37 @@ def _teacher_layers(teacher_dir: str, n_layer: int, rows: int):
     return model
 
 
+def teacher_embedding_projection(embeddings: torch.Tensor, width: int, std: float) -> torch.Tensor:
+    """The teacher's token embeddings [V, H] on their `width` leading principal directions: centred (the mean row is
+    an offset every token shares), projected on the top eigenvectors of their covariance, and scaled to standard
+    deviation `std` (a new student's embedding init), so that tokens the teacher places close together start close
+    together in the student, at the scale its own init would have. [V, width], float32."""
+    rows, teacher_width = embeddings.shape
+    if width > teacher_width:
+        raise PipelineError(
+            f"--student-init teacher-embeddings: --n-embd {width} is wider than the teacher's embeddings "
+            f"({teacher_width}); use --n-embd {teacher_width} or less"
+        )
+    centred = embeddings.double() - embeddings.double().mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    projected = centred @ vectors[:, -width:].flip(1)  # leading direction first
+    return (projected * (std / projected.std())).float()
+
+
+def _teacher_embeddings(config: StudentConfig, teacher_dir: str, rows: int):
+    """A new Llama student (_new_llama) whose token embeddings (tied with its head) start as the teacher's, projected
+    to the student's width (teacher_embedding_projection); rows the teacher lacks keep their random init."""
+    model = _new_llama(config, teacher_dir, rows)
+    teacher = load_causal_lm(teacher_dir)
+    source = teacher.get_input_embeddings().weight.detach()
+    del teacher
+    start = model.get_input_embeddings().weight
+    n = min(source.shape[0], start.shape[0])
+    with torch.no_grad():
+        start[:n] = teacher_embedding_projection(source[:n], start.shape[1], model.config.initializer_range)
+    return model
+
+
 def _from_config_file(path: str, teacher_dir: str, rows: int):
     """A new model from a transformers config JSON (any causal LM: the "custom decoder" case). Keys it leaves out take
     `rows` (vocab_size) and the teacher's special token ids."""
@@ -155,6 +186,8 @@ def build_student(
         model = _from_config_file(config.student_config, teacher_dir, student_rows(vocab_size))
     elif config.student_init == "teacher-layers":
         model = _teacher_layers(teacher_dir, config.n_layer, student_rows(vocab_size))
+    elif config.student_init == "teacher-embeddings":
+        model = _teacher_embeddings(config, teacher_dir, student_rows(vocab_size))
     else:
         model = _new_llama(config, teacher_dir, student_rows(vocab_size))
     rows = logit_width(model)

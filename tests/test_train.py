@@ -28,7 +28,7 @@ from pipeline.config import StudentConfig, TrainConfig, from_flags
 from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.models import count_parameters
-from pipeline.student import build_student, teacher_layer_indices
+from pipeline.student import build_student, teacher_embedding_projection, teacher_layer_indices
 from pipeline.train import lr_at
 
 SEQ_LEN, BATCH, STEPS = 32, 4, 12
@@ -405,6 +405,52 @@ def test_teacher_layers_student_copies_embeddings_norm_and_every_nth_block(tmp_p
     with pytest.raises(PipelineError, match="more than the teacher"):
         build_student(
             StudentConfig(student_init="teacher-layers", n_layer=5), str(teacher_dir), len(tiny_tokenizer), seed=0
+        )
+
+
+def test_teacher_embedding_projection_keeps_the_leading_directions():
+    torch.manual_seed(0)
+    # rank-3 embeddings in 8 dimensions plus an offset every row shares: a width-3 projection loses only the offset
+    basis = torch.linalg.qr(torch.randn(8, 8))[0][:, :3]
+    embeddings = (torch.randn(200, 3) * torch.tensor([5.0, 3.0, 1.0])) @ basis.T + torch.randn(8)
+    embeddings = embeddings.double()  # exactly rank 3 about the offset, to float64 rounding
+    out = teacher_embedding_projection(embeddings, 3, std=0.02)
+    assert out.shape == (200, 3) and out.dtype == torch.float32
+    assert out.std().item() == pytest.approx(0.02, rel=1e-5)
+    exact = "donot_use_mm_for_euclid_dist"
+    d_in, d_out = (torch.cdist(x, x, compute_mode=exact) for x in (embeddings, out.double()))
+    ratio = d_out[d_in > 0] / d_in[d_in > 0]  # every distance between two tokens scaled by one factor
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-4)
+    # leading direction first, each column's spread in proportion to the centred matrix's singular values
+    singular = torch.linalg.svdvals(embeddings - embeddings.mean(0))
+    for width in (3, 2):
+        norms = teacher_embedding_projection(embeddings, width, std=1.0).double().norm(dim=0)
+        assert torch.allclose(norms / norms[0], singular[:width] / singular[0], rtol=1e-4)
+    with pytest.raises(PipelineError, match="--n-embd 9 is wider than the teacher's embeddings"):
+        teacher_embedding_projection(embeddings, 9, std=0.02)
+
+
+def test_teacher_embeddings_student_is_the_random_one_with_the_teachers_token_embeddings(tmp_path, tiny_tokenizer):
+    teacher_dir = make_tiny_teacher(tmp_path / "teacher", tiny_tokenizer, seed=1)  # width 32
+    from transformers import AutoModelForCausalLM
+
+    teacher_embeddings = AutoModelForCausalLM.from_pretrained(teacher_dir).get_input_embeddings().weight.detach()
+    shape = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_kv_head": 2, "mlp_size": 32}
+    vocab = len(tiny_tokenizer)
+    student = build_student(StudentConfig(student_init="teacher-embeddings", **shape), str(teacher_dir), vocab, 0)
+    plain = build_student(StudentConfig(**shape), str(teacher_dir), vocab, 0)
+    embeddings = student.get_input_embeddings().weight
+    expected = teacher_embedding_projection(teacher_embeddings, 16, student.config.initializer_range)
+    assert torch.equal(embeddings[:vocab], expected)
+    assert torch.equal(student.get_output_embeddings().weight, embeddings)  # tied
+    plain_state = plain.state_dict()
+    for name, value in student.state_dict().items():  # everything else (and padding rows) as the random student's
+        rows = slice(vocab, None) if name in ("model.embed_tokens.weight", "lm_head.weight") else slice(None)
+        assert torch.equal(value[rows], plain_state[name][rows]), name
+    assert count_parameters(student) == count_parameters(plain)
+    with pytest.raises(PipelineError, match="--n-embd 64 is wider than the teacher's embeddings"):
+        build_student(
+            StudentConfig(student_init="teacher-embeddings", **{**shape, "n_embd": 64}), str(teacher_dir), vocab, 0
         )
 
 

@@ -23,7 +23,7 @@ MODE          ?= sampled
 K             ?= 64
 NUM_SAMPLES   ?= 50
 TEMPERATURE   ?= 1.0
-ALPHA         ?= 0.5
+ALPHA         ?= 0.1
 STEPS         ?= 300
 BATCH         ?= 4
 CACHE_BATCH   ?= 4
@@ -144,7 +144,7 @@ finetune-teacher: $(TEACHER_FT_DIR)/teacher_info.json  ## fine-tune the teacher 
 $(TEACHER_FT_DIR)/teacher_info.json: $(DATA_DIR)/meta.json $(call stamp,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
 	$(LAUNCH) finetune-teacher $(FINETUNE_OPTS)
 
-SWEEP         ?= alpha=0.3,0.5,0.7
+SWEEP         ?= student_init=random,teacher-embeddings alpha=0.1,0.5
 SWEEP_ARGS    ?=
 SWEEP_DIR     := checkpoints/$(NAME)-sweep
 sweep: $(CACHE_DIR)/manifest.json  ## students over a grid from one cache (SWEEP="alpha=0.3,0.7 lr=1e-3,2e-3"), ranked

@@ -285,7 +285,7 @@ def cache_mode_problems(mode: str, kd_loss: str, topk_renormalize: bool) -> list
 class Loss:
     """total = alpha * CE + (1 - alpha) * T^2 * KD(teacher_T || student_T), computed in chunks of positions."""
 
-    alpha: float = opt(0.5, "weight of the hard loss: total = alpha*CE + (1-alpha)*T^2*KD")
+    alpha: float = opt(0.1, "weight of the hard loss: total = alpha*CE + (1-alpha)*T^2*KD")
     temperature: float | None = opt(None, "KD temperature; default and only allowed value: the cache's")
     kd_loss: str = opt("forward-kl", "forward-kl | reverse-kl | jsd (topk cache: over the stored ids + a tail bucket)")
     jsd_beta: float = opt(0.5, "beta of --kd-loss jsd")
@@ -459,9 +459,9 @@ class StudentConfig:
         None, "start from this Hugging Face causal LM (folder or hub id) instead of a new one; must share the tokenizer"
     )
     student_init: str = opt(
-        "random",
-        "random (new Llama decoder) | teacher-layers (teacher embeddings, norm and every n-th block) | "
-        "teacher-embeddings (new Llama decoder whose token embeddings are the teacher's, projected to --n-embd)",
+        "teacher-embeddings",
+        "teacher-embeddings (a new student whose token embeddings start as the teacher's, projected to its width) | "
+        "random | teacher-layers (teacher embeddings, norm and every n-th block); a --student keeps its weights",
     )
     student_config: str | None = opt(
         None, "build a new student from this transformers config JSON (any causal LM; size flags ignored)"
@@ -474,10 +474,12 @@ class StudentConfig:
 
     def validate(self) -> list[str]:
         problems = _one_of("student-init", self.student_init, STUDENT_INITS)
-        if self.student and self.student_init != "random":
-            problems.append(f"Can't provide both `--student` and `--student-init {self.student_init}`. Choose one.")
-        if self.student_config and (self.student or self.student_init != "random"):
-            problems.append("--student-config builds a new student: pass it without --student or --student-init")
+        if self.student and self.student_init == "teacher-layers":
+            problems.append("Can't provide both `--student` and `--student-init teacher-layers`. Choose one.")
+        if self.student_config and (self.student or self.student_init == "teacher-layers"):
+            problems.append(
+                "--student-config builds a new student: pass it without --student or --student-init teacher-layers"
+            )
         problems += _positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "mlp_size")
         if self.n_embd % max(self.n_head, 1) or self.n_head % max(self.n_kv_head, 1):
             problems.append(
@@ -493,7 +495,10 @@ class TrainConfig:
 
     data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
     cache_dir: str = opt("cache/default", "teacher-logit cache folder (make cache-logits); ignored by baseline")
-    teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher folder: tokenizer, and weights for --student-init teacher-layers")
+    teacher: str = opt(
+        DEFAULT_TEACHER_DIR,
+        "teacher folder: tokenizer, and weights for --student-init teacher-embeddings / teacher-layers",
+    )
     out_dir: str = opt(
         "checkpoints/default-distill", "run folder: final model, metrics.jsonl, state/ (sweep: the sweep's folder)"
     )

@@ -39,6 +39,8 @@ def _student(student: dict) -> str:
         if student.get("student_init") == "teacher-embeddings"
         else ""
     )
+    if student.get("student_config"):
+        return f"new model from {student['student_config']}{embeddings}"
     return (
         f"new Llama decoder: {shape}, width {student['n_embd']}, {student['n_head']} heads ({student['n_kv_head']} "
         f"key/value), MLP {student['mlp_size']}, tied embeddings{embeddings}"

@@ -90,8 +90,8 @@ def teacher_embedding_projection(embeddings: torch.Tensor, width: int, std: floa
     rows, teacher_width = embeddings.shape
     if width > teacher_width:
         raise PipelineError(
-            f"--student-init teacher-embeddings: --n-embd {width} is wider than the teacher's embeddings "
-            f"({teacher_width}); use --n-embd {teacher_width} or less"
+            f"--student-init teacher-embeddings: the student's width {width} (--n-embd) is more than the teacher's "
+            f"({teacher_width}); use --n-embd {teacher_width} or less, or --student-init random"
         )
     centred = embeddings.double() - embeddings.double().mean(0)
     _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
@@ -99,18 +99,17 @@ def teacher_embedding_projection(embeddings: torch.Tensor, width: int, std: floa
     return (projected * (std / projected.std())).float()
 
 
-def _teacher_embeddings(config: StudentConfig, teacher_dir: str, rows: int):
-    """A new Llama student (_new_llama) whose token embeddings (tied with its head) start as the teacher's, projected
-    to the student's width (teacher_embedding_projection); rows the teacher lacks keep their random init."""
-    model = _new_llama(config, teacher_dir, rows)
+def _start_embeddings_from_teacher(model, teacher_dir: str) -> None:
+    """Set a new student's token embeddings (tied with its head where the model ties them) to the teacher's,
+    projected to the student's width (teacher_embedding_projection); rows the teacher lacks keep their random init."""
     teacher = load_causal_lm(teacher_dir)
     source = teacher.get_input_embeddings().weight.detach()
     del teacher
     start = model.get_input_embeddings().weight
     n = min(source.shape[0], start.shape[0])
+    std = getattr(model.config, "initializer_range", None) or float(start.std())
     with torch.no_grad():
-        start[:n] = teacher_embedding_projection(source[:n], start.shape[1], model.config.initializer_range)
-    return model
+        start[:n] = teacher_embedding_projection(source[:n], start.shape[1], std)
 
 
 def _from_config_file(path: str, teacher_dir: str, rows: int):
@@ -182,14 +181,15 @@ def build_student(
     torch.manual_seed(seed)
     if config.student:
         model = _pretrained(config.student, tokenizer_hash)
-    elif config.student_config:
-        model = _from_config_file(config.student_config, teacher_dir, student_rows(vocab_size))
     elif config.student_init == "teacher-layers":
         model = _teacher_layers(teacher_dir, config.n_layer, student_rows(vocab_size))
-    elif config.student_init == "teacher-embeddings":
-        model = _teacher_embeddings(config, teacher_dir, student_rows(vocab_size))
     else:
-        model = _new_llama(config, teacher_dir, student_rows(vocab_size))
+        if config.student_config:
+            model = _from_config_file(config.student_config, teacher_dir, student_rows(vocab_size))
+        else:
+            model = _new_llama(config, teacher_dir, student_rows(vocab_size))
+        if config.student_init == "teacher-embeddings":
+            _start_embeddings_from_teacher(model, teacher_dir)
     rows = logit_width(model)
     if rows < vocab_size:
         raise PipelineError(

@@ -180,7 +180,11 @@ def test_the_reference_use_cases():
     [cache] = resolve_configs("cache-logits", ["--config", str(REPO / "examples" / "text8.yaml")])
     assert text8["teacher"]["source"] == "meta-llama/Llama-3.2-1B" and text8["data"]["corpus"] == "text8"
     assert (cache.temperature, train.loss.temperature, train.loss.alpha) == (5.0, 5.0, 0.3)
-    assert train.optim.mixed_precision == "fp16" and student.student is None and student.student_init == "random"
+    assert (
+        train.optim.mixed_precision == "fp16"
+        and student.student is None
+        and student.student_init == "teacher-embeddings"
+    )
 
 
 # ----------------------------------------------------------------------------- make CONFIG=FILE
@@ -205,7 +209,7 @@ def test_make_passes_the_config_file_and_only_the_variables_given(tmp_path):
 
     plain = make_dry_run(tmp_path)
     distill_line = next(line for line in plain.splitlines() if " distill " in line)
-    assert "--alpha 0.5" in distill_line and "--seq-len 512" in distill_line and "--config" not in distill_line
+    assert "--alpha 0.1" in distill_line and "--seq-len 512" in distill_line and "--config" not in distill_line
     with_file = make_dry_run(tmp_path, f"CONFIG={config}", "STEPS=20")
     distill_line = next(line for line in with_file.splitlines() if " distill " in line)
     assert f"--config {config}" in distill_line and "--max-steps 20" in distill_line  # given to make: passed

@@ -206,6 +206,8 @@ def test_metrics_record_every_step_and_the_distill_loss_falls(reference_run):
     records = metrics(reference_run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     schedule = from_flags(TrainConfig, lr=0.02, warmup_steps=2, max_steps=STEPS)
+    alpha = json.loads((reference_run / "run_config.json").read_text())["resolved"]["train"]["alpha"]
+    assert alpha == from_flags(TrainConfig).loss.alpha  # the default, as recorded
     for r in records:
         has_eval = r["step"] % 6 == 0
         assert set(r) == METRIC_KEYS | ({"val_ce", "val_ppl"} if has_eval else set())
@@ -213,7 +215,7 @@ def test_metrics_record_every_step_and_the_distill_loss_falls(reference_run):
         # the rate the step used
         assert r["lr"] == pytest.approx(0.02 * lr_at(r["step"] - 1, schedule.optim, STEPS), rel=1e-9)
         assert r["tokens_per_s"] > 0 and all(math.isfinite(r[k]) for k in ("ce", "kd", "total"))
-        assert r["total"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-5)  # alpha 0.5, T 1
+        assert r["total"] == pytest.approx(alpha * r["ce"] + (1 - alpha) * r["kd"], rel=1e-5)  # T 1
         if has_eval:
             assert r["val_ppl"] == pytest.approx(math.exp(r["val_ce"]), rel=1e-9)
     first, last = records[:3], records[-3:]
@@ -426,7 +428,7 @@ def test_teacher_embedding_projection_keeps_the_leading_directions():
     for width in (3, 2):
         norms = teacher_embedding_projection(embeddings, width, std=1.0).double().norm(dim=0)
         assert torch.allclose(norms / norms[0], singular[:width] / singular[0], rtol=1e-4)
-    with pytest.raises(PipelineError, match="--n-embd 9 is wider than the teacher's embeddings"):
+    with pytest.raises(PipelineError, match=r"width 9 \(--n-embd\) is more than the teacher's \(8\)"):
         teacher_embedding_projection(embeddings, 9, std=0.02)
 
 
@@ -438,7 +440,7 @@ def test_teacher_embeddings_student_is_the_random_one_with_the_teachers_token_em
     shape = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_kv_head": 2, "mlp_size": 32}
     vocab = len(tiny_tokenizer)
     student = build_student(StudentConfig(student_init="teacher-embeddings", **shape), str(teacher_dir), vocab, 0)
-    plain = build_student(StudentConfig(**shape), str(teacher_dir), vocab, 0)
+    plain = build_student(StudentConfig(student_init="random", **shape), str(teacher_dir), vocab, 0)
     embeddings = student.get_input_embeddings().weight
     expected = teacher_embedding_projection(teacher_embeddings, 16, student.config.initializer_range)
     assert torch.equal(embeddings[:vocab], expected)
@@ -448,10 +450,13 @@ def test_teacher_embeddings_student_is_the_random_one_with_the_teachers_token_em
         rows = slice(vocab, None) if name in ("model.embed_tokens.weight", "lm_head.weight") else slice(None)
         assert torch.equal(value[rows], plain_state[name][rows]), name
     assert count_parameters(student) == count_parameters(plain)
-    with pytest.raises(PipelineError, match="--n-embd 64 is wider than the teacher's embeddings"):
-        build_student(
-            StudentConfig(student_init="teacher-embeddings", **{**shape, "n_embd": 64}), str(teacher_dir), vocab, 0
-        )
+    with pytest.raises(PipelineError, match="use --n-embd 32 or less, or --student-init random"):
+        build_student(StudentConfig(**{**shape, "n_embd": 64}), str(teacher_dir), vocab, 0)  # the default init
+    # a --student-config student (here GPT-2) starts from the teacher's embeddings the same way, by default
+    config_file = tmp_path / "gpt2.json"
+    config_file.write_text(json.dumps({"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2}))
+    custom = build_student(StudentConfig(student_config=str(config_file)), str(teacher_dir), vocab, 0)
+    assert torch.equal(custom.get_input_embeddings().weight[:vocab], expected)
 
 
 def test_temperature_other_than_the_caches_names_the_rebuild(options, tmp_path):

@@ -646,7 +646,8 @@ def train(
             persistent_workers=False,
         )
         accelerator.print(
-            f"{run_kind}: {count_parameters(accelerator.unwrap_model(model)) / 1e6:.1f}M-parameter student, "
+            f"{run_kind}: {count_parameters(accelerator.unwrap_model(model)) / 1e6:.1f}M-parameter student "
+            f"({'from ' + student_config.student if student_config.student else student_config.student_init}), "
             f"{len(train_rows)} train rows x {config.seq_len} tokens, {config.steps.max_steps} steps, "
             f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}, "
             f"output head {'fused with the loss' if loss_fn.fused_head else 'unfused'}"

@@ -56,6 +56,31 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+def input_embeddings(path: str | Path) -> torch.Tensor:
+    """A causal LM's input token embeddings [rows, width] in float32. From a folder of safetensors files the one
+    tensor is read alone (its name found on a weightless copy of the model), so that starting a student from a
+    large teacher's embeddings does not hold the whole teacher in every process; otherwise (a hub id, *.bin
+    weights, a name the files do not use) the whole model is loaded and its embeddings taken."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if files:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+        weight = skeleton.get_input_embeddings().weight
+        name = next(n for n, p in skeleton.named_parameters() if p is weight)
+        for file in files:
+            with safe_open(str(file), "pt") as tensors:
+                # the name as the model holds it, or without its base-model prefix ("wte.weight" in GPT-2's files)
+                stored = tensors.keys()
+                keys = [k for k in stored if k == name or ("." in k and name.endswith("." + k))]
+                if keys:
+                    return tensors.get_tensor(keys[0]).float()
+    return load_causal_lm(folder).get_input_embeddings().weight.detach()
+
+
 def model_vocab_size(path: str | Path) -> int:
     """The width of a model's logits (its config's vocab_size), read from its config alone."""
     from transformers import AutoConfig

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import StudentConfig
 from pipeline.errors import PipelineError
-from pipeline.models import config_from_json, load_causal_lm, logit_width, new_causal_lm
+from pipeline.models import config_from_json, input_embeddings, load_causal_lm, logit_width, new_causal_lm
 from pipeline.teacher import tokenizer_hash as hash_of_tokenizer
 
 # Per-layer settings of a config (one entry per decoder block) that a slice of the teacher's blocks must slice too.
@@ -99,14 +99,13 @@ def teacher_embedding_projection(embeddings: torch.Tensor, width: int, std: floa
     return (projected * (std / projected.std())).float()
 
 
-def _start_embeddings_from_teacher(model, teacher_dir: str) -> None:
+def _start_embeddings_from_teacher(model, teacher_dir: str, vocab_size: int) -> None:
     """Set a new student's token embeddings (tied with its head where the model ties them) to the teacher's,
-    projected to the student's width (teacher_embedding_projection); rows the teacher lacks keep their random init."""
-    teacher = load_causal_lm(teacher_dir)
-    source = teacher.get_input_embeddings().weight.detach()
-    del teacher
+    projected to the student's width (teacher_embedding_projection) over the tokenizer's `vocab_size` rows; the
+    rest (a padded teacher's or student's extra rows) keep their random init."""
+    source = input_embeddings(teacher_dir)
     start = model.get_input_embeddings().weight
-    n = min(source.shape[0], start.shape[0])
+    n = min(source.shape[0], start.shape[0], vocab_size)
     std = getattr(model.config, "initializer_range", None) or float(start.std())
     with torch.no_grad():
         start[:n] = teacher_embedding_projection(source[:n], start.shape[1], std)
@@ -189,7 +188,7 @@ def build_student(
         else:
             model = _new_llama(config, teacher_dir, student_rows(vocab_size))
         if config.student_init == "teacher-embeddings":
-            _start_embeddings_from_teacher(model, teacher_dir)
+            _start_embeddings_from_teacher(model, teacher_dir, vocab_size)
     rows = logit_width(model)
     if rows < vocab_size:
         raise PipelineError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ from conftest import invoke_cli, willows_text
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
 from pipeline.data import read_meta
-from pipeline.models import load_causal_lm, logit_width
-from pipeline.student import build_student, decoder_blocks, student_rows
+from pipeline.models import input_embeddings, load_causal_lm, logit_width
+from pipeline.student import build_student, decoder_blocks, student_rows, teacher_embedding_projection
 
 SEQ_LEN, ROWS, K, NUM_SAMPLES = 32, 8, 8, 20
 STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
@@ -296,6 +297,40 @@ def test_teacher_layers_student_of_every_family(family, teachers):
     assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in kept)
     with torch.no_grad():
         assert not torch.allclose(one.eval()(tokens).logits, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2", "gemma2"])
+def test_teacher_embeddings_are_read_alone_from_every_familys_files(family, teachers, tmp_path, monkeypatch):
+    """The default student init reads only the teacher's embedding tensor from its safetensors (here with loading
+    the whole model made impossible); the student's rows past the tokenizer's keep their random init."""
+    expected = load_causal_lm(teachers[family]).get_input_embeddings().weight.detach()
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("the whole teacher was loaded")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("pipeline.models.load_causal_lm", no_whole_model)
+        assert torch.equal(input_embeddings(teachers[family]), expected)
+        vocab = LLAMA3_VOCAB if family == "llama3" else 385  # 385: the student has 448 rows, the tokenizer 385
+        small = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_kv_head": 2, "mlp_size": 32}
+        student = build_student(StudentConfig(**small), str(teachers[family]), vocab, 0)
+    plain = build_student(StudentConfig(student_init="random", **small), str(teachers[family]), vocab, 0)
+    rows = min(expected.shape[0], vocab)
+    projected = teacher_embedding_projection(expected[:rows], 16, student.config.initializer_range)
+    embeddings = student.get_input_embeddings().weight.detach()
+    assert torch.equal(embeddings[:rows], projected)
+    assert torch.equal(embeddings[rows:], plain.get_input_embeddings().weight[rows:])
+    if family == "gpt2":  # files as the hub's gpt2 has them, without the base model's prefix; then *.bin weights
+        from safetensors.torch import save_file
+
+        bare = tmp_path / "bare"
+        shutil.copytree(teachers[family], bare)
+        weights = load_causal_lm(teachers[family]).transformer.state_dict()
+        save_file({k: v.contiguous() for k, v in weights.items()}, bare / "model.safetensors")
+        assert torch.equal(input_embeddings(bare), expected)
+        (bare / "model.safetensors").unlink()
+        torch.save(load_causal_lm(teachers[family]).state_dict(), bare / "pytorch_model.bin")
+        assert torch.equal(input_embeddings(bare), expected)
 
 
 def test_new_students_get_the_tokenizer_rows_rounded_up_to_64(teachers):

@@ -1,6 +1,6 @@
-"""The student: a new small Llama decoder (optionally with the teacher's token embeddings projected to its width), a
-shallow copy of the teacher (DistilBERT/DistilGPT2 recipe), a model built from any transformers config file (a
-custom decoder), or an existing Hugging Face causal LM that shares the teacher's tokenizer.
+"""The student: a new small Llama decoder or a model built from any transformers config file (a custom decoder),
+either one by default with the teacher's token embeddings projected to its width; a shallow copy of the teacher
+(DistilBERT/DistilGPT2 recipe); or an existing Hugging Face causal LM that shares the teacher's tokenizer.
 
 What a student must share with the teacher is the tokenizer, not the embedding size: its output head needs a row
 for every token id (at least the tokenizer's length), and may have more (padding rows, as many checkpoints round

@@ -163,7 +163,7 @@ def sweep(config: SweepConfig, student_config: StudentConfig) -> dict:
             runs[name] = {"settings": point, "distill": distill, "path": str(run_dir)}
 
         figures = _evaluate_runs(base, runs)
-        report = _report(config, runs, figures)
+        report = _report(config, runs, figures, base_student)
     atomic_write_json(out_dir / "sweep.json", report)
     atomic_write_bytes(out_dir / "sweep.md", render_markdown(report).encode())
     plot_curves(runs, out_dir / "curves.png")
@@ -192,7 +192,7 @@ def _evaluate_runs(base: TrainConfig, runs: dict) -> dict:
     return figures
 
 
-def _report(config: SweepConfig, runs: dict, figures: dict) -> dict:
+def _report(config: SweepConfig, runs: dict, figures: dict, base_student: dict) -> dict:
     baseline_ppl = figures["baseline"]["val_ppl"] if "baseline" in figures else None
     rows = []
     for name, run in runs.items():
@@ -221,6 +221,7 @@ def _report(config: SweepConfig, runs: dict, figures: dict) -> dict:
         "eval_positions": figures["teacher"]["positions"],
         "cache": {"dir": base.cache_dir, "mode": cache_attrs["mode"], "temperature": cache_attrs["temperature"]},
         "base_options": {k: v for k, v in to_flags(base).items() if k not in ("out_dir", "resume")},
+        "base_student": base_student,
         "grid": config.grid,
         "grid_file": config.grid_file,
     }
@@ -237,13 +238,16 @@ def render_markdown(report: dict) -> str:
         "",
         f"Cache {cache['dir']} ({cache['mode']}, T={cache['temperature']}: the temperature is the cache's); "
         f"{report['eval_positions']:,} val positions; teacher val perplexity {report['teacher_val_ppl']:.2f}. "
-        "Ranked by val perplexity; ratio = val perplexity over the baseline's (CE only, same rows and steps).",
+        "Ranked by val perplexity; ratio = val perplexity over the baseline's (CE only: the sweep's base student, "
+        "same rows and steps).",
         "",
         "| rank | student | settings | val ppl | ratio | KL exact | top-1 agreement | train s | parameters |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for rank, row in enumerate(report["ranked"], start=1):
-        settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "CE only"
+        settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+        if not row["distill"]:  # the baseline: the sweep's base student
+            settings = f"CE only, student_init={report['base_student']['student_init']}"
         out.append(
             f"| {rank} | {row['name']} | {settings} | {_cell(row['val_ppl'], '{:.2f}')} | "
             f"{_cell(row['ratio_to_baseline'], '{:.3f}')} | {_cell(row['kl_exact'], '{:.4f}')} | "

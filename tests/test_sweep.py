@@ -123,6 +123,7 @@ def test_ranked_figures_match_an_independent_computation(swept, tiny_data):
         assert 0 <= row["top1_agreement"] <= 1 and row["kl_exact"] > 0 and row["train_seconds"] > 0
     markdown = (swept["root"] / "sweep" / "sweep.md").read_text()
     assert "| 1 |" in markdown and "the temperature is the cache's" in markdown
+    assert "| baseline | CE only, student_init=teacher-embeddings |" in markdown  # the default student
     assert (swept["root"] / "sweep" / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -1,5 +1,5 @@
 """Stage 1: run the teacher once over the tokenized corpus and cache its sparse next-token
-distribution in HDF5 shards (format in `cache_format.py`).
+distribution in HDF5 shards (format in `cache_format/`).
 
 For every packed sequence row (seq_len + 1 tokens; the teacher reads the first seq_len) and every
 position j, the cache holds the teacher's distribution over token j+1 given tokens 0..j, at the

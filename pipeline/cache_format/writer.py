@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import h5py
@@ -175,6 +176,67 @@ def _packed_sampled_part(path, part: dict, vocab_size: int, id_dtype: np.dtype, 
     return packed_ids, packed_counts, num_distinct
 
 
+def _sampled_sizes(part_paths: list, vocab_size: int, id_dtype: np.dtype, num_samples: int) -> tuple[np.ndarray, int]:
+    """Pass 1 of a sampled shard: every part checked and packed -> ([2] bytes of packed_ids and packed_counts,
+    max_distinct)."""
+    packed_bytes, max_distinct = np.zeros(2, np.int64), 0
+    for path in part_paths:
+        packed_ids, packed_counts, num_distinct = _packed_sampled_part(
+            path, read_part(path), vocab_size, id_dtype, num_samples
+        )
+        packed_bytes += (sum(map(len, packed_ids)), sum(map(len, packed_counts)))
+        max_distinct = max(max_distinct, int(num_distinct.max(initial=0)))
+    return packed_bytes, max_distinct
+
+
+@dataclasses.dataclass
+class _Target:
+    """The open shard that pass 2 copies parts into, with what the copies check values against."""
+
+    datasets: dict[str, h5py.Dataset]
+    vocab_size: int
+    id_dtype: np.dtype
+    num_samples: int
+    packed_bytes: np.ndarray  # [2] sampled: sizes of packed_ids and packed_counts (pass 1); topk: zeros
+    packed_at: np.ndarray  # [2] sampled: where the packed bytes copied so far end; topk: zeros
+
+
+def _copy_topk_part(target: _Target, path, part: dict, start: int, stop: int) -> None:
+    """A topk part's ids and log-probs into rows start:stop of the shard."""
+    datasets = target.datasets
+    datasets["topk_ids"][start:stop] = _as_ids(path, "topk_ids", part["topk_ids"], target.vocab_size, target.id_dtype)
+    for name in ("topk_logprobs", "tail_logprob"):
+        datasets[name][start:stop] = _as_floats(path, name, part[name], FIXED_DTYPES[name])
+
+
+def _copy_sampled_part(target: _Target, path, part: dict, start: int, stop: int) -> None:
+    """A sampled part packed into the bytes after the previous part's, its rows' offsets into row_offsets[start :
+    stop + 1] (the first is where the previous part ended) and its entropies into rows start:stop."""
+    datasets = target.datasets
+    packed_ids, packed_counts, _ = _packed_sampled_part(
+        path, part, target.vocab_size, target.id_dtype, target.num_samples
+    )
+    sizes = np.array([[len(a), len(b)] for a, b in zip(packed_ids, packed_counts)], np.int64)
+    ends = target.packed_at + np.cumsum(sizes.reshape(-1, 2), axis=0)  # [part rows, 2]
+    part_end = ends[-1] if stop > start else target.packed_at
+    require(
+        (part_end <= target.packed_bytes).all(),
+        f"part file {path} changed while the shard was assembled: rerun {REBUILD}",
+    )
+    for index, (name, pieces) in enumerate((("packed_ids", packed_ids), ("packed_counts", packed_counts))):
+        if part_end[index] > target.packed_at[index]:
+            datasets[name][target.packed_at[index] : part_end[index]] = np.concatenate(pieces)
+    datasets["row_offsets"][start : stop + 1] = np.concatenate([target.packed_at[None], ends])
+    target.packed_at = part_end
+    datasets["teacher_entropy"][start:stop] = _as_floats(
+        path, "teacher_entropy", part["teacher_entropy"], FIXED_DTYPES["teacher_entropy"]
+    )
+
+
+# How pass 2 copies one part's arrays other than its tokens, per mode.
+_COPY_PART = {"topk": _copy_topk_part, "sampled": _copy_sampled_part}
+
+
 def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
     """Concatenate parts, in order, into one shard file at final_path (temp file, fsync, rename).
 
@@ -199,17 +261,11 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
         f"attrs say {final_path.name} has {attrs['rows']} rows but its parts hold {rows}",
     )
     shapes = {"tokens": (rows, seq_len + 1)}
-    max_distinct = 0
     if mode == "topk":
+        packed_bytes, max_distinct = np.zeros(2, np.int64), 0
         shapes.update(topk_ids=(rows, seq_len, k), topk_logprobs=(rows, seq_len, k), tail_logprob=(rows, seq_len))
     else:
-        packed_bytes = np.zeros(2, np.int64)
-        for path in part_paths:
-            packed_ids, packed_counts, num_distinct = _packed_sampled_part(
-                path, read_part(path), vocab_size, id_dtype, num_samples
-            )
-            packed_bytes += (sum(map(len, packed_ids)), sum(map(len, packed_counts)))
-            max_distinct = max(max_distinct, int(num_distinct.max(initial=0)))
+        packed_bytes, max_distinct = _sampled_sizes(part_paths, vocab_size, id_dtype, num_samples)
         shapes.update(
             packed_ids=(int(packed_bytes[0]),),
             packed_counts=(int(packed_bytes[1]),),
@@ -225,6 +281,7 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
     data_bytes = sum(
         int(np.prod(shapes[name])) * FIXED_DTYPES.get(name, id_dtype).itemsize for name in SHARD_DATASETS[mode]
     )
+    copy_part = _COPY_PART[mode]
     with atomic_path(final_path) as tmp:
         reserve_space(tmp, data_bytes + (64 << 10))  # data + HDF5 metadata (~8 KiB): a full disk fails here, cleanly
         with h5py.File(tmp, "w") as f:
@@ -232,9 +289,8 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
                 name: _new_dataset(f, name, shapes[name], FIXED_DTYPES.get(name, id_dtype))
                 for name in SHARD_DATASETS[mode]
             }
-            if mode == "sampled":
-                datasets["row_offsets"][0] = (0, 0)
-            row, packed_at = 0, np.zeros(2, np.int64)
+            target = _Target(datasets, vocab_size, id_dtype, num_samples, packed_bytes, np.zeros(2, np.int64))
+            row = 0
             for path, (part_rows, part_entries) in zip(part_paths, layouts):
                 part = read_part(path)
                 actual = {name: (arr.shape, arr.dtype) for name, arr in part.items()}
@@ -244,33 +300,11 @@ def assemble_shard(final_path, attrs: dict, part_paths: list) -> dict:
                 )
                 stop = row + part_rows
                 datasets["tokens"][row:stop] = _as_ids(path, "tokens", part["tokens"], vocab_size, id_dtype)
-                if mode == "topk":
-                    datasets["topk_ids"][row:stop] = _as_ids(path, "topk_ids", part["topk_ids"], vocab_size, id_dtype)
-                    for name in ("topk_logprobs", "tail_logprob"):
-                        datasets[name][row:stop] = _as_floats(path, name, part[name], FIXED_DTYPES[name])
-                else:
-                    packed_ids, packed_counts, _ = _packed_sampled_part(path, part, vocab_size, id_dtype, num_samples)
-                    sizes = np.array([[len(a), len(b)] for a, b in zip(packed_ids, packed_counts)], np.int64)
-                    ends = packed_at + np.cumsum(sizes.reshape(-1, 2), axis=0)  # [part rows, 2]
-                    part_end = ends[-1] if part_rows else packed_at
-                    require(
-                        (part_end <= packed_bytes).all(),
-                        f"part file {path} changed while the shard was assembled: rerun {REBUILD}",
-                    )
-                    for index, (name, pieces) in enumerate(
-                        (("packed_ids", packed_ids), ("packed_counts", packed_counts))
-                    ):
-                        if part_end[index] > packed_at[index]:
-                            datasets[name][packed_at[index] : part_end[index]] = np.concatenate(pieces)
-                    datasets["row_offsets"][row + 1 : stop + 1] = ends
-                    packed_at = part_end
-                    datasets["teacher_entropy"][row:stop] = _as_floats(
-                        path, "teacher_entropy", part["teacher_entropy"], FIXED_DTYPES["teacher_entropy"]
-                    )
+                copy_part(target, path, part, row, stop)
                 row = stop
                 del part
             require(
-                mode == "topk" or (packed_at == packed_bytes).all(),
+                (target.packed_at == target.packed_bytes).all(),
                 f"the parts of {final_path.name} changed while the shard was assembled: rerun {REBUILD}",
             )
             for key in _ordered_keys(attrs):

@@ -1,5 +1,5 @@
 """Stage 1: run the teacher once over the tokenized corpus and cache its sparse next-token
-distribution in HDF5 shards (format in `cache_format.py`).
+distribution in HDF5 shards (format in `cache_format/`).
 
 For every packed sequence row (seq_len + 1 tokens; the teacher reads the first seq_len) and every
 position j, the cache holds the teacher's distribution over token j+1 given tokens 0..j, at the
@@ -93,6 +93,20 @@ def common_attrs(
         "val_tokens_sha256": meta["val_sha256"],
         "max_rows": int(config.max_rows or 0),
         **padding,
+    }
+
+
+def shard_attrs(attrs: dict, split: str, *, shard_index: int, num_shards: int, row_start: int, rows: int) -> dict:
+    """The attributes of one shard, as assemble_shard writes them into the file: the cache's common_attrs, the split
+    with its tokens' hash, and the shard's place among the split's shards."""
+    return {
+        **attrs,
+        "split": split,
+        "tokens_sha256": attrs[f"{split}_tokens_sha256"],
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "row_start": row_start,
+        "rows": rows,
     }
 
 
@@ -600,9 +614,8 @@ def _check_job_shard(
         return f"{path} is missing (its entry is there): copy it into {out_dir} or {rerun}"
     if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
         return f"{path} does not match its entry (size or sha256): copy it again or {rerun}"
-    shard_attrs = cache_format.read_shard_attrs(path)
-    inside = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"], **layout}
-    if any(shard_attrs.get(k) != v for k, v in inside.items()):
+    stored = cache_format.read_shard_attrs(path)
+    if any(stored.get(k) != v for k, v in shard_attrs(attrs, split, **layout).items()):
         return f"{path} holds attributes that differ from its entry: {rerun}"
     return None
 
@@ -666,8 +679,7 @@ def _build_shard(
     progress.close()
 
     layout = {k: shard[k] for k in ("shard_index", "num_shards", "row_start", "rows")}
-    shard_attrs = {**attrs, "split": split, "tokens_sha256": attrs[f"{split}_tokens_sha256"], **layout}
-    entry = cache_format.assemble_shard(out_dir / name, shard_attrs, part_paths)
+    entry = cache_format.assemble_shard(out_dir / name, shard_attrs(attrs, split, **layout), part_paths)
     entry.update(layout, split=split, attrs=attrs, job=job, num_jobs=num_jobs, rows_per_part=config.rows_per_part)
     atomic_write_json(entry_path(out_dir, name), entry)  # written last: the shard is finished
     shutil.rmtree(parts_dir, ignore_errors=True)

@@ -308,7 +308,7 @@ def test_reads_do_not_touch_h5py(tmp_path, monkeypatch):
         raise AssertionError("h5py used on the read path")
 
     monkeypatch.setattr(h5py, "File", no_h5py)
-    monkeypatch.setattr(cf.h5py, "File", no_h5py)
+    monkeypatch.setattr(cf.reader.h5py, "File", no_h5py)
     for i in range(len(reader)):
         reader.row(i)
         reader.tokens(i)

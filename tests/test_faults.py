@@ -368,7 +368,9 @@ def cache_faults(tmp_path_factory, cache_args) -> dict:
     facts["parts_after_kill"] = parts()
     facts["lock_after_kill"] = (out / ".lock").exists()
 
-    killed(run(*cache_args(out), fault={"target": "pipeline.cache_format:read_part", "call": 3, "when": "before"}))
+    killed(
+        run(*cache_args(out), fault={"target": "pipeline.cache_format.writer:read_part", "call": 3, "when": "before"})
+    )
     facts["temp_shards_after_kill"] = sorted(p.name.split(".h5")[0] for p in out.glob(".*.tmp"))
     facts["files_after_assembly_kill"] = sorted(p.name for p in out.iterdir())
 

@@ -278,7 +278,7 @@ def sweep(config, student):
 def bench(config, student):
     """Benchmark cache-logits vs the teacher forward, KD vs CE training steps, the data path, memory, and
     (--quality) the student each loss gives at equal steps. Writes OUT_DIR/bench.json and bench.md."""
-    from pipeline.bench import run_bench
+    from pipeline.bench.run import run_bench
 
     run_stage(run_bench, config, student)
 

@@ -283,5 +283,18 @@ def bench(config, student):
     run_stage(run_bench, config, student)
 
 
+@main.command()
+@click.option(
+    "--docs-dir", default="docs", show_default=True, help="the folder of bench-*.json reports; benchmarks.md goes there"
+)
+@click.option("--check", is_flag=True, help="write nothing; exit 2 if benchmarks.md differs from what it would be")
+def docs(docs_dir, check):
+    """Regenerate DOCS_DIR/benchmarks.md from every DOCS_DIR/bench-*.json (a section per report, by bench's own
+    renderer), so that benchmark tables in docs are never typed by hand. `make docs` runs it."""
+    from pipeline.bench.docs import write_benchmarks_page
+
+    run_stage(write_benchmarks_page, docs_dir, check)
+
+
 if __name__ == "__main__":
     main()

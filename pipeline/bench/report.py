@@ -73,12 +73,11 @@ class Column:
 class Table:
     columns: tuple[Column, ...]
     rows: Callable[[dict], list[dict]]  # the section's figures -> one dict of figures per row
-    align: str | None = None  # markdown_table's; default: the first column left, the others right
 
     def render(self, figures: dict) -> str:
         header = [fill(c.header, figures) for c in self.columns]
         rows = [[fill(c.cell, row, c.missing) for c in self.columns] for row in self.rows(figures)]
-        return "\n".join(markdown_table(header, rows, self.align))
+        return "\n".join(markdown_table(header, rows))  # the first column left, the figures right
 
 
 @dataclasses.dataclass(frozen=True)

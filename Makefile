@@ -2,6 +2,7 @@
 #   make compare                  # full default run on the embedded teacher + corpus (12-18 min on 2 CPU cores)
 #   make compare SMOKE=1          # the same path on a tiny slice (a few minutes)
 #   make test                     # the test suite (what CI runs)
+#   make docs                     # docs/benchmarks.md from every docs/bench-*.json (a bench.json kept in docs/)
 #   make compare FINETUNE=1       # fine-tune the teacher on the corpus first, then distil from it
 #   make compare NAME=willows FINETUNE=1 CONFIG=examples/willows.yaml   # options from a config file
 # Variables pass options through: CORPUS, TEACHER, NAME, SEQ_LEN, MODE, K, NUM_SAMPLES, TEMPERATURE, ALPHA, STEPS, ...
@@ -98,7 +99,7 @@ TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) $(call option,SEQ_L
                  $(call option,BATCH,--batch-size) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)$(CONFIG_ARG)
 ALPHA_OPT     := $(call option,ALPHA,--alpha)
 
-.PHONY: help install teacher data cache-logits distill baseline compare test lint bench clean finetune-teacher export sweep
+.PHONY: help install teacher data cache-logits distill baseline compare test lint bench docs clean finetune-teacher export sweep
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -167,6 +168,9 @@ lint: $(VENV)/.installed  ## check formatting and lint rules (ruff; settings in 
 TEACHER_SHAPE ?=
 bench: $(TEACHER_DEP) $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
 	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(if $(TEACHER_SHAPE),--teacher-shape $(TEACHER_SHAPE)) $(BENCH_ARGS)$(CONFIG_ARG)
+
+docs: $(VENV)/.installed  ## regenerate docs/benchmarks.md from every docs/bench-*.json (never edit it by hand)
+	$(PY) -m pipeline docs --docs-dir docs
 
 clean:  ## remove generated data, caches and checkpoints (keeps downloads and the teacher)
 	rm -rf $(DATA_DIR) $(CACHE_DIR) $(DISTILL_DIR) $(BASELINE_DIR) $(COMPARE_DIR) $(TEACHER_FT_DIR) $(SWEEP_DIR)

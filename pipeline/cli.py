@@ -278,9 +278,22 @@ def sweep(config, student):
 def bench(config, student):
     """Benchmark cache-logits vs the teacher forward, KD vs CE training steps, the data path, memory, and
     (--quality) the student each loss gives at equal steps. Writes OUT_DIR/bench.json and bench.md."""
-    from pipeline.bench import run_bench
+    from pipeline.bench.run import run_bench
 
     run_stage(run_bench, config, student)
+
+
+@main.command()
+@click.option(
+    "--docs-dir", default="docs", show_default=True, help="the folder of bench-*.json reports; benchmarks.md goes there"
+)
+@click.option("--check", is_flag=True, help="write nothing; exit 2 if benchmarks.md differs from what it would be")
+def docs(docs_dir, check):
+    """Regenerate DOCS_DIR/benchmarks.md from every DOCS_DIR/bench-*.json (a section per report, by bench's own
+    renderer), so that benchmark tables in docs are never typed by hand. `make docs` runs it."""
+    from pipeline.bench.docs import write_benchmarks_page
+
+    run_stage(write_benchmarks_page, docs_dir, check)
 
 
 if __name__ == "__main__":

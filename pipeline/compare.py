@@ -22,11 +22,13 @@ from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.export import read_export_report
-from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, read_json
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.generate import continue_prompts, val_prompts
 from pipeline.machine import device_name
 from pipeline.modelcard import write_model_card
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
+from pipeline.plots import plot_val_ppl
+from pipeline.tables import cell_text, markdown_table
 from pipeline.teacher import teacher_identity
 from pipeline.train import STUDENT_RUNS, read_metrics
 
@@ -65,28 +67,6 @@ def check_same_setup(distilled: dict, baseline: dict) -> None:
 
 def size_on_disk(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
-
-
-def plot_curves(runs: dict[str, Path], out_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, run_dir in runs.items():
-        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_ppl" in r]
-        ax.plot([r["tokens_seen"] for r in records], [r["val_ppl"] for r in records], marker="o", label=label)
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel("val perplexity")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("Held-out perplexity during training")
-    fig.tight_layout()
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str, ...] = ()) -> dict:
@@ -147,7 +127,11 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         samples[label] = texts
     del loaded
 
-    plot_curves({"distilled": Path(config.distilled), "baseline": Path(config.baseline)}, out_dir / "curves.png")
+    plot_val_ppl(
+        {label: read_metrics(Path(models[label]) / "metrics.jsonl") for label in ("distilled", "baseline")},
+        out_dir / "curves.png",
+        title="Held-out perplexity during training",
+    )
     cache_manifest = read_json(Path(config.cache_dir) / "manifest.json")
     report = {
         "models": results,
@@ -206,11 +190,6 @@ def render_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell or a one-line quote: pipes escaped, newlines as spaces."""
-    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-
-
 def render_markdown(report: dict) -> str:
     labels = list(report["models"])
     out = [
@@ -221,15 +200,14 @@ def render_markdown(report: dict) -> str:
         f"KL at T={report['eval']['kl_temperature']}: exact over the full vocabulary, and as estimated from the "
         f"{report['eval']['cache_mode']} val cache; device: {report['device']}.",
         "",
-        "| | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
     ]
-    for title, key, fmt in ROWS:
-        out.append(
-            f"| {_md_cell(title)} | "
-            + " | ".join(_cell(fmt, key, report["models"][label][key]) for label in labels)
-            + " |"
-        )
+    out += markdown_table(
+        ["", *labels],
+        [
+            [cell_text(title), *(_cell(fmt, key, report["models"][label][key]) for label in labels)]
+            for title, key, fmt in ROWS
+        ],
+    )
     out += [
         "",
         "![validation perplexity against training tokens](curves.png)",
@@ -240,9 +218,9 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     for index, prompt in enumerate(report["samples"]["prompts"]):
-        out += [f"### Prompt {index + 1}", "", f"> {_md_cell(prompt)}", ""]
+        out += [f"### Prompt {index + 1}", "", f"> {cell_text(prompt)}", ""]
         for label in labels:
-            out += [f"**{label}**: {_md_cell(report['samples'][label][index])}", ""]
+            out += [f"**{label}**: {cell_text(report['samples'][label][index])}", ""]
     if "exports" in report:
         out += render_exports(report["exports"])
     return "\n".join(out) + "\n"
@@ -258,13 +236,16 @@ def render_exports(exports: dict) -> list[str]:
         f"As measured by `export`: {ev['rows']} val rows x {ev['seq_len']} tokens; {ev['generation']}; "
         "GGUF scored after dequantization (speed: run it in llama.cpp).",
         "",
-        "| variant | size (MB) | val perplexity | mean abs delta log-prob | CPU tokens/s |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for label, v in exports["variants"].items():
-        speed = f"{v['tokens_per_s']:.1f}" if v["tokens_per_s"] is not None else "n/a"
-        out.append(
-            f"| {label} | {v['size_bytes'] / 1e6:.2f} | {v['val_ppl']:.3f} | {v['mean_abs_logprob_delta']:.2e} | "
-            f"{speed} |"
-        )
-    return out
+    rows = [
+        [
+            label,
+            f"{v['size_bytes'] / 1e6:.2f}",
+            f"{v['val_ppl']:.3f}",
+            f"{v['mean_abs_logprob_delta']:.2e}",
+            f"{v['tokens_per_s']:.1f}" if v["tokens_per_s"] is not None else "n/a",
+        ]
+        for label, v in exports["variants"].items()
+    ]
+    header = ["variant", "size (MB)", "val perplexity", "mean abs delta log-prob", "CPU tokens/s"]
+    return out + markdown_table(header, rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.fsutil import atomic_write_bytes, read_json
+from pipeline.tables import markdown_table
 
 CARD_FILE = "README.md"
 DISTILLED_TAGS = ["distillation", "knowledge-distillation", "distill-pipeline"]
@@ -51,7 +52,7 @@ def _comparison_lines(comparison: dict, label: str) -> list[str]:
     """Rows of compare's report for the teacher and both students, this one marked."""
     models, ev = comparison["models"], comparison["eval"]
     labels = [name for name in ("teacher", "distilled", "baseline") if name in models]
-    header = " | ".join(f"{name} (this model)" if name == label else name for name in labels)
+    header = [f"{name} (this model)" if name == label else name for name in labels]
     rows = [
         ("val perplexity", "val_ppl", "{:.2f}"),
         ("KL(teacher ‖ model), exact over the vocabulary, nats/token", "kl_exact", "{:.4f}"),
@@ -61,12 +62,10 @@ def _comparison_lines(comparison: dict, label: str) -> list[str]:
         f"Measured by `compare` on {ev['rows']} held-out rows x {ev['seq_len']} tokens of the corpus's val split "
         f"({ev['positions']:,} positions; KL at T = {ev['kl_temperature']:g}), on {comparison.get('device', 'n/a')}:",
         "",
-        f"| | {header} |",
-        "|---|" + "---:|" * len(labels),
     ]
-    for title, key, fmt in rows:
-        out.append(f"| {title} | " + " | ".join(fmt.format(models[name][key]) for name in labels) + " |")
-    return out
+    return out + markdown_table(
+        ["", *header], [[title, *(fmt.format(models[name][key]) for name in labels)] for title, key, fmt in rows]
+    )
 
 
 def render_model_card(run_config: dict, model_path: str, comparison: dict | None = None, label: str = "") -> str:
@@ -116,18 +115,28 @@ def render_model_card(run_config: dict, model_path: str, comparison: dict | None
         "",
         "## Training",
         "",
-        "| | |",
-        "|---|---|",
-        f"| teacher | {teacher} |",
-        f"| corpus | {corpus} |",
-        f"| targets | {_targets(kind, train, provenance.get('cache'), temperature)} |",
-        f"| loss | {loss} |",
-        f"| student | {_student(student)} |",
-        f"| steps | {train['max_steps']} optimizer steps of {tokens_per_step} per process, seed {train['seed']} |",
-        f"| tokens seen | {final.get('tokens_seen', 0):,} |",
-        f"| optimizer | AdamW, peak lr {train['lr']:g}, {train['warmup_steps']} warmup steps, cosine decay to "
-        f"{train['min_lr_ratio']:g} x, weight decay {train['weight_decay']:g}, gradient clip {train['grad_clip']:g}, "
-        f"mixed precision {train['mixed_precision']} |",
+        *markdown_table(
+            ["", ""],
+            [
+                ["teacher", teacher],
+                ["corpus", corpus],
+                ["targets", _targets(kind, train, provenance.get("cache"), temperature)],
+                ["loss", loss],
+                ["student", _student(student)],
+                [
+                    "steps",
+                    f"{train['max_steps']} optimizer steps of {tokens_per_step} per process, seed {train['seed']}",
+                ],
+                ["tokens seen", f"{final.get('tokens_seen', 0):,}"],
+                [
+                    "optimizer",
+                    f"AdamW, peak lr {train['lr']:g}, {train['warmup_steps']} warmup steps, cosine decay to "
+                    f"{train['min_lr_ratio']:g} x, weight decay {train['weight_decay']:g}, gradient clip "
+                    f"{train['grad_clip']:g}, mixed precision {train['mixed_precision']}",
+                ],
+            ],
+            align="ll",
+        ),
         "",
         "## Evaluation",
         "",

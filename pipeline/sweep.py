@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
 import re
 from pathlib import Path
 
@@ -28,8 +27,10 @@ from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig, SweepConfig, TrainConfig, check, flag_fields, from_flags, to_flags
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, folder_lock
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock
 from pipeline.models import count_parameters, load_causal_lm
+from pipeline.plots import plot_val_ppl
+from pipeline.tables import markdown_table, number
 from pipeline.train import read_metrics, train
 
 # Options a grid point may not change: they define the cache and the rows every student reads.
@@ -166,7 +167,15 @@ def sweep(config: SweepConfig, student_config: StudentConfig) -> dict:
         report = _report(config, runs, figures, base_student)
     atomic_write_json(out_dir / "sweep.json", report)
     atomic_write_bytes(out_dir / "sweep.md", render_markdown(report).encode())
-    plot_curves(runs, out_dir / "curves.png")
+    plot_val_ppl(
+        {name: read_metrics(Path(run["path"]) / "metrics.jsonl") for name, run in runs.items()},
+        out_dir / "curves.png",
+        title="Held-out perplexity of the sweep's students",
+        reference=tuple(name for name, run in runs.items() if not run["distill"]),
+        markers=False,
+        size=(8, 4.8),
+        legend_fontsize=7,
+    )
     print(render_markdown(report))
     print(f"sweep: wrote {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'} and {out_dir / 'curves.png'}")
     return report
@@ -227,10 +236,6 @@ def _report(config: SweepConfig, runs: dict, figures: dict, base_student: dict) 
     }
 
 
-def _cell(value, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else spec.format(value)
-
-
 def render_markdown(report: dict) -> str:
     cache = report["cache"]
     out = [
@@ -241,41 +246,26 @@ def render_markdown(report: dict) -> str:
         "Ranked by val perplexity; ratio = val perplexity over the baseline's (CE only: the sweep's base student, "
         "same rows and steps).",
         "",
-        "| rank | student | settings | val ppl | ratio | KL exact | top-1 agreement | train s | parameters |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    rows = []
     for rank, row in enumerate(report["ranked"], start=1):
         settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
         if not row["distill"]:  # the baseline: the sweep's base student
             settings = f"CE only, student_init={report['base_student']['student_init']}"
-        out.append(
-            f"| {rank} | {row['name']} | {settings} | {_cell(row['val_ppl'], '{:.2f}')} | "
-            f"{_cell(row['ratio_to_baseline'], '{:.3f}')} | {_cell(row['kl_exact'], '{:.4f}')} | "
-            f"{_cell(row['top1_agreement'], '{:.1%}')} | {_cell(row['train_seconds'], '{:.0f}')} | "
-            f"{row['parameters']:,} |"
+        rows.append(
+            [
+                str(rank),
+                row["name"],
+                settings,
+                number(row["val_ppl"], "{:.2f}"),
+                number(row["ratio_to_baseline"], "{:.3f}"),
+                number(row["kl_exact"], "{:.4f}"),
+                number(row["top1_agreement"], "{:.1%}"),
+                number(row["train_seconds"], "{:.0f}"),
+                f"{row['parameters']:,}",
+            ]
         )
+    header = ["rank", "student", "settings", "val ppl", "ratio", "KL exact", "top-1 agreement", "train s", "parameters"]
+    out += markdown_table(header, rows, align="rllrrrrrr")
     out += ["", "![val perplexity against training tokens](curves.png)"]
     return "\n".join(out) + "\n"
-
-
-def plot_curves(runs: dict, out_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    for name, run in runs.items():
-        records = [r for r in read_metrics(Path(run["path"]) / "metrics.jsonl") if "val_ppl" in r]
-        style = {"linestyle": "--", "color": "black"} if not run["distill"] else {}
-        ax.plot([r["tokens_seen"] for r in records], [r["val_ppl"] for r in records], label=name, **style)
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel("val perplexity")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Held-out perplexity of the sweep's students")
-    fig.tight_layout()
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -385,3 +385,10 @@ def test_teacher_shape_runs_stage_1_alone_with_a_random_teacher_of_that_shape(ti
 
     unknown = run_cli("bench", "--data-dir", tiny_data, "--out-dir", out, "--teacher-shape", "llama-9t", timeout=120)
     assert unknown.returncode == 2 and "llama-3.2-1b" in unknown.stderr.strip().splitlines()[-1]
+
+
+def test_bench_md_renders_again_from_bench_json(bench_run):
+    """docs/benchmarks.md renders reports read back from bench.json (sorted keys): the page is the one the run wrote."""
+    from pipeline.bench import render_markdown
+
+    assert render_markdown(bench_run.report) == (bench_run.out / "bench.md").read_text()

@@ -10,7 +10,7 @@ from conftest import run_cli
 from pipeline.cli import main
 
 CORE = {"teacher", "data", "cache-logits", "distill", "baseline", "compare", "generate"}
-OPTIONAL = {"bench", "finetune-teacher", "export", "sweep"}
+OPTIONAL = {"bench", "docs", "finetune-teacher", "export", "sweep"}
 
 
 def test_the_commands_are_the_stages():

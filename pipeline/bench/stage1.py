@@ -17,7 +17,7 @@ import torch
 
 from pipeline import cache_format
 from pipeline.bench.probes import Laps, PeakMemory, log, median, sync
-from pipeline.cache import TeacherRunner, common_attrs, compute_dtype, row_seed
+from pipeline.cache import TeacherRunner, common_attrs, compute_dtype, row_seed, shard_attrs
 from pipeline.cache_format import read_manifest, write_part
 from pipeline.config import BenchConfig, CacheConfig
 from pipeline.data import load_tokens, read_meta, row_tokens
@@ -271,17 +271,9 @@ def assemble_bench_cache(
     for split, rows in split_rows.items():
         parts = _part_paths(work_dir, mode, split, 0, -(-rows // batch_size))
         name = cache_format.shard_name(split, 0, 1)
-        shard_attrs = {
-            **attrs,
-            "split": split,
-            "tokens_sha256": attrs[f"{split}_tokens_sha256"],
-            "shard_index": 0,
-            "num_shards": 1,
-            "row_start": 0,
-            "rows": rows,
-        }
-        entry = cache_format.assemble_shard(cache_dir / name, shard_attrs, parts)
-        entries.append({**entry, "split": split, "shard_index": 0, "num_shards": 1, "row_start": 0})
+        layout = shard_attrs(attrs, split, shard_index=0, num_shards=1, row_start=0, rows=rows)
+        entry = cache_format.assemble_shard(cache_dir / name, layout, parts)
+        entries.append(entry)
     cache_format.write_manifest(cache_dir, attrs, entries)
     return cache_dir
 

@@ -49,12 +49,12 @@ import numpy as np
 
 from pipeline.errors import PipelineError, require
 from pipeline.fsutil import atomic_path, atomic_write_json, read_json, reserve_space, sha256_file
+from pipeline.rows import SPLITS
 
 FORMAT_VERSION = 2  # 2: the sampled mode's ids and counts are packed (varints of 4-bit groups)
 MANIFEST_NAME = "manifest.json"
 REBUILD = "make cache-logits (python -m pipeline cache-logits)"
 MODES = ("topk", "sampled")
-SPLITS = ("train", "val")
 
 # Attributes of a shard file, in the order they are written (a fixed order keeps bytes identical).
 SHARD_ATTR_ORDER = (

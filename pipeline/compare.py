@@ -18,7 +18,6 @@ import torch
 from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, check
-from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.export import read_export_report
@@ -27,8 +26,9 @@ from pipeline.generate import continue_prompts, val_prompts
 from pipeline.machine import device_name
 from pipeline.modelcard import write_model_card
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
+from pipeline.rows import read_meta
+from pipeline.runs import STUDENT_RUNS, finished_run, read_metrics
 from pipeline.teacher import teacher_identity
-from pipeline.train import STUDENT_RUNS, read_metrics
 
 # What two runs must share to be compared; each key is read from run_config.json.
 MUST_MATCH = {
@@ -41,13 +41,13 @@ MUST_MATCH = {
 
 
 def read_run(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run_config.json"
-    if not path.exists() or not (Path(run_dir) / "model.safetensors").exists():
+    run_config = finished_run(run_dir)
+    if run_config is None:
         raise PipelineError(
             f"{run_dir} holds no finished training run (run_config.json / model.safetensors missing); run make distill "
             "/ make baseline"
         )
-    return read_json(path)
+    return run_config
 
 
 def check_same_setup(distilled: dict, baseline: dict) -> None:
@@ -75,7 +75,7 @@ def plot_curves(runs: dict[str, Path], out_path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, run_dir in runs.items():
-        records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_ppl" in r]
+        records = [r for r in read_metrics(run_dir) if "val_ppl" in r]
         ax.plot([r["tokens_seen"] for r in records], [r["val_ppl"] for r in records], marker="o", label=label)
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("val perplexity")

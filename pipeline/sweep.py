@@ -30,7 +30,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, folder_lock
 from pipeline.models import count_parameters, load_causal_lm
-from pipeline.train import read_metrics, train
+from pipeline.runs import read_metrics
+from pipeline.train import train
 
 # Options a grid point may not change: they define the cache and the rows every student reads.
 FIXED_BY_THE_CACHE = ("data_dir", "cache_dir", "teacher", "out_dir", "seq_len", "max_rows", "temperature")
@@ -131,7 +132,7 @@ def training_seconds(run_dir: Path) -> float:
     """Seconds the run spent training, from its metrics.jsonl: each record's tokens over its tokens/s (evaluation
     time excluded; correct across resumes)."""
     seconds, tokens_before = 0.0, 0
-    for record in read_metrics(run_dir / "metrics.jsonl"):
+    for record in read_metrics(run_dir):
         seconds += (record["tokens_seen"] - tokens_before) / max(record["tokens_per_s"], 1e-9)
         tokens_before = record["tokens_seen"]
     return seconds
@@ -266,7 +267,7 @@ def plot_curves(runs: dict, out_path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for name, run in runs.items():
-        records = [r for r in read_metrics(Path(run["path"]) / "metrics.jsonl") if "val_ppl" in r]
+        records = [r for r in read_metrics(run["path"]) if "val_ppl" in r]
         style = {"linestyle": "--", "color": "black"} if not run["distill"] else {}
         ax.plot([r["tokens_seen"] for r in records], [r["val_ppl"] for r in records], label=name, **style)
     ax.set_xlabel("training tokens seen")

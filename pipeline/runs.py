@@ -57,7 +57,7 @@ def up_to_date(
     folder: str | Path,
     record_name: str,
     made_from: Mapping,
-    outputs: Mapping[str, int | None] | Callable[[dict], Mapping[str, int | None]] = {},  # noqa: B006 (never mutated)
+    outputs: Mapping[str, int | None] | Callable[[dict], Mapping[str, int | None]] | None = None,
     *,
     ignore: Iterable[str] = (),
     read: Callable[[Path], dict | None] = read_json,
@@ -66,15 +66,15 @@ def up_to_date(
 
     Up to date means: the record exists (the stage writes it last, so a killed run leaves none), it holds every key
     of `made_from` with the same value (`matches`; `ignore` names keys left out), and every output file it names is
-    present with its size (`outputs`: {name: bytes or None}, or a function of the record giving them). `read` reads
-    the record (default: JSON; a reader may raise, or return None for an unreadable one)."""
+    present with its size (`outputs`: {name: bytes or None}, or a function of the record giving them; None: no
+    files). `read` reads the record (default: JSON; a reader may raise, or return None for an unreadable one)."""
     path = Path(folder) / record_name
     if not path.exists():
         return None
     record = read(path)
     if record is None or not matches(record, made_from, ignore):
         return None
-    sizes = outputs(record) if callable(outputs) else outputs
+    sizes = outputs(record) if callable(outputs) else outputs or {}
     return record if outputs_present(folder, sizes) else None
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.cache_format import CacheReader
-from pipeline.data import load_tokens, num_rows, row_tokens
+from pipeline.rows import load_tokens, num_rows, row_tokens
 
 
 class TokenRows(Dataset):

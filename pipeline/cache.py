@@ -35,15 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import cache_format, sparse_targets
-from pipeline.config import CacheConfig, check, config_file_text, to_flags
-from pipeline.data import load_tokens, num_rows, read_meta, row_tokens
+from pipeline.config import CacheConfig, check, to_flags
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json, sha256_file
+from pipeline.fsutil import atomic_write_json, folder_lock, read_json, sha256_file
 from pipeline.machine import fast_bf16
 from pipeline.models import head_gives_logits, load_causal_lm, logit_width
+from pipeline.rows import SPLITS, load_tokens, num_rows, read_meta, row_tokens
+from pipeline.runs import save_config, up_to_date
 from pipeline.teacher import teacher_identity
-
-SPLITS = ("train", "val")
 
 
 def compute_dtype(dtype: str, device: torch.device) -> str:
@@ -395,14 +394,22 @@ def build_cache(config: CacheConfig) -> dict:
     vocab_size, teacher_vocab = _validate_against_teacher(config, model_config, meta, identity)
     attrs = common_attrs(config, meta, identity, vocab_size, compute_dtype(config.dtype, state.device), teacher_vocab)
 
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.exists():
-        manifest = cache_format.read_manifest(out_dir)
-        if _manifest_matches(manifest, attrs, config) and _shards_present(out_dir, manifest):
-            state.print(f"cache: {out_dir} is up to date ({manifest['splits']['train']['rows']} train rows)")
-            return manifest
-        if not config.merge:
-            state.print(f"cache: settings or inputs changed, rebuilding {out_dir}")
+    manifest_path = out_dir / cache_format.MANIFEST_NAME
+    # compute_dtype: any, for a --merge on a machine of another kind
+    ignored = ("compute_dtype",) if config.merge and config.dtype == "auto" else ()
+    manifest = up_to_date(
+        out_dir,
+        cache_format.MANIFEST_NAME,
+        attrs,
+        _shard_sizes,
+        ignore=ignored,
+        read=lambda path: cache_format.read_manifest(path.parent),
+    )
+    if manifest is not None:
+        state.print(f"cache: {out_dir} is up to date ({manifest['splits']['train']['rows']} train rows)")
+        return manifest
+    if manifest_path.exists() and not config.merge:
+        state.print(f"cache: settings or inputs changed, rebuilding {out_dir}")
     if config.merge:
         with folder_lock(out_dir, "a cache-logits merge"):
             return merge_shards(config, attrs, config.num_shards)
@@ -453,26 +460,21 @@ def build_cache(config: CacheConfig) -> dict:
         return merge_shards(config, attrs, num_jobs)
 
 
-def _manifest_matches(manifest: dict, attrs: dict, config: CacheConfig) -> bool:
-    """The manifest's attributes are these (compute_dtype: any, for a --merge on a machine of another kind)."""
-    ignored = ("compute_dtype",) if config.merge and config.dtype == "auto" else ()
-    return all(manifest.get(k) == v for k, v in attrs.items() if k not in ignored)
-
-
-def _shards_present(out_dir: Path, manifest: dict) -> bool:
-    """Every shard the manifest lists exists with its listed size (cheap; verify_cache hashes them)."""
-    return all(
-        (out_dir / e["file"]).is_file() and (out_dir / e["file"]).stat().st_size == e["bytes"]
-        for e in manifest["shards"]
-    )
+def _shard_sizes(manifest: dict) -> dict[str, int]:
+    """{file: bytes} of every shard the manifest lists (the up-to-date check compares sizes; verify_cache hashes)."""
+    return {e["file"]: e["bytes"] for e in manifest["shards"]}
 
 
 # ---------------------------------------------------------------- jobs, entries, merge
 
 
+def entry_name(shard_file: str) -> str:
+    """The file where a job records a finished shard: train-00001-of-00003.h5 -> train-00001-of-00003.entry.json."""
+    return shard_file[: -len(".h5")] + ".entry.json"
+
+
 def entry_path(out_dir: Path, shard_file: str) -> Path:
-    """Where a job records a finished shard: train-00001-of-00003.h5 -> train-00001-of-00003.entry.json."""
-    return out_dir / (shard_file[: -len(".h5")] + ".entry.json")
+    return out_dir / entry_name(shard_file)
 
 
 def split_rows(config: CacheConfig, split: str) -> int:
@@ -520,16 +522,14 @@ def _job_split_done(config: CacheConfig, attrs: dict, split: str, job: int, num_
     shard = job_shard(config, split, job, num_jobs)
     if not shard:
         return True
-    out_dir = Path(config.out_dir)
-    entry = _read_entry(entry_path(out_dir, shard["file"]))
-    path = out_dir / shard["file"]
-    return bool(
-        entry
-        and entry.get("attrs") == attrs
-        and entry.get("rows_per_part") == config.rows_per_part
-        and path.is_file()
-        and path.stat().st_size == entry.get("bytes")
+    entry = up_to_date(
+        config.out_dir,
+        entry_name(shard["file"]),
+        {"attrs": attrs, "rows_per_part": config.rows_per_part},
+        lambda entry: {shard["file"]: entry.get("bytes", -1)},  # an entry without the shard's size is not finished
+        read=_read_entry,
     )
+    return entry is not None
 
 
 def _unfinished_jobs(config: CacheConfig, attrs: dict, num_jobs: int) -> list[int]:
@@ -576,7 +576,7 @@ def merge_shards(config: CacheConfig, attrs: dict, num_jobs: int | None) -> dict
         raise PipelineError("; ".join(problems))
     # the settings of the cache (a rerun with --config finds it up to date), without the job options
     settings = dataclasses.replace(config, num_shards=None, shard_index=None, merge=False)
-    atomic_write_bytes(out_dir / "config.yaml", config_file_text("cache-logits", to_flags(settings)).encode())
+    save_config(out_dir, "cache-logits", to_flags(settings))
     cache_format.write_manifest(out_dir, attrs, finished)
     # the manifest now records the shards: entries, parts, files of other runs and stale job locks go
     listed = {e["file"] for e in finished}

@@ -18,7 +18,6 @@ import torch
 from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, check
-from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.export import read_export_report
@@ -28,9 +27,10 @@ from pipeline.machine import device_name
 from pipeline.modelcard import write_model_card
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
+from pipeline.rows import read_meta
+from pipeline.runs import STUDENT_RUNS, finished_run, read_metrics
 from pipeline.tables import cell_text, markdown_table
 from pipeline.teacher import teacher_identity
-from pipeline.train import STUDENT_RUNS, read_metrics
 
 # What two runs must share to be compared; each key is read from run_config.json.
 MUST_MATCH = {
@@ -43,13 +43,13 @@ MUST_MATCH = {
 
 
 def read_run(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run_config.json"
-    if not path.exists() or not (Path(run_dir) / "model.safetensors").exists():
+    run_config = finished_run(run_dir)
+    if run_config is None:
         raise PipelineError(
             f"{run_dir} holds no finished training run (run_config.json / model.safetensors missing); run make distill "
             "/ make baseline"
         )
-    return read_json(path)
+    return run_config
 
 
 def check_same_setup(distilled: dict, baseline: dict) -> None:
@@ -128,7 +128,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     del loaded
 
     plot_val_ppl(
-        {label: read_metrics(Path(models[label]) / "metrics.jsonl") for label in ("distilled", "baseline")},
+        {label: read_metrics(models[label]) for label in ("distilled", "baseline")},
         out_dir / "curves.png",
         title="Held-out perplexity during training",
     )

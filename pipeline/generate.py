@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from pipeline.config import SampleConfig, check
-from pipeline.data import load_tokens
 from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.rows import load_tokens
 
 
 def _generation_kwargs(config: SampleConfig, tokenizer) -> dict:

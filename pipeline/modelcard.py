@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.fsutil import atomic_write_bytes, read_json
+from pipeline.fsutil import atomic_write_bytes
+from pipeline.runs import read_run_config
 from pipeline.tables import markdown_table
 
 CARD_FILE = "README.md"
@@ -178,6 +179,6 @@ def render_model_card(run_config: dict, model_path: str, comparison: dict | None
 def write_model_card(run_dir: str | Path, run_config: dict | None = None, comparison: dict | None = None, label=""):
     """Write run_dir/README.md (atomically) from its run_config.json (or `run_config`) and compare's report."""
     run_dir = Path(run_dir)
-    run_config = run_config if run_config is not None else read_json(run_dir / "run_config.json")
+    run_config = run_config if run_config is not None else read_run_config(run_dir)
     text = render_model_card(run_config, str(run_dir), comparison, label)
     atomic_write_bytes(run_dir / CARD_FILE, text.encode())

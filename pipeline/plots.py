@@ -1,6 +1,6 @@
 """The validation-perplexity plot of compare and sweep: one curve per training run, perplexity against tokens seen.
 
-Low level: imports no stage. Callers pass the records of each run's metrics.jsonl (train.read_metrics); the records
+Low level: imports no stage. Callers pass the records of each run's metrics.jsonl (runs.read_metrics); the records
 that carry a val_ppl are the curve's points.
 """
 

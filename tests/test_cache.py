@@ -30,10 +30,11 @@ from pipeline.cache import (
 )
 from pipeline.cache_format import FORMAT_VERSION, CacheReader, read_manifest, read_shard_attrs, verify_cache
 from pipeline.config import CacheConfig, DataConfig
-from pipeline.data import load_tokens, prepare_data, read_meta
+from pipeline.data import prepare_data
 from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json, sha256_file
 from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.rows import load_tokens, read_meta
 from pipeline.teacher import teacher_identity, tokenizer_hash, weights_hash
 
 SEQ_LEN, K, ROWS_PER_PART, BATCH = 32, 8, 2, 2

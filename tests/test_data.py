@@ -23,9 +23,7 @@ from pipeline.config import DataConfig
 from pipeline.data import (
     Corpus,
     TokenSplitWriter,
-    load_tokens,
     prepare_data,
-    read_meta,
     split_pieces,
     stream_pieces,
     strip_gutenberg,
@@ -33,6 +31,7 @@ from pipeline.data import (
 )
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
+from pipeline.rows import load_tokens, read_meta
 
 GUTENBERG_HEADER = (
     "The Project Gutenberg eBook of Test Book\nThis eBook is for the use of anyone anywhere.\n"
@@ -406,7 +405,7 @@ def test_encoding_option_reads_latin1(tmp_path, tiny_teacher):
     )
     from transformers import AutoTokenizer
 
-    from pipeline.data import load_tokens
+    from pipeline.rows import load_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
     ids = np.concatenate([load_tokens(tmp_path / "b", "train"), load_tokens(tmp_path / "b", "val")])

@@ -27,8 +27,8 @@ from conftest import invoke_cli, willows_text
 
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
-from pipeline.data import read_meta
 from pipeline.models import input_embeddings, load_causal_lm, logit_width
+from pipeline.rows import read_meta
 from pipeline.student import build_student, decoder_blocks, student_rows, teacher_embedding_projection
 
 SEQ_LEN, ROWS, K, NUM_SAMPLES = 32, 8, 8, 20

@@ -479,9 +479,9 @@ def distill_faults(tmp_path_factory, train_args) -> dict:
         "kept_state": f"step_{state_n * SAVE_EVERY:06d}",
         "next_state": f"step_{(state_n + 1) * SAVE_EVERY:06d}",
     }
-    # atomic_write_json's first call writes resolved_config.json, call n + 1 the trainer_state.json of state n:
-    # killed before call n + 2, state n + 1 has its tensors written to .tmp_step_... but is not complete
-    killed(run(*args(), fault={"target": "pipeline.train:atomic_write_json", "call": state_n + 2, "when": "before"}))
+    # train's atomic_write_json writes the trainer_state.json of each state (resolved_config.json is runs.py's):
+    # killed before call n + 1, state n + 1 has its tensors written to .tmp_step_... but is not complete
+    killed(run(*args(), fault={"target": "pipeline.train:atomic_write_json", "call": state_n + 1, "when": "before"}))
     facts["states_after_kill"] = sorted(p.name for p in (out / "state").iterdir())
     facts["tmp_after_kill"] = sorted(p.name for p in (out / "state").glob(".tmp_step_*/*"))
     facts["finished_after_kill"] = (out / "run_config.json").exists() or (out / "model.safetensors").exists()

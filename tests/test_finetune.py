@@ -63,7 +63,7 @@ def finetuned(tmp_path_factory, tiny_teacher, tiny_data):
 def val_ppl_by_hand(model_dir, tiny_data, rows: int) -> float:
     """exp(mean CE) over the first `rows` val rows of SEQ_LEN + 1 tokens, computed here without the pipeline's
     helpers."""
-    from pipeline.data import load_tokens
+    from pipeline.rows import load_tokens
 
     tokens = torch.from_numpy(load_tokens(tiny_data, "val")[: rows * SEQ_LEN + 1].astype("int64"))
     ids = torch.stack([tokens[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1] for i in range(rows)])

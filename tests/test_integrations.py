@@ -205,7 +205,7 @@ def test_the_model_card_is_in_the_hubs_format_and_says_how_the_student_was_train
 ):
     from huggingface_hub import ModelCard
 
-    from pipeline.data import read_meta
+    from pipeline.rows import read_meta
 
     card = ModelCard.load(tracked_run / "README.md")
     data = card.data.to_dict()

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from pipeline.batches import CacheRows, StepBatches, TokenRows, collate_rows
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig, TrainConfig, from_flags
-from pipeline.data import read_meta
 from pipeline.errors import PipelineError
 from pipeline.models import count_parameters
+from pipeline.rows import read_meta
 from pipeline.student import build_student, teacher_embedding_projection, teacher_layer_indices
 from pipeline.train import lr_at
 

@@ -25,7 +25,6 @@ from pipeline.bench.stage2 import STEP_VARIANTS, loss_alone, run_memory, run_sta
 from pipeline.bench.students import make_students, step_batches
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import BenchConfig, StudentConfig, check, to_flags
-from pipeline.data import load_tokens, num_rows, read_meta
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json
 from pipeline.models import (
@@ -36,6 +35,7 @@ from pipeline.models import (
     model_vocab_size,
     new_causal_lm,
 )
+from pipeline.rows import load_tokens, num_rows, read_meta
 from pipeline.teacher import teacher_identity
 from pipeline.train import resolve_mixed_precision
 

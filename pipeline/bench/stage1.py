@@ -20,8 +20,8 @@ from pipeline.bench.probes import Laps, PeakMemory, log, median, sync
 from pipeline.cache import TeacherRunner, common_attrs, compute_dtype, row_seed, shard_attrs
 from pipeline.cache_format import read_manifest, write_part
 from pipeline.config import BenchConfig, CacheConfig
-from pipeline.data import load_tokens, read_meta, row_tokens
 from pipeline.models import count_parameters
+from pipeline.rows import load_tokens, read_meta, row_tokens
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_FLOPS = (

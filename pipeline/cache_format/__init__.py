@@ -26,7 +26,6 @@ from pipeline.cache_format.spec import (
     REQUIRED_ATTRS,
     SHARD_ATTR_ORDER,
     SHARD_DATASETS,
-    SPLITS,
     id_dtype_for,
     shard_name,
 )
@@ -44,7 +43,6 @@ __all__ = [
     "REQUIRED_ATTRS",
     "SHARD_ATTR_ORDER",
     "SHARD_DATASETS",
-    "SPLITS",
     "CacheReader",
     "assemble_shard",
     "check_compatible",

@@ -46,7 +46,6 @@ FORMAT_VERSION = 2  # 2: the sampled mode's ids and counts are packed (varints o
 MANIFEST_NAME = "manifest.json"
 REBUILD = "make cache-logits (python -m pipeline cache-logits)"
 MODES = ("topk", "sampled")
-SPLITS = ("train", "val")
 
 # Attributes of a shard file, in the order they are written (a fixed order keeps bytes identical).
 SHARD_ATTR_ORDER = (

@@ -18,13 +18,13 @@ from pipeline.cache_format.spec import (
     REQUIRED_ATTRS,
     SHARD_ATTR_ORDER,
     SHARD_DATASETS,
-    SPLITS,
     id_dtype_for,
     plain_attr,
     shard_name,
 )
 from pipeline.errors import require
 from pipeline.fsutil import atomic_path, reserve_space, sha256_file
+from pipeline.rows import SPLITS
 
 
 def _ordered_keys(attrs: dict) -> list[str]:

@@ -21,10 +21,10 @@ from pipeline.losses.chunked import (
 from pipeline.losses.divergences import LossParts, compute_dtype
 from pipeline.losses.targets import targets_from_mapping
 
-HEAD_LOGITS = "head_logits"  # WorkBuffers key: the chunk's logits, in the logits' dtype
-GRAD_CAST = (
-    "grad_cast"  # WorkBuffers key: the chunk's gradient cast to the logits' dtype, as the head's backward sees it
-)
+# WorkBuffers keys: the chunk's logits, in the logits' dtype; the chunk's gradient cast to the logits' dtype, as the
+# head's backward sees it; the head's weight in the logits' dtype, and its gradient summed over chunks in that dtype
+# (these two only where the logits' dtype is not the weight's own)
+HEAD_LOGITS, GRAD_CAST, HEAD_WEIGHT, HEAD_WEIGHT_GRAD = "head_logits", "grad_cast", "head_weight", "head_weight_grad"
 
 
 class FusedHeadLoss(torch.autograd.Function):
@@ -46,11 +46,13 @@ class FusedHeadLoss(torch.autograd.Function):
     over chunks as HeadGrads says, then cast to the parameters' dtype."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, logits_dtype, eager: bool, inputs: PreparedInputs):
+    def forward(ctx, hidden, weight, bias, logits_dtype, eager: bool, inputs: PreparedInputs, buffers: WorkBuffers):
         dtype = compute_dtype(logits_dtype)
-        w, buffers = weight.to(logits_dtype), WorkBuffers()
+        w = weight
+        if weight.dtype != logits_dtype:  # the cast .to() makes, into a kept buffer
+            w = buffers.take(HEAD_WEIGHT, weight.shape, logits_dtype, weight.device).copy_(weight)
         logits_of = head_logits(hidden, w, bias, logits_dtype, buffers)
-        grads = HeadGrads(hidden, w, bias, logits_dtype, buffers) if eager else None
+        grads = HeadGrads(hidden, w, bias, logits_dtype, weight.dtype, buffers) if eager else None
         ce_sum = kd_sum = torch.zeros((), dtype=dtype, device=hidden.device)
         kept_by_chunk, redo_by_chunk = [], []
         for rows in inputs.chunks:
@@ -74,7 +76,7 @@ class FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_kd):
         hidden, weight, bias, *kept_by_chunk = ctx.saved_tensors
         eager_grads, ctx.eager_grads = ctx.eager_grads, None  # a second backward (retain_graph) recomputes
-        nones = (None, None, None)
+        nones = (None,) * 4  # logits_dtype, eager, inputs, buffers
         if eager_grads is not None:
             scale = upstream_scale(ctx.inputs.spec.weights, grad_ce, grad_kd)
             if scale is not None:  # the kept gradients, scaled in place by the upstream's multiple of (a_ce, a_kd)
@@ -82,7 +84,7 @@ class FusedHeadLoss(torch.autograd.Function):
         dtype, width = ctx.logits_dtype, len(BackwardInputs._fields)
         w, buffers = weight.to(dtype), WorkBuffers()
         logits_of = head_logits(hidden, w, bias, dtype, buffers)
-        grads = HeadGrads(hidden, w, bias, dtype, buffers)
+        grads = HeadGrads(hidden, w, bias, dtype, weight.dtype, buffers)
         for i, rows in enumerate(ctx.inputs.chunks):
             x = logits_of(rows)
             kept = BackwardInputs(*kept_by_chunk[i * width : (i + 1) * width])
@@ -110,10 +112,13 @@ class HeadGrads:
     error against 0.17% for one bf16 matmul over the whole batch at 8 chunks of 130 x 128,256), d bias [V] in
     float32 (float64 for float64)."""
 
-    def __init__(self, hidden, w, bias, dtype, buffers: WorkBuffers):
+    def __init__(self, hidden, w, bias, dtype, weight_dtype, buffers: WorkBuffers):
         self.h, self.w, self.dtype, self.buffers = hidden.to(dtype), w, dtype, buffers
         self.hidden = torch.zeros_like(hidden)  # rows of chunks with nothing masked in get 0
-        self.weight = torch.zeros(w.shape, dtype=dtype, device=w.device)
+        if dtype == weight_dtype:  # handed on as the gradient itself: a tensor of its own
+            self.weight = torch.zeros(w.shape, dtype=dtype, device=w.device)
+        else:  # handed on cast to weight_dtype: a kept buffer will do
+            self.weight = buffers.take(HEAD_WEIGHT_GRAD, w.shape, dtype, w.device).zero_()
         acc = compute_dtype(dtype)
         self.bias = None if bias is None else torch.zeros(w.shape[0], dtype=acc, device=w.device)
 
@@ -163,6 +168,7 @@ def fused_distillation_loss(
     jsd_beta: float = 0.5,
     topk_renormalize: bool = False,
     chunk_size: int = 2048,
+    buffers: WorkBuffers | None = None,
 ) -> LossParts:
     """distillation_loss of logits = hidden @ head_weight.T + head_bias, with the output head inside the loss: the
     logits exist one chunk of chunk_size rows at a time, in the forward and again in the backward
@@ -170,7 +176,9 @@ def fused_distillation_loss(
 
     hidden [..., H] the student's final hidden states (what its output head takes); head_weight [V,H], head_bias
     [V] or None; logits_dtype the dtype the head's logits have on the unfused path (bf16 under bf16 autocast; None:
-    hidden's dtype). Everything else as distillation_loss, and the result equals it on those logits.
+    hidden's dtype); buffers: the chunks' work buffers, to keep from one call to the next (StepLoss does: fresh
+    [chunk,V] pages every step cost page faults, as many as the allocator's state makes them; None: this call's
+    own). Everything else as distillation_loss, and the result equals it on those logits.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     logits_dtype = logits_dtype or hidden.dtype
@@ -188,5 +196,6 @@ def fused_distillation_loss(
     inputs = prepare_inputs(n, dtype, device, labels, mask, teacher, spec)
     # the gradients in the forward when a backward will follow (see FusedHeadLoss), for total's weights
     eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
-    ce_sum, kd_sum = FusedHeadLoss.apply(hidden, head_weight, head_bias, logits_dtype, eager, inputs)
+    buffers = WorkBuffers() if buffers is None else buffers
+    ce_sum, kd_sum = FusedHeadLoss.apply(hidden, head_weight, head_bias, logits_dtype, eager, inputs, buffers)
     return loss_parts(ce_sum, kd_sum, inputs)

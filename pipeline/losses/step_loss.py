@@ -5,10 +5,11 @@ teacher targets."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.buffers import WorkBuffers
 from pipeline.losses.distillation import distillation_loss
 from pipeline.losses.divergences import LossParts
 from pipeline.losses.fused_head import fused_distillation_loss
@@ -58,6 +59,9 @@ class StepLoss:
     chunk_size: int = 2048
     num_samples: int = 0
     fused_head: bool = False  # training_step hands the loss the final hidden states and the head (on_hidden)
+    # The fused head's chunk buffers (a few hundred MB at most: FUSED_CHUNK_ELEMENTS), kept from step to step so that
+    # no step faults their pages in anew. The unfused loss's [chunk_size, V] buffers stay per call: far larger.
+    buffers: WorkBuffers = field(default_factory=WorkBuffers, compare=False, repr=False)
 
     def _options(self) -> dict:
         return {
@@ -92,5 +96,6 @@ class StepLoss:
             targets=teacher_targets(batch, self.num_samples),
             head_bias=head.bias,
             logits_dtype=logits_dtype,
+            buffers=self.buffers,
             **options,
         )

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import cache_format, sparse_targets
+from pipeline.buffers import WorkBuffers
 from pipeline.config import CacheConfig, check, to_flags
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json, sha256_file
@@ -209,7 +210,7 @@ class TeacherRunner:
         self.head_chunk = HEAD_CHUNK.get(device.type, HEAD_CHUNK["cpu"])
         self.extract_chunk = EXTRACT_CHUNK.get(device.type, EXTRACT_CHUNK["cpu"])
         self.fused_head: bool | None = None  # decided on the first batch
-        self._buffers: list[torch.Tensor] = []
+        self._buffers = WorkBuffers()
 
     def _lap(self, phase: str) -> None:
         if self.lap is not None:
@@ -223,11 +224,7 @@ class TeacherRunner:
         return self.model(input_ids=ids, use_cache=False).logits
 
     def _buffer(self, index: int, rows: int, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        while len(self._buffers) <= index:
-            self._buffers.append(torch.empty(0, device=self.device))
-        if self._buffers[index].numel() < rows * vocab or self._buffers[index].dtype != dtype:
-            self._buffers[index] = torch.empty(rows * vocab, device=self.device, dtype=dtype)
-        return self._buffers[index][: rows * vocab].view(rows, vocab)
+        return self._buffers.take(index, (rows, vocab), dtype, self.device)
 
     def logit_chunks(self, input_ids: np.ndarray, width: int | None = None):
         """[B, L] ids -> yields (first position, [n, width] float32 logits / temperature) over the B * L

@@ -152,6 +152,26 @@ def test_nothing_of_tokens_by_vocab_is_saved_or_made(mode, kind, renormalize):
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
 
 
+def test_second_backward_makes_the_chunks_again():
+    # The forward's gradients serve the first backward of total (scaled in place); a second backward of the same
+    # graph (retain_graph), here of another mix of the parts, makes the chunks' logits again, as a loss whose only
+    # backward is of that mix does.
+    hidden, weight, head_bias, labels, mask, targets = _problem(2.0, bias=True)
+    params = [t.clone().requires_grad_(True) for t in (hidden, weight, head_bias)]
+
+    def loss():
+        options = dict(alpha=0.3, temperature=2.0, chunk_size=4)
+        return fused_distillation_loss(*params[:2], labels, mask, targets["topk"], head_bias=params[2], **options)
+
+    out = loss()
+    first = torch.autograd.grad(out.total, params, retain_graph=True)
+    second = torch.autograd.grad(0.2 * out.ce + 1.3 * out.kd, params)
+    want_first = torch.autograd.grad(loss().total, params)
+    mix = loss()
+    want_second = torch.autograd.grad(0.2 * mix.ce + 1.3 * mix.kd, params)
+    assert all(torch.equal(a, b) for a, b in zip(first + second, want_first + want_second))
+
+
 def test_all_masked_gives_zero_loss_and_gradients():
     hidden, weight, _, labels, _, targets = _problem(1.0)
     h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
@@ -164,13 +184,13 @@ def test_all_masked_gives_zero_loss_and_gradients():
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_tiny_student_tails_are_redone_from_the_hidden_states(temperature, monkeypatch):
-    # Rows whose student tail is below float32's reach get lse_out summed again (losses._redo_lse_out); the fused
+    # Rows whose student tail is below float32's reach get lse_out summed again (losses.chunked.redo_lse_out); the fused
     # path makes those rows' logits from hidden states. An identity head makes the logits the hidden states.
-    import pipeline.losses as losses
+    from pipeline.losses import chunked
 
     redone = []
-    real = losses._redo_lse_out
-    monkeypatch.setattr(losses, "_redo_lse_out", lambda *a: redone.append(list(a[3])) or real(*a))
+    real = chunked.redo_lse_out
+    monkeypatch.setattr(chunked, "redo_lse_out", lambda *a: redone.append(list(a[3])) or real(*a))
     s = _tiny_tail_setup(temperature, 60.0 * temperature, torch.float32)
     targets, grads, values = _targets(s, "topk"), [], []
     for fused in (True, False):

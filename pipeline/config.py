@@ -344,6 +344,9 @@ class Checkpointing:
 
     save_every: int = opt(100, "steps between saved training states (resume points)")
     resume: bool = opt(False, "continue from the latest saved state in --out-dir")
+    keep_best: bool = opt(
+        True, "also keep the model of the best val perplexity (evaluated every --eval-every steps) in OUT_DIR/best"
+    )
 
     def validate(self) -> list[str]:
         return _positive(self, "save_every")
@@ -535,7 +538,7 @@ class FinetuneConfig:
     steps: Steps = section(Steps, max_steps=40, batch_size=2)
     optim: Optimization = section(Optimization, lr=5e-5, warmup_steps=4, weight_decay=0.0)
     eval: Evaluation = section(Evaluation, eval_every=20, eval_rows=16, log_every=5)
-    checkpoint: Checkpointing = section(Checkpointing, save_every=20)
+    checkpoint: Checkpointing = section(Checkpointing, save_every=20, keep_best=False)
 
     def train_config(self) -> TrainConfig:
         """The TrainConfig this fine-tune runs as: cross-entropy only (alpha = 1, no cache)."""

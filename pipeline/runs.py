@@ -7,7 +7,10 @@
     resolved_config.json  the resolved options and input hashes of the training run in the folder (written when it
                           starts): a resume point of other settings is never continued
     run_config.json       written last by a finished training run: resolved options, parameters, final figures,
-                          provenance (finetune-teacher adds its before / after figures)
+                          the best checkpoint's step and figures, provenance (finetune-teacher adds its before /
+                          after figures)
+    best/                 with --keep-best (distill / baseline, on by default): the model of the best val
+                          perplexity so far, a Hugging Face folder, and best/best.json = its metrics.jsonl record
 
 and the one "up to date" decision every stage takes before it works (`up_to_date`): the record the stage writes
 last (data: meta.json, cache: manifest.json and each job's shard entry, distill / baseline / finetune-teacher:
@@ -19,6 +22,7 @@ options, and the output files it names are there with their sizes. What a stage 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -30,6 +34,8 @@ METRICS_FILE = "metrics.jsonl"
 RESOLVED_FILE = "resolved_config.json"
 RUN_CONFIG_FILE = "run_config.json"
 MODEL_FILE = "model.safetensors"  # with run_config.json, what marks a finished training run
+BEST_DIR = "best"  # the run's best model so far: a Hugging Face folder with best.json
+BEST_FILE = "best.json"
 STUDENT_RUNS = ("distill", "baseline")  # the run kinds (run_config.json's resolved.kind) that train a student
 
 
@@ -161,3 +167,45 @@ def finished_run(run_dir: str | Path, resolved: dict | None = None) -> dict | No
     resolved options and inputs when `resolved` is given; else None."""
     made_from = {"resolved": resolved} if resolved is not None else {}
     return up_to_date(run_dir, RUN_CONFIG_FILE, made_from, {MODEL_FILE: None})
+
+
+# ---------------------------------------------------------------- best/
+
+
+def best_dir(run_dir: str | Path) -> Path:
+    """Where the run keeps the model of its best val perplexity: <run_dir>/best."""
+    return Path(run_dir) / BEST_DIR
+
+
+def read_best(run_dir: str | Path) -> dict | None:
+    """best/best.json (the metrics.jsonl record of the best evaluation: step, tokens_seen, val_ce, val_ppl, ...),
+    or None when the run keeps no best model. A swap cut short by a kill (best.old left, best gone) is undone here."""
+    folder, old = best_dir(run_dir), best_dir(run_dir).with_name(BEST_DIR + ".old")
+    if not folder.exists() and (old / BEST_FILE).exists():
+        old.rename(folder)
+    path = folder / BEST_FILE
+    return read_json(path) if path.exists() else None
+
+
+def replace_best(run_dir: str | Path, write_model: Callable[[Path], None], record: dict) -> None:
+    """Make `record`'s model the run's best: `write_model(folder)` fills a temp folder, best.json goes in last, and
+    the folder takes best/'s place (the former best is moved aside first and removed last: a kill at any point
+    leaves one whole best model)."""
+    folder = best_dir(run_dir)
+    tmp, old = folder.with_name(".tmp_" + BEST_DIR), folder.with_name(BEST_DIR + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_model(tmp)
+    atomic_write_json(tmp / BEST_FILE, record)
+    read_best(run_dir)  # a swap cut short earlier is undone before this one
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_best(run_dir: str | Path) -> None:
+    """Remove the run's best model (a fresh start)."""
+    for name in (BEST_DIR, BEST_DIR + ".old", ".tmp_" + BEST_DIR):
+        shutil.rmtree(Path(run_dir) / name, ignore_errors=True)

@@ -59,11 +59,14 @@ from pipeline.rows import read_meta
 from pipeline.runs import (
     STUDENT_RUNS,
     append_metrics,
+    clear_best,
     clear_metrics,
     clear_run_config,
     finished_run,
     has_run_config,
+    read_best,
     read_metrics,
+    replace_best,
     same_resolved,
     save_config,
     save_resolved,
@@ -312,9 +315,18 @@ def _save_state(accelerator, out_dir: Path, step: int, tokens_seen: int) -> None
     accelerator.wait_for_everyone()
 
 
-def start_or_resume(accelerator, out_dir: Path, resolved: dict, resume: bool, run_kind: str) -> tuple[int, int]:
-    """Load the latest resume point of this run (--resume) and return (step, tokens seen), or clear the folder for
-    a fresh start and return (0, 0). A resume point of other settings is refused while its run is unfinished (its
+@dataclasses.dataclass
+class RunStart:
+    """Where a run starts: its step, the tokens seen so far, and the record of its best model so far (best.json)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best: dict | None = None
+
+
+def start_or_resume(accelerator, out_dir: Path, resolved: dict, resume: bool, run_kind: str) -> RunStart:
+    """Load the latest resume point of this run (--resume) and say where it stands, or clear the folder for a fresh
+    start (step 0, no best). A resume point of other settings is refused while its run is unfinished (its
     progress is never overwritten silently) and discarded once that run has finished (what `make` expects after a
     changed option). The run records (metrics.jsonl, resolved_config.json, run_config.json) are runs.py's."""
     latest = _latest_state(out_dir) if resume else None
@@ -335,13 +347,18 @@ def start_or_resume(accelerator, out_dir: Path, resolved: dict, resume: bool, ru
     elif accelerator.is_main_process:
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
         clear_metrics(out_dir)
+        clear_best(out_dir)
         shutil.rmtree(out_dir / TRACKER_DIR, ignore_errors=True)  # the trackers' local logs go with the metrics
         out_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(out_dir, resolved)
     if accelerator.is_main_process:
         clear_run_config(out_dir)  # an unfinished folder must never look finished (up to date)
         truncate_metrics(out_dir, start_step)
-    return start_step, tokens_seen
+        best = read_best(out_dir)
+        if best is not None and best["step"] > start_step:  # saved after the resume point: the replay finds it again
+            clear_best(out_dir)
+    accelerator.wait_for_everyone()
+    return RunStart(start_step, tokens_seen, read_best(out_dir))
 
 
 # ---------------------------------------------------------------- experiment trackers (Accelerate's)
@@ -450,19 +467,20 @@ def run_loop(
     val_rows,
     config: TrainConfig,
     out_dir: Path,
-    start_step: int,
-    tokens_seen: int,
+    start: RunStart,
     run_kind: str,
+    tokenizer,
 ) -> None:
-    """Train from start_step to --max-steps: one training_step per micro-batch; every --log-every steps a
-    metrics.jsonl record (the evaluation added every --eval-every steps and at the end), every --save-every steps
-    and at the end a resume point."""
+    """Train from start.step to --max-steps: one training_step per micro-batch; every --log-every steps a
+    metrics.jsonl record (the evaluation added every --eval-every steps and at the end), with --keep-best the
+    model of each new best val perplexity in best/, every --save-every steps and at the
+    end a resume point."""
     steps, every = config.steps, config.eval
     model.train()
-    step, window = start_step, _Window()
+    step, tokens_seen, best, window = start.step, start.tokens_seen, start.best, _Window()
     progress = tqdm(
         total=steps.max_steps,
-        initial=start_step,
+        initial=start.step,
         desc=run_kind,
         unit="step",
         disable=not accelerator.is_local_main_process,
@@ -483,6 +501,9 @@ def run_loop(
             record = window.record(step, tokens_seen, optimizer.param_groups[0]["lr"])
             if evaluate_now:
                 record.update(validation_figures(accelerator, model, val_rows, config))
+                if config.checkpoint.keep_best and (best is None or record["val_ppl"] < best["val_ppl"]):
+                    best = record  # saved before its metrics record: a best never runs ahead of the resume points
+                    save_best(accelerator, model, tokenizer, out_dir, best)
             if accelerator.is_main_process:
                 append_metrics(out_dir, record)
             accelerator.log(tracker_scalars(record), step=step)  # the same figures to --report-to (main process)
@@ -491,6 +512,22 @@ def run_loop(
         if step % config.checkpoint.save_every == 0 or is_last:
             _save_state(accelerator, out_dir, step, tokens_seen)
     progress.close()
+
+
+def save_model(accelerator, model, tokenizer, folder: Path) -> None:
+    """The unwrapped model and its tokenizer as a Hugging Face folder (generate() stops at the tokenizer's EOS)."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.generation_config = generation_config_for(unwrapped, tokenizer)
+    with writing(folder):
+        unwrapped.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+
+def save_best(accelerator, model, tokenizer, out_dir: Path, record: dict) -> None:
+    """The model as the run's best so far (best/, with `record` as best.json); main process, the others wait."""
+    if accelerator.is_main_process:
+        replace_best(out_dir, lambda folder: save_model(accelerator, model, tokenizer, folder), record)
+    accelerator.wait_for_everyone()
 
 
 def save_final(
@@ -508,20 +545,19 @@ def save_final(
     run_config.json, written last, marks the folder finished."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(model)
-        final_model.generation_config = generation_config_for(final_model, tokenizer)
-        with writing(out_dir):
-            final_model.save_pretrained(out_dir, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
+        save_model(accelerator, model, tokenizer, out_dir)
         save_config(out_dir, *saved_config)
         last = read_metrics(out_dir)
         final = last[-1] if last else {}
         run_config = {
             "resolved": resolved,
-            "parameters": count_parameters(final_model),
+            "parameters": count_parameters(accelerator.unwrap_model(model)),
             "final": final,
             "provenance": provenance,
         }
+        best = read_best(out_dir)
+        if best is not None:
+            run_config["best"] = best
         if run_kind in STUDENT_RUNS:
             write_model_card(out_dir, run_config)
         write_run_config(out_dir, run_config)
@@ -607,14 +643,14 @@ def train(
         optimizer = make_optimizer(model, config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_save_state_pre_hook(save_tied_weights_once)
-        start_step, tokens_seen = start_or_resume(accelerator, out_dir, resolved, config.checkpoint.resume, run_kind)
+        start = start_or_resume(accelerator, out_dir, resolved, config.checkpoint.resume, run_kind)
 
         sampler = StepBatches(
             len(train_rows),
             config.steps.batch_size,
             config.steps.grad_accum,
             config.steps.seed,
-            start_step,
+            start.step,
             config.steps.max_steps,
             accelerator.process_index,
             accelerator.num_processes,
@@ -639,7 +675,7 @@ def train(
             accelerator,
             config,
             {"run_kind": run_kind, **saved_config[1], "kd_temperature": loss_fn.temperature},
-            start_step,
+            start.step,
         )
         try:
             run_loop(
@@ -651,9 +687,9 @@ def train(
                 val_rows,
                 config,
                 out_dir,
-                start_step,
-                tokens_seen,
+                start,
                 run_kind,
+                tokenizer,
             )
             provenance = run_provenance(config, meta, cache_attrs)
             save_final(accelerator, model, tokenizer, out_dir, resolved, run_kind, saved_config, provenance)

@@ -808,3 +808,73 @@ def test_vocabulary_beyond_uint16_is_stored_as_uint32_not_wrapped(tmp_path):
         [np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=np.uint32) for split in ("train", "val")]
     )
     np.testing.assert_array_equal(ids, np.append(words + 2, 0))  # ids above 65535 kept, not taken modulo 65536
+
+
+# ----------------------------------------------------------------------------- the best checkpoint (--keep-best)
+
+
+def val_ppl_of(model_dir: Path, data_dir: Path, rows: int) -> float:
+    """exp(mean CE) of a saved model over the first `rows` val rows, computed here with torch alone."""
+    from pipeline.models import load_causal_lm
+    from pipeline.rows import load_tokens
+
+    tokens = np.asarray(load_tokens(data_dir, "val"), dtype=np.int64)
+    batch = torch.stack([torch.from_numpy(tokens[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1]) for i in range(rows)])
+    model = load_causal_lm(model_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch[:, :-1]).logits.float()
+    return float(
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).exp()
+    )
+
+
+def test_the_best_checkpoint_is_the_best_evaluation_with_its_weights(reference_runs, tiny_data):
+    for kind, run_dir in reference_runs.items():
+        evaluations = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        evaluations = [record for record in evaluations if "val_ppl" in record]
+        assert [record["step"] for record in evaluations] == [3, 6]
+        best = min(evaluations, key=lambda record: record["val_ppl"])
+        best_json = json.loads((run_dir / "best" / "best.json").read_text())
+        assert best_json == best, kind
+        assert json.loads((run_dir / "run_config.json").read_text())["best"] == best
+        assert (run_dir / "best" / "config.json").exists() and (run_dir / "best" / "tokenizer.json").exists()
+        assert val_ppl_of(run_dir / "best", tiny_data, rows=4) == pytest.approx(best["val_ppl"], rel=1e-4), kind
+        if best["step"] == STEPS:
+            assert_same_weights(run_dir / "best", run_dir)
+        assert not list(run_dir.glob("*best.old")) and not list(run_dir.glob(".tmp_best"))
+
+
+def test_baseline_killed_right_after_a_new_best_resumes_to_the_same_best(tmp_path, train_args, reference_runs):
+    """Killed after the step-3 best was written, before its metrics record and the step-4 state: the resume from
+    step 2 drops that best (it is ahead of the resume point) and the replay writes the same one again."""
+    out = tmp_path / "baseline"
+    killed(run(*train_args("baseline", out), fault={"target": "pipeline.train:save_best", "call": 1}))
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 3
+    assert steps(out) == [1, 2]  # the best is saved before its metrics record
+    resumed = run(*train_args("baseline", out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / 'state' / 'step_000002'}" in resumed.stdout
+    reference = reference_runs["baseline"]
+    resumed_best, reference_best = (
+        json.loads((run_dir / "best" / "best.json").read_text()) for run_dir in (out, reference)
+    )
+    timing = ("tokens_per_s",)  # the one figure of a record that is a measurement of this run, not of the model
+    assert {k: v for k, v in resumed_best.items() if k not in timing} == {
+        k: v for k, v in reference_best.items() if k not in timing
+    }
+    assert_same_weights(out / "best", reference / "best")
+    assert_same_weights(out, reference)
+
+
+def test_no_keep_best_keeps_no_best_and_a_swap_cut_short_is_undone(tmp_path, train_args):
+    from pipeline.runs import read_best
+
+    out = tmp_path / "distill"
+    invoke_ok(*train_args("distill", out, "--no-keep-best", "--max-steps", 3))
+    assert not (out / "best").exists() and "best" not in json.loads((out / "run_config.json").read_text())
+
+    # a kill between moving the former best aside and putting the new one in place leaves only best.old
+    (out / "best.old").mkdir()
+    (out / "best.old" / "best.json").write_text(json.dumps({"step": 3, "val_ppl": 9.5}))
+    assert read_best(out) == {"step": 3, "val_ppl": 9.5}
+    assert (out / "best" / "best.json").exists() and not (out / "best.old").exists()

@@ -1,9 +1,10 @@
 """Stage 3: evaluate the teacher, the distilled and the baseline student on the same held-out rows.
 
-Reports, per model: val perplexity, KL(teacher || model) exactly over the full vocabulary (the teacher
-recomputed) and as the val cache's estimate (the estimator training uses), top-1 agreement with the
-teacher's argmax, parameters, size on disk and generation speed; text samples side by side; and the
-training curves of both runs.
+Reports, per model: val perplexity and bits per byte, KL(teacher || model) exactly over the full vocabulary (the
+teacher recomputed) and as the val cache's estimate (the estimator training uses), top-1 agreement with the
+teacher's argmax, parameters, size on disk and generation speed; the same figures for each run's best checkpoint
+(--keep-best: best vs best beside final vs final); each student as the teacher's draft model (assisted generation:
+acceptance rate, speed-up); text samples side by side; and the training curves of both runs.
 Writes report.json, report.md and curves.png in `--out-dir`, and rewrites both students' model cards (README.md)
 with the figures.
 """
@@ -18,18 +19,19 @@ import torch
 from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, check
+from pipeline.drafting import draft_figures
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.export import read_export_report
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.generate import continue_prompts, val_prompts
+from pipeline.generate import continue_prompts, prompt_ids, val_prompts
 from pipeline.machine import device_name
 from pipeline.modelcard import write_model_card
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
-from pipeline.rows import read_meta
-from pipeline.runs import STUDENT_RUNS, finished_run, read_metrics
-from pipeline.tables import cell_text, markdown_table
+from pipeline.rows import label_text_bytes, read_meta
+from pipeline.runs import STUDENT_RUNS, best_dir, finished_run, read_best, read_metrics
+from pipeline.tables import cell_text, markdown_table, number
 from pipeline.teacher import teacher_identity
 
 # What two runs must share to be compared; each key is read from run_config.json.
@@ -101,6 +103,9 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     tokenizer = load_tokenizer(config.teacher)
     prompts = val_prompts(config.data_dir, tokenizer, config.num_prompts, config.prompt_tokens) + list(user_prompts)
     models = {"teacher": config.teacher, "distilled": config.distilled, "baseline": config.baseline}
+    bests = {label: read_best(models[label]) for label in ("distilled", "baseline")}
+    if all(bests.values()):  # best vs best needs both runs' best checkpoints (--keep-best, the default)
+        models.update({f"{label} (best)": best_dir(models[label]) for label in bests})
     loaded = {label: load_causal_lm(model_dir).to(device) for label, model_dir in models.items()}
     results = evaluate(
         loaded,
@@ -112,7 +117,24 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         num_samples=int(val_cache.attrs.get("num_samples", 0)),
         desc="eval",
         vocab_size=int(meta["vocab_size"]),
+        text_bytes=label_text_bytes(config.data_dir, "val", seq_len, count, tokenizer),
     )
+    best = {
+        label: {**results.pop(f"{label} (best)"), "step": bests[label]["step"]}
+        for label in bests
+        if all(bests.values())
+    }
+    for label in best:
+        del loaded[f"{label} (best)"]
+    draft = None
+    if config.draft:
+        draft = draft_figures(
+            loaded["teacher"],
+            {label: loaded[label] for label in ("distilled", "baseline")},
+            [prompt_ids(tokenizer, prompt).to(device) for prompt in prompts],
+            sample.max_new_tokens,
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
     samples = {}
     for label, model in loaded.items():
         texts, speed = continue_prompts(model, tokenizer, prompts, sample, device)
@@ -135,6 +157,8 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     cache_manifest = read_json(Path(config.cache_dir) / "manifest.json")
     report = {
         "models": results,
+        "best": best,
+        "draft": draft,
         "device": device_name(device),
         "eval": {
             "rows": count,
@@ -167,6 +191,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
 
 ROWS = [
     ("val perplexity", "val_ppl", "{:.2f}"),
+    ("val bits per byte", "val_bits_per_byte", "{:.4f}"),
     ("KL(teacher || model), nats/token", "kl_exact", "{:.4f}"),
     ("KL estimated from the val cache", "kl_to_teacher", "{:.4f}"),
     ("top-1 agreement with teacher", "top1_agreement", "{:.1%}"),
@@ -176,22 +201,84 @@ ROWS = [
 ]
 
 
+BEST_ROWS = [
+    ("val perplexity", "val_ppl", "{:.2f}"),
+    ("val bits per byte", "val_bits_per_byte", "{:.4f}"),
+    ("KL(teacher || model), nats/token", "kl_exact", "{:.4f}"),
+    ("top-1 agreement with teacher", "top1_agreement", "{:.1%}"),
+    ("step", "step", "{:,}"),
+]
+
+DRAFT_ROWS = [
+    ("acceptance rate (accepted / proposed)", "acceptance_rate", "{:.1%}"),
+    ("draft tokens proposed", "proposed", "{:,}"),
+    ("draft tokens accepted", "accepted", "{:,}"),
+    ("teacher forwards", "teacher_forwards", "{:,}"),
+    ("teacher tokens/s with this draft", "tokens_per_s", "{:.1f}"),
+    ("speed-up over the teacher alone", "speedup", "{:.2f}x"),
+]
+
+
 def _cell(fmt: str, key: str, value) -> str:
-    return fmt.format(value / 1e6 if key == "size_bytes" else value)
+    return number(value / 1e6 if key == "size_bytes" and value is not None else value, fmt)
+
+
+def _columns(report: dict) -> dict[str, dict]:
+    """{column title: figures} of each table: final models; best checkpoints (teacher beside them); drafts."""
+    best = {"teacher": report["models"]["teacher"]}
+    best.update({f"{label} (step {b['step']})": b for label, b in (report.get("best") or {}).items()})
+    return {"final": report["models"], "best": best, "draft": (report.get("draft") or {}).get("drafts", {})}
+
+
+def ratio_lines(report: dict) -> list[str]:
+    """Distilled over baseline, final vs final and (with both best checkpoints) best vs best."""
+    pairs = [("final vs final", report["models"])]
+    if report.get("best"):
+        pairs.append(("best vs best", report["best"]))
+    lines = []
+    for name, figures in pairs:
+        d, b = figures["distilled"], figures["baseline"]
+        ppl = d["val_ppl"] / b["val_ppl"]
+        bpb = (
+            f", bits per byte {d['val_bits_per_byte']:.4f} vs {b['val_bits_per_byte']:.4f}"
+            if "val_bits_per_byte" in d
+            else ""
+        )
+        lines.append(f"distilled / baseline val perplexity, {name}: {ppl:.3f}x{bpb}")
+    return lines
+
+
+def _text_table(columns: dict[str, dict], rows: list) -> list[str]:
+    lines = [f"{'':40}" + "".join(f"{label:>22}" for label in columns)]
+    for title, key, fmt in rows:
+        lines.append(f"{title:40}" + "".join(f"{_cell(fmt, key, f.get(key)):>22}" for f in columns.values()))
+    return lines
 
 
 def render_table(report: dict) -> str:
-    labels = list(report["models"])
-    lines = [f"{'':34}" + "".join(f"{label:>14}" for label in labels)]
-    for title, key, fmt in ROWS:
-        lines.append(
-            f"{title:34}" + "".join(f"{_cell(fmt, key, report['models'][label][key]):>14}" for label in labels)
-        )
-    return "\n".join(lines)
+    columns = _columns(report)
+    lines = _text_table(columns["final"], ROWS)
+    if report.get("best"):
+        lines += ["", "best checkpoints:", *_text_table(columns["best"], BEST_ROWS)]
+    if columns["draft"]:
+        lines += [
+            "",
+            f"as the teacher's draft model (teacher alone: {report['draft']['teacher_tokens_per_s']:.1f} tokens/s):",
+            *_text_table(columns["draft"], DRAFT_ROWS),
+        ]
+    return "\n".join(lines + [""] + ratio_lines(report))
+
+
+def _markdown_rows(columns: dict[str, dict], rows: list) -> list[str]:
+    return markdown_table(
+        ["", *columns],
+        [[cell_text(title), *(_cell(fmt, key, f.get(key)) for f in columns.values())] for title, key, fmt in rows],
+    )
 
 
 def render_markdown(report: dict) -> str:
     labels = list(report["models"])
+    columns = _columns(report)
     out = [
         "# Distillation report",
         "",
@@ -201,13 +288,32 @@ def render_markdown(report: dict) -> str:
         f"{report['eval']['cache_mode']} val cache; device: {report['device']}.",
         "",
     ]
-    out += markdown_table(
-        ["", *labels],
-        [
-            [cell_text(title), *(_cell(fmt, key, report["models"][label][key]) for label in labels)]
-            for title, key, fmt in ROWS
-        ],
-    )
+    out += _markdown_rows(columns["final"], ROWS)
+    out += ["", *ratio_lines(report)]
+    if report.get("best"):
+        out += [
+            "",
+            "## Best checkpoints",
+            "",
+            "Each run's model at its best val perplexity during training (`--keep-best`, evaluated every "
+            "`--eval-every` steps on the first `--eval-rows` val rows), scored here on the same rows as above.",
+            "",
+            *_markdown_rows(columns["best"], BEST_ROWS),
+        ]
+    if columns["draft"]:
+        draft = report["draft"]
+        out += [
+            "",
+            "## The students as the teacher's draft model",
+            "",
+            "Assisted generation (transformers, greedy): the teacher continues the "
+            f"{len(report['samples']['prompts'])} prompts below by {draft['new_tokens']:,} tokens in all, alone at "
+            f"{draft['teacher_tokens_per_s']:.1f} tokens/s and with each final student proposing tokens it checks. "
+            "The output is the teacher's own either way; a speed-up below 1 means drafting cost more than it "
+            "saved on this device.",
+            "",
+            *_markdown_rows(columns["draft"], DRAFT_ROWS),
+        ]
     out += [
         "",
         "![validation perplexity against training tokens](curves.png)",

@@ -600,6 +600,11 @@ class CompareConfig:
     batch_size: int = opt(4, "rows per evaluation forward")
     num_prompts: int = opt(3, "openings taken from the val split as sample prompts")
     prompt_tokens: int = opt(16, "tokens in each val-split opening")
+    draft: bool = opt(
+        True,
+        "time the teacher's greedy generation of the prompts alone and with each student as its draft model "
+        "(assisted generation: speed-up, acceptance rate)",
+    )
 
     def validate(self) -> list[str]:
         problems = _positive(self, "batch_size", "prompt_tokens")

@@ -7,6 +7,8 @@ row (CacheRows over a val cache). Per position j of a row the model reads tokens
 token j+1, in float32 whatever dtype the model computes in:
 
     val_ce         mean of -log q(label), q = softmax(logits)                     (val_ppl = exp(val_ce))
+    val_bits_per_byte  sum of -log q(label) / the bytes of the text the labels spell / ln 2 (given `text_bytes`):
+                   a unit that does not depend on the tokenizer
     kl_exact       mean of KL(p_T || q_T) over the full vocabulary, p the reference model's distribution
     kl_to_teacher  the same as the cache estimates it (the estimator training uses; rows with targets only)
     top1_agreement share of positions where argmax q = argmax p
@@ -63,6 +65,7 @@ def evaluate(
     keep_label_logprobs: bool = False,
     desc: str | None = None,
     vocab_size: int | None = None,
+    text_bytes: int | None = None,
 ) -> dict[str, dict]:
     """{label: figures} of each model over the first `count` rows (0: all), `batch_size` rows per forward.
 
@@ -72,7 +75,8 @@ def evaluate(
     forwards run under (training passes the accelerator's). keep_label_logprobs: also return each model's
     log q(label) per position, [count, L] float64 on the CPU ("label_logprobs"; computed in float32).
     Every model must sit on the same device; each is put in eval mode and given back in its former mode.
-    vocab_size: the tokenizer's length, the ids p lives on (None: the reference's full width).
+    vocab_size: the tokenizer's length, the ids p lives on (None: the reference's full width). text_bytes: the UTF-8
+    bytes of the text the labels of the `count` rows spell (rows.label_text_bytes): adds val_bits_per_byte.
     """
     count = len(rows) if count == 0 else min(count, len(rows))
     order = sorted(models, key=lambda label: label != reference)  # the reference first
@@ -127,6 +131,8 @@ def evaluate(
     for label, figures in sums.items():
         ce = figures["ce"] / max(positions, 1)
         result = {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "positions": positions}
+        if text_bytes:
+            result["val_bits_per_byte"] = figures["ce"] / text_bytes / math.log(2)
         if reference is not None:
             result["kl_exact"] = figures["kl_exact"] / max(positions, 1)
             result["top1_agreement"] = figures["agree"] / max(positions, 1)

@@ -27,7 +27,7 @@ def _generation_kwargs(config: SampleConfig, tokenizer) -> dict:
     return kwargs
 
 
-def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
     """[1, n] ids of the prompt; an empty prompt starts from the BOS (or EOS) token: an unconditional sample."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] == 0:
@@ -55,7 +55,7 @@ def continue_prompts(
     the first prompt is run once before timing as a warm-up."""
     device = device or next(model.parameters()).device
     kwargs = _generation_kwargs(config, tokenizer)
-    encoded = [_prompt_ids(tokenizer, p).to(device) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p).to(device) for p in prompts]
     if encoded:
         model.generate(encoded[0], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
     texts, generated, elapsed = [], 0, 0.0

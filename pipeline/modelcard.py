@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.runs import read_run_config
-from pipeline.tables import markdown_table
+from pipeline.tables import markdown_table, number
 
 CARD_FILE = "README.md"
 DISTILLED_TAGS = ["distillation", "knowledge-distillation", "distill-pipeline"]
@@ -56,6 +56,7 @@ def _comparison_lines(comparison: dict, label: str) -> list[str]:
     header = [f"{name} (this model)" if name == label else name for name in labels]
     rows = [
         ("val perplexity", "val_ppl", "{:.2f}"),
+        ("val bits per byte (does not depend on the tokenizer)", "val_bits_per_byte", "{:.4f}"),
         ("KL(teacher ‖ model), exact over the vocabulary, nats/token", "kl_exact", "{:.4f}"),
         ("top-1 agreement with the teacher", "top1_agreement", "{:.1%}"),
     ]
@@ -65,7 +66,7 @@ def _comparison_lines(comparison: dict, label: str) -> list[str]:
         "",
     ]
     return out + markdown_table(
-        ["", *header], [[title, *(fmt.format(models[name][key]) for name in labels)] for title, key, fmt in rows]
+        ["", *header], [[title, *(number(models[name].get(key), fmt) for name in labels)] for title, key, fmt in rows]
     )
 
 
@@ -149,6 +150,13 @@ def render_model_card(run_config: dict, model_path: str, comparison: dict | None
         lines += [
             f"Val perplexity at the end of training: {final['val_ppl']:.2f} ({rows} x {train['seq_len']} tokens of "
             "the corpus's held-out split). `python -m pipeline compare` adds the exact KL to the teacher here.",
+        ]
+    best = run_config.get("best")
+    if best is not None:
+        lines += [
+            "",
+            f"The run's best checkpoint (val perplexity {best['val_ppl']:.2f} at step {best['step']:,} of "
+            f"{train['max_steps']:,}, on the same val rows) is kept beside this final model in `best/`.",
         ]
     lines += [
         "",

@@ -62,3 +62,12 @@ def row_tokens(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
     """Row `index` of a split: tokens[index*seq_len : index*seq_len + seq_len + 1] as int64."""
     start = index * seq_len
     return np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
+
+
+def label_text_bytes(data_dir: str | Path, split: str, seq_len: int, rows: int, tokenizer) -> int:
+    """UTF-8 bytes of the text the first `rows` rows are scored on: their label tokens, tokens[1 : rows*seq_len + 1]
+    of the split, decoded by the tokenizer that wrote them (special tokens spell no text). The denominator of bits
+    per byte; decoded as one run, so only a character cut at the run's two ends can count a byte or two off."""
+    tokens = load_tokens(data_dir, split)[1 : rows * seq_len + 1]
+    text = tokenizer.decode(np.asarray(tokens), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return len(text.encode("utf-8"))

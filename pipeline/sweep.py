@@ -28,8 +28,9 @@ from pipeline.config import StudentConfig, SweepConfig, TrainConfig, check, flag
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock
-from pipeline.models import count_parameters, load_causal_lm
+from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
+from pipeline.rows import label_text_bytes
 from pipeline.runs import read_metrics
 from pipeline.tables import markdown_table, number
 from pipeline.train import train
@@ -196,6 +197,7 @@ def _evaluate_runs(base: TrainConfig, runs: dict) -> dict:
         temperature=float(val_cache.attrs["temperature"]),
         num_samples=int(val_cache.attrs.get("num_samples", 0)),
         desc="sweep eval",
+        text_bytes=label_text_bytes(base.data_dir, "val", base.seq_len, len(val_cache), load_tokenizer(base.teacher)),
     )
     for name in runs:
         figures[name]["parameters"] = count_parameters(models[name])
@@ -213,6 +215,7 @@ def _report(config: SweepConfig, runs: dict, figures: dict, base_student: dict) 
                 "settings": run["settings"],
                 "distill": run["distill"],
                 "val_ppl": f["val_ppl"],
+                "val_bits_per_byte": f["val_bits_per_byte"],
                 "ratio_to_baseline": f["val_ppl"] / baseline_ppl if baseline_ppl else None,
                 "kl_exact": f["kl_exact"],
                 "kl_to_teacher": f.get("kl_to_teacher"),
@@ -259,6 +262,7 @@ def render_markdown(report: dict) -> str:
                 row["name"],
                 settings,
                 number(row["val_ppl"], "{:.2f}"),
+                number(row.get("val_bits_per_byte"), "{:.4f}"),
                 number(row["ratio_to_baseline"], "{:.3f}"),
                 number(row["kl_exact"], "{:.4f}"),
                 number(row["top1_agreement"], "{:.1%}"),
@@ -266,7 +270,18 @@ def render_markdown(report: dict) -> str:
                 f"{row['parameters']:,}",
             ]
         )
-    header = ["rank", "student", "settings", "val ppl", "ratio", "KL exact", "top-1 agreement", "train s", "parameters"]
-    out += markdown_table(header, rows, align="rllrrrrrr")
+    header = [
+        "rank",
+        "student",
+        "settings",
+        "val ppl",
+        "bits/byte",
+        "ratio",
+        "KL exact",
+        "top-1 agreement",
+        "train s",
+        "parameters",
+    ]
+    out += markdown_table(header, rows, align="rllrrrrrrr")
     out += ["", "![val perplexity against training tokens](curves.png)"]
     return "\n".join(out) + "\n"

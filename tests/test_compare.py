@@ -15,6 +15,7 @@ import torch
 from conftest import invoke_cli, make_tiny_teacher, run_cli
 
 from pipeline.batches import TokenRows
+from pipeline.models import load_tokenizer
 
 SEQ_LEN, ROWS, TEMPERATURE = 32, 24, 2.0
 STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
@@ -161,6 +162,40 @@ def test_report_figures_match_an_independent_computation(runs, tiny_data, tiny_t
     assert report["models"]["distilled"]["kl_to_teacher"] > 0.1  # a real difference, not a degenerate zero
     assert report["models"]["teacher"]["top1_agreement"] == 1.0
 
+    # bits per byte: the CE summed over the positions, over the bytes the labels spell (byte-level BPE: one byte per
+    # character of a token's string, none for the special EOS), in bits
+    tokenizer = load_tokenizer(tiny_teacher)
+    labels = rows[:, 1:].reshape(-1).tolist()
+    special = set(tokenizer.all_special_ids)
+    label_bytes = sum(len(tokenizer.convert_ids_to_tokens(i)) for i in labels if i not in special)
+    for label, figures in report["models"].items():
+        expected = figures["val_ce"] * count * SEQ_LEN / label_bytes / math.log(2)
+        assert figures["val_bits_per_byte"] == pytest.approx(expected, rel=1e-9), label
+
+
+def test_best_checkpoints_and_draft_figures(runs, tiny_teacher):
+    """Best vs best: each run's best/ scored like the final models; the students as the teacher's draft models."""
+    report, root = runs["report"], runs["root"]
+    for label, folder in (("distilled", "distill"), ("baseline", "baseline")):
+        best = report["best"][label]
+        assert best["step"] == json.loads((root / folder / "best" / "best.json").read_text())["step"]
+        if best["step"] == report["runs"][label]["resolved"]["train"]["max_steps"]:  # the final model is the best
+            assert best["val_ppl"] == pytest.approx(report["models"][label]["val_ppl"], rel=1e-9)
+        assert {"val_ppl", "val_bits_per_byte", "kl_exact", "top1_agreement"} <= set(best)
+    draft = report["draft"]
+    assert draft["new_tokens"] == len(report["samples"]["prompts"]) * 6 and draft["teacher_tokens_per_s"] > 0
+    for label in ("distilled", "baseline"):
+        figures = draft["drafts"][label]
+        assert figures["accepted"] + figures["teacher_forwards"] == draft["new_tokens"]
+        assert 0 <= figures["accepted"] <= figures["proposed"] and figures["same_output"] == 1.0
+        assert figures["speedup"] == pytest.approx(figures["tokens_per_s"] / draft["teacher_tokens_per_s"])
+    lines = [line for line in runs["stdout"].splitlines() if line.startswith("distilled / baseline")]
+    assert [line.split(",")[0] for line in lines] == [
+        "distilled / baseline val perplexity",
+        "distilled / baseline val perplexity",
+    ]
+    assert "final vs final" in lines[0] and "best vs best" in lines[1]
+
 
 def test_report_files_and_samples(runs):
     out = runs["root"] / "report"
@@ -174,10 +209,13 @@ def test_report_files_and_samples(runs):
     assert report["runs"]["distilled"]["resolved"]["kind"] == "distill"
     assert report["runs"]["baseline"]["resolved"]["kind"] == "baseline"
     markdown = (out / "report.md").read_text()
-    table = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 7
-    for line in table:  # every row has the header's 4 cells: no stray | inside a cell (KL(teacher || model))
-        assert len(re.split(r"(?<!\\)\|", line)) == 4 + 2, line
+    tables = [block.splitlines() for block in markdown.split("\n\n") if block.startswith("|")]
+    # final models (8 rows), best checkpoints (5), the students as draft models (6)
+    assert [len(table) for table in tables] == [2 + 8, 2 + 5, 2 + 6]
+    assert [len(re.split(r"(?<!\\)\|", table[0])) for table in tables] == [4 + 2, 4 + 2, 3 + 2]
+    for table in tables:  # every row has its header's cells: no stray | inside a cell (KL(teacher || model))
+        for line in table:
+            assert len(re.split(r"(?<!\\)\|", line)) == len(re.split(r"(?<!\\)\|", table[0])), line
     assert f"{report['models']['distilled']['val_ppl']:.2f}" in markdown and "curves.png" in markdown
     assert "val perplexity" in runs["stdout"] and "report.json" in runs["stdout"]
 

@@ -2,7 +2,7 @@
 machine? Times the vocabulary-sized part of a training step, the head matmul [2048, 256] x [256, V] and the pipeline's
 loss (losses.distillation_loss, CE), forward + backward, interleaved over 8 repeats after one warm-up; medians.
 
-    .venv/bin/python docs/student_rows.py THREADS      (README, Benchmarks, "Student rows")
+    .venv/bin/python docs/student_rows.py THREADS      (docs/history.md, "2026-11-29: student rows")
 """
 
 import statistics

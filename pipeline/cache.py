@@ -114,7 +114,8 @@ def shard_attrs(attrs: dict, split: str, *, shard_index: int, num_shards: int, r
 
 # Positions per output-head matmul (one reused [chunk, V] buffer) and per extraction pass over a piece of it: on a
 # CPU, big matmuls into a kept buffer beat small ones and fresh allocations, and pieces of a few rows keep the
-# extraction's passes inside the core's cache (README, "What moved the figures").
+# extraction's passes inside the core's cache (docs/history.md, "2026-11-26, 01:32 to 03:48 UTC: what
+# moved the figures").
 HEAD_CHUNK = {"cpu": 1024, "cuda": 8192}
 EXTRACT_CHUNK = {"cpu": 16, "cuda": 8192}
 # TeacherRunner's kept buffers: float32 logits, sampling scratch, a copy for a second mode, the head's output at the

@@ -254,7 +254,8 @@ class Optimization:
 
 
 def kd_problems(alpha: float, temperature: float | None, kd_loss: str, jsd_beta: float) -> list[str]:
-    """The one check of the distillation options (the Loss section and the loss functions both call it)."""
+    """The one check of the distillation options, with the flags' names (the Loss section calls it; the loss
+    functions import no config and guard direct calls with losses.divergences.check_options)."""
     problems = []
     if not 0.0 <= alpha <= 1.0:  # also refuses NaN
         problems.append(f"--alpha must be in [0, 1], got {alpha}")
@@ -405,7 +406,7 @@ class CacheConfig:
     data_dir: str = opt("data/default", "tokenized corpus folder (make data)")
     teacher: str = opt(DEFAULT_TEACHER_DIR, "teacher model folder (make teacher) or hub id")
     out_dir: str = opt("cache/default", "folder for the HDF5 shards and manifest.json")
-    mode: str = opt("sampled", "sampled | topk (the README compares them)")
+    mode: str = opt("sampled", "sampled | topk (docs/history.md compares them)")
     k: int = opt(64, "topk: ids stored per position")
     num_samples: int = opt(50, "sampled: draws per position (with replacement)")
     temperature: float = opt(1.0, "the teacher distribution is computed at this temperature")

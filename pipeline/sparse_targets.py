@@ -66,7 +66,8 @@ def sampled_draws(
     shifted = logits.sub_(logits.amax(-1, keepdim=True))  # z - max <= 0
     mass = torch.exp(shifted, out=scratch) if scratch is not None else shifted.exp()
     # sum_v e_v (z_v - max), the product in place of the logits (not read again): one multiply-add pass. (A batched
-    # [1, V] x [V, 1] matmul has no product tensor but runs several times slower on some CPUs: README.)
+    # [1, V] x [V, 1] matmul has no product tensor but runs several times slower on some CPUs: docs/history.md,
+    # "2026-12-04: cache-logits / forward on the Xeon with a bf16 teacher".)
     product = shifted.mul_(mass)
     dot = product.sum(-1)
     if not torch.isfinite(dot).all():  # -inf logits (0 * -inf = nan): only hand-made distributions have them

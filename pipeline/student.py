@@ -19,8 +19,8 @@ from pipeline.teacher import tokenizer_hash as hash_of_tokenizer
 
 # Per-layer settings of a config (one entry per decoder block) that a slice of the teacher's blocks must slice too.
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
-# New students' rows: the tokenizer's length rounded up to a multiple of this (faster steps; README, Benchmarks,
-# "Student rows"). The loss does not mask the extra rows: training pushes their logits down.
+# New students' rows: the tokenizer's length rounded up to a multiple of this (faster steps; docs/history.md,
+# "2026-11-29: student rows"). The loss does not mask the extra rows: training pushes their logits down.
 ROW_MULTIPLE = 64
 NOT_SHARED = "this project distils between models that share one tokenizer (no cross-tokenizer distillation)"
 

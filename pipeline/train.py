@@ -1,7 +1,7 @@
 """Stage 2: train a student from the teacher-logit cache (distill) or with cross-entropy only (baseline).
 
 Both read the same rows in the same order for the same steps; only the loss differs:
-    distill:  alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T)   (losses.py)
+    distill:  alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T)   (pipeline/losses/)
     baseline: CE(labels)
 
 `train()` reads top to bottom: check the inputs, set up (Accelerator, rows, student, optimizer), decide whether
@@ -265,8 +265,8 @@ def head_fusable(model, vocab_size: int) -> bool:
 
 def use_fused_head(choice: str, model, vocab_size: int) -> bool:
     """--fused-head: off never; on wherever the head is fusable, else one error line; auto wherever it is fusable
-    (the fused step measured faster than the unfused one as well as smaller: README, "Output head fused with the
-    loss")."""
+    (the fused step measured faster than the unfused one as well as smaller: docs/losses.md, "The output head
+    fused with the loss"; the figures in docs/history.md)."""
     if choice == "off":
         return False  # without probing the model
     applies = head_fusable(model, vocab_size)

@@ -1,6 +1,6 @@
 """A text8-format corpus built from public-domain text: lowercase a-z words and single spaces, one line.
 
-text8 (mattmahoney.net) cannot be downloaded here, so the tests and the README's scale measurement use a
+text8 (mattmahoney.net) cannot be downloaded here, so the tests and the scale measurements (docs/history.md) use a
 stand-in of the same format: words drawn independently from the word frequencies of a source text (by
 default the Wind in the Willows excerpt in tests/data), written in blocks so a 100 MB file never sits in
 memory. The same words, seed and size give the same bytes.

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, make_tiny_teacher, make_tokenizer, one_torch_thread, willows_text
+from conftest import REPO, STUDENT_FLAGS, make_tiny_teacher, make_tokenizer, one_torch_thread, willows_text
 from safetensors.torch import load_file
 
 from pipeline.cache_format import CacheReader, read_manifest
@@ -48,7 +48,6 @@ from pipeline.fsutil import disk_full_errno, sha256_file
 
 SEQ_LEN, K, ROWS, ROWS_PER_PART, CACHE_BATCH = 32, 8, 24, 2, 2  # 12 parts per split, one teacher forward each
 STEPS, SAVE_EVERY = 6, 2  # states at steps 2, 4, 6
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 KILL_SEED = 6
 
 
@@ -293,7 +292,7 @@ def train_args(tiny_data, tiny_teacher, reference_cache):
             "no",
             "--seed",
             0,
-            *STUDENT,
+            *STUDENT_FLAGS,
             *extra,
         ]
 

@@ -18,14 +18,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, invoke_cli, one_torch_thread, run_cli
+from conftest import REPO, STUDENT_FLAGS, invoke_cli, one_torch_thread, run_cli
 from safetensors.torch import load_file
 
 from pipeline.cache_format import CacheReader, read_manifest
 from pipeline.fsutil import sha256_file
 
 SEQ_LEN, K, ROWS, ROWS_PER_PART, BATCH = 32, 8, 48, 2, 2  # 24 parts per split
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 
 
 def cache_args(data, teacher, out, *extra) -> list:
@@ -41,7 +40,7 @@ def distill_args(data, teacher, cache, out, *extra) -> list:
         "distill", "--data-dir", data, "--cache-dir", cache, "--teacher", teacher, "--out-dir", out,
         "--seq-len", SEQ_LEN, "--max-rows", ROWS, "--batch-size", 2, "--max-steps", 6, "--warmup-steps", 2,
         "--lr", 0.02, "--eval-every", 3, "--eval-rows", 4, "--save-every", 3, "--num-workers", 0,
-        "--mixed-precision", "no", *STUDENT, *extra,
+        "--mixed-precision", "no", *STUDENT_FLAGS, *extra,
     ]  # fmt: skip
 
 

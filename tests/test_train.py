@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, invoke_cli, make_tiny_teacher, run_cli
+from conftest import REPO, STUDENT_FLAGS, invoke_cli, make_tiny_teacher, run_cli
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -32,7 +32,6 @@ from pipeline.student import build_student, teacher_embedding_projection, teache
 from pipeline.train import lr_at
 
 SEQ_LEN, BATCH, STEPS = 32, 4, 12
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 METRIC_KEYS = {"step", "tokens_seen", "ce", "kd", "total", "lr", "tokens_per_s"}
 
 
@@ -56,7 +55,7 @@ def train_options(data: Path, teacher: Path, cache: Path, **overrides) -> list:
         "seed": 0,
     }
     options.update({key.replace("_", "-"): value for key, value in overrides.items()})
-    return [item for key, value in options.items() for item in (f"--{key}", value)] + STUDENT
+    return [item for key, value in options.items() for item in (f"--{key}", value)] + STUDENT_FLAGS
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -91,30 +90,9 @@ def error_line(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def topk_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
-    out = tmp_path_factory.mktemp("train-cache") / "topk"
-    run_cli(
-        "cache-logits",
-        "--data-dir",
-        tiny_data,
-        "--teacher",
-        tiny_teacher,
-        "--out-dir",
-        out,
-        "--seq-len",
-        SEQ_LEN,
-        "--mode",
-        "topk",
-        "--k",
-        16,
-        check=True,
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def options(tiny_data, tiny_teacher, topk_cache):
-    return lambda **overrides: train_options(tiny_data, tiny_teacher, topk_cache, **overrides)
+def options(tiny_data, tiny_teacher, tiny_topk_cache):
+    """The reference run's options on the shared topk cache (--k 16, every row), with overrides."""
+    return lambda **overrides: train_options(tiny_data, tiny_teacher, tiny_topk_cache, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +113,13 @@ def baseline_run(tmp_path_factory, options) -> Path:
 # ----------------------------------------------------------------------------- rows and their order
 
 
-def test_token_rows_are_the_cache_rows(tiny_data, topk_cache):
+def test_token_rows_are_the_cache_rows(tiny_data, tiny_topk_cache):
     meta = read_meta(tiny_data)
     raw = np.fromfile(tiny_data / "train.bin", dtype=meta["dtype"]).astype(np.int64)
-    token_rows, cache_rows = TokenRows(str(tiny_data), "train", SEQ_LEN), CacheRows(CacheReader(topk_cache, "train"))
+    token_rows, cache_rows = (
+        TokenRows(str(tiny_data), "train", SEQ_LEN),
+        CacheRows(CacheReader(tiny_topk_cache, "train")),
+    )
     assert len(token_rows) == len(cache_rows) == (len(raw) - 1) // SEQ_LEN > 100
     for i in range(len(token_rows)):
         expected = raw[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1]
@@ -146,7 +127,7 @@ def test_token_rows_are_the_cache_rows(tiny_data, topk_cache):
         assert np.array_equal(cache_rows[i]["tokens"], expected)
     assert (
         len(TokenRows(str(tiny_data), "train", SEQ_LEN, max_rows=10))
-        == len(CacheRows(CacheReader(topk_cache, "train"), 10))
+        == len(CacheRows(CacheReader(tiny_topk_cache, "train"), 10))
         == 10
     )
 
@@ -491,26 +472,8 @@ def test_kd_variants_train(options, tmp_path, variant):
         assert resolved["train"]["topk_renormalize"] is True
 
 
-def test_sampled_cache_trains(tiny_data, tiny_teacher, options, tmp_path):
-    cache = tmp_path / "sampled"
-    run_cli(
-        "cache-logits",
-        "--data-dir",
-        tiny_data,
-        "--teacher",
-        tiny_teacher,
-        "--out-dir",
-        cache,
-        "--seq-len",
-        SEQ_LEN,
-        "--mode",
-        "sampled",
-        "--num-samples",
-        8,
-        "--max-rows",
-        32,
-        check=True,
-    )
+def test_sampled_cache_trains(tiny_sampled_cache, options, tmp_path):
+    cache = tiny_sampled_cache  # --num-samples 8, 32 rows
     run = tmp_path / "run"
     invoke(
         "distill",

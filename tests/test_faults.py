@@ -311,6 +311,7 @@ def reference_runs(tmp_path_factory, train_args) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- data stage
 
 
+@pytest.mark.slow
 def test_data_killed_at_four_points_and_a_second_process_refused(tmp_path, tiny_corpus, tiny_teacher, tiny_data):
     out = tmp_path / "data"
     args = ["data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1"]
@@ -381,6 +382,7 @@ def cache_faults(tmp_path_factory, cache_args) -> dict:
     return facts
 
 
+@pytest.mark.slow
 def test_cache_second_process_on_the_folder_is_refused(cache_faults):
     line = refused(cache_faults["second"])
     print(line)
@@ -390,6 +392,7 @@ def test_cache_second_process_on_the_folder_is_refused(cache_faults):
     )
 
 
+@pytest.mark.slow
 def test_cache_killed_after_part_n_and_mid_assembly_leaves_only_resumable_files(cache_faults):
     assert len(cache_faults["parts_after_kill"]) == cache_faults["kill_part"]  # frozen right after part N was written
     assert cache_faults["lock_after_kill"]  # the killed owner's lock, stale: the next run takes it over
@@ -400,6 +403,7 @@ def test_cache_killed_after_part_n_and_mid_assembly_leaves_only_resumable_files(
     assert not [name for name in cache_faults["files_after_assembly_kill"] if name.endswith(".h5")]
 
 
+@pytest.mark.slow
 def test_cache_disk_full_while_writing_a_shard_is_one_line_and_keeps_the_parts(cache_faults):
     full, out = cache_faults["full"], cache_faults["out"]
     print(f"killed after part {cache_faults['kill_part']}; exit {full.returncode}: {error_line(full.stderr)}")
@@ -413,6 +417,7 @@ def test_cache_disk_full_while_writing_a_shard_is_one_line_and_keeps_the_parts(c
     assert cache_faults["files_after_full"] == [".parts"]  # no shard, temp file, manifest or lock left
 
 
+@pytest.mark.slow
 def test_cache_rerun_after_faults_reuses_parts_and_equals_the_uninterrupted_run(cache_faults, reference_cache):
     rerun, out = cache_faults["rerun"], cache_faults["out"]
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -495,6 +500,7 @@ def distill_faults(tmp_path_factory, train_args) -> dict:
     return facts
 
 
+@pytest.mark.slow
 def test_distill_killed_mid_save_keeps_the_previous_state_and_nothing_finished(distill_faults):
     states = [f"step_{step:06d}" for step in range(SAVE_EVERY, int(distill_faults["kept_state"][5:]) + 1, SAVE_EVERY)]
     assert distill_faults["states_after_kill"] == sorted(states + [".tmp_" + distill_faults["next_state"]])
@@ -506,6 +512,7 @@ def test_distill_killed_mid_save_keeps_the_previous_state_and_nothing_finished(d
     assert not distill_faults["finished_after_kill"]
 
 
+@pytest.mark.slow
 def test_distill_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous_state(distill_faults):
     full, out = distill_faults["full"], distill_faults["out"]
     assert full.returncode == 1, full.stderr[-3000:]
@@ -520,6 +527,7 @@ def test_distill_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous_st
     assert distill_faults["states_after_full"] == distill_faults["states_after_kill"]
 
 
+@pytest.mark.slow
 def test_distill_resume_after_kill_and_full_disk_equals_the_uninterrupted_run(distill_faults, reference_runs):
     out, resumed = distill_faults["out"], distill_faults["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -529,6 +537,7 @@ def test_distill_resume_after_kill_and_full_disk_equals_the_uninterrupted_run(di
     assert not list((out / "state").glob(".tmp_*")) and not (out / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_baseline_killed_after_state_n_resumes_to_identical_weights(tmp_path, train_args, reference_runs):
     out = tmp_path / "baseline"
     state_n = kill_point("baseline", 1, STEPS // SAVE_EVERY - 1)

@@ -275,6 +275,7 @@ def test_twenty_steps_fused_and_unfused_give_the_same_losses(
     )
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_grad_accum_fused_and_unfused_agree(
     tiny_data, tiny_teacher, tiny_topk_cache, tmp_path
 ):

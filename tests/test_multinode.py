@@ -142,6 +142,7 @@ def two_process_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
 # ---------------------------------------------------------------- stage 1 as independent jobs
 
 
+@pytest.mark.slow
 def test_three_jobs_one_killed_and_rerun_give_the_single_process_cache(tmp_path, tiny_data, tiny_teacher, single_cache):
     """Jobs 0, 1 (SIGKILL after its third part), 2 and 1 again, one after another in one folder: the rerun resumes
     from its parts, is the last to finish and merges; every row and every dataset's bytes equal the single-process
@@ -205,6 +206,7 @@ def test_three_jobs_one_killed_and_rerun_give_the_single_process_cache(tmp_path,
     assert "up to date" in invoke_cli("cache-logits", "--config", out / "config.yaml", check=True).output
 
 
+@pytest.mark.slow
 def test_jobs_on_machines_without_a_shared_folder_merge_once_copied(
     tmp_path, tiny_data, tiny_teacher, two_process_cache
 ):
@@ -263,6 +265,7 @@ def test_merge_names_missing_and_mismatched_shards_and_writes_nothing(tmp_path, 
 # ---------------------------------------------------------------- two node ranks
 
 
+@pytest.mark.slow
 def test_two_node_torchrun_cache_is_the_two_process_cache(tmp_path, tiny_data, tiny_teacher, two_process_cache):
     out = tmp_path / "cache"
     torchrun_two_nodes(*cache_args(tiny_data, tiny_teacher, out))
@@ -271,6 +274,7 @@ def test_two_node_torchrun_cache_is_the_two_process_cache(tmp_path, tiny_data, t
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.yaml", "manifest.json", *shard_hashes(out)])
 
 
+@pytest.mark.slow
 def test_two_node_torchrun_distill_equals_the_two_process_run(tmp_path, tiny_data, tiny_teacher, two_process_cache):
     one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
     torchrun_one_node(*distill_args(tiny_data, tiny_teacher, two_process_cache, one_node))

@@ -134,6 +134,7 @@ def test_training_seconds_sum_the_metrics_windows(tmp_path):
     assert training_seconds(tmp_path) == pytest.approx(100 / 50 + 200 / 100)
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_continues_where_it_stopped(swept, tmp_path):
     """Kill the sweep while it trains its second student; the rerun keeps the finished first run as it is and ends
     with the same students as an uninterrupted sweep."""

@@ -252,12 +252,14 @@ def test_rerun_is_up_to_date_and_a_changed_option_after_a_finished_run_retrains(
     assert not torch.equal(weights(copy)["model.norm.weight"], weights(reference_run)["model.norm.weight"])
 
 
+@pytest.mark.slow
 def test_changed_option_with_resume_over_an_interrupted_run_is_refused(interrupted_run):
     """An interrupted run's progress is never dropped silently: --resume with other options names its state."""
     assert interrupted_run["changed_resume"].returncode == 2
     assert str(interrupted_run["out"] / "state") in error_line(interrupted_run["changed_resume"])
 
 
+@pytest.mark.slow
 def test_changed_option_retrains_and_the_same_seed_twice_gives_identical_weights(reference_run, options, tmp_path):
     retrained = tmp_path / "retrained"
     shutil.copytree(reference_run, retrained)
@@ -318,11 +320,13 @@ def interrupted_run(tmp_path_factory, options) -> dict:
     return facts
 
 
+@pytest.mark.slow
 def test_second_training_on_the_same_folder_refuses_while_the_first_runs(interrupted_run):
     line = error_line(interrupted_run["second"])
     assert "in use" in line and str(interrupted_run["pid"]) in line
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_the_uninterrupted_run(interrupted_run, reference_run):
     out = interrupted_run["out"]
     assert not interrupted_run["finished_at_kill"] and interrupted_run["states_at_kill"]
@@ -507,6 +511,7 @@ def test_out_of_range_options_exit_2_with_one_line(options, tmp_path, flags, mes
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_global_batch(options, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU: each rank takes its interleaved half of every global batch
     (disjoint rows), gradients are averaged, and the run is saved once. Two ranks of batch 2 must then

@@ -2,6 +2,7 @@
 #   make compare                  # full default run on the embedded teacher + corpus (12-18 min on 2 CPU cores)
 #   make compare SMOKE=1          # the same path on a tiny slice (a few minutes)
 #   make test                     # the test suite (what CI runs)
+#   make test-fast                # the suite without the tests marked slow (the inner loop)
 #   make docs                     # docs/benchmarks.md from every docs/bench-*.json (a bench.json kept in docs/)
 #   make compare FINETUNE=1       # fine-tune the teacher on the corpus first, then distil from it
 #   make compare NAME=willows FINETUNE=1 CONFIG=examples/willows.yaml   # options from a config file
@@ -99,7 +100,7 @@ TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) $(call option,SEQ_L
                  $(call option,BATCH,--batch-size) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)$(CONFIG_ARG)
 ALPHA_OPT     := $(call option,ALPHA,--alpha)
 
-.PHONY: help install teacher data cache-logits distill baseline compare test lint bench docs clean finetune-teacher export sweep
+.PHONY: help install teacher data cache-logits distill baseline compare test test-fast lint bench docs clean finetune-teacher export sweep
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -159,6 +160,10 @@ $(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call stamp,
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q
+
+# The slow marker (setup.cfg) is on the subprocess and end-to-end runs; every other test stays in this tier.
+test-fast: $(VENV)/.installed  ## the test suite without the tests marked slow (the inner loop; make test runs all)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed  ## check formatting and lint rules (ruff; settings in pyproject.toml)
 	$(PY) -m ruff format --check .

@@ -1,9 +1,16 @@
 """Shared fixtures: a tiny randomly initialised Llama teacher with a small BPE tokenizer trained on
-The Wind in the Willows, written to a temp folder, and helpers to run the real CLI."""
+The Wind in the Willows, written to a temp folder, the corpus slice tokenized with it, one cache of each mode
+built from them, the tiny student's flags, and helpers to run the real CLI.
+
+The session fixtures (tiny_teacher, tiny_data, tiny_topk_cache, tiny_sampled_cache) are built once and shared by
+every file: a test that changes one works on a copy (shutil.copytree into tmp_path). Each checks at the end of
+the session that no test changed its files.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
@@ -12,6 +19,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The tiny student of every training test (1 block, width 16): what `distill` / `baseline` get after the run's own
+# options. A test of another student shape passes its own flags.
+STUDENT_FLAGS = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 WILLOWS = (
     Path(__file__).resolve().parent / "data" / "wind_in_the_willows_excerpt.txt"
 )  # public domain; see data/README.md
@@ -88,10 +98,29 @@ def tiny_tokenizer():
     return make_tokenizer(willows_text())
 
 
+def folder_digest(folder: Path) -> dict[str, str]:
+    """{path relative to `folder`: sha256} of every file under it."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def assert_unchanged(folder: Path, digest: dict[str, str]) -> None:
+    """A shared session folder must end the session as it was built: a test that changes one works on a copy."""
+    now = folder_digest(folder)
+    changed = sorted(name for name in digest.keys() | now.keys() if digest.get(name) != now.get(name))
+    assert not changed, f"a test changed the shared fixture {folder}: {changed} (copy it into tmp_path first)"
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, tiny_tokenizer) -> Path:
     """Folder of a tiny random Llama teacher (vocab ~384, 2 layers, width 32) with its tokenizer."""
-    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-teacher", tiny_tokenizer)
+    folder = make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-teacher", tiny_tokenizer)
+    digest = folder_digest(folder)
+    yield folder
+    assert_unchanged(folder, digest)
 
 
 @pytest.fixture(scope="session")
@@ -124,21 +153,39 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
-    """The tiny corpus tokenized with the tiny teacher's tokenizer (data stage output folder)."""
+    """The tiny corpus tokenized with the tiny teacher's tokenizer, 10% val (data stage output folder)."""
     out = tmp_path_factory.mktemp("data") / "tiny"
-    run_cli(
-        "data",
-        "--corpus",
-        tiny_corpus,
-        "--tokenizer",
-        tiny_teacher,
-        "--out-dir",
-        out,
-        "--val-fraction",
-        "0.1",
-        check=True,
-    )
-    return out
+    invoke_cli("data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", 0.1,
+               check=True)  # fmt: skip
+    digest = folder_digest(out)
+    yield out
+    assert_unchanged(out, digest)
+
+
+@pytest.fixture(scope="session")
+def tiny_topk_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
+    """`cache-logits --mode topk --k 16 --seq-len 32` over every row of tiny_data (the default dtype and batch).
+    Read-only: a test that changes a cache copies it first."""
+    out = tmp_path_factory.mktemp("cache") / "topk"
+    with one_torch_thread():
+        invoke_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out,
+                   "--seq-len", 32, "--mode", "topk", "--k", 16, check=True)  # fmt: skip
+    digest = folder_digest(out)
+    yield out
+    assert_unchanged(out, digest)
+
+
+@pytest.fixture(scope="session")
+def tiny_sampled_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
+    """`cache-logits --mode sampled --num-samples 8 --seq-len 32 --max-rows 32` of tiny_data. Read-only, as
+    tiny_topk_cache."""
+    out = tmp_path_factory.mktemp("cache") / "sampled"
+    with one_torch_thread():
+        invoke_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out,
+                   "--seq-len", 32, "--mode", "sampled", "--num-samples", 8, "--max-rows", 32, check=True)  # fmt: skip
+    digest = folder_digest(out)
+    yield out
+    assert_unchanged(out, digest)
 
 
 def invoke_cli(*args, check: bool = False):

@@ -79,6 +79,7 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_report_has_every_section_with_machine_and_command(bench_run):
     report = bench_run.report
     assert {
@@ -102,6 +103,7 @@ def test_report_has_every_section_with_machine_and_command(bench_run):
     assert report["resolved"]["batch_size"] == BATCH and report["resolved"]["mixed_precision"] == "no"
 
 
+@pytest.mark.slow
 def test_stage1_throughput_and_storage_are_sane(bench_run, tiny_teacher):
     stage1 = bench_run.report["stage1"]
     assert stage1["rows"] == BATCH * BATCHES and stage1["tokens_per_pass"] == BATCH * BATCHES * SEQ_LEN
@@ -124,6 +126,7 @@ def test_stage1_throughput_and_storage_are_sane(bench_run, tiny_teacher):
     assert stage1["mfu"] is None or _positive(stage1["mfu"]["forward_tflops"])
 
 
+@pytest.mark.slow
 def test_bench_caches_hold_the_teacher_top_ids_of_the_real_rows(bench_run, tiny_data, tiny_teacher):
     from transformers import AutoModelForCausalLM
 
@@ -146,6 +149,7 @@ def test_bench_caches_hold_the_teacher_top_ids_of_the_real_rows(bench_run, tiny_
     assert np.all(sampled.row(0)["sample_counts"].sum(-1) == 20)
 
 
+@pytest.mark.slow
 def test_stage2_steps_ratios_and_loss_alone(bench_run):
     stage2 = bench_run.report["stage2"]
     assert stage2["tokens_per_step"] == BATCH * SEQ_LEN and stage2["rounds"] == 2
@@ -169,6 +173,7 @@ def test_stage2_steps_ratios_and_loss_alone(bench_run):
         assert _positive(alone[key]["total_ms"])
 
 
+@pytest.mark.slow
 def test_data_path_and_memory(bench_run):
     data = bench_run.report["data"]
     for mode in ("topk", "sampled"):
@@ -187,6 +192,7 @@ def test_data_path_and_memory(bench_run):
     assert variants["online"]["loss_full_vocab_float32_saved"] >= 2
 
 
+@pytest.mark.slow
 def test_fused_head_rows(bench_run):
     fused = bench_run.report["fused_head"]
     vocab = bench_run.report["resolved"]["vocab_size"]
@@ -204,6 +210,7 @@ def test_fused_head_rows(bench_run):
     assert "Output head fused with the loss" in (bench_run.out / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_quality_section(bench_run):
     quality = bench_run.report["quality"]
     assert quality["steps"] == 3 and quality["eval_rows"] == EVAL_ROWS and quality["train_rows"] == QUALITY_ROWS
@@ -215,6 +222,7 @@ def test_quality_section(bench_run):
         assert _positive(v["train_tokens_per_s"])
 
 
+@pytest.mark.slow
 def test_markdown_and_terminal_show_the_same_tables(bench_run):
     markdown = (bench_run.out / "bench.md").read_text()
     for title in ("## Stage 1", "## Stage 2", "## Data path", "## Memory", "## Quality at equal budget"):
@@ -339,6 +347,7 @@ def test_cpu_busy_fraction_sees_a_busy_core():
     assert busy is not None and busy >= 0.9 / os.cpu_count()  # one spinning thread holds one core
 
 
+@pytest.mark.slow
 def test_teacher_shape_runs_stage_1_alone_with_a_random_teacher_of_that_shape(tiny_data, tmp_path):
     """--teacher-shape FILE.json: a random teacher built in memory (here a Llama-3-like one in miniature: 1,000 rows
     around the data's 384-token tokenizer, grouped-query attention); stage 1 with per-pass peak memory, ids bounded by

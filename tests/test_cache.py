@@ -451,6 +451,7 @@ def test_killed_run_resumes_to_byte_identical_shards(tmp_path, topk_cache, tiny_
     assert not (out / ".parts").exists() and not (out / ".lock").exists() and not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_two_shards_equal_to_one_process(tmp_path, topk_cache, tiny_data, tiny_teacher):
     out = tmp_path / "ddp"
     result = subprocess.run(

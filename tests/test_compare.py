@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke_cli, make_tiny_teacher, run_cli
+from conftest import STUDENT_FLAGS, invoke_cli, make_tiny_teacher, run_cli
 
 from pipeline.batches import TokenRows
 from pipeline.models import load_tokenizer
 
 SEQ_LEN, ROWS, TEMPERATURE = 32, 24, 2.0
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,7 +80,7 @@ def runs(tmp_path_factory, tiny_data, tiny_teacher) -> dict:
         0,
         "--mixed-precision",
         "no",
-        *STUDENT,
+        *STUDENT_FLAGS,
     ]
     invoke("distill", *train, "--out-dir", root / "distill", check=True)
     invoke("baseline", *train, "--out-dir", root / "baseline", check=True)

@@ -8,10 +8,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import STUDENT_FLAGS, run_cli
 
 SEQ_LEN, STEPS = 32, 8
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 RUN_FILES = {
     "README.md",
     "config.yaml",
@@ -110,7 +109,7 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
         2,
         "--num-workers",
         0,
-        *STUDENT,
+        *STUDENT_FLAGS,
     ]
     for kind, run in runs.items():
         result = run_cli(kind, *train, "--out-dir", run, check=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import invoke_cli, willows_text
+from conftest import STUDENT_FLAGS, invoke_cli, willows_text
 
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
@@ -32,7 +32,6 @@ from pipeline.rows import read_meta
 from pipeline.student import build_student, decoder_blocks, student_rows, teacher_embedding_projection
 
 SEQ_LEN, ROWS, K, NUM_SAMPLES = 32, 8, 8, 20
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 LLAMA3_VOCAB = 128256
 
 
@@ -163,7 +162,7 @@ def train_flags(data: Path, teacher: Path, **extra) -> list:
         "mixed-precision": "no",
         **extra,
     }
-    return [item for key, value in flags.items() for item in (f"--{key}", value)]
+    return [item for key, value in flags.items() if value is not None for item in (f"--{key}", value)]
 
 
 def run_family(teacher: Path, corpus: Path, out: Path, mode_of_distill: str) -> dict[str, Path]:
@@ -178,8 +177,8 @@ def run_family(teacher: Path, corpus: Path, out: Path, mode_of_distill: str) -> 
             *("--dtype", "float32"),  # the stored numbers are checked against the float32 teacher's own logits
         )
     flags = train_flags(paths["data"], teacher)
-    cli("distill", *flags, *STUDENT, "--cache-dir", paths[mode_of_distill], "--out-dir", paths["distill"])
-    cli("baseline", *flags, *STUDENT, "--out-dir", paths["baseline"])
+    cli("distill", *flags, *STUDENT_FLAGS, "--cache-dir", paths[mode_of_distill], "--out-dir", paths["distill"])
+    cli("baseline", *flags, *STUDENT_FLAGS, "--out-dir", paths["baseline"])
     cli(
         "compare",
         *("--data-dir", paths["data"], "--cache-dir", paths[mode_of_distill], "--teacher", teacher),
@@ -350,21 +349,14 @@ def write_json(path: Path, values: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_runs(tmp_path_factory, tiny_teacher, corpus) -> dict[str, Path]:
-    """Data and a topk cache of the conftest Llama teacher, for the student tests."""
-    root = tmp_path_factory.mktemp("students")
-    data, cache = root / "data", root / "cache"
-    cli("data", "--corpus", corpus, "--tokenizer", tiny_teacher, "--out-dir", data, "--val-fraction", 0.2)
-    cli(
-        "cache-logits",
-        *("--data-dir", data, "--teacher", tiny_teacher, "--out-dir", cache, "--seq-len", SEQ_LEN),
-        *("--mode", "topk", "--k", K, "--max-rows", ROWS, "--batch-size", 4, "--dtype", "float32"),
-    )
-    return {"data": data, "cache": cache, "teacher": tiny_teacher, "root": root}
+def llama_runs(tiny_data, tiny_topk_cache, tiny_teacher) -> dict[str, Path]:
+    """The shared data and topk cache of the conftest Llama teacher, for the student tests (read-only). The cache
+    holds every row: runs on it pass no --max-rows (train_flags drops an option given as None)."""
+    return {"data": tiny_data, "cache": tiny_topk_cache, "teacher": tiny_teacher}
 
 
 def distill(runs: dict, out: Path, *student_flags):
-    flags = train_flags(runs["data"], runs["teacher"], **{"cache-dir": runs["cache"], "out-dir": out})
+    flags = train_flags(runs["data"], runs["teacher"], **{"cache-dir": runs["cache"], "out-dir": out, "max-rows": None})
     return invoke_cli("distill", *flags, *student_flags)
 
 
@@ -457,8 +449,10 @@ def test_a_cache_bounded_by_the_embedding_is_refused_with_the_rebuild_command(ll
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["vocab_size"] = 448
     (old / "manifest.json").write_text(json.dumps(manifest))
-    flags = train_flags(llama_runs["data"], llama_runs["teacher"], **{"cache-dir": old, "out-dir": tmp_path / "run"})
-    line = one_error(invoke_cli("distill", *flags, *STUDENT))
+    flags = train_flags(
+        llama_runs["data"], llama_runs["teacher"], **{"cache-dir": old, "out-dir": tmp_path / "run", "max-rows": None}
+    )
+    line = one_error(invoke_cli("distill", *flags, *STUDENT_FLAGS))
     assert "448" in line and "384 tokens" in line and "make cache-logits" in line
 
 

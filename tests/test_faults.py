@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, make_tiny_teacher, make_tokenizer, one_torch_thread, willows_text
+from conftest import REPO, STUDENT_FLAGS, make_tiny_teacher, make_tokenizer, one_torch_thread, willows_text
 from safetensors.torch import load_file
 
 from pipeline.cache_format import CacheReader, read_manifest
@@ -48,7 +48,6 @@ from pipeline.fsutil import disk_full_errno, sha256_file
 
 SEQ_LEN, K, ROWS, ROWS_PER_PART, CACHE_BATCH = 32, 8, 24, 2, 2  # 12 parts per split, one teacher forward each
 STEPS, SAVE_EVERY = 6, 2  # states at steps 2, 4, 6
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 KILL_SEED = 6
 
 
@@ -293,7 +292,7 @@ def train_args(tiny_data, tiny_teacher, reference_cache):
             "no",
             "--seed",
             0,
-            *STUDENT,
+            *STUDENT_FLAGS,
             *extra,
         ]
 
@@ -312,6 +311,7 @@ def reference_runs(tmp_path_factory, train_args) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- data stage
 
 
+@pytest.mark.slow
 def test_data_killed_at_four_points_and_a_second_process_refused(tmp_path, tiny_corpus, tiny_teacher, tiny_data):
     out = tmp_path / "data"
     args = ["data", "--corpus", tiny_corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1"]
@@ -384,6 +384,7 @@ def cache_faults(tmp_path_factory, cache_args) -> dict:
     return facts
 
 
+@pytest.mark.slow
 def test_cache_second_process_on_the_folder_is_refused(cache_faults):
     line = refused(cache_faults["second"])
     print(line)
@@ -393,6 +394,7 @@ def test_cache_second_process_on_the_folder_is_refused(cache_faults):
     )
 
 
+@pytest.mark.slow
 def test_cache_killed_after_part_n_and_mid_assembly_leaves_only_resumable_files(cache_faults):
     assert len(cache_faults["parts_after_kill"]) == cache_faults["kill_part"]  # frozen right after part N was written
     assert cache_faults["lock_after_kill"]  # the killed owner's lock, stale: the next run takes it over
@@ -403,6 +405,7 @@ def test_cache_killed_after_part_n_and_mid_assembly_leaves_only_resumable_files(
     assert not [name for name in cache_faults["files_after_assembly_kill"] if name.endswith(".h5")]
 
 
+@pytest.mark.slow
 def test_cache_disk_full_while_writing_a_shard_is_one_line_and_keeps_the_parts(cache_faults):
     full, out = cache_faults["full"], cache_faults["out"]
     print(f"killed after part {cache_faults['kill_part']}; exit {full.returncode}: {error_line(full.stderr)}")
@@ -416,6 +419,7 @@ def test_cache_disk_full_while_writing_a_shard_is_one_line_and_keeps_the_parts(c
     assert cache_faults["files_after_full"] == [".parts"]  # no shard, temp file, manifest or lock left
 
 
+@pytest.mark.slow
 def test_cache_rerun_after_faults_reuses_parts_and_equals_the_uninterrupted_run(cache_faults, reference_cache):
     rerun, out = cache_faults["rerun"], cache_faults["out"]
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -498,6 +502,7 @@ def distill_faults(tmp_path_factory, train_args) -> dict:
     return facts
 
 
+@pytest.mark.slow
 def test_distill_killed_mid_save_keeps_the_previous_state_and_nothing_finished(distill_faults):
     states = [f"step_{step:06d}" for step in range(SAVE_EVERY, int(distill_faults["kept_state"][5:]) + 1, SAVE_EVERY)]
     assert distill_faults["states_after_kill"] == sorted(states + [".tmp_" + distill_faults["next_state"]])
@@ -509,6 +514,7 @@ def test_distill_killed_mid_save_keeps_the_previous_state_and_nothing_finished(d
     assert not distill_faults["finished_after_kill"]
 
 
+@pytest.mark.slow
 def test_distill_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous_state(distill_faults):
     full, out = distill_faults["full"], distill_faults["out"]
     assert full.returncode == 1, full.stderr[-3000:]
@@ -523,6 +529,7 @@ def test_distill_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous_st
     assert distill_faults["states_after_full"] == distill_faults["states_after_kill"]
 
 
+@pytest.mark.slow
 def test_distill_resume_after_kill_and_full_disk_equals_the_uninterrupted_run(distill_faults, reference_runs):
     out, resumed = distill_faults["out"], distill_faults["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -532,6 +539,7 @@ def test_distill_resume_after_kill_and_full_disk_equals_the_uninterrupted_run(di
     assert not list((out / "state").glob(".tmp_*")) and not (out / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_baseline_killed_after_state_n_resumes_to_identical_weights(tmp_path, train_args, reference_runs):
     out = tmp_path / "baseline"
     state_n = kill_point("baseline", 1, STEPS // SAVE_EVERY - 1)
@@ -844,6 +852,7 @@ def test_the_best_checkpoint_is_the_best_evaluation_with_its_weights(reference_r
         assert not list(run_dir.glob("*best.old")) and not list(run_dir.glob(".tmp_best"))
 
 
+@pytest.mark.slow
 def test_baseline_killed_right_after_a_new_best_resumes_to_the_same_best(tmp_path, train_args, reference_runs):
     """Killed after the step-3 best was written, before its metrics record and the step-4 state: the resume from
     step 2 drops that best (it is ahead of the resume point) and the replay writes the same one again."""

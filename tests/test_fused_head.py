@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, invoke_cli, run_cli
+from conftest import REPO, invoke_cli
 from test_losses import _draw, _targets, _tiny_tail_setup
-from test_train import SEQ_LEN, metrics, train_options, weights
+from test_train import metrics, train_options, weights
 
 from pipeline.losses import distillation_loss, fused_distillation_loss
 
@@ -262,17 +262,9 @@ def test_soft_capped_logits_use_the_unfused_head_and_on_is_refused():
 # ----------------------------------------------------------------------------- training runs, fused vs unfused
 
 
-@pytest.fixture(scope="module")
-def topk_cache(tmp_path_factory, tiny_data, tiny_teacher):
-    out = tmp_path_factory.mktemp("fused-cache") / "topk"
-    run_cli("cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", out, "--seq-len", SEQ_LEN,
-            "--mode", "topk", "--k", 16, check=True)  # fmt: skip
-    return out
-
-
 @pytest.mark.parametrize("kind, precision", [("distill", "no"), ("baseline", "bf16")])
 def test_twenty_steps_fused_and_unfused_give_the_same_losses(
-    kind, precision, tiny_data, tiny_teacher, topk_cache, tmp_path
+    kind, precision, tiny_data, tiny_teacher, tiny_topk_cache, tmp_path
 ):
     runs = {}
     for fused in ("on", "off"):
@@ -280,7 +272,7 @@ def test_twenty_steps_fused_and_unfused_give_the_same_losses(
         options = train_options(
             tiny_data,
             tiny_teacher,
-            topk_cache,
+            tiny_topk_cache,
             max_steps=20,
             eval_every=20,
             save_every=20,
@@ -303,7 +295,10 @@ def test_twenty_steps_fused_and_unfused_give_the_same_losses(
     )
 
 
-def test_torchrun_two_processes_with_grad_accum_fused_and_unfused_agree(tiny_data, tiny_teacher, topk_cache, tmp_path):
+@pytest.mark.slow
+def test_torchrun_two_processes_with_grad_accum_fused_and_unfused_agree(
+    tiny_data, tiny_teacher, tiny_topk_cache, tmp_path
+):
     """Two CPU ranks, two micro-batches a step: the body goes through DDP (no_sync on the first micro-batch), the
     head's weight gets its gradient from the loss's backward and is all-reduced with the rest. Fused and unfused
     runs end with the same weights; an unsynced head gradient would leave rank 0's head off by far more."""
@@ -314,7 +309,9 @@ def test_torchrun_two_processes_with_grad_accum_fused_and_unfused_agree(tiny_dat
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline"]
-    options = train_options(tiny_data, tiny_teacher, topk_cache, max_steps=4, eval_every=4, save_every=4, batch_size=2)
+    options = train_options(
+        tiny_data, tiny_teacher, tiny_topk_cache, max_steps=4, eval_every=4, save_every=4, batch_size=2
+    )
     runs = {}
     for fused in ("on", "off"):
         out = tmp_path / fused

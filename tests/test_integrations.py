@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import invoke_cli, run_cli
+from conftest import STUDENT_FLAGS, invoke_cli
 
 from pipeline.cli import resolve_configs
 from pipeline.config import StudentConfig, TrainConfig, from_flags, to_flags
 from pipeline.train import TRACKER_NAMES
 
 SEQ_LEN, BATCH, STEPS = 32, 4, 6
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 
 
 def options(tiny_data, tiny_teacher, cache, **overrides) -> list:
@@ -44,7 +43,7 @@ def options(tiny_data, tiny_teacher, cache, **overrides) -> list:
         "alpha": 0.25,
     }
     values.update({key.replace("_", "-"): value for key, value in overrides.items()})
-    return [item for key, value in values.items() for item in (f"--{key}", value)] + STUDENT
+    return [item for key, value in values.items() for item in (f"--{key}", value)] + STUDENT_FLAGS
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -77,35 +76,17 @@ def event_hparams(log_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
-    out = tmp_path_factory.mktemp("integrations") / "cache"
-    run_cli(
-        "cache-logits",
-        "--data-dir",
-        tiny_data,
-        "--teacher",
-        tiny_teacher,
-        "--out-dir",
-        out,
-        "--seq-len",
-        SEQ_LEN,
-        "--mode",
-        "sampled",
-        "--num-samples",
-        8,
-        "--max-rows",
-        32,
-        check=True,
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory, tiny_data, tiny_teacher, cache) -> Path:
+def tracked_run(tmp_path_factory, tiny_data, tiny_teacher, tiny_sampled_cache) -> Path:
     """A distill run logging to TensorBoard."""
     out = tmp_path_factory.mktemp("tracked") / "distill"
     invoke_cli(
-        "distill", *options(tiny_data, tiny_teacher, cache), "--report-to", "tensorboard", "--out-dir", out, check=True
+        "distill",
+        *options(tiny_data, tiny_teacher, tiny_sampled_cache),
+        "--report-to",
+        "tensorboard",
+        "--out-dir",
+        out,
+        check=True,
     )
     return out
 
@@ -113,7 +94,9 @@ def tracked_run(tmp_path_factory, tiny_data, tiny_teacher, cache) -> Path:
 # ----------------------------------------------------------------------------- trackers
 
 
-def test_tensorboard_holds_the_metrics_and_the_resolved_options(tracked_run, tiny_data, tiny_teacher, cache):
+def test_tensorboard_holds_the_metrics_and_the_resolved_options(
+    tracked_run, tiny_data, tiny_teacher, tiny_sampled_cache
+):
     records = metrics(tracked_run)
     scalars = event_scalars(tracked_run / "logs" / "distill-pipeline")
     assert set(scalars) == set(TRACKER_NAMES.values())
@@ -132,7 +115,9 @@ def test_tensorboard_holds_the_metrics_and_the_resolved_options(tracked_run, tin
     assert hparams["kd_temperature"] == 1.0
 
 
-def test_config_yaml_reruns_the_same_run_and_trackers_do_not_change_the_weights(tracked_run, tmp_path, cache):
+def test_config_yaml_reruns_the_same_run_and_trackers_do_not_change_the_weights(
+    tracked_run, tmp_path, tiny_sampled_cache
+):
     """config.yaml holds every option; --config reproduces the run (here without the tracker: a flag wins)."""
     saved = yaml.safe_load((tracked_run / "config.yaml").read_text())
     assert list(saved) == ["distill"] and saved["distill"]["out_dir"] == str(tracked_run)
@@ -153,8 +138,8 @@ def test_config_yaml_reruns_the_same_run_and_trackers_do_not_change_the_weights(
     assert yaml.safe_load((copy / "config.yaml").read_text())["distill"]["report_to"] == "none"
 
     # The cache folder's config.yaml reruns cache-logits: up to date.
-    assert list(yaml.safe_load((cache / "config.yaml").read_text())) == ["cache-logits"]
-    cached = invoke_cli("cache-logits", "--config", cache / "config.yaml", check=True)
+    assert list(yaml.safe_load((tiny_sampled_cache / "config.yaml").read_text())) == ["cache-logits"]
+    cached = invoke_cli("cache-logits", "--config", tiny_sampled_cache / "config.yaml", check=True)
     assert "up to date" in cached.stdout
 
 
@@ -176,12 +161,19 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tracked_run, tmp_path
     assert speeds[3:] != [(r["step"], r["tokens_per_s"]) for r in metrics(tracked_run)][3:]
 
 
-def test_a_tracker_that_is_not_installed_is_one_error_line(tiny_data, tiny_teacher, cache, tmp_path, monkeypatch):
+def test_a_tracker_that_is_not_installed_is_one_error_line(
+    tiny_data, tiny_teacher, tiny_sampled_cache, tmp_path, monkeypatch
+):
     import accelerate.utils
 
     monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     result = invoke_cli(
-        "distill", *options(tiny_data, tiny_teacher, cache), "--report-to", "tensorboard,wandb", "--out-dir", tmp_path
+        "distill",
+        *options(tiny_data, tiny_teacher, tiny_sampled_cache),
+        "--report-to",
+        "tensorboard,wandb",
+        "--out-dir",
+        tmp_path,
     )
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and lines == [
@@ -189,7 +181,7 @@ def test_a_tracker_that_is_not_installed_is_one_error_line(tiny_data, tiny_teach
         "(or pip install wandb), or pass --report-to none"
     ]
     unknown = invoke_cli(
-        "distill", *options(tiny_data, tiny_teacher, cache), "--report-to", "comet", "--out-dir", tmp_path
+        "distill", *options(tiny_data, tiny_teacher, tiny_sampled_cache), "--report-to", "comet", "--out-dir", tmp_path
     )
     assert unknown.exit_code == 2 and unknown.stderr.strip().splitlines() == [
         "error: --report-to must be none | all | some of tensorboard, wandb, mlflow, trackio, got 'comet'"
@@ -221,7 +213,7 @@ def test_the_model_card_is_in_the_hubs_format_and_says_how_the_student_was_train
     assert f'path = "{tracked_run}"' in text and "AutoModelForCausalLM.from_pretrained(path)" in text
 
 
-def test_generate_stops_at_the_tokenizers_eos_without_warnings(tiny_data, tiny_teacher, cache, tmp_path):
+def test_generate_stops_at_the_tokenizers_eos_without_warnings(tiny_data, tiny_teacher, tiny_sampled_cache, tmp_path):
     """A student started from a model whose own config names other special tokens (LlamaConfig's defaults,
     bos 1 / eos 2): the saved generation_config.json carries the tokenizer's, so generate() ends at its EOS."""
     from transformers import (
@@ -247,7 +239,7 @@ def test_generate_stops_at_the_tokenizers_eos_without_warnings(tiny_data, tiny_t
     run = tmp_path / "run"
     invoke_cli(
         "distill",
-        *options(tiny_data, tiny_teacher, cache, max_steps=2, eval_every=2, save_every=2),
+        *options(tiny_data, tiny_teacher, tiny_sampled_cache, max_steps=2, eval_every=2, save_every=2),
         "--student",
         tmp_path / "start",
         "--out-dir",

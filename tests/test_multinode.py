@@ -18,14 +18,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, invoke_cli, one_torch_thread, run_cli
+from conftest import REPO, STUDENT_FLAGS, invoke_cli, one_torch_thread, run_cli
 from safetensors.torch import load_file
 
 from pipeline.cache_format import CacheReader, read_manifest
 from pipeline.fsutil import sha256_file
 
 SEQ_LEN, K, ROWS, ROWS_PER_PART, BATCH = 32, 8, 48, 2, 2  # 24 parts per split
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 
 
 def cache_args(data, teacher, out, *extra) -> list:
@@ -41,7 +40,7 @@ def distill_args(data, teacher, cache, out, *extra) -> list:
         "distill", "--data-dir", data, "--cache-dir", cache, "--teacher", teacher, "--out-dir", out,
         "--seq-len", SEQ_LEN, "--max-rows", ROWS, "--batch-size", 2, "--max-steps", 6, "--warmup-steps", 2,
         "--lr", 0.02, "--eval-every", 3, "--eval-rows", 4, "--save-every", 3, "--num-workers", 0,
-        "--mixed-precision", "no", *STUDENT, *extra,
+        "--mixed-precision", "no", *STUDENT_FLAGS, *extra,
     ]  # fmt: skip
 
 
@@ -143,6 +142,7 @@ def two_process_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
 # ---------------------------------------------------------------- stage 1 as independent jobs
 
 
+@pytest.mark.slow
 def test_three_jobs_one_killed_and_rerun_give_the_single_process_cache(tmp_path, tiny_data, tiny_teacher, single_cache):
     """Jobs 0, 1 (SIGKILL after its third part), 2 and 1 again, one after another in one folder: the rerun resumes
     from its parts, is the last to finish and merges; every row and every dataset's bytes equal the single-process
@@ -206,6 +206,7 @@ def test_three_jobs_one_killed_and_rerun_give_the_single_process_cache(tmp_path,
     assert "up to date" in invoke_cli("cache-logits", "--config", out / "config.yaml", check=True).output
 
 
+@pytest.mark.slow
 def test_jobs_on_machines_without_a_shared_folder_merge_once_copied(
     tmp_path, tiny_data, tiny_teacher, two_process_cache
 ):
@@ -264,6 +265,7 @@ def test_merge_names_missing_and_mismatched_shards_and_writes_nothing(tmp_path, 
 # ---------------------------------------------------------------- two node ranks
 
 
+@pytest.mark.slow
 def test_two_node_torchrun_cache_is_the_two_process_cache(tmp_path, tiny_data, tiny_teacher, two_process_cache):
     out = tmp_path / "cache"
     torchrun_two_nodes(*cache_args(tiny_data, tiny_teacher, out))
@@ -272,6 +274,7 @@ def test_two_node_torchrun_cache_is_the_two_process_cache(tmp_path, tiny_data, t
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.yaml", "manifest.json", *shard_hashes(out)])
 
 
+@pytest.mark.slow
 def test_two_node_torchrun_distill_equals_the_two_process_run(tmp_path, tiny_data, tiny_teacher, two_process_cache):
     one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
     torchrun_one_node(*distill_args(tiny_data, tiny_teacher, two_process_cache, one_node))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, invoke_cli, one_torch_thread, run_cli
+from conftest import REPO, STUDENT_FLAGS, invoke_cli, one_torch_thread, run_cli
 from safetensors.torch import load_file
 from test_faults import cli_env, command
 
@@ -19,11 +19,11 @@ from pipeline.config import SweepConfig, from_flags
 from pipeline.errors import PipelineError
 from pipeline.sweep import grid_points, point_name, training_seconds
 
-SEQ_LEN, ROWS, STEPS = 32, 16, 6
+SEQ_LEN, STEPS = 32, 6  # the shared cache (conftest tiny_topk_cache): every row, so no --max-rows
 COMMON = [
-    "--seq-len", SEQ_LEN, "--max-rows", ROWS, "--batch-size", 4, "--max-steps", STEPS, "--warmup-steps", 1,
+    "--seq-len", SEQ_LEN, "--batch-size", 4, "--max-steps", STEPS, "--warmup-steps", 1,
     "--lr", 0.02, "--eval-every", 3, "--eval-rows", 4, "--save-every", 2, "--num-workers", 0,
-    "--mixed-precision", "no", "--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32,
+    "--mixed-precision", "no", *STUDENT_FLAGS,
 ]  # fmt: skip
 
 
@@ -75,16 +75,14 @@ def test_an_empty_grid_is_refused_in_one_line(tiny_data, tiny_teacher, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, tiny_data, tiny_teacher) -> dict:
+def swept(tmp_path_factory, tiny_data, tiny_teacher, tiny_topk_cache) -> dict:
+    """A sweep of two students and the baseline on the shared topk cache, evaluated on all its val rows."""
     root = tmp_path_factory.mktemp("sweep")
-    run_cli(
-        "cache-logits", "--data-dir", tiny_data, "--teacher", tiny_teacher, "--out-dir", root / "cache",
-        "--seq-len", SEQ_LEN, "--max-rows", ROWS, "--mode", "topk", "--k", 16, "--dtype", "float32", check=True,
-    )  # fmt: skip
-    paths = ["--data-dir", tiny_data, "--teacher", tiny_teacher, "--cache-dir", root / "cache"]
+    paths = ["--data-dir", tiny_data, "--teacher", tiny_teacher, "--cache-dir", tiny_topk_cache]
     with one_torch_thread():  # as the CLI subprocesses run (OMP_NUM_THREADS=1), so weights compare across them
         invoke_cli("sweep", *paths, *COMMON, "--out-dir", root / "sweep", "--grid", "alpha=0.2,0.8", check=True)
-    return {"root": root, "paths": paths, "report": json.loads((root / "sweep" / "sweep.json").read_text())}
+    report = json.loads((root / "sweep" / "sweep.json").read_text())
+    return {"root": root, "cache": tiny_topk_cache, "paths": paths, "report": report}
 
 
 def test_sweep_runs_are_plain_distill_and_baseline_runs(swept):
@@ -112,7 +110,7 @@ def test_ranked_figures_match_an_independent_computation(swept, tiny_data):
     ppls = [row["val_ppl"] for row in report["ranked"]]
     assert ppls == sorted(ppls)
     baseline = next(row for row in report["ranked"] if row["name"] == "baseline")
-    reader = CacheReader(swept["root"] / "cache", "val")
+    reader = CacheReader(swept["cache"], "val")
     tokens = torch.stack([torch.from_numpy(reader.row(i)["tokens"]) for i in range(len(reader))])
     for row in report["ranked"]:
         model = AutoModelForCausalLM.from_pretrained(row["path"]).eval()
@@ -136,6 +134,7 @@ def test_training_seconds_sum_the_metrics_windows(tmp_path):
     assert training_seconds(tmp_path) == pytest.approx(100 / 50 + 200 / 100)
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_continues_where_it_stopped(swept, tmp_path):
     """Kill the sweep while it trains its second student; the rerun keeps the finished first run as it is and ends
     with the same students as an uninterrupted sweep."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, invoke_cli, make_tiny_teacher, run_cli
+from conftest import REPO, STUDENT_FLAGS, invoke_cli, make_tiny_teacher, run_cli
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -32,7 +32,6 @@ from pipeline.student import build_student, teacher_embedding_projection, teache
 from pipeline.train import lr_at
 
 SEQ_LEN, BATCH, STEPS = 32, 4, 12
-STUDENT = ["--n-layer", 1, "--n-embd", 16, "--n-head", 2, "--n-kv-head", 2, "--mlp-size", 32]
 METRIC_KEYS = {"step", "tokens_seen", "ce", "kd", "total", "lr", "tokens_per_s"}
 
 
@@ -56,7 +55,7 @@ def train_options(data: Path, teacher: Path, cache: Path, **overrides) -> list:
         "seed": 0,
     }
     options.update({key.replace("_", "-"): value for key, value in overrides.items()})
-    return [item for key, value in options.items() for item in (f"--{key}", value)] + STUDENT
+    return [item for key, value in options.items() for item in (f"--{key}", value)] + STUDENT_FLAGS
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -91,30 +90,9 @@ def error_line(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def topk_cache(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
-    out = tmp_path_factory.mktemp("train-cache") / "topk"
-    run_cli(
-        "cache-logits",
-        "--data-dir",
-        tiny_data,
-        "--teacher",
-        tiny_teacher,
-        "--out-dir",
-        out,
-        "--seq-len",
-        SEQ_LEN,
-        "--mode",
-        "topk",
-        "--k",
-        16,
-        check=True,
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def options(tiny_data, tiny_teacher, topk_cache):
-    return lambda **overrides: train_options(tiny_data, tiny_teacher, topk_cache, **overrides)
+def options(tiny_data, tiny_teacher, tiny_topk_cache):
+    """The reference run's options on the shared topk cache (--k 16, every row), with overrides."""
+    return lambda **overrides: train_options(tiny_data, tiny_teacher, tiny_topk_cache, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +113,13 @@ def baseline_run(tmp_path_factory, options) -> Path:
 # ----------------------------------------------------------------------------- rows and their order
 
 
-def test_token_rows_are_the_cache_rows(tiny_data, topk_cache):
+def test_token_rows_are_the_cache_rows(tiny_data, tiny_topk_cache):
     meta = read_meta(tiny_data)
     raw = np.fromfile(tiny_data / "train.bin", dtype=meta["dtype"]).astype(np.int64)
-    token_rows, cache_rows = TokenRows(str(tiny_data), "train", SEQ_LEN), CacheRows(CacheReader(topk_cache, "train"))
+    token_rows, cache_rows = (
+        TokenRows(str(tiny_data), "train", SEQ_LEN),
+        CacheRows(CacheReader(tiny_topk_cache, "train")),
+    )
     assert len(token_rows) == len(cache_rows) == (len(raw) - 1) // SEQ_LEN > 100
     for i in range(len(token_rows)):
         expected = raw[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1]
@@ -146,7 +127,7 @@ def test_token_rows_are_the_cache_rows(tiny_data, topk_cache):
         assert np.array_equal(cache_rows[i]["tokens"], expected)
     assert (
         len(TokenRows(str(tiny_data), "train", SEQ_LEN, max_rows=10))
-        == len(CacheRows(CacheReader(topk_cache, "train"), 10))
+        == len(CacheRows(CacheReader(tiny_topk_cache, "train"), 10))
         == 10
     )
 
@@ -271,12 +252,14 @@ def test_rerun_is_up_to_date_and_a_changed_option_after_a_finished_run_retrains(
     assert not torch.equal(weights(copy)["model.norm.weight"], weights(reference_run)["model.norm.weight"])
 
 
+@pytest.mark.slow
 def test_changed_option_with_resume_over_an_interrupted_run_is_refused(interrupted_run):
     """An interrupted run's progress is never dropped silently: --resume with other options names its state."""
     assert interrupted_run["changed_resume"].returncode == 2
     assert str(interrupted_run["out"] / "state") in error_line(interrupted_run["changed_resume"])
 
 
+@pytest.mark.slow
 def test_changed_option_retrains_and_the_same_seed_twice_gives_identical_weights(reference_run, options, tmp_path):
     retrained = tmp_path / "retrained"
     shutil.copytree(reference_run, retrained)
@@ -337,11 +320,13 @@ def interrupted_run(tmp_path_factory, options) -> dict:
     return facts
 
 
+@pytest.mark.slow
 def test_second_training_on_the_same_folder_refuses_while_the_first_runs(interrupted_run):
     line = error_line(interrupted_run["second"])
     assert "in use" in line and str(interrupted_run["pid"]) in line
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_the_uninterrupted_run(interrupted_run, reference_run):
     out = interrupted_run["out"]
     assert not interrupted_run["finished_at_kill"] and interrupted_run["states_at_kill"]
@@ -491,26 +476,8 @@ def test_kd_variants_train(options, tmp_path, variant):
         assert resolved["train"]["topk_renormalize"] is True
 
 
-def test_sampled_cache_trains(tiny_data, tiny_teacher, options, tmp_path):
-    cache = tmp_path / "sampled"
-    run_cli(
-        "cache-logits",
-        "--data-dir",
-        tiny_data,
-        "--teacher",
-        tiny_teacher,
-        "--out-dir",
-        cache,
-        "--seq-len",
-        SEQ_LEN,
-        "--mode",
-        "sampled",
-        "--num-samples",
-        8,
-        "--max-rows",
-        32,
-        check=True,
-    )
+def test_sampled_cache_trains(tiny_sampled_cache, options, tmp_path):
+    cache = tiny_sampled_cache  # --num-samples 8, 32 rows
     run = tmp_path / "run"
     invoke(
         "distill",
@@ -544,6 +511,7 @@ def test_out_of_range_options_exit_2_with_one_line(options, tmp_path, flags, mes
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_global_batch(options, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU: each rank takes its interleaved half of every global batch
     (disjoint rows), gradients are averaged, and the run is saved once. Two ranks of batch 2 must then

@@ -134,6 +134,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
             [prompt_ids(tokenizer, prompt).to(device) for prompt in prompts],
             sample.max_new_tokens,
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            tokenizer,
         )
     samples = {}
     for label, model in loaded.items():

@@ -7,6 +7,11 @@ greedy output whatever the draft proposes; the draft only changes how many teach
     acceptance_rate = accepted draft tokens / proposed draft tokens
     speedup         = assisted teacher tokens/s / teacher-alone tokens/s
 
+A teacher whose output head is wider than its tokenizer (padded rows) and a draft of another width share one
+tokenizer, but transformers tells them apart by their vocabulary sizes alone and then asks for universal assisted
+decoding (the draft's text re-tokenized for the teacher): it is given the one tokenizer on both sides, and the
+figures say so ("universal": true).
+
 Counting: every teacher forward of an assisted `generate` is one verification round that adds (accepted + 1) tokens,
 so accepted = new tokens - rounds; proposed is what the draft's own `generate` calls returned. Both are counted
 around the models (a forward pre-hook on the teacher, a wrapper on the draft's `generate`), not read from
@@ -74,6 +79,7 @@ def draft_figures(
     prompt_ids: list[torch.Tensor],
     max_new_tokens: int,
     pad_token_id: int | None = None,
+    tokenizer=None,
 ) -> dict:
     """Teacher greedy generation alone and with each draft as its assistant, over `prompt_ids` ([1, n] each).
 
@@ -81,6 +87,7 @@ def draft_figures(
     "accepted", "acceptance_rate", "teacher_forwards", "same_output"}}}. same_output: the share of prompts whose
     assisted output equals the teacher's own (1.0 up to float ties; greedy assisted decoding is exact).
     Every model must sit on the teacher's device; the first prompt is run once before timing as a warm-up.
+    tokenizer: the one tokenizer of teacher and drafts, needed only where their vocabulary sizes differ.
     """
     kwargs = _greedy_kwargs(max_new_tokens, pad_token_id)
     if not prompt_ids:
@@ -102,9 +109,15 @@ def draft_figures(
     figures = {"teacher_tokens_per_s": new_tokens / max(alone_s, 1e-9), "new_tokens": new_tokens, "drafts": {}}
     for label, draft in drafts.items():
         draft.generation_config.num_assistant_tokens_schedule = "constant"  # the same draft length in every run
-        teacher.generate(prompt_ids[0], attention_mask=torch.ones_like(prompt_ids[0]), assistant_model=draft, **warm_up)
+        universal = draft.config.get_text_config().vocab_size != teacher.config.get_text_config().vocab_size
+        if universal and tokenizer is None:
+            raise ValueError(f"draft {label!r} has another vocabulary size than the teacher: pass their tokenizer")
+        assist = {"assistant_model": draft}
+        if universal:
+            assist.update(tokenizer=tokenizer, assistant_tokenizer=tokenizer)
+        teacher.generate(prompt_ids[0], attention_mask=torch.ones_like(prompt_ids[0]), **assist, **warm_up)
         with _counted_forwards(teacher) as forwards, _counted_proposals(draft) as proposed:
-            assisted, assisted_s = run(prompt_ids, assistant_model=draft)
+            assisted, assisted_s = run(prompt_ids, **assist)
         assisted_tokens = sum(len(o) for o in assisted)
         accepted = assisted_tokens - forwards[0]
         tokens_per_s = assisted_tokens / max(assisted_s, 1e-9)
@@ -116,5 +129,6 @@ def draft_figures(
             "acceptance_rate": accepted / proposed[0] if proposed[0] else None,
             "teacher_forwards": forwards[0],
             "same_output": sum(torch.equal(a, b) for a, b in zip(assisted, alone)) / len(alone),
+            "universal": universal,
         }
     return figures

@@ -23,6 +23,7 @@ RUN_FILES = {
     "resolved_config.json",
     "metrics.jsonl",
     "state",
+    "best",
 }
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import STUDENT_FLAGS, invoke_cli, willows_text
+from transformers import AutoConfig
 
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
@@ -238,6 +239,13 @@ def check_report(paths: dict, teacher_dir: Path, vocab: int) -> None:
         assert report[label]["top1_agreement"] == pytest.approx(agree, abs=1e-9), label
         assert math.isfinite(report[label]["val_ppl"]) and math.isfinite(report[label]["kl_to_teacher"])
     assert report["distilled"]["kl_exact"] > 0 and report["baseline"]["kl_exact"] > 0
+    # the students as the teacher's draft: a padded teacher's head is wider than theirs, which transformers reads as
+    # another tokenizer (universal assisted decoding, given the one tokenizer); greedy output the teacher's own
+    draft = json.loads((paths["report"] / "report.json").read_text())["draft"]
+    teacher_rows = AutoConfig.from_pretrained(teacher_dir).get_text_config().vocab_size
+    for label in ("distilled", "baseline"):
+        assert draft["drafts"][label]["universal"] == (teacher_rows != vocab), label
+        assert draft["drafts"][label]["accepted"] + draft["drafts"][label]["teacher_forwards"] == draft["new_tokens"]
 
 
 @pytest.mark.slow

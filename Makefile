@@ -3,7 +3,7 @@
 #   make compare SMOKE=1          # the same path on a tiny slice (a few minutes)
 #   make test                     # the test suite (what CI runs)
 #   make test-fast                # the suite without the tests marked slow (the inner loop)
-#   make docs                     # docs/benchmarks.md from every docs/bench-*.json (a bench.json kept in docs/)
+#   make docs                     # docs/benchmarks.md and docs/results.md from the bench-*.json / compare-*.json kept in docs/
 #   make compare FINETUNE=1       # fine-tune the teacher on the corpus first, then distil from it
 #   make compare NAME=willows FINETUNE=1 CONFIG=examples/willows.yaml   # options from a config file
 # Variables pass options through: CORPUS, TEACHER, NAME, SEQ_LEN, MODE, K, NUM_SAMPLES, TEMPERATURE, ALPHA, STEPS, ...
@@ -174,7 +174,7 @@ TEACHER_SHAPE ?=
 bench: $(TEACHER_DEP) $(DATA_DIR)/meta.json  ## benchmark cache and training throughput (writes checkpoints/bench)
 	$(PY) -m pipeline bench --data-dir $(DATA_DIR) --teacher $(TEACHER) $(if $(TEACHER_SHAPE),--teacher-shape $(TEACHER_SHAPE)) $(BENCH_ARGS)$(CONFIG_ARG)
 
-docs: $(VENV)/.installed  ## regenerate docs/benchmarks.md from every docs/bench-*.json (never edit it by hand)
+docs: $(VENV)/.installed  ## regenerate docs/benchmarks.md and docs/results.md from docs/bench-*.json and compare-*.json
 	$(PY) -m pipeline docs --docs-dir docs
 
 clean:  ## remove generated data, caches and checkpoints (keeps downloads and the teacher)

@@ -285,15 +285,19 @@ def bench(config, student):
 
 @main.command()
 @click.option(
-    "--docs-dir", default="docs", show_default=True, help="the folder of bench-*.json reports; benchmarks.md goes there"
+    "--docs-dir",
+    default="docs",
+    show_default=True,
+    help="the folder of bench-*.json and compare-*.json reports; benchmarks.md and results.md go there",
 )
-@click.option("--check", is_flag=True, help="write nothing; exit 2 if benchmarks.md differs from what it would be")
+@click.option("--check", is_flag=True, help="write nothing; exit 2 if a page differs from what it would be")
 def docs(docs_dir, check):
-    """Regenerate DOCS_DIR/benchmarks.md from every DOCS_DIR/bench-*.json (a section per report, by bench's own
-    renderer), so that benchmark tables in docs are never typed by hand. `make docs` runs it."""
-    from pipeline.bench.docs import write_benchmarks_page
+    """Regenerate DOCS_DIR/benchmarks.md from every DOCS_DIR/bench-*.json and DOCS_DIR/results.md from every
+    DOCS_DIR/compare-*.json (a section per report, by bench's and compare's own renderers), so that no table of
+    measured figures in docs is typed by hand. `make docs` runs it."""
+    from pipeline.docs import write_docs
 
-    run_stage(write_benchmarks_page, docs_dir, check)
+    run_stage(write_docs, docs_dir, check)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ with the figures.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -161,6 +162,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         "best": best,
         "draft": draft,
         "device": device_name(device),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "eval": {
             "rows": count,
             "seq_len": seq_len,

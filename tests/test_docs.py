@@ -11,6 +11,7 @@ from conftest import run_cli
 
 from pipeline.bench.docs import GENERATED_LINE, render_page
 from pipeline.bench.report import render_markdown
+from pipeline.docs import RESULTS_GENERATED_LINE, render_results_page
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -44,3 +45,16 @@ def test_docs_command_writes_the_page_and_check_refuses_a_stale_one(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     assert page == render_page({name: json.loads((DOCS / name).read_text())})
     assert run_cli("docs", "--docs-dir", tmp_path, "--check").returncode == 0
+
+
+def test_committed_results_page_is_what_make_docs_writes():
+    reports = {path.name: json.loads(path.read_text()) for path in sorted(DOCS.glob("compare-*.json"))}
+    assert reports, "docs/ holds no compare-*.json"
+    page = (DOCS / "results.md").read_text(encoding="utf-8")
+    assert page.splitlines()[0] == RESULTS_GENERATED_LINE
+    assert page == render_results_page(reports, {p.name for p in DOCS.glob("compare-*.png")}), "run make docs"
+    for name, report in reports.items():  # the index row's ratio is the report's own figures
+        ratio = report["models"]["distilled"]["val_ppl"] / report["models"]["baseline"]["val_ppl"]
+        row = next(line for line in page.splitlines() if line.startswith(f"| [{Path(name).stem}]"))
+        assert f"{ratio:.3f}x" in row
+        assert f"{report['models']['distilled']['val_ppl']:.2f}" in page

@@ -16,8 +16,23 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
-BOTTOM = {"config", "errors", "fsutil", "machine", "losses", "cache_format", "rows", "runs", "tables", "plots"}
-STAGES = {"data", "teacher", "cache", "train", "compare", "sweep", "export", "finetune", "bench", "cli"}
+BOTTOM = {
+    "config",
+    "errors",
+    "fsutil",
+    "machine",
+    "losses",
+    "buffers",
+    "cache_format",
+    "rows",
+    "runs",
+    "tables",
+    "plots",
+    "batches",
+    "evaluate",
+    "drafting",
+}
+STAGES = {"data", "teacher", "cache", "train", "compare", "sweep", "export", "finetune", "bench", "docs", "cli"}
 ENTRY_POINT = "__main__"  # python -m pipeline: imports cli
 
 

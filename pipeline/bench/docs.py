@@ -4,8 +4,7 @@ hand.
 Each JSON is a bench.json that `python -m pipeline bench` wrote, kept in docs/ under a name that says what it
 measured (bench-h200.json, bench-cpu-xeon.json, ...). The page lists them, newest first, then gives each its own
 section (anchored by the JSON's stem: benchmarks.md#bench-h200), rendered by the bench's renderer
-(report.render_markdown) one heading level down. `make docs` writes it; `--check` (and tests/test_docs.py) fails
-where the committed page differs from what it would write.
+(report.render_markdown) one heading level down. pipeline/docs.py writes it (`make docs`).
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.bench.report import SECTIONS, render_markdown
-from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_write_bytes, read_json
 from pipeline.tables import cell_text, markdown_table
 
 PAGE = "benchmarks.md"
@@ -55,24 +52,3 @@ def render_page(reports: dict[str, dict]) -> str:
         anchor = f'<a id="{Path(name).stem}"></a>'  # a stable link target: docs/benchmarks.md#bench-h200
         blocks.append(anchor + "\n\n" + render_markdown(reports[name], title=title, level=2).rstrip("\n"))
     return "\n\n".join(blocks) + "\n"
-
-
-def write_benchmarks_page(docs_dir: str | Path = "docs", check: bool = False) -> Path:
-    """Write DOCS_DIR/benchmarks.md from every DOCS_DIR/bench-*.json; with `check`, write nothing and raise where the
-    page on disk differs from what would be written. Returns the page's path."""
-    docs_dir = Path(docs_dir)
-    paths = sorted(docs_dir.glob("bench-*.json"))
-    if not paths:
-        raise PipelineError(
-            f"{docs_dir} holds no bench-*.json; copy a bench.json there (make bench) or pass --docs-dir"
-        )
-    page = render_page({path.name: read_json(path) for path in paths})
-    out = docs_dir / PAGE
-    if check:
-        if not out.exists() or out.read_text(encoding="utf-8") != page:
-            raise PipelineError(f"{out} is not what {len(paths)} {docs_dir}/bench-*.json give; run make docs")
-        print(f"docs: {out} is up to date with {len(paths)} reports")
-        return out
-    atomic_write_bytes(out, page.encode())
-    print(f"docs: wrote {out} from {len(paths)} reports")
-    return out

@@ -204,6 +204,9 @@ ROWS = [
 ]
 
 
+LABELS = ("teacher", "distilled", "baseline")  # the report's columns in this order (report.json's keys are sorted)
+BEST_LABELS = ("distilled", "baseline")
+
 BEST_ROWS = [
     ("val perplexity", "val_ppl", "{:.2f}"),
     ("val bits per byte", "val_bits_per_byte", "{:.4f}"),
@@ -228,9 +231,17 @@ def _cell(fmt: str, key: str, value) -> str:
 
 def _columns(report: dict) -> dict[str, dict]:
     """{column title: figures} of each table: final models; best checkpoints (teacher beside them); drafts."""
-    best = {"teacher": report["models"]["teacher"]}
-    best.update({f"{label} (step {b['step']})": b for label, b in (report.get("best") or {}).items()})
-    return {"final": report["models"], "best": best, "draft": (report.get("draft") or {}).get("drafts", {})}
+    final = {label: report["models"][label] for label in LABELS}
+    best, drafts = report.get("best") or {}, (report.get("draft") or {}).get("drafts", {})
+    best_columns = {"teacher": final["teacher"]} if best else {}
+    best_columns.update(
+        {f"{label} (step {best[label]['step']})": best[label] for label in BEST_LABELS if label in best}
+    )
+    return {
+        "final": final,
+        "best": best_columns,
+        "draft": {label: drafts[label] for label in BEST_LABELS if label in drafts},
+    }
 
 
 def ratio_lines(report: dict) -> list[str]:
@@ -280,7 +291,7 @@ def _markdown_rows(columns: dict[str, dict], rows: list) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    labels = list(report["models"])
+    labels = LABELS
     columns = _columns(report)
     out = [
         "# Distillation report",

@@ -52,7 +52,9 @@ def render_results_page(reports: dict[str, dict], curves: set[str]) -> str:
         "renderer. The ratio is the distilled student's val perplexity over the baseline's.",
         "\n".join(
             markdown_table(
-                ["report", "date", "device", "corpus", "ratio, final vs final", "ratio, best vs best"], index
+                ["report", "date", "device", "corpus", "ratio, final vs final", "ratio, best vs best"],
+                index,
+                align="llllrr",
             )
         ),
     ]

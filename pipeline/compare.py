@@ -163,6 +163,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         "draft": draft,
         "device": device_name(device),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "data": {key: meta[key] for key in ("corpus_name", "train_tokens", "val_tokens")},
         "eval": {
             "rows": count,
             "seq_len": seq_len,

@@ -124,6 +124,8 @@ def test_report_figures_match_an_independent_computation(runs, tiny_data, tiny_t
     val = TokenRows(str(tiny_data), "val", SEQ_LEN)
     count = min(len(val), ROWS)  # the cache holds the first 24 val rows; eval_rows 0 means all of them
     rows = torch.stack([torch.from_numpy(val[i]["tokens"]) for i in range(count)])
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    assert report["data"] == {key: meta[key] for key in ("corpus_name", "train_tokens", "val_tokens")}
     assert report["eval"] == {
         "rows": count,
         "seq_len": SEQ_LEN,

@@ -14,7 +14,7 @@ At T = 1 the CE, the KD softmax and the tail share one exp pass per chunk, forwa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,7 +34,7 @@ from pipeline.losses.divergences import (
     sampled_rows,
     topk_rows,
 )
-from pipeline.losses.targets import TeacherTargets
+from pipeline.losses.targets import TeacherTargets, targets_from_mapping
 
 # The chunk's [chunk,V] float32 work buffers (WorkBuffers keys), shared by the forward and the backward of a chunk:
 SOFTMAX = "softmax"  # its logits, shifted and exponentiated in place (the KD softmax); in the backward its gradient
@@ -112,11 +112,12 @@ class PreparedInputs(NamedTuple):
         return PreparedInputs(self.labels[rows], self.mask[rows], teacher, self.spec, [slice(0, n)])
 
 
-def prepare_inputs(
-    n: int, dtype, device, labels, mask, teacher: TeacherTargets | None, spec: LossSpec
-) -> PreparedInputs:
-    """Casts and dummies shared by distillation_loss and fused_distillation_loss (one place for both); dtype is the
-    compute dtype."""
+def prepare_inputs(n: int, dtype, device, labels, mask, targets: Mapping | None, **options) -> PreparedInputs:
+    """The checks, casts and dummies shared by distillation_loss and fused_distillation_loss (one place for both):
+    the teacher's targets from their batch mapping, the call's LossSpec from `options` (LossSpec.checked's keywords);
+    dtype is the compute dtype."""
+    teacher = targets_from_mapping(targets, n)
+    spec = LossSpec.checked(teacher, **options)
     every_position = mask is None
     mask = all_positions(mask, n, device)
     labels = torch.where(mask, labels.reshape(-1).to(device=device, dtype=torch.long), 0)

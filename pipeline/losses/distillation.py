@@ -9,7 +9,6 @@ import torch
 from pipeline.buffers import WorkBuffers
 from pipeline.losses.chunked import (
     BackwardInputs,
-    LossSpec,
     PreparedInputs,
     loss_backward,
     loss_forward,
@@ -17,7 +16,6 @@ from pipeline.losses.chunked import (
     prepare_inputs,
 )
 from pipeline.losses.divergences import LossParts, compute_dtype
-from pipeline.losses.targets import targets_from_mapping
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -106,9 +104,13 @@ def distillation_loss(
     vocab = student_logits.shape[-1]
     logits = student_logits.reshape(-1, vocab)
     n, device, dtype = logits.shape[0], logits.device, compute_dtype(logits.dtype)
-    teacher = targets_from_mapping(targets, n)
-    spec = LossSpec.checked(
-        teacher,
+    inputs = prepare_inputs(
+        n,
+        dtype,
+        device,
+        labels,
+        mask,
+        targets,
         alpha=alpha,
         temperature=temperature,
         kd_loss=kd_loss,
@@ -116,6 +118,5 @@ def distillation_loss(
         topk_renormalize=topk_renormalize,
         chunk_size=chunk_size,
     )
-    inputs = prepare_inputs(n, dtype, device, labels, mask, teacher, spec)
     ce_sum, kd_sum = ChunkedLoss.apply(logits, inputs)
     return loss_parts(ce_sum, kd_sum, inputs)

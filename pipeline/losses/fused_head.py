@@ -11,7 +11,6 @@ import torch
 from pipeline.buffers import WorkBuffers
 from pipeline.losses.chunked import (
     BackwardInputs,
-    LossSpec,
     PreparedInputs,
     loss_backward,
     loss_forward,
@@ -19,7 +18,6 @@ from pipeline.losses.chunked import (
     prepare_inputs,
 )
 from pipeline.losses.divergences import LossParts, compute_dtype
-from pipeline.losses.targets import targets_from_mapping
 
 # WorkBuffers keys: the chunk's logits, in the logits' dtype; the chunk's gradient cast to the logits' dtype, as the
 # head's backward sees it; the head's weight in the logits' dtype, and its gradient summed over chunks in that dtype
@@ -183,9 +181,13 @@ def fused_distillation_loss(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     logits_dtype = logits_dtype or hidden.dtype
     n, device, dtype = hidden.shape[0], hidden.device, compute_dtype(logits_dtype)
-    teacher = targets_from_mapping(targets, n)
-    spec = LossSpec.checked(
-        teacher,
+    inputs = prepare_inputs(
+        n,
+        dtype,
+        device,
+        labels,
+        mask,
+        targets,
         alpha=alpha,
         temperature=temperature,
         kd_loss=kd_loss,
@@ -193,7 +195,6 @@ def fused_distillation_loss(
         topk_renormalize=topk_renormalize,
         chunk_size=chunk_size,
     )
-    inputs = prepare_inputs(n, dtype, device, labels, mask, teacher, spec)
     # the gradients in the forward when a backward will follow (see FusedHeadLoss), for total's weights
     eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
     buffers = WorkBuffers() if buffers is None else buffers

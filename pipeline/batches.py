@@ -1,6 +1,10 @@
 """Training batches: rows from the cache's memory maps (distill) or from the token files (baseline),
 in a deterministic order that depends only on the seed and the step, so that distill and baseline see
-the same sequences in the same order and a resumed run continues exactly where it stopped."""
+the same sequences in the same order and a resumed run continues exactly where it stopped.
+
+A student with another tokenizer than the teacher's reads its own token rows; distilling, AlignedCacheRows adds the
+teacher's cached targets at the positions where the two tokenizations align (alignment.py), carried to its
+vocabulary, and `teacher_mask` marking them."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.alignment import align_positions, map_sampled, map_topk
 from pipeline.cache_format import CacheReader
-from pipeline.rows import load_tokens, num_rows, row_tokens
+from pipeline.rows import load_ends, load_tokens, num_rows, row_tokens
 
 
 class TokenRows(Dataset):
@@ -46,6 +51,69 @@ class CacheRows(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self.reader.row(index)
+
+
+class AlignedCacheRows(Dataset):
+    """Row i of a cross-tokenizer student's own rows (TokenRows of its data folder, the reader's split), with the
+    teacher's cached targets where the two tokenizations align: position j gets the teacher's target at the teacher
+    position whose text ends at the same byte (align_positions), its ids carried to the student's vocabulary through
+    `id_map` (map_topk / map_sampled); `teacher_mask` [L] marks those positions (elsewhere the hard loss only).
+
+    Streaming: a row reads its L student byte ends, searches the teacher's (memory-mapped) for them and reads the one
+    to three cache rows they fall in; nothing is computed for the whole corpus."""
+
+    def __init__(self, student_dir: str, teacher_data_dir: str, reader: CacheReader, id_map: np.ndarray, max_rows=None):
+        self.token_rows = TokenRows(student_dir, reader.split, reader.seq_len, max_rows)
+        self.student_dir, self.teacher_data_dir = student_dir, teacher_data_dir
+        self.reader, self.id_map, self.seq_len = reader, id_map, reader.seq_len
+        self.teacher_positions = len(reader) * reader.seq_len  # teacher positions with a cached target
+        self._ends = None  # (student, teacher) byte ends, opened lazily in each DataLoader worker
+
+    def __len__(self) -> int:
+        return len(self.token_rows)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ends": None}
+
+    def teacher_positions_of(self, index: int) -> np.ndarray:
+        """[L] the teacher position aligned with each position of row `index`, -1 where none."""
+        if self._ends is None:
+            split = self.reader.split
+            self._ends = (load_ends(self.student_dir, split), load_ends(self.teacher_data_dir, split))
+        student_ends, teacher_ends = self._ends
+        return align_positions(student_ends, index * self.seq_len, self.seq_len, teacher_ends, self.teacher_positions)
+
+    def teacher_targets_at(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The cached targets at teacher positions [n] ({name: [n, ...]}, teacher ids), one cache row at a time."""
+        cache_rows, columns = np.divmod(positions, self.seq_len)
+        targets = {}
+        for cache_row in np.unique(cache_rows) if len(positions) else [0]:  # no positions: row 0 gives the shapes
+            row = self.reader.row(int(cache_row))
+            take = cache_rows == cache_row
+            for name, values in row.items():
+                if name != "tokens":
+                    targets.setdefault(name, np.zeros((len(positions), *values.shape[1:]), values.dtype))
+                    targets[name][take] = values[columns[take]]
+        return targets
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        out = self.token_rows[index]
+        positions = self.teacher_positions_of(index)
+        aligned = positions >= 0
+        targets = self.teacher_targets_at(positions[aligned])
+        if self.reader.mode == "topk":
+            ids, logprobs, tail = map_topk(
+                targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], self.id_map
+            )
+            targets.update(topk_ids=ids, topk_logprobs=logprobs, tail_logprob=tail)
+        else:
+            ids, counts = map_sampled(targets["sample_ids"], targets["sample_counts"], self.id_map)
+            targets.update(sample_ids=ids, sample_counts=counts)
+        for name, values in targets.items():  # positions without a teacher target: zeros, never read (teacher_mask)
+            out[name] = np.zeros((self.seq_len, *values.shape[1:]), values.dtype)
+            out[name][aligned] = values
+        out["teacher_mask"] = aligned
+        return out
 
 
 class StepBatches(Sampler):

@@ -15,14 +15,17 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from pipeline.batches import CacheRows
+from pipeline.alignment import tokenizer_maps
+from pipeline.batches import AlignedCacheRows, CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, check
+from pipeline.data import check_student_data, student_data_dir
 from pipeline.drafting import draft_figures
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import aligned_figures, evaluate
 from pipeline.export import read_export_report
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.generate import continue_prompts, prompt_ids, val_prompts
@@ -30,7 +33,7 @@ from pipeline.machine import device_name
 from pipeline.modelcard import write_model_card
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
-from pipeline.rows import label_text_bytes, read_meta
+from pipeline.rows import label_text_bytes, load_ends, read_meta
 from pipeline.runs import STUDENT_RUNS, best_dir, finished_run, read_best, read_metrics
 from pipeline.tables import cell_text, markdown_table, number
 from pipeline.teacher import teacher_identity
@@ -40,6 +43,7 @@ MUST_MATCH = {
     "train data (sha256)": ("inputs", "train_sha256"),
     "val data (sha256)": ("inputs", "val_sha256"),
     "tokenizer": ("inputs", "tokenizer_hash"),
+    "student tokenizer": ("inputs", "student_tokenizer_hash"),
     "sequence length": ("train", "seq_len"),
     "rows used (--max-rows)": ("train", "max_rows"),
 }
@@ -66,6 +70,55 @@ def check_same_setup(distilled: dict, baseline: dict) -> None:
         raise PipelineError(
             "the two runs cannot be compared: " + "; ".join(differences) + "; retrain one with the other's settings"
         )
+
+
+def evaluate_other_tokenizer(
+    config: CompareConfig,
+    teacher,
+    students: dict,
+    val_cache: CacheReader,
+    count: int,
+    temperature: float,
+    teacher_tokenizer,
+    student_tokenizer,
+) -> dict:
+    """Students with another tokenizer than the teacher's, on their own val rows over the text of the teacher's
+    `count` rows: perplexity (of their tokens) and bits per byte, and KL, agreement and coverage at the positions
+    aligned with the teacher's (evaluate.aligned_figures). Returns {"models": {label: figures}, "student_rows",
+    "student_positions", "student_tokenizer"}."""
+    student_dir = student_data_dir(config.data_dir, student_tokenizer)
+    check_student_data(student_dir, config.data_dir)
+    seq_len = val_cache.seq_len
+    rows = AlignedCacheRows(student_dir, config.data_dir, val_cache, None)
+    teacher_ends, student_ends = load_ends(config.data_dir, "val"), load_ends(student_dir, "val")
+    text_end = int(teacher_ends[count * seq_len])  # where the teacher's last scored label ends
+    last_label = int(np.searchsorted(student_ends, text_end, side="right")) - 1
+    student_count = max(1, min(len(rows), last_label // seq_len))
+    text_bytes = int(student_ends[student_count * seq_len]) - int(student_ends[0])
+    models = evaluate(
+        students, rows.token_rows, count=student_count, batch_size=config.batch_size, desc="eval", text_bytes=text_bytes
+    )
+    id_map, _ = tokenizer_maps(teacher_tokenizer, student_tokenizer, int(val_cache.attrs["vocab_size"]))
+    aligned = aligned_figures(
+        teacher,
+        students,
+        rows.token_rows,
+        rows.teacher_positions_of,
+        val_cache.tokens,
+        seq_len,
+        torch.from_numpy(id_map),
+        count=student_count,
+        batch_size=config.batch_size,
+        temperature=temperature,
+    )
+    for label in models:
+        models[label].update(aligned[label])
+    return {
+        "models": models,
+        "student_rows": student_count,
+        "student_positions": student_count * seq_len,
+        "student_tokenizer": f"{len(student_tokenizer)} tokens",
+    }
 
 
 def size_on_disk(model_dir: str | Path) -> int:
@@ -108,8 +161,10 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     if all(bests.values()):  # best vs best needs both runs' best checkpoints (--keep-best, the default)
         models.update({f"{label} (best)": best_dir(models[label]) for label in bests})
     loaded = {label: load_causal_lm(model_dir).to(device) for label, model_dir in models.items()}
+    cross_tokenizer = distilled_run["resolved"]["inputs"].get("student_tokenizer_hash") is not None
+    evaluated = {label: model for label, model in loaded.items() if not cross_tokenizer or label == "teacher"}
     results = evaluate(
-        loaded,
+        evaluated,
         CacheRows(val_cache),
         count=count,
         batch_size=config.batch_size,
@@ -120,6 +175,14 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         vocab_size=int(meta["vocab_size"]),
         text_bytes=label_text_bytes(config.data_dir, "val", seq_len, count, tokenizer),
     )
+    student_tokenizer = tokenizer
+    if cross_tokenizer:
+        student_tokenizer = load_tokenizer(config.distilled)
+        students = {label: model for label, model in loaded.items() if label != "teacher"}
+        student_eval = evaluate_other_tokenizer(
+            config, loaded["teacher"], students, val_cache, count, temperature, tokenizer, student_tokenizer
+        )
+        results.update(student_eval.pop("models"))
     best = {
         label: {**results.pop(f"{label} (best)"), "step": bests[label]["step"]}
         for label in bests
@@ -128,7 +191,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     for label in best:
         del loaded[f"{label} (best)"]
     draft = None
-    if config.draft:
+    if config.draft and not cross_tokenizer:  # acceptance counts one tokenizer's tokens on both sides
         draft = draft_figures(
             loaded["teacher"],
             {label: loaded[label] for label in ("distilled", "baseline")},
@@ -139,7 +202,9 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
         )
     samples = {}
     for label, model in loaded.items():
-        texts, speed = continue_prompts(model, tokenizer, prompts, sample, device)
+        texts, speed = continue_prompts(
+            model, tokenizer if label == "teacher" else student_tokenizer, prompts, sample, device
+        )
         results[label].update(
             {
                 "parameters": count_parameters(model),
@@ -170,6 +235,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
             "positions": results["teacher"]["positions"],
             "kl_temperature": temperature,
             "cache_mode": val_cache.mode,
+            **(student_eval if cross_tokenizer else {}),
         },
         "samples": {"prompts": prompts, **samples, "settings": dataclasses.asdict(sample)},
         "runs": {"distilled": distilled_run, "baseline": baseline_run},

@@ -282,6 +282,9 @@ def cache_mode_problems(mode: str, kd_loss: str, topk_renormalize: bool) -> list
     return problems
 
 
+VOCAB_MAPS = ("prefix", "exact")
+
+
 @dataclass
 class Loss:
     """total = alpha * CE + (1 - alpha) * T^2 * KD(teacher_T || student_T), computed in chunks of positions."""
@@ -299,8 +302,16 @@ class Loss:
         "scaling; on: the same, and an error where that does not hold; off: never)",
     )
 
+    vocab_map: str = opt(
+        "prefix",
+        "cross-tokenizer students only: how a teacher token's probability reaches the student's vocabulary: prefix "
+        "(to the student token that is the longest prefix of its bytes) | exact (only to a student token with the "
+        "same bytes; the rest joins the tail)",
+    )
+
     def validate(self) -> list[str]:
         problems = kd_problems(self.alpha, self.temperature, self.kd_loss, self.jsd_beta)
+        problems += _one_of("vocab-map", self.vocab_map, VOCAB_MAPS)
         return problems + _positive(self, "loss_chunk") + _one_of("fused-head", self.fused_head, FUSED_HEAD_CHOICES)
 
 
@@ -460,7 +471,14 @@ class StudentConfig:
     """Which student to train: a fresh small Llama, a slice of the teacher, or an existing model."""
 
     student: str | None = opt(
-        None, "start from this Hugging Face causal LM (folder or hub id) instead of a new one; must share the tokenizer"
+        None,
+        "start from this Hugging Face causal LM (folder or hub id) instead of a new one; with a tokenizer of its own "
+        "that differs from the teacher's, cross-tokenizer distillation",
+    )
+    student_tokenizer: str | None = opt(
+        None,
+        "a new student with this tokenizer (folder or hub id) instead of the teacher's: cross-tokenizer distillation "
+        "(its rows built once from the data folder's text and byte offsets; docs/cross-tokenizer.md)",
     )
     student_init: str = opt(
         "teacher-embeddings",
@@ -483,6 +501,11 @@ class StudentConfig:
         if self.student_config and (self.student or self.student_init == "teacher-layers"):
             problems.append(
                 "--student-config builds a new student: pass it without --student or --student-init teacher-layers"
+            )
+        if self.student_tokenizer and (self.student or self.student_init == "teacher-layers"):
+            problems.append(
+                "--student-tokenizer builds a new student (a Llama or --student-config) with that tokenizer: pass it "
+                "without --student (which brings its own tokenizer) or --student-init teacher-layers"
             )
         problems += _positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "mlp_size")
         if self.n_embd % max(self.n_head, 1) or self.n_head % max(self.n_kv_head, 1):

@@ -142,3 +142,71 @@ def evaluate(
             result["label_logprobs"] = torch.cat(label_logprobs[label]) if label_logprobs[label] else torch.zeros(0)
         results[label] = result
     return results
+
+
+@torch.no_grad()
+def aligned_figures(
+    teacher: torch.nn.Module,
+    models: Mapping[str, torch.nn.Module],
+    rows,
+    teacher_positions: Callable[[int], torch.Tensor],
+    teacher_row: Callable[[int], torch.Tensor],
+    teacher_seq_len: int,
+    id_map: torch.Tensor,
+    *,
+    count: int,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> dict[str, dict]:
+    """KL(teacher_T || model_T) and top-1 agreement of models with another tokenizer than the teacher's, at the
+    positions where the two tokenizations align, and their coverage (aligned positions / positions).
+
+    rows: the models' own val rows (TokenRows); teacher_positions(i): [L] the teacher position aligned with each
+    position of row i (-1: none; AlignedCacheRows.teacher_positions_of); teacher_row(r): the teacher's row r of tokens
+    [L_t + 1]. At an aligned position the teacher's full distribution (its row recomputed) is carried to the model's
+    vocabulary through id_map (teacher id -> model id, -1: dropped, the rest renormalised), as the training targets
+    are; p is that distribution, q the model's softmax over all its columns."""
+    count = len(rows) if count == 0 else min(count, len(rows))
+    device = next(teacher.parameters()).device
+    labels = list(models)
+    sums = {label: {"kl": 0.0, "agree": 0} for label in labels}
+    aligned_count = positions = 0
+    kept = id_map >= 0
+    teacher_ids, model_ids = torch.nonzero(kept).squeeze(1).to(device), id_map[kept].to(device)
+    for start in range(0, count, batch_size):
+        indices = range(start, min(count, start + batch_size))
+        batch = collate_rows([rows[i] for i in indices])
+        tokens = batch["tokens"].to(device)
+        aligned = torch.stack([torch.as_tensor(teacher_positions(i)) for i in indices]).to(device)  # [B, L]
+        positions += aligned.numel()
+        where = aligned >= 0
+        aligned_count += int(where.sum())
+        if not where.any():
+            continue
+        wanted = aligned[where]  # [n] teacher positions
+        teacher_rows, columns = wanted // teacher_seq_len, wanted % teacher_seq_len
+        unique_rows, row_of = torch.unique(teacher_rows, return_inverse=True)
+        teacher_tokens = torch.stack([torch.as_tensor(teacher_row(int(r))) for r in unique_rows]).to(device)
+        teacher_logits = teacher(input_ids=teacher_tokens[:, :-1]).logits.float()  # [R, L_t, V_t]
+        model_logits = {label: models[label](input_ids=tokens[:, :-1]).logits.float()[where] for label in labels}
+        for part in range(0, len(wanted), chunk):
+            sl = slice(part, part + chunk)
+            p_teacher = torch.softmax(teacher_logits[row_of[sl], columns[sl]] / temperature, dim=-1)
+            p = torch.zeros(p_teacher.shape[0], model_logits[labels[0]].shape[1], device=device)
+            p.index_add_(1, model_ids, p_teacher[:, teacher_ids])
+            p = p / p.sum(1, keepdim=True).clamp_min(1e-30)
+            for label in labels:
+                logits = model_logits[label][sl]
+                logq = torch.log_softmax(logits / temperature, dim=-1)
+                sums[label]["kl"] += float((torch.xlogy(p, p) - p * logq[:, : p.shape[1]]).sum())
+                sums[label]["agree"] += int((logits.argmax(-1) == p.argmax(-1)).sum())
+    return {
+        label: {
+            "kl_exact": sums[label]["kl"] / max(aligned_count, 1),
+            "top1_agreement": sums[label]["agree"] / max(aligned_count, 1),
+            "coverage": aligned_count / max(positions, 1),
+            "aligned_positions": aligned_count,
+        }
+        for label in labels
+    }

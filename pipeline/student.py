@@ -1,28 +1,36 @@
 """The student: a new small Llama decoder or a model built from any transformers config file (a custom decoder),
 either one by default with the teacher's token embeddings projected to its width; a shallow copy of the teacher
-(DistilBERT/DistilGPT2 recipe); or an existing Hugging Face causal LM that shares the teacher's tokenizer.
+(DistilBERT/DistilGPT2 recipe); or an existing Hugging Face causal LM.
 
-What a student must share with the teacher is the tokenizer, not the embedding size: its output head needs a row
-for every token id (at least the tokenizer's length), and may have more (padding rows, as many checkpoints round
+The student's tokenizer (`student_tokenizer`) is the teacher's unless --student-tokenizer names another or a
+--student brings its own: then it is a cross-tokenizer student (its rows, alignment and loss: docs/cross-tokenizer.md),
+and a new one's embeddings start from the teacher's only for the tokens whose bytes both vocabularies hold.
+Its output head needs a row for every id of its tokenizer, and may have more (padding rows, as many checkpoints round
 their embeddings up). New students get the tokenizer's length rounded up to a multiple of ROW_MULTIPLE."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 from pipeline.config import StudentConfig
 from pipeline.errors import PipelineError
-from pipeline.models import config_from_json, input_embeddings, load_causal_lm, logit_width, new_causal_lm
-from pipeline.teacher import tokenizer_hash as hash_of_tokenizer
+from pipeline.models import (
+    config_from_json,
+    input_embeddings,
+    load_causal_lm,
+    load_tokenizer,
+    logit_width,
+    new_causal_lm,
+)
 
 # Per-layer settings of a config (one entry per decoder block) that a slice of the teacher's blocks must slice too.
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
 # New students' rows: the tokenizer's length rounded up to a multiple of this (faster steps; docs/history.md,
 # "2026-11-29: student rows"). The loss does not mask the extra rows: training pushes their logits down.
 ROW_MULTIPLE = 64
-NOT_SHARED = "this project distils between models that share one tokenizer (no cross-tokenizer distillation)"
 
 
 def teacher_layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
@@ -99,53 +107,73 @@ def teacher_embedding_projection(embeddings: torch.Tensor, width: int, std: floa
     return (projected * (std / projected.std())).float()
 
 
-def _start_embeddings_from_teacher(model, teacher_dir: str, vocab_size: int) -> None:
+def _start_embeddings_from_teacher(
+    model, teacher_dir: str, vocab_size: int, teacher_rows: np.ndarray | None = None
+) -> int:
     """Set a new student's token embeddings (tied with its head where the model ties them) to the teacher's,
-    projected to the student's width (teacher_embedding_projection) over the tokenizer's `vocab_size` rows; the
-    rest (a padded teacher's or student's extra rows) keep their random init."""
+    projected to the student's width (teacher_embedding_projection); returns how many rows started from the teacher's.
+
+    Same tokenizer (teacher_rows None): the tokenizer's `vocab_size` rows; the rest (a padded teacher's or student's
+    extra rows) keep their random init. Another tokenizer: student row i starts from the teacher's row
+    teacher_rows[i] (the teacher token with the same bytes: alignment.matching_rows), rows at -1 keep their random
+    init."""
     source = input_embeddings(teacher_dir)
     start = model.get_input_embeddings().weight
-    n = min(source.shape[0], start.shape[0], vocab_size)
     std = getattr(model.config, "initializer_range", None) or float(start.std())
+    if teacher_rows is None:
+        n = min(source.shape[0], start.shape[0], vocab_size)
+        with torch.no_grad():
+            start[:n] = teacher_embedding_projection(source[:n], start.shape[1], std)
+        return n
+    projected = teacher_embedding_projection(source, start.shape[1], std)
+    student_ids = np.flatnonzero(teacher_rows[: start.shape[0]] >= 0)
     with torch.no_grad():
-        start[:n] = teacher_embedding_projection(source[:n], start.shape[1], std)
+        start[torch.from_numpy(student_ids)] = projected[torch.from_numpy(teacher_rows[student_ids])]
+    return len(student_ids)
 
 
-def _from_config_file(path: str, teacher_dir: str, rows: int):
-    """A new model from a transformers config JSON (any causal LM: the "custom decoder" case). Keys it leaves out take
-    `rows` (vocab_size) and the teacher's special token ids."""
+def student_tokenizer(config: StudentConfig, teacher_dir: str):
+    """The tokenizer the student reads: --student-tokenizer, else a --student folder's own (a folder of weights
+    without tokenizer files takes the teacher's), else the teacher's."""
+    from transformers import AutoTokenizer
+
+    if config.student_tokenizer:
+        return load_tokenizer(config.student_tokenizer)
+    if config.student:
+        try:
+            return AutoTokenizer.from_pretrained(config.student)
+        except Exception:
+            pass
+    return load_tokenizer(teacher_dir)
+
+
+def _special_ids(teacher_dir: str, tokenizer) -> dict:
+    """bos/eos/pad ids of a new student: the teacher config's, or with another tokenizer (given) that tokenizer's."""
     from transformers import AutoConfig
 
+    if tokenizer is None:
+        teacher_config = AutoConfig.from_pretrained(teacher_dir)
+        return {key: getattr(teacher_config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _from_config_file(path: str, special_ids: dict, rows: int):
+    """A new model from a transformers config JSON (any causal LM: the "custom decoder" case). Keys it leaves out take
+    `rows` (vocab_size) and the student tokenizer's special token ids."""
     student_config, given = config_from_json(path, f"--student-config {path}")
-    teacher_config = AutoConfig.from_pretrained(teacher_dir)
     if "vocab_size" not in given:
         student_config.vocab_size = rows
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for key, value in special_ids.items():
         if key not in given:
-            setattr(student_config, key, getattr(teacher_config, key, None))
+            setattr(student_config, key, value)
     return new_causal_lm(student_config, f"--student-config {path}")
 
 
-def _pretrained(path: str, tokenizer_hash: str | None):
-    """An existing causal LM; refused when its folder carries a tokenizer other than the teacher's."""
-    from transformers import AutoTokenizer
-
-    model = load_causal_lm(path)
-    if tokenizer_hash is not None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception:  # a folder of weights without tokenizer files: its head rows are still checked
-            tokenizer = None
-        if tokenizer is not None and hash_of_tokenizer(tokenizer) != tokenizer_hash:
-            raise PipelineError(
-                f"the student {path} uses another tokenizer ({len(tokenizer)} tokens) than the teacher and the "
-                f"data: {NOT_SHARED}; pick a student trained with the teacher's tokenizer, or build one with "
-                "--student-config FILE.json or --student-init teacher-layers"
-            )
-    return model
-
-
-def _new_llama(config: StudentConfig, teacher_dir: str, rows: int):
+def _new_llama(config: StudentConfig, teacher_dir: str, rows: int, special_ids: dict):
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
@@ -158,9 +186,7 @@ def _new_llama(config: StudentConfig, teacher_dir: str, rows: int):
         intermediate_size=config.mlp_size,
         max_position_embeddings=getattr(teacher_config, "max_position_embeddings", 2048) or 2048,
         tie_word_embeddings=True,
-        bos_token_id=teacher_config.bos_token_id,
-        eos_token_id=teacher_config.eos_token_id,
-        pad_token_id=getattr(teacher_config, "pad_token_id", None),
+        **special_ids,
         rope_theta=10000.0,
     )
     return LlamaForCausalLM(student_config)
@@ -171,30 +197,37 @@ def build_student(
     teacher_dir: str,
     vocab_size: int,
     seed: int,
-    tokenizer_hash: str | None = None,
     seq_len: int | None = None,
+    tokenizer=None,
+    teacher_rows: np.ndarray | None = None,
 ):
-    """The student in float32: its logits cover at least the tokenizer's `vocab_size` ids (the bound of every id in
-    the data and the cache). tokenizer_hash (the data's): a pretrained --student with another tokenizer is refused;
-    seq_len: a student whose context is shorter (GPT-2's learned positions end there) is refused."""
+    """The student in float32: its logits cover at least its tokenizer's `vocab_size` ids (the bound of every id in
+    its rows). seq_len: a student whose context is shorter (GPT-2's learned positions end there) is refused.
+    A cross-tokenizer student passes its tokenizer (a new one's special token ids) and teacher_rows (student id ->
+    teacher id with the same bytes, or -1: where its embeddings start from the teacher's)."""
     torch.manual_seed(seed)
     if config.student:
-        model = _pretrained(config.student, tokenizer_hash)
+        model = load_causal_lm(config.student)
     elif config.student_init == "teacher-layers":
+        if tokenizer is not None:
+            raise PipelineError(
+                "--student-init teacher-layers copies the teacher's embeddings, which index the teacher's tokenizer; "
+                "with another tokenizer use --student-init teacher-embeddings or random"
+            )
         model = _teacher_layers(teacher_dir, config.n_layer, student_rows(vocab_size))
     else:
+        special_ids = _special_ids(teacher_dir, tokenizer)
         if config.student_config:
-            model = _from_config_file(config.student_config, teacher_dir, student_rows(vocab_size))
+            model = _from_config_file(config.student_config, special_ids, student_rows(vocab_size))
         else:
-            model = _new_llama(config, teacher_dir, student_rows(vocab_size))
+            model = _new_llama(config, teacher_dir, student_rows(vocab_size), special_ids)
         if config.student_init == "teacher-embeddings":
-            _start_embeddings_from_teacher(model, teacher_dir, vocab_size)
+            _start_embeddings_from_teacher(model, teacher_dir, vocab_size, teacher_rows)
     rows = logit_width(model)
     if rows < vocab_size:
         raise PipelineError(
-            f"the student's output head has {rows} rows, fewer than the tokenizer's {vocab_size} tokens, so it cannot "
-            f"predict every token id; give it at least {vocab_size} rows (vocab_size) or pick a student sharing the "
-            "teacher's tokenizer"
+            f"the student's output head has {rows} rows, fewer than its tokenizer's {vocab_size} tokens, so it cannot "
+            f"predict every token id; give it at least {vocab_size} rows (vocab_size)"
         )
     context = getattr(model.config, "max_position_embeddings", None)
     if seq_len and context and seq_len > context:

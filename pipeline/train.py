@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.batches import CacheRows, StepBatches, TokenRows, collate_rows
+from pipeline.alignment import tokenizer_maps
+from pipeline.batches import AlignedCacheRows, CacheRows, StepBatches, TokenRows, collate_rows
 from pipeline.cache_format import CacheReader, check_compatible, manifest_attrs, read_manifest, verify_cache
 from pipeline.config import (
     Evaluation,
@@ -42,6 +43,7 @@ from pipeline.config import (
     check,
     to_flags,
 )
+from pipeline.data import check_student_data, prepare_student_data
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json, writing
@@ -73,8 +75,8 @@ from pipeline.runs import (
     truncate_metrics,
     write_run_config,
 )
-from pipeline.student import build_student
-from pipeline.teacher import teacher_identity
+from pipeline.student import build_student, student_tokenizer
+from pipeline.teacher import teacher_identity, tokenizer_hash
 
 STATE_DIR = "state"
 TRACKER_DIR = "logs"  # --report-to tensorboard writes its event files under logs/<tracker project>/
@@ -189,7 +191,54 @@ def save_tied_weights_once(_models, weights: list[dict], _output_dir) -> None:
 # ---------------------------------------------------------------- inputs
 
 
-def input_identity(config: TrainConfig, distill: bool) -> dict:
+@dataclasses.dataclass(frozen=True)
+class StudentRows:
+    """What the student reads: its tokenizer and the data folder of its rows. With the teacher's tokenizer that is the
+    run's --data-dir; with another (cross-tokenizer) a folder of its own built from the data folder's text
+    (data.prepare_student_data), plus id_map (teacher id -> student id: alignment.vocab_map) and teacher_rows
+    (student id -> the teacher id with the same bytes, or -1: where a new student's embeddings start)."""
+
+    tokenizer: object
+    data_dir: str
+    meta: dict
+    id_map: object = None
+    teacher_rows: object = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.id_map is not None
+
+
+def student_rows_for(config: TrainConfig, student_config: StudentConfig, meta: dict, accelerator) -> StudentRows:
+    """The student's tokenizer and rows; a cross-tokenizer student's folder is built once (main process) and checked
+    against the data folder at every later run."""
+    tokenizer = student_tokenizer(student_config, config.teacher)
+    if tokenizer_hash(tokenizer) == meta["tokenizer_hash"]:
+        return StudentRows(tokenizer, config.data_dir, meta)
+    if accelerator.is_main_process:
+        prepare_student_data(config.data_dir, tokenizer)
+    accelerator.wait_for_everyone()
+    student_dir = str(prepare_student_data(config.data_dir, tokenizer))  # up to date: returns at once
+    check_student_data(student_dir, config.data_dir)
+    id_map, teacher_rows = tokenizer_maps(
+        load_tokenizer(config.teacher), tokenizer, int(meta["vocab_size"]), config.loss.vocab_map
+    )
+    return StudentRows(tokenizer, student_dir, read_meta(student_dir), id_map, teacher_rows)
+
+
+def cross_tokenizer_note(student: StudentRows, student_config: StudentConfig) -> str:
+    """The first line's words on a cross-tokenizer student: its tokenizer, and where its embeddings start."""
+    if not student.cross_tokenizer:
+        return ""
+    note = f"; its own tokenizer ({len(student.tokenizer)} tokens, not the teacher's: rows aligned by bytes"
+    if not student_config.student and student_config.student_init == "teacher-embeddings":
+        shared = int((student.teacher_rows >= 0).sum())
+        others = len(student.tokenizer) - shared
+        note += f"; {shared} embedding rows start from the teacher's (same bytes), the other {others} random"
+    return note + ")"
+
+
+def input_identity(config: TrainConfig, distill: bool, student: StudentRows) -> dict:
     """The hashes of what the run reads: changing any of them makes an old run folder stale."""
     meta = read_meta(config.data_dir)
     identity = {
@@ -198,6 +247,10 @@ def input_identity(config: TrainConfig, distill: bool) -> dict:
         "tokenizer_hash": meta["tokenizer_hash"],
         "corpus_name": meta["corpus_name"],
     }
+    if student.cross_tokenizer:
+        identity["student_tokenizer_hash"] = student.meta["tokenizer_hash"]
+        identity["student_train_sha256"] = student.meta["train_sha256"]
+        identity["student_val_sha256"] = student.meta["val_sha256"]
     if distill:
         manifest = read_json(Path(config.cache_dir) / "manifest.json")
         identity["cache_shards"] = sorted(s["sha256"] for s in manifest["shards"])
@@ -593,8 +646,7 @@ def train(
 
     # ---- inputs checked against each other and the options (manifest only: cheap, before any setup)
     meta = read_meta(config.data_dir)
-    vocab_size = int(meta["vocab_size"])  # the tokenizer's length: every id the data and the cache hold is below it
-    cache_attrs = check_cache(config, meta, vocab_size) if distill else None
+    cache_attrs = check_cache(config, meta, int(meta["vocab_size"])) if distill else None
     loss_fn = step_loss(config, cache_attrs)
 
     # ---- accelerator and rows: cache rows (distill) or token rows (baseline), the same rows either way
@@ -606,14 +658,20 @@ def train(
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / TRACKER_DIR)),
     )
+    student = student_rows_for(config, student_config, meta, accelerator)
+    vocab_size = int(student.meta["vocab_size"])  # its tokenizer's length: every id of its rows is below it
     if distill:
         if accelerator.is_main_process:
             verify_cache(config.cache_dir, "train")  # checksums: a truncated or bit-flipped shard stops here
         accelerator.wait_for_everyone()
-        train_rows = CacheRows(CacheReader(config.cache_dir, "train"), config.max_rows)
+        reader = CacheReader(config.cache_dir, "train")
+        if student.cross_tokenizer:
+            train_rows = AlignedCacheRows(student.data_dir, config.data_dir, reader, student.id_map, config.max_rows)
+        else:
+            train_rows = CacheRows(reader, config.max_rows)
     else:
-        train_rows = TokenRows(config.data_dir, "train", config.seq_len, config.max_rows)
-    val_rows = TokenRows(config.data_dir, "val", config.seq_len)
+        train_rows = TokenRows(student.data_dir, "train", config.seq_len, config.max_rows)
+    val_rows = TokenRows(student.data_dir, "val", config.seq_len)
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise PipelineError(
             f"not enough tokens for one sequence of {config.seq_len + 1} in train and val; lower --seq-len"
@@ -626,7 +684,7 @@ def train(
         "train": options,
         "student": to_flags(student_config),
         "temperature": loss_fn.temperature,
-        "inputs": {**input_identity(config, distill), **(extra_inputs or {})},
+        "inputs": {**input_identity(config, distill, student), **(extra_inputs or {})},
     }
     if finished_run(out_dir, resolved) is not None:
         accelerator.print(f"{run_kind}: {out_dir} is up to date")
@@ -635,9 +693,15 @@ def train(
     with folder_lock(out_dir, f"a {run_kind} run") if accelerator.is_main_process else contextlib.nullcontext():
         # ---- seed, model, optimizer; then resume or start fresh
         set_seed(config.steps.seed)
-        tokenizer = load_tokenizer(config.teacher)
+        tokenizer = student.tokenizer
         model = build_student(
-            student_config, config.teacher, vocab_size, config.steps.seed, meta["tokenizer_hash"], config.seq_len
+            student_config,
+            config.teacher,
+            vocab_size,
+            config.steps.seed,
+            config.seq_len,
+            tokenizer if student.cross_tokenizer else None,
+            student.teacher_rows,
         )
         loss_fn = dataclasses.replace(loss_fn, fused_head=use_fused_head(config.loss.fused_head, model, vocab_size))
         optimizer = make_optimizer(model, config.optim)
@@ -669,6 +733,7 @@ def train(
             f"{len(train_rows)} train rows x {config.seq_len} tokens, {config.steps.max_steps} steps, "
             f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}, "
             f"output head {'fused with the loss' if loss_fn.fused_head else 'unfused'}"
+            + cross_tokenizer_note(student, student_config)
         )
 
         start_trackers(

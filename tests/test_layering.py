@@ -31,6 +31,7 @@ BOTTOM = {
     "batches",
     "evaluate",
     "drafting",
+    "alignment",
 }
 STAGES = {"data", "teacher", "cache", "train", "compare", "sweep", "export", "finetune", "bench", "docs", "cli"}
 ENTRY_POINT = "__main__"  # python -m pipeline: imports cli

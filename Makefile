@@ -65,13 +65,21 @@ TEACHER       ?= $(BASE_TEACHER)
 TEACHER_DEP   := $(TEACHER)/config.json
 endif
 
+# STUDENT_TOKENIZER=FOLDER: students with that tokenizer (cross-tokenizer distillation from the same cache), in run
+# folders named after it; `make train-tokenizer` trains one on the train text (TOKENIZER_KIND=bpe|char, VOCAB=8192).
+STUDENT_TOKENIZER ?=
+TOKENIZER_KIND ?= bpe
+VOCAB         ?= 8192
+TOKENIZER_DIR := checkpoints/tokenizers/$(NAME)-$(TOKENIZER_KIND)$(if $(filter bpe,$(TOKENIZER_KIND)),$(VOCAB))
+RUN           := $(if $(STUDENT_TOKENIZER),$(notdir $(STUDENT_TOKENIZER:/=)),$(NAME))
+STUDENT_TOKENIZER_DEP := $(if $(STUDENT_TOKENIZER),$(STUDENT_TOKENIZER:/=)/tokenizer.json)
 DATA_DIR      := data/$(NAME)
 CACHE_DIR     := cache/$(NAME)
-DISTILL_DIR   := checkpoints/$(NAME)-distill
-BASELINE_DIR  := checkpoints/$(NAME)-baseline
+DISTILL_DIR   := checkpoints/$(RUN)-distill
+BASELINE_DIR  := checkpoints/$(RUN)-baseline
 TEACHER_FT_DIR := checkpoints/$(NAME)-teacher-ft
 EXPORT_DIR    := $(DISTILL_DIR)/export
-COMPARE_DIR   := checkpoints/$(if $(filter default,$(NAME)),compare,$(NAME)-compare)
+COMPARE_DIR   := checkpoints/$(if $(filter default,$(RUN)),compare,$(RUN)-compare)
 
 # CONFIG=FILE passes --config FILE to every stage: a YAML or JSON file of options, in sections named by command
 # (examples/*.yaml). The file's values stand unless a variable below is given to make (or set by SMOKE=1): then the
@@ -97,10 +105,11 @@ DATA_OPTS     := $(call option,CORPUS,--corpus) --tokenizer $(BASE_TEACHER) --ou
 CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_DIR) $(call option,MODE,--mode) $(call option,K,--k) \
                  $(call option,NUM_SAMPLES,--num-samples) $(call option,TEMPERATURE,--temperature) $(call option,SEQ_LEN,--seq-len) $(call option,CACHE_BATCH,--batch-size) $(CACHE_ARGS)$(CONFIG_ARG)
 TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) $(call option,SEQ_LEN,--seq-len) $(call option,STEPS,--max-steps) \
-                 $(call option,BATCH,--batch-size) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)$(CONFIG_ARG)
+                 $(call option,BATCH,--batch-size) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)$(CONFIG_ARG) \
+                 $(if $(STUDENT_TOKENIZER),--student-tokenizer $(STUDENT_TOKENIZER))
 ALPHA_OPT     := $(call option,ALPHA,--alpha)
 
-.PHONY: help install teacher data cache-logits distill baseline compare test test-fast lint bench docs clean finetune-teacher export sweep
+.PHONY: help install teacher data train-tokenizer cache-logits distill baseline compare test test-fast lint bench docs clean finetune-teacher export sweep
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -122,19 +131,26 @@ $(BASE_TEACHER)/config.json: $(call stamp,checkpoints/.teacher-options,$(TEACHER
 	$(PY) -m pipeline teacher $(TEACHER_OPTS)
 
 data: $(DATA_DIR)/meta.json  ## tokenize CORPUS into data/NAME
-$(DATA_DIR)/meta.json: $(BASE_TEACHER)/config.json $(call stamp,$(DATA_DIR)/.options,$(DATA_OPTS))
+# DATA_FORMAT: the data stage's format version (pipeline/data.py): a new one reruns the stage; its token files come
+# out byte-identical, so the cache and the runs built on them stay up to date.
+DATA_FORMAT   := 2
+$(DATA_DIR)/meta.json: $(BASE_TEACHER)/config.json $(call stamp,$(DATA_DIR)/.options,$(DATA_OPTS) format$(DATA_FORMAT))
 	$(PY) -m pipeline data $(DATA_OPTS)
+
+train-tokenizer: $(TOKENIZER_DIR)/tokenizer.json  ## train a student tokenizer on the train text (TOKENIZER_KIND=bpe|char, VOCAB=8192)
+$(TOKENIZER_DIR)/tokenizer.json: $(DATA_DIR)/meta.json
+	$(PY) -m pipeline train-tokenizer --data-dir $(DATA_DIR) --kind $(TOKENIZER_KIND) --vocab-size $(VOCAB) --out-dir $(TOKENIZER_DIR)
 
 cache-logits: $(CACHE_DIR)/manifest.json  ## run the teacher once and cache its sparse logits in cache/NAME
 $(CACHE_DIR)/manifest.json: $(DATA_DIR)/meta.json $(TEACHER_DEP) $(call stamp,$(CACHE_DIR)/.options,$(CACHE_OPTS))
 	$(LAUNCH) cache-logits $(CACHE_OPTS)
 
 distill: $(DISTILL_DIR)/model.safetensors  ## train the student from the cache (hard + soft loss)
-$(DISTILL_DIR)/model.safetensors: $(CACHE_DIR)/manifest.json $(call stamp,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) $(ALPHA_OPT))
+$(DISTILL_DIR)/model.safetensors: $(CACHE_DIR)/manifest.json $(STUDENT_TOKENIZER_DEP) $(call stamp,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) $(ALPHA_OPT))
 	$(LAUNCH) distill $(TRAIN_OPTS) $(ALPHA_OPT) --cache-dir $(CACHE_DIR) --out-dir $(DISTILL_DIR)
 
 baseline: $(BASELINE_DIR)/model.safetensors  ## train the same student with cross-entropy only
-$(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(call stamp,$(BASELINE_DIR)/.options,$(TRAIN_OPTS))
+$(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(STUDENT_TOKENIZER_DEP) $(call stamp,$(BASELINE_DIR)/.options,$(TRAIN_OPTS))
 	$(LAUNCH) baseline $(TRAIN_OPTS) --out-dir $(BASELINE_DIR)
 
 compare: $(DISTILL_DIR)/model.safetensors $(BASELINE_DIR)/model.safetensors  ## report perplexity, KL, agreement, speed, samples

@@ -91,7 +91,7 @@ def token_speller(spec: dict):
                 "tokens do not spell the text's bytes; cross-tokenizer alignment handles byte-level, SentencePiece "
                 "(Metaspace / byte fallback) and plain (no decoder) tokenizers"
             )
-    if decoder is None:
+    if decoder is None or decoder["type"] == "Fuse":  # Fuse joins the tokens with nothing between
         return sentencepiece_speller([], byte_fallback)  # the token string is its text (char-level, WordLevel)
     kind = decoder["type"]
     if kind == "ByteLevel":
@@ -237,6 +237,17 @@ def matching_rows(
     if teacher_eos is not None and student_eos is not None:
         rows[student_eos] = teacher_eos
     return rows
+
+
+def tokenizer_maps(teacher_tokenizer, student_tokenizer, teacher_size: int, kind: str = "prefix"):
+    """(vocab_map, matching_rows) of two transformers tokenizers: teacher id -> student id ([teacher_size], the ids
+    the cache holds) and student id -> teacher id with the same bytes ([len(student_tokenizer)])."""
+    teacher_bytes, student_bytes = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+    teacher_eos, student_eos = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
+    return (
+        vocab_map(teacher_bytes, student_bytes, teacher_size, student_eos, teacher_eos, kind),
+        matching_rows(teacher_bytes, student_bytes, student_eos, teacher_eos),
+    )
 
 
 # ----------------------------------------------------------------------------- student positions -> teacher's

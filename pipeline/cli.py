@@ -186,6 +186,15 @@ def data(config):
     run_stage(prepare_data, config)
 
 
+@main.command("train-tokenizer")
+@config_options(cfg.TokenizerConfig)
+def train_tokenizer(config):
+    """Train a student tokenizer (byte-level BPE or characters) on the data folder's train text, offline."""
+    from pipeline.student_tokenizers import train_tokenizer as train
+
+    run_stage(train, config)
+
+
 @main.command("cache-logits")
 @config_options(cfg.CacheConfig)
 def cache_logits(config):

@@ -379,6 +379,22 @@ class TeacherConfig:
         return [] if self.source else ["--source must not be empty"]
 
 
+TOKENIZER_KINDS = ("bpe", "char")
+
+
+@dataclass
+class TokenizerConfig:
+    """A student tokenizer trained on the data folder's train text (for --student-tokenizer)."""
+
+    data_dir: str = opt("data/default", "data folder whose train.txt the tokenizer learns from (make data)")
+    out_dir: str = opt("checkpoints/tokenizers/default-bpe", "folder for the tokenizer (transformers files)")
+    kind: str = opt("bpe", "bpe (byte-level BPE of --vocab-size tokens) | char (one token per character)")
+    vocab_size: int = opt(8192, "bpe: tokens in all, EOS included")
+
+    def validate(self) -> list[str]:
+        return _one_of("kind", self.kind, TOKENIZER_KINDS) + _positive(self, "vocab_size")
+
+
 @dataclass
 class DataConfig:
     """Corpus -> flat token files `train.bin`, `val.bin` and `meta.json` in `out_dir`."""

@@ -660,6 +660,12 @@ def train(
     )
     student = student_rows_for(config, student_config, meta, accelerator)
     vocab_size = int(student.meta["vocab_size"])  # its tokenizer's length: every id of its rows is below it
+    if distill and student.cross_tokenizer and (config.loss.kd_loss != "forward-kl" or config.loss.topk_renormalize):
+        raise PipelineError(
+            "a cross-tokenizer student distils with --kd-loss forward-kl and the tail bucket (targets carried to its "
+            "vocabulary merge teacher tokens, and the padding this leaves would bias reverse-kl, jsd and "
+            "--topk-renormalize); drop those options"
+        )
     if distill:
         if accelerator.is_main_process:
             verify_cache(config.cache_dir, "train")  # checksums: a truncated or bit-flipped shard stops here

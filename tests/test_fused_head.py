@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, invoke_cli
-from test_losses import _draw, _targets, _tiny_tail_setup
+from test_losses import _draw, _targets, _tiny_tail_setup, _with_garbage, reference_loss
 from test_train import metrics, train_options, weights
 
 from pipeline.losses import distillation_loss, fused_distillation_loss
@@ -349,3 +349,127 @@ def test_gradients_of_any_combination_of_the_parts(part):
         got.append(torch.autograd.grad(loss, [h, w]))
     for a, b in zip(*got):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- teacher_mask: targets at some positions
+
+
+def _teacher_mask(seed=0):
+    """A random teacher_mask [N]: row 2 (out of the mask) in, rows 4-7 out (a whole chunk of 4 with CE and no KD)."""
+    present = torch.rand(N, generator=torch.Generator().manual_seed(seed)) < 0.5
+    present[:3] = True
+    present[4:8] = False
+    return present
+
+
+def _fused_with_teacher_mask(hidden, weight, labels, mask, targets, present, **options):
+    """(LossParts, d total / d (hidden, weight), d kd / d (hidden, weight)) of fused_distillation_loss: the first
+    backward uses the forward's gradients, the second (KD alone) makes the chunks again."""
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    if present is not None:
+        targets = dict(targets, teacher_mask=present)
+    out = fused_distillation_loss(h, w, labels, mask, targets, chunk_size=4, **options)
+    return out, torch.autograd.grad(out.total, [h, w], retain_graph=True), torch.autograd.grad(out.kd, [h, w])
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", CASES[1:])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_teacher_mask_matches_reference_on_the_subset(mode, kind, renormalize, temperature, with_mask):
+    # KD over the rows in mask & teacher_mask only, CE over mask, against the float64 reference on hidden @ W.T.
+    hidden, weight, _, labels, mask, targets = _problem(temperature)
+    mask = mask if with_mask else None
+    present = _teacher_mask()
+    options = dict(alpha=0.3, temperature=temperature, kd_loss=kind, jsd_beta=0.3, topk_renormalize=renormalize)
+    out, got_total, got_kd = _fused_with_teacher_mask(hidden, weight, labels, mask, targets[mode], present, **options)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref = reference_loss(
+        h @ w.T,
+        labels,
+        mask,
+        targets[mode],
+        present,
+        alpha=0.3,
+        temperature=temperature,
+        kind=kind,
+        renormalize=renormalize,
+        beta=0.3,
+    )
+    want_total = torch.autograd.grad(ref.total, [h, w], retain_graph=True)
+    want_kd = torch.autograd.grad(ref.kd, [h, w])
+    for part in ("total", "ce", "kd"):
+        torch.testing.assert_close(getattr(out, part), getattr(ref, part), rtol=1e-9, atol=1e-12)
+    for got, want in zip(got_total + got_kd, want_total + want_kd):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    rows = present if mask is None else mask & present
+    assert (got_kd[0][~rows] == 0).all()  # no KD gradient reaches the hidden states of rows without a target
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", CASES[1:])
+def test_fused_teacher_mask_all_true_is_bit_identical_to_none(mode, kind, renormalize):
+    hidden, weight, _, labels, mask, targets = _problem(2.0, torch.float32)
+    options = dict(alpha=0.3, temperature=2.0, kd_loss=kind, topk_renormalize=renormalize)
+    results = [
+        _fused_with_teacher_mask(hidden, weight, labels, mask, targets[mode], present, **options)
+        for present in (None, torch.ones(N, dtype=torch.bool))
+    ]
+    flat = [tuple(out) + total + kd for out, total, kd in results]
+    assert all(torch.equal(a, b) for a, b in zip(*flat))
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", CASES[1:])
+def test_fused_teacher_mask_all_false_gives_ce_alone(mode, kind, renormalize):
+    # No position has a teacher target and every target is garbage: KD 0, total alpha CE, CE's gradients only.
+    hidden, weight, _, labels, mask, targets = _problem(2.0)
+    absent = torch.zeros(N, dtype=torch.bool)
+    garbage = _with_garbage(targets[mode], ~absent)
+    options = dict(alpha=0.3, temperature=2.0, kd_loss=kind, topk_renormalize=renormalize)
+    out, got_total, got_kd = _fused_with_teacher_mask(hidden, weight, labels, mask, garbage, absent, **options)
+    ce_alone, ce_grads, _ = _fused_with_teacher_mask(hidden, weight, labels, mask, None, None, **options)
+    assert out.kd.item() == 0.0 and torch.equal(out.total, 0.3 * out.ce)
+    torch.testing.assert_close(out.ce, ce_alone.ce, rtol=1e-12, atol=1e-12)
+    assert all(torch.isfinite(g).all() for g in got_total) and all((g == 0).all() for g in got_kd)
+    for got, want in zip(got_total, ce_grads):
+        torch.testing.assert_close(got, 0.3 * want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", CASES[1:])
+def test_fused_garbage_outside_teacher_mask_does_not_leak(mode, kind, renormalize):
+    hidden, weight, _, labels, mask, targets = _problem(2.0, torch.float32)
+    present = _teacher_mask()
+    options = dict(alpha=0.3, temperature=2.0, kd_loss=kind, topk_renormalize=renormalize)
+    results = []
+    for t in (targets[mode], _with_garbage(targets[mode], ~present)):
+        out, total, kd = _fused_with_teacher_mask(hidden, weight, labels, mask, t, present, **options)
+        results.append(tuple(out) + total + kd)
+    assert all(torch.isfinite(t).all() for t in results[1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("part", ["scaled_total", "ce", "mixed"])
+def test_fused_teacher_mask_gradients_of_any_combination_of_the_parts(part):
+    # A multiple of total (as under gradient accumulation) scales the forward's gradients; any other combination
+    # makes the chunks again: with a teacher_mask, both match the unfused path.
+    hidden, weight, _, labels, mask, targets = _problem(2.0)
+    targets = dict(targets["topk"], teacher_mask=_teacher_mask())
+    got = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        options = dict(alpha=0.3, temperature=2.0, kd_loss="jsd", chunk_size=4)
+        if fused:
+            out = fused_distillation_loss(h, w, labels, mask, targets, **options)
+        else:
+            out = distillation_loss(h @ w.T, labels, mask, targets, **options)
+        loss = {"scaled_total": 0.25 * out.total, "ce": out.ce, "mixed": out.total + out.kd}[part]
+        got.append(torch.autograd.grad(loss, [h, w]))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_fused_gradcheck_with_teacher_mask(mode):
+    hidden, weight, _, labels, mask, targets = _problem(1.7)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    t = dict(targets[mode], teacher_mask=_teacher_mask())
+    f = lambda h, w: fused_distillation_loss(h, w, labels, mask, t, alpha=0.3, temperature=1.7, chunk_size=4).total
+    assert torch.autograd.gradcheck(f, (h, w))

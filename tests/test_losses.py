@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import LossParts, distillation_loss, hard_ce, sampled_divergence, topk_divergence
+from pipeline.losses import (
+    LossParts,
+    StepLoss,
+    dense_kd_loss,
+    distillation_loss,
+    hard_ce,
+    sampled_divergence,
+    teacher_targets,
+    topk_divergence,
+)
 
 V = 50
 
@@ -56,6 +65,11 @@ def _dense_ref(s, kind, temperature, renormalize=False, beta=0.5):
         p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
     else:
         p, q = _buckets(p_full, s["ids"]), _buckets(q_full, s["ids"])
+    return _divergence(p, q, kind, beta)
+
+
+def _divergence(p, q, kind, beta=0.5):
+    """Per-row divergence [n] between bucket probabilities p, q [n,B]."""
     if kind == "forward-kl":
         return _kl(p, q)
     if kind == "reverse-kl":
@@ -412,10 +426,14 @@ def _with_garbage_in_masked_rows(s, targets):
     """Values a padded position may hold in a real batch: none may leak into value or gradient."""
     labels = s["labels"].clone()
     labels[~s["mask"]] = -100
+    return labels, _with_garbage(targets, ~s["mask"])
+
+
+def _with_garbage(targets, bad):
+    """A copy of targets with garbage (id -1 / out of range, NaN, inf) in the rows `bad` [N] bool."""
     if targets is None:
-        return labels, None
+        return None
     targets = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in targets.items()}
-    bad = ~s["mask"]
     if "topk_ids" in targets:
         targets["topk_ids"][bad] = -1
         targets["topk_logprobs"][bad] = float("nan")
@@ -424,7 +442,7 @@ def _with_garbage_in_masked_rows(s, targets):
         targets["sample_ids"][bad] = 10**9
         targets["sample_counts"][bad] = float("nan")
         targets["teacher_entropy"][bad] = float("nan")
-    return labels, targets
+    return targets
 
 
 @pytest.mark.parametrize(
@@ -698,3 +716,263 @@ def test_chunked_kd_gradient_matches_autograd_float32(kind, temperature):
     y = s["student"].clone().requires_grad_(True)
     (want,) = torch.autograd.grad(_topk(dict(s, student=y), temperature, kind=kind), y)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------ teacher_mask: targets at some positions
+
+# (cache mode, kd_loss, topk_renormalize): every divergence of either mode
+KD_CASES = [
+    ("topk", "forward-kl", False),
+    ("topk", "reverse-kl", False),
+    ("topk", "jsd", False),
+    ("topk", "forward-kl", True),
+    ("topk", "reverse-kl", True),
+    ("topk", "jsd", True),
+    ("sampled", "forward-kl", False),
+]
+
+
+def _teacher_mask(n, seed=0):
+    """A random teacher_mask [n]: rows 0 and 1 in (row 1 is out of _setup's mask), rows 3-5 out (a whole chunk of 3:
+    a chunk with CE and no KD)."""
+    present = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    present[:2] = True
+    present[3:6] = False
+    return present
+
+
+def reference_loss(x, labels, mask, targets, present, *, alpha, temperature, kind, renormalize=False, beta=0.5):
+    """LossParts by hand in float64 from full softmaxes of x [N,V], independent of pipeline.losses: CE the mean
+    cross-entropy over mask (None: every row); KD the mean divergence over the rows in mask and present only (0 if
+    none), top-k on the K ids plus the tail bucket (or renormalised over the ids), sampled the forward-KL estimate."""
+    x = x.double()
+    mask = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask
+    ce = F.cross_entropy(x[mask], labels[mask])
+    rows = mask & present
+    log_q = torch.log_softmax(x[rows] / temperature, dim=1)  # [n,V] over the rows with a teacher target only
+    if "topk_ids" in targets:
+        ids = targets["topk_ids"][rows].long()
+        p, q = targets["topk_logprobs"][rows].double().exp(), log_q.exp().gather(1, ids)
+        if renormalize:
+            p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+        else:
+            p = torch.cat([p, targets["tail_logprob"][rows].double().exp()[:, None]], dim=1)
+            q = torch.cat([q, 1 - q.sum(1, keepdim=True)], dim=1)
+        kd_rows = _divergence(p, q, kind, beta)
+    else:
+        counts = targets["sample_counts"][rows].double()
+        cross = -(counts * log_q.gather(1, targets["sample_ids"][rows].long())).sum(1) / targets["num_samples"]
+        kd_rows = cross - targets["teacher_entropy"][rows].double()
+    kd = kd_rows.sum() / max(int(rows.sum()), 1)
+    return LossParts(alpha * ce + (1 - alpha) * temperature**2 * kd, ce, kd)
+
+
+def _with_teacher_mask(targets, present):
+    return dict(targets, teacher_mask=present)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", KD_CASES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_teacher_mask_matches_reference_on_the_subset(mode, kind, renormalize, temperature, with_mask):
+    # KD over the rows in mask & teacher_mask only, CE over mask: value and gradient (of total, and of KD alone)
+    # against the float64 reference, with chunks of 3 (one of them with no teacher target at all).
+    s = _setup(n=10, temperature=temperature)
+    mask = s["mask"] if with_mask else None
+    present = _teacher_mask(10)
+    targets = _targets(s, mode)
+    options = dict(alpha=0.3, temperature=temperature, kd_loss=kind, jsd_beta=0.3, topk_renormalize=renormalize)
+    x = s["student"].clone().requires_grad_(True)
+    out = distillation_loss(x, s["labels"], mask, _with_teacher_mask(targets, present), chunk_size=3, **options)
+    got = torch.autograd.grad(out.total, x, retain_graph=True) + torch.autograd.grad(out.kd, x)
+    y = s["student"].clone().requires_grad_(True)
+    ref = reference_loss(
+        y,
+        s["labels"],
+        mask,
+        targets,
+        present,
+        alpha=0.3,
+        temperature=temperature,
+        kind=kind,
+        renormalize=renormalize,
+        beta=0.3,
+    )
+    want = torch.autograd.grad(ref.total, y, retain_graph=True) + torch.autograd.grad(ref.kd, y)
+    for part in ("total", "ce", "kd"):
+        torch.testing.assert_close(getattr(out, part), getattr(ref, part), rtol=1e-9, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    rows = present if mask is None else mask & present
+    assert 0 < rows.sum() < rows.numel() and out.kd.item() != 0
+    assert (got[1][~rows] == 0).all()  # no KD gradient outside the rows with a teacher target
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_teacher_mask_with_full_vocabulary_equals_dense_kd_loss_on_the_subset(temperature):
+    # K = V: the top-k forward KL is the full one, so KD is dense_kd_loss's on the rows with a teacher target.
+    s = _setup(n=10, k=V, temperature=temperature, dtype=torch.float32)
+    present = _teacher_mask(10, seed=1)
+    rows = s["mask"] & present
+    targets = _with_teacher_mask(_targets(s, "topk"), present)
+    out = distillation_loss(s["student"], s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature)
+    dense = dense_kd_loss(s["student"][rows], s["teacher"][rows], s["labels"][rows], alpha=0.3, temperature=temperature)
+    ce = hard_ce(s["student"], s["labels"], s["mask"])
+    torch.testing.assert_close(out.kd, dense.kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.total, 0.3 * ce + 0.7 * temperature**2 * dense.kd, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", KD_CASES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_teacher_mask_all_true_is_bit_identical_to_none(mode, kind, renormalize, temperature):
+    s = _setup(n=10, temperature=temperature, dtype=torch.float32)
+    targets = _targets(s, mode)
+    results = []
+    for t in (targets, _with_teacher_mask(targets, torch.ones(10, dtype=torch.bool))):
+        x = s["student"].clone().requires_grad_(True)
+        out = distillation_loss(
+            x,
+            s["labels"],
+            s["mask"],
+            t,
+            alpha=0.3,
+            temperature=temperature,
+            kd_loss=kind,
+            topk_renormalize=renormalize,
+            chunk_size=3,
+        )
+        results.append(tuple(out) + torch.autograd.grad(out.total, x))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", KD_CASES)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_teacher_mask_all_false_gives_ce_alone(mode, kind, renormalize, with_mask):
+    # No position has a teacher target, and every target is garbage: KD is 0, total alpha CE, gradients finite.
+    s = _setup(n=10, temperature=2.0, dtype=torch.float32)
+    mask = s["mask"] if with_mask else None
+    absent = torch.zeros(10, dtype=torch.bool)
+    targets = _with_teacher_mask(_with_garbage(_targets(s, mode), ~absent), absent)
+    x = s["student"].clone().requires_grad_(True)
+    out = distillation_loss(
+        x,
+        s["labels"],
+        mask,
+        targets,
+        alpha=0.3,
+        temperature=2.0,
+        kd_loss=kind,
+        topk_renormalize=renormalize,
+        chunk_size=3,
+    )
+    assert out.kd.item() == 0.0
+    assert torch.equal(out.total, 0.3 * out.ce)
+    torch.testing.assert_close(out.ce, hard_ce(s["student"], s["labels"], mask))
+    (g_total,) = torch.autograd.grad(out.total, x, retain_graph=True)
+    (g_kd,) = torch.autograd.grad(out.kd, x)
+    y = s["student"].clone().requires_grad_(True)
+    (g_ce,) = torch.autograd.grad(0.3 * hard_ce(y, s["labels"], mask), y)
+    assert torch.isfinite(g_total).all() and (g_kd == 0).all()
+    torch.testing.assert_close(g_total, g_ce, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode,kind,renormalize", KD_CASES)
+def test_garbage_outside_teacher_mask_does_not_leak(mode, kind, renormalize):
+    # ids -1 (or out of range), NaN log-probs / counts / entropies, an infinite tail at the positions without a
+    # teacher target: the same value and gradient, bit for bit, as clean values there.
+    s = _setup(n=10, temperature=2.0, dtype=torch.float32)
+    present = _teacher_mask(10)
+    clean = _with_teacher_mask(_targets(s, mode), present)
+    results = []
+    for targets in (clean, _with_garbage(clean, ~present)):
+        x = s["student"].clone().requires_grad_(True)
+        out = distillation_loss(
+            x,
+            s["labels"],
+            s["mask"],
+            targets,
+            alpha=0.3,
+            temperature=2.0,
+            kd_loss=kind,
+            topk_renormalize=renormalize,
+            chunk_size=3,
+        )
+        results.append(tuple(out) + torch.autograd.grad(out.total, x))
+    assert all(torch.isfinite(t).all() for t in results[1])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize(
+    "mode,kind,renormalize",
+    [
+        ("topk", "forward-kl", False),
+        ("topk", "jsd", False),
+        ("topk", "reverse-kl", True),
+        ("sampled", "forward-kl", False),
+    ],
+)
+def test_gradcheck_with_teacher_mask(mode, kind, renormalize):
+    # The hand-built backward with rows that have CE and no KD, and a chunk (rows 2-3) with no teacher target.
+    s = _small(k=3, n=7)
+    mask = torch.tensor([True, False, True, True, True, True, True])
+    present = torch.tensor([True, True, False, False, True, False, True])
+    targets = _with_teacher_mask(_targets(s, mode), present)
+    f = lambda x: (
+        distillation_loss(
+            x,
+            s["labels"],
+            mask,
+            targets,
+            alpha=0.3,
+            temperature=1.7,
+            kd_loss=kind,
+            topk_renormalize=renormalize,
+            chunk_size=2,
+        ).total
+    )
+    assert torch.autograd.gradcheck(f, (s["student"],))
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_step_loss_hands_a_batch_teacher_mask_on(mode):
+    # A batch's teacher_mask [B, L] goes to the loss flattened, as the targets do.
+    s = _setup(n=12, temperature=2.0, dtype=torch.float32)
+    present = _teacher_mask(12)
+    targets = _targets(s, mode)
+    batch = {"tokens": torch.cat([torch.zeros(3, 1, dtype=torch.long), s["labels"].reshape(3, 4)], dim=1)}
+    batch |= {k: v.reshape(3, 4, *v.shape[1:]) for k, v in targets.items() if torch.is_tensor(v)}
+    batch["teacher_mask"] = present.reshape(3, 4)
+    num_samples = targets.get("num_samples", 0)
+    assert torch.equal(teacher_targets(batch, num_samples)["teacher_mask"], present)
+    loss = StepLoss(alpha=0.3, temperature=2.0, num_samples=num_samples, chunk_size=5)
+    got = loss(s["student"].reshape(3, 4, V), batch)
+    want = distillation_loss(
+        s["student"], s["labels"], None, _with_teacher_mask(targets, present), alpha=0.3, temperature=2.0, chunk_size=5
+    )
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    del batch["teacher_mask"]
+    assert "teacher_mask" not in teacher_targets(batch, num_samples)
+
+
+def test_tiny_student_tails_outside_teacher_mask_are_not_redone(monkeypatch):
+    # Rows 0, 3, 4, 5 (in mask) have tails past float32's reach; row 3 and 5 have no teacher target, so only 0 and 4
+    # are summed again, and value and gradient still match the float64 reference on the rows with a target.
+    from pipeline.losses import chunked
+
+    redone = []
+    real = chunked.redo_lse_out
+    monkeypatch.setattr(chunked, "redo_lse_out", lambda *a: redone.append(list(a[3])) or real(*a))
+    s = _tiny_tail_setup(1.0, 60.0, torch.float32)
+    present = torch.tensor([True, True, True, False, True, False, True, True])
+    x = s["student"].clone().requires_grad_(True)
+    targets = _with_teacher_mask(_targets(s, "topk"), present)
+    out = distillation_loss(x, s["labels"], s["mask"], targets, alpha=0.3, temperature=1.0, chunk_size=3)
+    (got,) = torch.autograd.grad(out.total, x)
+    assert redone == [[0, 4]]
+    y = s["student"].double().requires_grad_(True)
+    ref_kd = topk_divergence(y, s["ids"], s["logprobs"].double(), s["tail"].double(), s["mask"] & present, 1.0)
+    ref = 0.3 * hard_ce(y, s["labels"], s["mask"]) + 0.7 * ref_kd
+    (want,) = torch.autograd.grad(ref, y)
+    torch.testing.assert_close(out.kd.double(), ref_kd, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)

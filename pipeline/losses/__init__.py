@@ -14,7 +14,9 @@ S distinct sampled ids. Read in this order:
 
 Masked-out positions are replaced by harmless dummies before any arithmetic, so garbage in
 them (label -100, NaN log-probs, id -1) reaches neither the value nor the gradient; a mean over
-zero positions is 0. Options out of range raise ValueError (the CLI validates them first, in config).
+zero positions is 0. The targets' optional teacher_mask marks the positions that have a teacher target at all: the
+KD is the mean over those (in mask), the CE still the mean over mask, and the other rows' targets get dummies too.
+Options out of range raise ValueError (the CLI validates them first, in config).
 """
 
 from pipeline.losses.distillation import distillation_loss

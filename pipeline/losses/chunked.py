@@ -96,11 +96,13 @@ class LossSpec:
 
 class PreparedInputs(NamedTuple):
     """The inputs of a chunked loss, checked and cast: labels [N] long and mask [N] bool on the device (masked-out
-    labels 0), the teacher's targets (masked rows given dummies; None for CE alone), the spec and the chunks of rows
-    that hold a masked-in position."""
+    labels 0), kd_mask [N] bool, the positions the KD counts (mask and the teacher's `present`; mask itself, the
+    same tensor, when every position has a target), the teacher's targets (rows outside kd_mask given dummies; None
+    for CE alone), the spec and the chunks of rows that hold a masked-in position."""
 
     labels: torch.Tensor
     mask: torch.Tensor
+    kd_mask: torch.Tensor
     teacher: TeacherTargets | None
     spec: LossSpec
     chunks: list[slice]
@@ -109,20 +111,25 @@ class PreparedInputs(NamedTuple):
         """The inputs of one chunk's rows, as one chunk."""
         teacher = None if self.teacher is None else self.teacher.rows(rows)
         n = self.labels[rows].shape[0]
-        return PreparedInputs(self.labels[rows], self.mask[rows], teacher, self.spec, [slice(0, n)])
+        mask = self.mask[rows]
+        kd_mask = mask if self.kd_mask is self.mask else self.kd_mask[rows]
+        return PreparedInputs(self.labels[rows], mask, kd_mask, teacher, self.spec, [slice(0, n)])
 
 
 def prepare_inputs(n: int, dtype, device, labels, mask, targets: Mapping | None, **options) -> PreparedInputs:
     """The checks, casts and dummies shared by distillation_loss and fused_distillation_loss (one place for both):
     the teacher's targets from their batch mapping, the call's LossSpec from `options` (LossSpec.checked's keywords);
-    dtype is the compute dtype."""
+    dtype is the compute dtype. The one place where the teacher's `present` (teacher_mask) meets the mask."""
     teacher = targets_from_mapping(targets, n)
     spec = LossSpec.checked(teacher, **options)
     every_position = mask is None
     mask = all_positions(mask, n, device)
     labels = torch.where(mask, labels.reshape(-1).to(device=device, dtype=torch.long), 0)
+    kd_mask = mask
     if teacher is not None:
-        teacher = teacher.masked(mask, dtype, device)
+        if teacher.present is not None:  # the KD counts the positions with a teacher target only; the CE all
+            kd_mask = mask & teacher.present.to(device=device, dtype=torch.bool)
+        teacher = teacher.masked(kd_mask, dtype, device)
     chunk_size = spec.chunk_size
     n_chunks = -(-n // chunk_size)
     if every_position:
@@ -130,13 +137,14 @@ def prepare_inputs(n: int, dtype, device, labels, mask, targets: Mapping | None,
     else:  # one host sync for the whole batch, to skip chunks that are all padding
         busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()
     chunks = [slice(i * chunk_size, (i + 1) * chunk_size) for i, b in enumerate(busy) if b]
-    return PreparedInputs(labels, mask, teacher, spec, chunks)
+    return PreparedInputs(labels, mask, kd_mask, teacher, spec, chunks)
 
 
 def loss_parts(ce_sum, kd_sum, inputs: PreparedInputs) -> LossParts:
-    """The means and the total from the sums over the masked-in rows."""
+    """The means and the total from the sums over the masked-in rows (the KD's: over kd_mask)."""
     count = masked_count(inputs.mask)
-    ce, kd = ce_sum / count, kd_sum / count
+    kd_count = count if inputs.kd_mask is inputs.mask else masked_count(inputs.kd_mask)
+    ce, kd = ce_sum / count, kd_sum / kd_count
     spec = inputs.spec
     if spec.mode is None:
         return LossParts(total=ce, ce=ce, kd=kd)
@@ -223,7 +231,7 @@ def redo_lse_out(logits_of, ids, spec: LossSpec, rows: list, lse_out) -> None:
 
 
 class KdGrads(NamedTuple):
-    """The KD sum over the masked-in rows and its gradients w.r.t. the statistics it reads (None where unread)."""
+    """The KD sum over the rows in kd_mask and its gradients w.r.t. the statistics it reads (None where unread)."""
 
     kd_sum: torch.Tensor
     d_lse_t: torch.Tensor | None  # [N,1]
@@ -231,9 +239,9 @@ class KdGrads(NamedTuple):
     d_lse_out: torch.Tensor | None  # [N,1]
 
 
-def kd_grads(spec: LossSpec, mask, teacher: TeacherTargets, stats: StudentStats) -> KdGrads:
-    """KD sum over the masked-in rows and its gradients w.r.t. (lse_t, z_ids, lse_out), by autograd on
-    the [N,1] / [N,K] statistics only."""
+def kd_grads(spec: LossSpec, kd_mask, teacher: TeacherTargets, stats: StudentStats) -> KdGrads:
+    """KD sum over the rows in kd_mask and its gradients w.r.t. (lse_t, z_ids, lse_out) (0 on the other rows), by
+    autograd on the [N,1] / [N,K] statistics only."""
     with torch.enable_grad():
         lse_t = stats.lse_t.detach().requires_grad_(True) if spec.uses_lse_t else None
         z_ids = stats.z_ids.detach().requires_grad_(True)
@@ -244,7 +252,7 @@ def kd_grads(spec: LossSpec, mask, teacher: TeacherTargets, stats: StudentStats)
             kd_rows = topk_rows(small, teacher, spec.kind, spec.beta, spec.renormalize)
         else:
             kd_rows = sampled_rows(small, teacher)
-        kd_sum = masked_sum(kd_rows, mask)
+        kd_sum = masked_sum(kd_rows, kd_mask)
         grads = torch.autograd.grad(kd_sum, leaves, allow_unused=True)
     grads = iter([torch.zeros_like(s) if g is None else g for s, g in zip(leaves, grads)])
     d_lse_t = next(grads) if spec.uses_lse_t else None
@@ -272,7 +280,7 @@ def loss_forward(logits_of, n: int, dtype, device, inputs: PreparedInputs, buffe
 
     logits_of(rows) gives the student's logits at rows (a slice of a chunk, or a LongTensor of rows redone), any
     float dtype; `dtype` is the compute dtype. Only [N,1] / [N,K] statistics outlive a chunk."""
-    spec, teacher, mask = inputs.spec, inputs.teacher, inputs.mask
+    spec, teacher, mask, kd_mask = inputs.spec, inputs.teacher, inputs.mask, inputs.kd_mask
     ids = None if teacher is None else teacher.ids
     k = ids.shape[1] if ids is not None else 0
     lse, x_label, lse_t, lse_out = (torch.zeros(n, 1, dtype=dtype, device=device) for _ in range(4))
@@ -292,13 +300,13 @@ def loss_forward(logits_of, n: int, dtype, device, inputs: PreparedInputs, buffe
     redo_rows = []
     if spec.mode is not None:
         stats = StudentStats(None, None, lse_t, z_ids, lse_out, empty)
-        kd = kd_grads(spec, mask, teacher, stats)
+        kd = kd_grads(spec, kd_mask, teacher, stats)
         if spec.tail:
-            redo &= mask[:, None]  # masked-out rows only need finite statistics
+            redo &= kd_mask[:, None]  # rows outside it (their teacher a dummy) only need finite statistics
             redo_rows = redo.squeeze(1).nonzero().squeeze(1).tolist()  # the host sync; almost always []
         if redo_rows:
             redo_lse_out(logits_of, ids, spec, redo_rows, lse_out)
-            kd = kd_grads(spec, mask, teacher, stats)
+            kd = kd_grads(spec, kd_mask, teacher, stats)
     kept = BackwardInputs(ids, lse, lse_t, lse_out, empty | redo, kd.d_lse_t, kd.d_z_ids, kd.d_lse_out)
     return ce_sum, kd.kd_sum, kept, redo_rows
 

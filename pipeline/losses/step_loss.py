@@ -17,23 +17,28 @@ from pipeline.losses.fused_head import fused_distillation_loss
 
 def teacher_targets(batch: Mapping[str, torch.Tensor], num_samples: int) -> dict | None:
     """The cached teacher targets of a batch of rows, flattened to [B*L, ...] as distillation_loss takes them,
-    or None for a batch of tokens only (the baseline)."""
+    or None for a batch of tokens only (the baseline). A batch's "teacher_mask" [B, L] bool (the positions with a
+    teacher target) goes along flattened."""
     if "topk_ids" in batch:
         k = batch["topk_ids"].shape[-1]
-        return {
+        targets = {
             "topk_ids": batch["topk_ids"].reshape(-1, k),
             "topk_logprobs": batch["topk_logprobs"].reshape(-1, k),
             "tail_logprob": batch["tail_logprob"].reshape(-1),
         }
-    if "sample_ids" in batch:
+    elif "sample_ids" in batch:
         s = batch["sample_ids"].shape[-1]
-        return {
+        targets = {
             "sample_ids": batch["sample_ids"].reshape(-1, s),
             "sample_counts": batch["sample_counts"].reshape(-1, s),
             "teacher_entropy": batch["teacher_entropy"].reshape(-1),
             "num_samples": num_samples,
         }
-    return None
+    else:
+        return None
+    if "teacher_mask" in batch:
+        targets["teacher_mask"] = batch["teacher_mask"].reshape(-1)
+    return targets
 
 
 # The fused head's chunk, in logits: 2^24 (64 MB of float32) is 341 rows at a 49,152 vocabulary, 130 at 128,256;

@@ -65,28 +65,30 @@ def char_tokenizer(data_dir: str):
     return tokenizer
 
 
-def train_tokenizer(config: TokenizerConfig) -> Path:
-    """Train the tokenizer and save it (tokenizer.json and the transformers files) in config.out_dir."""
+def trained_tokenizer(data_dir: str, kind: str, vocab_size: int = 8192):
+    """A transformers fast tokenizer of `kind` (bpe, char) trained on the data folder's train text."""
     from transformers import PreTrainedTokenizerFast
 
-    check(config)
-    require_offsets(config.data_dir)
-    meta = read_meta(config.data_dir)
-    out_dir = Path(config.out_dir)
-    trained = (
-        bpe_tokenizer(config.data_dir, config.vocab_size) if config.kind == "bpe" else char_tokenizer(config.data_dir)
-    )
+    trained = bpe_tokenizer(data_dir, vocab_size) if kind == "bpe" else char_tokenizer(data_dir)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=trained,
         eos_token=EOS,
         bos_token=EOS,
-        unk_token=UNKNOWN if config.kind == "char" else EOS,
+        unk_token=UNKNOWN if kind == "char" else EOS,
         pad_token=EOS,
     )
     if len(tokenizer) < 3:
-        raise PipelineError(
-            f"{config.data_dir}/train.txt holds no text to train a tokenizer on; rebuild the data folder"
-        )
+        raise PipelineError(f"{data_dir}/train.txt holds no text to train a tokenizer on; rebuild the data folder")
+    return tokenizer
+
+
+def train_tokenizer(config: TokenizerConfig) -> Path:
+    """Train the tokenizer and save it (tokenizer.json and the transformers files) in config.out_dir."""
+    check(config)
+    require_offsets(config.data_dir)
+    meta = read_meta(config.data_dir)
+    out_dir = Path(config.out_dir)
+    tokenizer = trained_tokenizer(config.data_dir, config.kind, config.vocab_size)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")  # written whole, then renamed: a kill leaves the old folder
     shutil.rmtree(tmp, ignore_errors=True)
     with writing(out_dir, probe=tmp):

@@ -429,7 +429,34 @@ QUALITY = Section(
     ),
 )
 
-SECTIONS = (OPENING, STAGE1, STAGE2, DATA, MEMORY, FUSED_HEAD, QUALITY)
+# ---------------------------------------------------------------- cross-tokenizer step
+
+CROSS_TOKENIZER = Section(
+    "cross_tokenizer",
+    "Cross-tokenizer distill step against the same-tokenizer one",
+    lambda report: {"x": report["cross_tokenizer"]},
+    (
+        Text(
+            "The same student shape and caches; the cross-tokenizer student reads its own rows (a byte-level BPE of "
+            "{x[student_vocab]:,} tokens trained on the train text), aligned with the teacher's by bytes, its targets "
+            "carried to its vocabulary (AlignedCacheRows) and the loss's teacher_mask. Each step is timed from reading "
+            "its rows to the optimizer step (medians, the two students alternating). Target: at most 1.10x."
+        ),
+        Table(
+            (
+                Column("cache", "{mode}"),
+                Column("same tokenizer ms/step", "{same_ms:,.1f}"),
+                Column("cross-tokenizer ms/step", "{cross_ms:,.1f}"),
+                Column("ratio", "{ratio:.3f}x"),
+                Column("rows read ms (same / cross)", "{same_rows_ms:,.1f} / {cross_rows_ms:,.1f}"),
+                Column("coverage", "{coverage:.1%}"),
+            ),
+            lambda figures: [{"mode": mode, **figures["x"][mode]} for mode in CACHE_MODES if mode in figures["x"]],
+        ),
+    ),
+)
+
+SECTIONS = (OPENING, STAGE1, STAGE2, DATA, MEMORY, FUSED_HEAD, CROSS_TOKENIZER, QUALITY)
 
 
 def render_markdown(report: dict, title: str = "Benchmark", level: int = 1) -> str:

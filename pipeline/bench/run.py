@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.bench.cross_tokenizer import run_cross_tokenizer
 from pipeline.bench.data_path import run_data_path
 from pipeline.bench.fused_head import run_fused_head
 from pipeline.bench.probes import log, machine_info
@@ -187,7 +188,7 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
         stage1[mode].update(storage_figures(bench_caches[mode], teacher_vocab))
     report["stage1"] = stage1
     if config.teacher_shape:  # stage 1 alone: training needs the teacher's own weights and tokenizer
-        report.update(stage2=None, data=None, memory=None, fused_head=None, quality=None)
+        report.update(stage2=None, data=None, memory=None, fused_head=None, cross_tokenizer=None, quality=None)
         return write_report(report, work_dir)
 
     # ---- stage 2: the four steps, interleaved, on the same batches
@@ -208,6 +209,10 @@ def run_bench(config: BenchConfig, student_config: StudentConfig) -> dict:
     del students
     gc.collect()
     report["fused_head"] = run_fused_head(accelerator, student_config, config, batches, vocab, num_samples)
+    log("cross-tokenizer step")
+    report["cross_tokenizer"] = run_cross_tokenizer(
+        accelerator, config, student_config, readers, batch_size, vocab, num_samples
+    )
 
     # ---- quality
     report["quality"] = None

@@ -1,0 +1,86 @@
+"""The cross-tokenizer distill step against the same-tokenizer one, from the same bench caches.
+
+Both students have the same shape (a head as wide as the teacher's vocabulary), so the two steps differ only in
+what cross-tokenizer distillation adds: the student's rows aligned with the teacher's by bytes, the cached targets
+carried to its vocabulary (AlignedCacheRows: binary searches, one to three cache rows read, map_topk / map_sampled)
+and the loss's teacher_mask. A step is timed from its rows (read, aligned, collated) to the optimizer step; the
+two students' steps alternate, after one warm-up round each, and the medians are reported.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+from pipeline.alignment import tokenizer_maps
+from pipeline.batches import AlignedCacheRows, CacheRows, StepBatches, collate_rows
+from pipeline.bench.students import BenchStudent, StepVariant, bench_step
+from pipeline.config import BenchConfig, StudentConfig
+from pipeline.data import prepare_student_data
+from pipeline.models import load_tokenizer
+from pipeline.rows import load_ends
+from pipeline.student_tokenizers import trained_tokenizer
+
+STUDENT_VOCAB = 8192  # the cross-tokenizer student's byte-level BPE, trained on the bench data's train text
+
+
+def rows_within_cache(rows: AlignedCacheRows, data_dir: str) -> int:
+    """How many of the student's first rows lie in the text the cache's rows cover (their positions can align)."""
+    seq_len, reader = rows.seq_len, rows.reader
+    cached_end = int(load_ends(data_dir, reader.split)[len(reader) * seq_len])
+    student_ends = load_ends(rows.student_dir, reader.split)
+    last_label = int(np.searchsorted(student_ends, cached_end, side="right")) - 1
+    return max(1, min(len(rows), last_label // seq_len))
+
+
+def run_cross_tokenizer(
+    accelerator,
+    config: BenchConfig,
+    student_config: StudentConfig,
+    readers: dict,
+    batch_size: int,
+    vocab: int,
+    num_samples: int,
+) -> dict:
+    """{"student_vocab", mode: {same_ms, cross_ms, ratio, same_rows_ms, cross_rows_ms, coverage}} per cache mode."""
+    tokenizer = trained_tokenizer(config.data_dir, "bpe", STUDENT_VOCAB)
+    student_dir = prepare_student_data(config.data_dir, tokenizer, Path(config.out_dir) / "student-data")
+    id_map, _ = tokenizer_maps(load_tokenizer(config.teacher), tokenizer, vocab)
+    out = {"student_vocab": len(tokenizer)}
+    for mode, reader in readers.items():
+        variant = StepVariant(f"{mode} KD", cache_mode=mode)
+        cross_rows = AlignedCacheRows(str(student_dir), config.data_dir, reader, id_map)
+        runs = {}  # label: (rows, student, the row indices of each step)
+        for label, rows, count in (
+            ("same", CacheRows(reader), len(reader)),
+            ("cross", cross_rows, rows_within_cache(cross_rows, config.data_dir)),
+        ):
+            student = BenchStudent(accelerator, variant, student_config, config, vocab, None, num_samples)
+            runs[label] = (rows, student, list(StepBatches(count, batch_size, 1, config.seed, 0, config.steps + 1)))
+        times = {label: {"rows": [], "step": []} for label in runs}
+        coverage = []
+        for step in range(config.steps + 1):
+            for label, (rows, student, batches) in runs.items():
+                start = time.perf_counter()
+                batch = collate_rows([rows[i] for i in batches[step]])
+                read = time.perf_counter() - start
+                seconds = bench_step(accelerator, student, {mode: batch}, config, step, config.steps + 1)["step"]
+                if step == 0:
+                    continue  # warm-up
+                times[label]["rows"].append(read)
+                times[label]["step"].append(read + seconds)
+                if label == "cross":
+                    coverage.append(float(batch["teacher_mask"].float().mean()))
+        same, cross = median(times["same"]["step"]), median(times["cross"]["step"])
+        out[mode] = {
+            "same_ms": same * 1e3,
+            "cross_ms": cross * 1e3,
+            "ratio": cross / same,
+            "same_rows_ms": median(times["same"]["rows"]) * 1e3,
+            "cross_rows_ms": median(times["cross"]["rows"]) * 1e3,
+            "coverage": float(np.mean(coverage)),
+        }
+    return out

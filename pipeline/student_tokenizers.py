@@ -60,7 +60,7 @@ def char_tokenizer(data_dir: str):
         characters.update(dict.fromkeys(block))
     vocab = {token: index for index, token in enumerate([EOS, UNKNOWN, *characters])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), behavior="isolated")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # each character, newline too
     tokenizer.decoder = decoders.Fuse()  # characters joined as they are, no spaces between
     return tokenizer
 

@@ -43,7 +43,6 @@ from pipeline.config import (
     check,
     to_flags,
 )
-from pipeline.data import check_student_data, prepare_student_data
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json, writing
@@ -76,6 +75,7 @@ from pipeline.runs import (
     write_run_config,
 )
 from pipeline.student import build_student, student_tokenizer
+from pipeline.student_data import check_student_data, prepare_student_data
 from pipeline.teacher import teacher_identity, tokenizer_hash
 
 STATE_DIR = "state"

@@ -4,7 +4,8 @@ Issue: cross-tokenizer distillation aligns a student's positions with the teache
 stage records the text every split's tokens cover and where each token ends in it. The expected ends are computed
 independently here: each token of a byte-level BPE decoded on its own (GPT-2's bytes_to_unicode table, written
 out below) gives its UTF-8 bytes, and their running sum is where it ends; a token that ends inside a multi-byte
-character is expected to end where that character starts. Documents are tokenized in one call each, as
+character is expected to take the previous token's end (so that it is never the first token to end at a byte, and
+never aligned). Documents are tokenized in one call each, as
 test_data.py does, and the text of each document part is sliced from the document itself.
 """
 
@@ -20,14 +21,12 @@ import numpy as np
 import pytest
 from conftest import make_tiny_teacher, make_tokenizer, willows_text
 
-from pipeline import data
+from pipeline import data, student_data
 from pipeline.config import DataConfig
 from pipeline.data import (
     OffsetFiles,
     TokenSplitWriter,
-    check_student_data,
     prepare_data,
-    prepare_student_data,
     strip_gutenberg,
     token_byte_ends,
     tokenize_corpus,
@@ -46,6 +45,7 @@ from pipeline.rows import (
     require_offsets,
     text_path,
 )
+from pipeline.student_data import check_student_data, prepare_student_data
 from pipeline.teacher import tokenizer_hash
 
 MULTIBYTE_TEXT = (
@@ -84,13 +84,12 @@ def token_bytes(tokenizer, ids) -> list[bytes]:
 
 
 def reference_ends(tokenizer, ids, text: bytes) -> np.ndarray:
-    """Where each token ends in `text`: the running sum of its tokens' bytes, moved back to the start of the
-    character when it falls inside one."""
+    """Where each token ends in `text`: the running sum of its tokens' bytes; a token whose sum falls inside a
+    character takes the previous token's end (no prefix of the text ends where it does)."""
     cumulative = np.cumsum([len(b) for b in token_bytes(tokenizer, ids)], dtype=np.int64)
     is_boundary = np.ones(len(text) + 1, dtype=bool)
     is_boundary[:-1] = (np.frombuffer(text, np.uint8) & 0xC0) != 0x80  # not a continuation byte
-    boundaries = np.flatnonzero(is_boundary)
-    return boundaries[np.searchsorted(boundaries, cumulative, side="right") - 1]
+    return np.maximum.accumulate(np.where(is_boundary[cumulative], cumulative, 0))
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -488,7 +487,7 @@ def test_student_data_is_built_once_and_follows_its_teacher_data(
     stamps = {p.name: p.stat().st_mtime_ns for p in student.iterdir()}
     capsys.readouterr()
 
-    monkeypatch.setattr(data, "_tokenize_parts", lambda *a, **k: pytest.fail("an up-to-date folder was rebuilt"))
+    monkeypatch.setattr(student_data, "_tokenize_parts", lambda *a, **k: pytest.fail("an up-to-date folder was rebuilt"))
     assert prepare_student_data(teacher, tokenizer) == student
     assert "is up to date" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == stamps

@@ -50,7 +50,9 @@ def test_cli_pipeline_end_to_end(tiny_teacher, tiny_corpus, tmp_path):
         12000,
         check=True,
     )
-    assert names(data) == {"config.yaml", "meta.json", "train.bin", "val.bin"}
+    assert names(data) == {"config.yaml", "meta.json"} | {
+        f"{split}.{kind}" for split in ("train", "val") for kind in ("bin", "txt", "ends", "docs")
+    }
     meta = json.loads((data / "meta.json").read_text())
     token_counts = {split: np.fromfile(data / f"{split}.bin", dtype=meta["dtype"]).size for split in ("train", "val")}
     assert token_counts == {"train": meta["train_tokens"], "val": meta["val_tokens"]}

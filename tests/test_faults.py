@@ -328,9 +328,12 @@ def test_data_killed_at_four_points_and_a_second_process_refused(tmp_path, tiny_
     finally:
         sigkill(first)
     assert (out / ".lock").exists()  # the killed owner's lock: stale, the next run takes it over
-    # 2. killed while tokenizing (the first ids arrived): both token files open under temp names, nothing else
+    # 2. killed while tokenizing (the first ids arrived): every split file (tokens, text, ends, document parts) open
+    # under a temp name, nothing else
     killed(run(*args, fault={"target": "pipeline.data:TokenSplitWriter.add", "call": 1}))
-    assert sorted(p.name.split(".")[1] for p in out.glob(".*.tmp")) == ["train", "val"]
+    assert sorted(".".join(p.name.split(".")[1:3]) for p in out.glob(".*.tmp")) == sorted(
+        f"{split}.{kind}" for split in ("train", "val") for kind in ("bin", "txt", "ends", "docs")
+    )
     assert not [p for p in out.iterdir() if not p.name.startswith(".")]
     # 3. killed with both temp files complete, before either is renamed into place
     killed(run(*args, fault={"target": "pipeline.fsutil:os.replace", "call": 1, "when": "before"}))

@@ -19,9 +19,9 @@ from pipeline.alignment import tokenizer_maps
 from pipeline.batches import AlignedCacheRows, CacheRows, StepBatches, collate_rows
 from pipeline.bench.students import BenchStudent, StepVariant, bench_step
 from pipeline.config import BenchConfig, StudentConfig
-from pipeline.data import prepare_student_data
 from pipeline.models import load_tokenizer
 from pipeline.rows import load_ends
+from pipeline.student_data import prepare_student_data
 from pipeline.student_tokenizers import trained_tokenizer
 
 STUDENT_VOCAB = 8192  # the cross-tokenizer student's byte-level BPE, trained on the bench data's train text

@@ -487,7 +487,8 @@ def test_student_data_is_built_once_and_follows_its_teacher_data(
     stamps = {p.name: p.stat().st_mtime_ns for p in student.iterdir()}
     capsys.readouterr()
 
-    monkeypatch.setattr(student_data, "_tokenize_parts", lambda *a, **k: pytest.fail("an up-to-date folder was rebuilt"))
+    rebuilt = lambda *a, **k: pytest.fail("an up-to-date folder was rebuilt")  # noqa: E731
+    monkeypatch.setattr(student_data, "_tokenize_parts", rebuilt)
     assert prepare_student_data(teacher, tokenizer) == student
     assert "is up to date" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == stamps

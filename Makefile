@@ -71,7 +71,7 @@ STUDENT_TOKENIZER ?=
 TOKENIZER_KIND ?= bpe
 VOCAB         ?= 8192
 TOKENIZER_DIR := checkpoints/tokenizers/$(NAME)-$(TOKENIZER_KIND)$(if $(filter bpe,$(TOKENIZER_KIND)),$(VOCAB))
-RUN           := $(if $(STUDENT_TOKENIZER),$(notdir $(STUDENT_TOKENIZER:/=)),$(NAME))
+RUN           := $(NAME)$(if $(STUDENT_TOKENIZER),-$(patsubst $(NAME)-%,%,$(notdir $(STUDENT_TOKENIZER:/=))))
 STUDENT_TOKENIZER_DEP := $(if $(STUDENT_TOKENIZER),$(STUDENT_TOKENIZER:/=)/tokenizer.json)
 DATA_DIR      := data/$(NAME)
 CACHE_DIR     := cache/$(NAME)

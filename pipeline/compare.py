@@ -15,16 +15,15 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.alignment import tokenizer_maps
-from pipeline.batches import AlignedCacheRows, CacheRows
+from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, check
 from pipeline.drafting import draft_figures
 from pipeline.errors import PipelineError
-from pipeline.evaluate import aligned_figures, evaluate
+from pipeline.evaluate import evaluate, evaluate_across_tokenizers
 from pipeline.export import read_export_report
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.generate import continue_prompts, prompt_ids, val_prompts
@@ -32,7 +31,7 @@ from pipeline.machine import device_name
 from pipeline.modelcard import write_model_card
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
-from pipeline.rows import label_text_bytes, load_ends, read_meta
+from pipeline.rows import label_text_bytes, read_meta
 from pipeline.runs import STUDENT_RUNS, best_dir, finished_run, read_best, read_metrics
 from pipeline.student_data import check_student_data, student_data_dir
 from pipeline.tables import cell_text, markdown_table, number
@@ -70,55 +69,6 @@ def check_same_setup(distilled: dict, baseline: dict) -> None:
         raise PipelineError(
             "the two runs cannot be compared: " + "; ".join(differences) + "; retrain one with the other's settings"
         )
-
-
-def evaluate_other_tokenizer(
-    config: CompareConfig,
-    teacher,
-    students: dict,
-    val_cache: CacheReader,
-    count: int,
-    temperature: float,
-    teacher_tokenizer,
-    student_tokenizer,
-) -> dict:
-    """Students with another tokenizer than the teacher's, on their own val rows over the text of the teacher's
-    `count` rows: perplexity (of their tokens) and bits per byte, and KL, agreement and coverage at the positions
-    aligned with the teacher's (evaluate.aligned_figures). Returns {"models": {label: figures}, "student_rows",
-    "student_positions", "student_tokenizer"}."""
-    student_dir = student_data_dir(config.data_dir, student_tokenizer)
-    check_student_data(student_dir, config.data_dir)
-    seq_len = val_cache.seq_len
-    rows = AlignedCacheRows(student_dir, config.data_dir, val_cache, None)
-    teacher_ends, student_ends = load_ends(config.data_dir, "val"), load_ends(student_dir, "val")
-    text_end = int(teacher_ends[count * seq_len])  # where the teacher's last scored label ends
-    last_label = int(np.searchsorted(student_ends, text_end, side="right")) - 1
-    student_count = max(1, min(len(rows), last_label // seq_len))
-    text_bytes = int(student_ends[student_count * seq_len]) - int(student_ends[0])
-    models = evaluate(
-        students, rows.token_rows, count=student_count, batch_size=config.batch_size, desc="eval", text_bytes=text_bytes
-    )
-    id_map, _ = tokenizer_maps(teacher_tokenizer, student_tokenizer, int(val_cache.attrs["vocab_size"]))
-    aligned = aligned_figures(
-        teacher,
-        students,
-        rows.token_rows,
-        rows.teacher_positions_of,
-        val_cache.tokens,
-        seq_len,
-        torch.from_numpy(id_map),
-        count=student_count,
-        batch_size=config.batch_size,
-        temperature=temperature,
-    )
-    for label in models:
-        models[label].update(aligned[label])
-    return {
-        "models": models,
-        "student_rows": student_count,
-        "student_positions": student_count * seq_len,
-        "student_tokenizer": f"{len(student_tokenizer)} tokens",
-    }
 
 
 def size_on_disk(model_dir: str | Path) -> int:
@@ -178,10 +128,20 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     student_tokenizer = tokenizer
     if cross_tokenizer:
         student_tokenizer = load_tokenizer(config.distilled)
-        students = {label: model for label, model in loaded.items() if label != "teacher"}
-        student_eval = evaluate_other_tokenizer(
-            config, loaded["teacher"], students, val_cache, count, temperature, tokenizer, student_tokenizer
+        student_dir = student_data_dir(config.data_dir, student_tokenizer)
+        check_student_data(student_dir, config.data_dir)
+        student_eval = evaluate_across_tokenizers(
+            loaded["teacher"],
+            {label: model for label, model in loaded.items() if label != "teacher"},
+            str(student_dir),
+            config.data_dir,
+            val_cache,
+            tokenizer_maps(tokenizer, student_tokenizer, int(val_cache.attrs["vocab_size"]))[0],
+            count=count,
+            batch_size=config.batch_size,
+            temperature=temperature,
         )
+        student_eval["student_tokenizer"] = f"{len(student_tokenizer)} tokens"
         results.update(student_eval.pop("models"))
     best = {
         label: {**results.pop(f"{label} (best)"), "step": bests[label]["step"]}

@@ -28,11 +28,13 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.batches import collate_rows
+from pipeline.batches import AlignedCacheRows, collate_rows
 from pipeline.losses import sampled_divergence, teacher_targets, topk_divergence
+from pipeline.rows import load_ends
 
 
 def cache_kl(logits: torch.Tensor, targets: Mapping, temperature: float) -> torch.Tensor:
@@ -210,3 +212,46 @@ def aligned_figures(
         }
         for label in labels
     }
+
+
+def evaluate_across_tokenizers(
+    teacher: torch.nn.Module,
+    students: Mapping[str, torch.nn.Module],
+    student_dir: str,
+    data_dir: str,
+    val_cache,
+    id_map,
+    *,
+    count: int,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+) -> dict:
+    """Students with another tokenizer than the teacher's (their rows in student_dir), on their own val rows over the
+    text of the teacher's first `count` val cache rows: perplexity (of their tokens) and bits per byte (`evaluate`),
+    KL, agreement and coverage at the positions aligned with the teacher's (`aligned_figures`; id_map: teacher id ->
+    student id). Returns {"models": {label: figures}, "student_rows": n, "student_positions": n * L}."""
+    seq_len = val_cache.seq_len
+    rows = AlignedCacheRows(student_dir, data_dir, val_cache, id_map)
+    teacher_ends, student_ends = load_ends(data_dir, "val"), load_ends(student_dir, "val")
+    text_end = int(teacher_ends[count * seq_len])  # where the teacher's last scored label ends
+    last_label = int(np.searchsorted(student_ends, text_end, side="right")) - 1
+    student_count = max(1, min(len(rows), last_label // seq_len))  # the student rows within that text
+    text_bytes = int(student_ends[student_count * seq_len]) - int(student_ends[0])
+    models = evaluate(
+        students, rows.token_rows, count=student_count, batch_size=batch_size, desc="eval", text_bytes=text_bytes
+    )
+    aligned = aligned_figures(
+        teacher,
+        students,
+        rows.token_rows,
+        rows.teacher_positions_of,
+        val_cache.tokens,
+        seq_len,
+        torch.from_numpy(np.asarray(id_map)),
+        count=student_count,
+        batch_size=batch_size,
+        temperature=temperature,
+    )
+    for label in models:
+        models[label].update(aligned[label])
+    return {"models": models, "student_rows": student_count, "student_positions": student_count * seq_len}

@@ -6,7 +6,8 @@ in `OUT_DIR/runs/NN-<point>/`, trained one after another; a killed sweep continu
 runs are up to date, the interrupted one resumes). With --baseline the CE student on the same rows and steps is
 trained too, as the reference of each point's perplexity ratio. Then every student is evaluated with the
 evaluator of compare (evaluate.evaluate, the teacher as reference, all val rows of the cache): val perplexity,
-exact KL to the teacher, top-1 agreement; and ranked by val perplexity in OUT_DIR/sweep.json, sweep.md, and one
+exact KL to the teacher, top-1 agreement (students of another tokenizer than the teacher's: on their own rows, KL and
+agreement at the aligned positions); and ranked by val bits per byte in OUT_DIR/sweep.json, sweep.md, and one
 plot of the val-perplexity curves, curves.png.
 
 The temperature is a property of the cache (the teacher's distribution was stored at it), so it cannot be swept
@@ -22,17 +23,20 @@ from pathlib import Path
 
 import torch
 
+from pipeline.alignment import tokenizer_maps
 from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig, SweepConfig, TrainConfig, check, flag_fields, from_flags, to_flags
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, evaluate_across_tokenizers
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, folder_lock
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
 from pipeline.rows import label_text_bytes
 from pipeline.runs import read_metrics
+from pipeline.student_data import check_student_data, student_data_dir
 from pipeline.tables import markdown_table, number
+from pipeline.teacher import tokenizer_hash
 from pipeline.train import train
 
 # Options a grid point may not change: they define the cache and the rows every student reads.
@@ -184,31 +188,61 @@ def sweep(config: SweepConfig, student_config: StudentConfig) -> dict:
 
 
 def _evaluate_runs(base: TrainConfig, runs: dict) -> dict:
-    """evaluate.evaluate of the teacher and every student on all val rows of the cache (compare's figures)."""
+    """The teacher and every student on the val split, with compare's evaluator: students of the teacher's tokenizer
+    on all val rows of the cache (evaluate.evaluate, the teacher as reference), students of another tokenizer on
+    their own rows over the same text (evaluate.evaluate_across_tokenizers). Each figure says its tokenizer."""
     val_cache = CacheReader(base.cache_dir, "val")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_tokenizer = load_tokenizer(base.teacher)
+    by_tokenizer: dict[str, list[str]] = {}  # tokenizer hash -> the runs that read it
+    for name, run in runs.items():
+        by_tokenizer.setdefault(tokenizer_hash(load_tokenizer(run["path"])), []).append(name)
+    teacher_hash = tokenizer_hash(teacher_tokenizer)
     models = {"teacher": load_causal_lm(base.teacher).to(device)}
-    models.update({name: load_causal_lm(run["path"]).to(device) for name, run in runs.items()})
+    models.update({name: load_causal_lm(runs[name]["path"]).to(device) for name in by_tokenizer.pop(teacher_hash, [])})
+    temperature = float(val_cache.attrs["temperature"])
     figures = evaluate(
         models,
         CacheRows(val_cache),
         batch_size=base.steps.batch_size,
         reference="teacher",
-        temperature=float(val_cache.attrs["temperature"]),
+        temperature=temperature,
         num_samples=int(val_cache.attrs.get("num_samples", 0)),
         desc="sweep eval",
-        text_bytes=label_text_bytes(base.data_dir, "val", base.seq_len, len(val_cache), load_tokenizer(base.teacher)),
+        text_bytes=label_text_bytes(base.data_dir, "val", base.seq_len, len(val_cache), teacher_tokenizer),
     )
+    for name in figures:
+        figures[name]["tokenizer"] = teacher_hash
+    for student_hash, names in by_tokenizer.items():
+        tokenizer = load_tokenizer(runs[names[0]]["path"])
+        student_dir = student_data_dir(base.data_dir, tokenizer)
+        check_student_data(student_dir, base.data_dir)
+        students = {name: load_causal_lm(runs[name]["path"]).to(device) for name in names}
+        across = evaluate_across_tokenizers(
+            models["teacher"],
+            students,
+            str(student_dir),
+            base.data_dir,
+            val_cache,
+            tokenizer_maps(teacher_tokenizer, tokenizer, int(val_cache.attrs["vocab_size"]))[0],
+            count=len(val_cache),
+            batch_size=base.steps.batch_size,
+            temperature=temperature,
+        )["models"]
+        for name in names:
+            figures[name] = {**across[name], "tokenizer": student_hash}
+            models[name] = students[name]
     for name in runs:
         figures[name]["parameters"] = count_parameters(models[name])
     return figures
 
 
 def _report(config: SweepConfig, runs: dict, figures: dict, base_student: dict) -> dict:
-    baseline_ppl = figures["baseline"]["val_ppl"] if "baseline" in figures else None
+    baseline = figures.get("baseline")
     rows = []
     for name, run in runs.items():
         f = figures[name]
+        same_tokens = baseline is not None and f["tokenizer"] == baseline["tokenizer"]  # perplexities comparable
         rows.append(
             {
                 "name": name,
@@ -216,16 +250,17 @@ def _report(config: SweepConfig, runs: dict, figures: dict, base_student: dict) 
                 "distill": run["distill"],
                 "val_ppl": f["val_ppl"],
                 "val_bits_per_byte": f["val_bits_per_byte"],
-                "ratio_to_baseline": f["val_ppl"] / baseline_ppl if baseline_ppl else None,
+                "ratio_to_baseline": f["val_ppl"] / baseline["val_ppl"] if same_tokens else None,
                 "kl_exact": f["kl_exact"],
                 "kl_to_teacher": f.get("kl_to_teacher"),
                 "top1_agreement": f["top1_agreement"],
+                "coverage": f.get("coverage"),
                 "train_seconds": training_seconds(Path(run["path"])),
                 "parameters": f["parameters"],
                 "path": run["path"],
             }
         )
-    rows.sort(key=lambda r: r["val_ppl"])
+    rows.sort(key=lambda r: r["val_bits_per_byte"])  # the order of val perplexity among runs of one tokenizer
     base = config.train
     cache_attrs = CacheReader(base.cache_dir, "val").attrs
     return {
@@ -247,10 +282,12 @@ def render_markdown(report: dict) -> str:
         "",
         f"Cache {cache['dir']} ({cache['mode']}, T={cache['temperature']}: the temperature is the cache's); "
         f"{report['eval_positions']:,} val positions; teacher val perplexity {report['teacher_val_ppl']:.2f}. "
-        "Ranked by val perplexity; ratio = val perplexity over the baseline's (CE only: the sweep's base student, "
-        "same rows and steps).",
+        "Ranked by val bits per byte (the order of val perplexity among students of one tokenizer, and a scale "
+        "students of different tokenizers share); ratio = val perplexity over the baseline's (CE only: the sweep's "
+        "base student, same rows and steps), for students of the baseline's tokenizer.",
         "",
     ]
+    cross = any(row.get("coverage") is not None for row in report["ranked"])  # students of another tokenizer
     rows = []
     for rank, row in enumerate(report["ranked"], start=1):
         settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
@@ -266,6 +303,7 @@ def render_markdown(report: dict) -> str:
                 number(row["ratio_to_baseline"], "{:.3f}"),
                 number(row["kl_exact"], "{:.4f}"),
                 number(row["top1_agreement"], "{:.1%}"),
+                *([number(row.get("coverage"), "{:.1%}")] if cross else []),
                 number(row["train_seconds"], "{:.0f}"),
                 f"{row['parameters']:,}",
             ]
@@ -279,9 +317,10 @@ def render_markdown(report: dict) -> str:
         "ratio",
         "KL exact",
         "top-1 agreement",
+        *(["coverage"] if cross else []),
         "train s",
         "parameters",
     ]
-    out += markdown_table(header, rows, align="rllrrrrrrr")
+    out += markdown_table(header, rows, align="rll" + "r" * (len(header) - 3))
     out += ["", "![val perplexity against training tokens](curves.png)"]
     return "\n".join(out) + "\n"

@@ -184,3 +184,21 @@ def test_cross_tokenizer_refusals(tmp_path, tiny_teacher, cross_data, tiny_topk_
     result = invoke_cli("distill", *common[2:], "--data-dir", old, "--out-dir", tmp_path / "o")
     assert result.exit_code == 2 and "make data" in result.output
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_sweep_of_another_tokenizer_ranks_by_bits_per_byte(
+    tmp_path, tiny_teacher, cross_data, tiny_topk_cache, student_tokenizers
+):
+    """A sweep's students with the BPE tokenizer: scored on their own rows, coverage given, ranked by bits per byte
+    (the order of perplexity within one tokenizer), ratios against the baseline of the same tokenizer."""
+    invoke_cli("sweep", "--data-dir", cross_data, "--teacher", tiny_teacher, "--cache-dir", tiny_topk_cache,
+               "--student-tokenizer", student_tokenizers["bpe"], *RUN_FLAGS, *STUDENT_FLAGS,
+               "--out-dir", tmp_path / "s", "--grid", "alpha=0.2,0.8", check=True)  # fmt: skip
+    ranked = json.loads((tmp_path / "s" / "sweep.json").read_text())["ranked"]
+    assert len(ranked) == 3 and {row["name"] for row in ranked} >= {"baseline"}
+    bits = [row["val_bits_per_byte"] for row in ranked]
+    assert bits == sorted(bits)
+    assert [row["val_ppl"] for row in ranked] == sorted(row["val_ppl"] for row in ranked)  # one tokenizer: same order
+    for row in ranked:
+        assert 0.3 < row["coverage"] <= 1 and row["ratio_to_baseline"] is not None
+    assert "coverage" in (tmp_path / "s" / "sweep.md").read_text()

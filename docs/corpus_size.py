@@ -1,5 +1,5 @@
 """How the gain from distillation changes with the corpus: docs/corpus-size.png from the compare reports kept in docs/
-(docs/compare-*.json that carry their corpus's token counts), against train tokens:
+of the embedded corpus's three slices (SERIES: Hamlet, four tragedies, every work), against train tokens:
 
     left:  distilled / baseline val perplexity, best vs best and final vs final
     right: val bits per byte of the teacher and of each student's best checkpoint
@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 docs = Path(__file__).resolve().parent
-reports = [json.loads(path.read_text()) for path in sorted(docs.glob("compare-*.json"))]
-reports = sorted((r for r in reports if "data" in r and r.get("best")), key=lambda r: r["data"]["train_tokens"])
+SERIES = ("compare-default-xeon.json", "compare-tragedies-xeon.json", "compare-all-xeon.json")  # one recipe, 3 sizes
+reports = sorted((json.loads((docs / name).read_text()) for name in SERIES), key=lambda r: r["data"]["train_tokens"])
 tokens = [r["data"]["train_tokens"] for r in reports]
 names = [r["data"]["corpus_name"].removeprefix("shakespeare-") for r in reports]
 

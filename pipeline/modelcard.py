@@ -49,6 +49,16 @@ def _student(student: dict) -> str:
     )
 
 
+def _tokenizer(resolved: dict) -> str:
+    """The student's tokenizer: the teacher's, or its own (cross-tokenizer distillation)."""
+    if not resolved["inputs"].get("student_tokenizer_hash"):
+        return "the teacher's"
+    return (
+        "its own (this folder's), not the teacher's: trained on the same text, its positions aligned with the "
+        "teacher's by byte offsets and the teacher's distributions carried to its vocabulary (cross-tokenizer)"
+    )
+
+
 def _comparison_lines(comparison: dict, label: str) -> list[str]:
     """Rows of compare's report for the teacher and both students, this one marked."""
     models, ev = comparison["models"], comparison["eval"]
@@ -60,6 +70,8 @@ def _comparison_lines(comparison: dict, label: str) -> list[str]:
         ("KL(teacher ‖ model), exact over the vocabulary, nats/token", "kl_exact", "{:.4f}"),
         ("top-1 agreement with the teacher", "top1_agreement", "{:.1%}"),
     ]
+    if ev.get("student_rows"):  # students of another tokenizer: KL and agreement at the aligned positions
+        rows.append(("positions aligned with the teacher's (KL and agreement are over them)", "coverage", "{:.1%}"))
     out = [
         f"Measured by `compare` on {ev['rows']} held-out rows x {ev['seq_len']} tokens of the corpus's val split "
         f"({ev['positions']:,} positions; KL at T = {ev['kl_temperature']:g}), on {comparison.get('device', 'n/a')}:",
@@ -125,6 +137,7 @@ def render_model_card(run_config: dict, model_path: str, comparison: dict | None
                 ["targets", _targets(kind, train, provenance.get("cache"), temperature)],
                 ["loss", loss],
                 ["student", _student(student)],
+                ["tokenizer", _tokenizer(resolved)],
                 [
                     "steps",
                     f"{train['max_steps']} optimizer steps of {tokens_per_step} per process, seed {train['seed']}",

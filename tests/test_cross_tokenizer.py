@@ -166,6 +166,8 @@ def test_distill_baseline_compare_with_another_tokenizer(
     assert report["eval"]["student_rows"] >= 1
     assert report["draft"] is None
     assert "coverage" in (tmp_path / "c" / "report.md").read_text()
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert "its own (this folder's), not the teacher's" in card and "positions aligned with the teacher's" in card
 
 
 def test_cross_tokenizer_refusals(tmp_path, tiny_teacher, cross_data, tiny_topk_cache, student_tokenizers):

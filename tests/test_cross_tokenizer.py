@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import STUDENT_FLAGS, invoke_cli
+from conftest import REPO, STUDENT_FLAGS, invoke_cli
+from safetensors.torch import load_file
 
 from pipeline.alignment import tokenizer_maps
 from pipeline.batches import AlignedCacheRows
@@ -204,3 +208,39 @@ def test_sweep_of_another_tokenizer_ranks_by_bits_per_byte(
     for row in ranked:
         assert 0.3 < row["coverage"] <= 1 and row["ratio_to_baseline"] is not None
     assert "coverage" in (tmp_path / "s" / "sweep.md").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_across_tokenizers(
+    tmp_path, tiny_teacher, cross_data, tiny_topk_cache, student_tokenizers
+):
+    """Two ranks of batch 1 train a cross-tokenizer student like one process of batch 2 over the same rows (equal up
+    to float reduction order); the ranks' student rows are built once, by the main process, in a fresh data copy."""
+    fresh = tmp_path / "data"
+    shutil.copytree(cross_data, fresh, ignore=shutil.ignore_patterns("student-*"))
+    common = ["--teacher", tiny_teacher, "--cache-dir", tiny_topk_cache, "--student-tokenizer",
+              student_tokenizers["bpe"], *RUN_FLAGS, *STUDENT_FLAGS]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    invoke_cli(
+        "distill", "--data-dir", cross_data, *common, "--out-dir", one, check=True
+    )  # --batch-size 2 in RUN_FLAGS
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline"]
+    args = ["distill", "--data-dir", fresh, *common, "--out-dir", two, "--batch-size", 1]
+    result = subprocess.run(launch + [str(a) for a in args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.count("data: wrote") == 1  # the student rows, built by the main process alone
+    (student_dir,) = fresh.glob("student-*")
+    (reference_dir,) = [p for p in cross_data.glob("student-*") if p.name == student_dir.name]
+    for name in ("train.bin", "train.ends", "val.bin", "val.ends"):
+        assert (student_dir / name).read_bytes() == (reference_dir / name).read_bytes()
+    records_one = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    records_two = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(records_two, records_one):
+        if "val_ce" in want:
+            assert got["val_ce"] == pytest.approx(want["val_ce"], rel=1e-3)
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    worst = max(((b[n] - a[n]).abs().max() / a[n].abs().max()).item() for n in a)
+    assert worst < 5e-2, worst

@@ -472,4 +472,6 @@ def test_fused_gradcheck_with_teacher_mask(mode):
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     t = dict(targets[mode], teacher_mask=_teacher_mask())
     f = lambda h, w: fused_distillation_loss(h, w, labels, mask, t, alpha=0.3, temperature=1.7, chunk_size=4).total
-    assert torch.autograd.gradcheck(f, (h, w))
+    # The first backward hands on the gradients the forward computed, a second one (gradcheck's reentrancy check)
+    # recomputes them from the kept statistics: equal up to float64 rounding.
+    assert torch.autograd.gradcheck(f, (h, w), nondet_tol=1e-12)

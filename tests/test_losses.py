@@ -743,8 +743,8 @@ def _teacher_mask(n, seed=0):
 
 def reference_loss(x, labels, mask, targets, present, *, alpha, temperature, kind, renormalize=False, beta=0.5):
     """LossParts by hand in float64 from full softmaxes of x [N,V], independent of pipeline.losses: CE the mean
-    cross-entropy over mask (None: every row); KD the mean divergence over the rows in mask and present only (0 if
-    none), top-k on the K ids plus the tail bucket (or renormalised over the ids), sampled the forward-KL estimate."""
+    cross-entropy over mask (None: every row); KD the divergence summed over the rows in mask and present only, per
+    row of mask (0 if none), top-k on the K ids plus the tail bucket (or renormalised over the ids), sampled the forward-KL estimate."""
     x = x.double()
     mask = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask
     ce = F.cross_entropy(x[mask], labels[mask])
@@ -763,7 +763,7 @@ def reference_loss(x, labels, mask, targets, present, *, alpha, temperature, kin
         counts = targets["sample_counts"][rows].double()
         cross = -(counts * log_q.gather(1, targets["sample_ids"][rows].long())).sum(1) / targets["num_samples"]
         kd_rows = cross - targets["teacher_entropy"][rows].double()
-    kd = kd_rows.sum() / max(int(rows.sum()), 1)
+    kd = kd_rows.sum() / int(mask.sum())  # summed over the rows with a target, per masked-in position as the CE
     return LossParts(alpha * ce + (1 - alpha) * temperature**2 * kd, ce, kd)
 
 
@@ -818,9 +818,10 @@ def test_teacher_mask_with_full_vocabulary_equals_dense_kd_loss_on_the_subset(te
     out = distillation_loss(s["student"], s["labels"], s["mask"], targets, alpha=0.3, temperature=temperature)
     dense = dense_kd_loss(s["student"][rows], s["teacher"][rows], s["labels"][rows], alpha=0.3, temperature=temperature)
     ce = hard_ce(s["student"], s["labels"], s["mask"])
-    torch.testing.assert_close(out.kd, dense.kd, rtol=1e-5, atol=1e-6)
+    share = rows.sum() / s["mask"].sum()  # KD summed over the rows with a target, per masked-in row
+    torch.testing.assert_close(out.kd, dense.kd * share, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.ce, ce)
-    torch.testing.assert_close(out.total, 0.3 * ce + 0.7 * temperature**2 * dense.kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.total, 0.3 * ce + 0.7 * temperature**2 * dense.kd * share, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode,kind,renormalize", KD_CASES)
@@ -971,7 +972,9 @@ def test_tiny_student_tails_outside_teacher_mask_are_not_redone(monkeypatch):
     (got,) = torch.autograd.grad(out.total, x)
     assert redone == [[0, 4]]
     y = s["student"].double().requires_grad_(True)
-    ref_kd = topk_divergence(y, s["ids"], s["logprobs"].double(), s["tail"].double(), s["mask"] & present, 1.0)
+    rows = s["mask"] & present
+    ref_kd = topk_divergence(y, s["ids"], s["logprobs"].double(), s["tail"].double(), rows, 1.0)
+    ref_kd = ref_kd * rows.sum() / s["mask"].sum()  # summed over the rows with a target, per masked-in row
     ref = 0.3 * hard_ce(y, s["labels"], s["mask"]) + 0.7 * ref_kd
     (want,) = torch.autograd.grad(ref, y)
     torch.testing.assert_close(out.kd.double(), ref_kd, rtol=1e-5, atol=0)

@@ -141,10 +141,11 @@ def prepare_inputs(n: int, dtype, device, labels, mask, targets: Mapping | None,
 
 
 def loss_parts(ce_sum, kd_sum, inputs: PreparedInputs) -> LossParts:
-    """The means and the total from the sums over the masked-in rows (the KD's: over kd_mask)."""
+    """The means and the total from the sums over the masked-in rows. The KD sums over kd_mask's rows only but is
+    divided by the same count as the CE: a position with a teacher target weighs what it weighs when every position
+    has one, and a batch's loss does not depend on how its rows are split over micro-batches or ranks."""
     count = masked_count(inputs.mask)
-    kd_count = count if inputs.kd_mask is inputs.mask else masked_count(inputs.kd_mask)
-    ce, kd = ce_sum / count, kd_sum / kd_count
+    ce, kd = ce_sum / count, kd_sum / count
     spec = inputs.spec
     if spec.mode is None:
         return LossParts(total=ce, ce=ce, kd=kd)

@@ -93,7 +93,9 @@ def distillation_loss(
     bool (None: every position); targets holds either topk_ids/topk_logprobs/tail_logprob ([N,K], [N,K], [N]) or
     sample_ids/sample_counts/teacher_entropy ([N,S], [N,S], [N]) plus num_samples (int), and optionally
     teacher_mask [N] bool, the positions that have a teacher target (cross-tokenizer distillation): CE is the mean
-    over mask, KD the mean over mask & teacher_mask (0 where none); the other rows' targets reach no arithmetic.
+    over mask, KD the sum over mask & teacher_mask divided by the same count (0 where none), so a position with a
+    target weighs what it does when all have one and micro-batches or ranks split a batch without changing its loss;
+    the other rows' targets reach no arithmetic.
     CE is at temperature 1; KD is topk_divergence / sampled_divergence at `temperature`, and T^2
     keeps its gradient on the scale of the CE's (Hinton et al. 2015).
 

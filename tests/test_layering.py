@@ -33,7 +33,21 @@ BOTTOM = {
     "drafting",
     "alignment",
 }
-STAGES = {"data", "teacher", "cache", "train", "compare", "sweep", "export", "finetune", "bench", "docs", "cli"}
+STAGES = {
+    "data",
+    "student_data",
+    "student_tokenizers",
+    "teacher",
+    "cache",
+    "train",
+    "compare",
+    "sweep",
+    "export",
+    "finetune",
+    "bench",
+    "docs",
+    "cli",
+}
 ENTRY_POINT = "__main__"  # python -m pipeline: imports cli
 
 

@@ -40,8 +40,10 @@ from pipeline.evaluate import evaluate
 from pipeline.fsutil import atomic_path, atomic_write_json
 from pipeline.generate import continue_prompts, val_prompts
 from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.rows import read_meta
 from pipeline.runs import read_run_config, up_to_date
-from pipeline.teacher import weights_hash
+from pipeline.student_data import check_student_data, student_data_dir
+from pipeline.teacher import tokenizer_hash, weights_hash
 
 GGUF_FILES = {"f16": "model-f16.gguf", "q8_0": "model-q8_0.gguf"}
 INT8_DIR = "int8"
@@ -643,6 +645,10 @@ def export_model(config: ExportConfig) -> dict:
                 f"no tokenized data to measure on ({data_dir or 'none recorded in the run'}); pass --data-dir or "
                 "--no-measure"
             )
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer_hash(tokenizer) != read_meta(data_dir)["tokenizer_hash"]:  # a student of another tokenizer
+            data_dir = student_data_dir(data_dir, tokenizer)  # its own rows over the same text
+            check_student_data(data_dir, config.data_dir or train_options.get("data_dir"))
         seq_len = config.seq_len or train_options.get("seq_len") or min(256, int(model_config.max_position_embeddings))
         report.update(
             exported_variants(

@@ -170,6 +170,11 @@ def test_distill_baseline_compare_with_another_tokenizer(
     assert report["eval"]["student_rows"] >= 1
     assert report["draft"] is None
     assert "coverage" in (tmp_path / "c" / "report.md").read_text()
+    invoke_cli("export", "--model", tmp_path / "d", "--formats", "int8", "--eval-rows", 2, "--max-new-tokens", 4,
+               check=True)  # fmt: skip  # measured on the student's own val rows
+    export = json.loads((tmp_path / "d" / "export" / "export_report.json").read_text())
+    assert export["data_dir"].endswith(f"student-{student_hash[:12]}")
+    assert math.isfinite(export["variants"]["int8"]["val_ppl"])
     card = (tmp_path / "d" / "README.md").read_text()
     assert "its own (this folder's), not the teacher's" in card and "positions aligned with the teacher's" in card
 

@@ -193,6 +193,19 @@ def test_data_path_and_memory(bench_run):
 
 
 @pytest.mark.slow
+def test_cross_tokenizer_step_row(bench_run):
+    cross = bench_run.report["cross_tokenizer"]
+    assert cross["student_vocab"] > 256  # a byte-level BPE trained on the bench data's train text
+    for mode in ("topk", "sampled"):
+        x = cross[mode]
+        assert _positive(x["same_ms"]) and _positive(x["cross_ms"]) and x["ratio"] == pytest.approx(
+            x["cross_ms"] / x["same_ms"]
+        )
+        assert x["cross_rows_ms"] <= x["cross_ms"] and 0 < x["coverage"] <= 1
+    assert "Cross-tokenizer distill step" in (bench_run.out / "bench.md").read_text()
+
+
+@pytest.mark.slow
 def test_fused_head_rows(bench_run):
     fused = bench_run.report["fused_head"]
     vocab = bench_run.report["resolved"]["vocab_size"]

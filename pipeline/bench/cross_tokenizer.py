@@ -1,6 +1,6 @@
 """The cross-tokenizer distill step against the same-tokenizer one, from the same bench caches.
 
-Both students have the same shape (a head as wide as the teacher's vocabulary), so the two steps differ only in
+Both students have the same shape (a head as wide as the larger vocabulary: the teacher's, here), so the two steps differ only in
 what cross-tokenizer distillation adds: the student's rows aligned with the teacher's by bytes, the cached targets
 carried to its vocabulary (AlignedCacheRows: binary searches, one to three cache rows read, map_topk / map_sampled)
 and the loss's teacher_mask. A step is timed from its rows (read, aligned, collated) to the optimizer step; the
@@ -49,6 +49,7 @@ def run_cross_tokenizer(
     tokenizer = trained_tokenizer(config.data_dir, "bpe", STUDENT_VOCAB)
     student_dir = prepare_student_data(config.data_dir, tokenizer, Path(config.out_dir) / "student-data")
     id_map, _ = tokenizer_maps(load_tokenizer(config.teacher), tokenizer, vocab)
+    head_rows = max(vocab, len(tokenizer))  # both students' head: wide enough for either tokenizer's ids
     out = {"student_vocab": len(tokenizer)}
     for mode, reader in readers.items():
         variant = StepVariant(f"{mode} KD", cache_mode=mode)
@@ -58,7 +59,7 @@ def run_cross_tokenizer(
             ("same", CacheRows(reader), len(reader)),
             ("cross", cross_rows, rows_within_cache(cross_rows, config.data_dir)),
         ):
-            student = BenchStudent(accelerator, variant, student_config, config, vocab, None, num_samples)
+            student = BenchStudent(accelerator, variant, student_config, config, head_rows, None, num_samples)
             runs[label] = (rows, student, list(StepBatches(count, batch_size, 1, config.seed, 0, config.steps + 1)))
         times = {label: {"rows": [], "step": []} for label in runs}
         coverage = []

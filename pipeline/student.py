@@ -226,7 +226,7 @@ def build_student(
     rows = logit_width(model)
     if rows < vocab_size:
         raise PipelineError(
-            f"the student's output head has {rows} rows, fewer than its tokenizer's {vocab_size} tokens, so it cannot "
+            f"the student's output head has {rows} rows, fewer than the tokenizer's {vocab_size} tokens, so it cannot "
             f"predict every token id; give it at least {vocab_size} rows (vocab_size)"
         )
     context = getattr(model.config, "max_position_embeddings", None)

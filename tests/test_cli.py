@@ -10,7 +10,7 @@ from conftest import run_cli
 from pipeline.cli import main
 
 CORE = {"teacher", "data", "cache-logits", "distill", "baseline", "compare", "generate"}
-OPTIONAL = {"bench", "docs", "finetune-teacher", "export", "sweep"}
+OPTIONAL = {"bench", "docs", "finetune-teacher", "export", "sweep", "train-tokenizer"}
 
 
 def test_the_commands_are_the_stages():

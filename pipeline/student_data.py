@@ -4,7 +4,8 @@
 (`<split>.txt`, `<split>.docs`: data.py) with the student's tokenizer, part by part, and writes a data folder of the
 same layout (rows.py) in `<data_dir>/student-<hash>/`: the same documents, the same split by bytes, byte ends into
 the same text, so the student's positions align with the teacher's (alignment.py). Built once, checked by hash at
-every later stage (`check_student_data`).
+every later stage (`check_student_data`). `student_rows_for` is what a training run's student reads: its tokenizer and
+rows (the run's data folder with the teacher's tokenizer, its own folder with another), and the two id maps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import data
+from pipeline.alignment import tokenizer_maps
 from pipeline.cache_format import id_dtype_for
+from pipeline.config import StudentConfig, TrainConfig
 from pipeline.data import (
     DATA_FORMAT_VERSION,
     SPLITS,
@@ -45,6 +48,7 @@ from pipeline.rows import (
     text_path,
 )
 from pipeline.runs import up_to_date
+from pipeline.student import student_tokenizer
 from pipeline.teacher import tokenizer_hash
 
 REBUILD_TEACHER_DATA = "rerun `make data` (or `python -m pipeline data ... --out-dir DIR`) to rebuild it"
@@ -261,3 +265,53 @@ def check_student_data(student_dir: str | Path, data_dir: str | Path) -> dict:
             "when its inputs change"
         )
     return student_meta
+
+
+# ---------------------------------------------------------------- what a training run's student reads
+
+
+@dataclass(frozen=True)
+class StudentRows:
+    """What the student reads: its tokenizer and the data folder of its rows. With the teacher's tokenizer that is the
+    run's --data-dir; with another (cross-tokenizer) a folder of its own built from the data folder's text
+    (data.prepare_student_data), plus id_map (teacher id -> student id: alignment.vocab_map) and teacher_rows
+    (student id -> the teacher id with the same bytes, or -1: where a new student's embeddings start)."""
+
+    tokenizer: object
+    data_dir: str
+    meta: dict
+    id_map: object = None
+    teacher_rows: object = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.id_map is not None
+
+
+def student_rows_for(config: TrainConfig, student_config: StudentConfig, meta: dict, accelerator) -> StudentRows:
+    """The student's tokenizer and rows; a cross-tokenizer student's folder is built once (main process) and checked
+    against the data folder at every later run."""
+    tokenizer = student_tokenizer(student_config, config.teacher)
+    if tokenizer_hash(tokenizer) == meta["tokenizer_hash"]:
+        return StudentRows(tokenizer, config.data_dir, meta)
+    if accelerator.is_main_process:
+        prepare_student_data(config.data_dir, tokenizer)
+    accelerator.wait_for_everyone()
+    student_dir = str(prepare_student_data(config.data_dir, tokenizer))  # up to date: returns at once
+    check_student_data(student_dir, config.data_dir)
+    id_map, teacher_rows = tokenizer_maps(
+        load_tokenizer(config.teacher), tokenizer, int(meta["vocab_size"]), config.loss.vocab_map
+    )
+    return StudentRows(tokenizer, student_dir, read_meta(student_dir), id_map, teacher_rows)
+
+
+def cross_tokenizer_note(student: StudentRows, student_config: StudentConfig) -> str:
+    """The first line's words on a cross-tokenizer student: its tokenizer, and where its embeddings start."""
+    if not student.cross_tokenizer:
+        return ""
+    note = f"; its own tokenizer ({len(student.tokenizer)} tokens, not the teacher's: rows aligned by bytes"
+    if not student_config.student and student_config.student_init == "teacher-embeddings":
+        shared = int((student.teacher_rows >= 0).sum())
+        others = len(student.tokenizer) - shared
+        note += f"; {shared} embedding rows start from the teacher's (same bytes), the other {others} random"
+    return note + ")"

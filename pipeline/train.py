@@ -31,7 +31,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.alignment import tokenizer_maps
 from pipeline.batches import AlignedCacheRows, CacheRows, StepBatches, TokenRows, collate_rows
 from pipeline.cache_format import CacheReader, check_compatible, manifest_attrs, read_manifest, verify_cache
 from pipeline.config import (
@@ -54,7 +53,6 @@ from pipeline.models import (
     generation_config_for,
     head_gives_logits,
     head_input_as_logits,
-    load_tokenizer,
 )
 from pipeline.rows import read_meta
 from pipeline.runs import (
@@ -74,9 +72,9 @@ from pipeline.runs import (
     truncate_metrics,
     write_run_config,
 )
-from pipeline.student import build_student, student_tokenizer
-from pipeline.student_data import check_student_data, prepare_student_data
-from pipeline.teacher import teacher_identity, tokenizer_hash
+from pipeline.student import build_student
+from pipeline.student_data import StudentRows, cross_tokenizer_note, student_rows_for
+from pipeline.teacher import teacher_identity
 
 STATE_DIR = "state"
 TRACKER_DIR = "logs"  # --report-to tensorboard writes its event files under logs/<tracker project>/
@@ -189,53 +187,6 @@ def save_tied_weights_once(_models, weights: list[dict], _output_dir) -> None:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-@dataclasses.dataclass(frozen=True)
-class StudentRows:
-    """What the student reads: its tokenizer and the data folder of its rows. With the teacher's tokenizer that is the
-    run's --data-dir; with another (cross-tokenizer) a folder of its own built from the data folder's text
-    (data.prepare_student_data), plus id_map (teacher id -> student id: alignment.vocab_map) and teacher_rows
-    (student id -> the teacher id with the same bytes, or -1: where a new student's embeddings start)."""
-
-    tokenizer: object
-    data_dir: str
-    meta: dict
-    id_map: object = None
-    teacher_rows: object = None
-
-    @property
-    def cross_tokenizer(self) -> bool:
-        return self.id_map is not None
-
-
-def student_rows_for(config: TrainConfig, student_config: StudentConfig, meta: dict, accelerator) -> StudentRows:
-    """The student's tokenizer and rows; a cross-tokenizer student's folder is built once (main process) and checked
-    against the data folder at every later run."""
-    tokenizer = student_tokenizer(student_config, config.teacher)
-    if tokenizer_hash(tokenizer) == meta["tokenizer_hash"]:
-        return StudentRows(tokenizer, config.data_dir, meta)
-    if accelerator.is_main_process:
-        prepare_student_data(config.data_dir, tokenizer)
-    accelerator.wait_for_everyone()
-    student_dir = str(prepare_student_data(config.data_dir, tokenizer))  # up to date: returns at once
-    check_student_data(student_dir, config.data_dir)
-    id_map, teacher_rows = tokenizer_maps(
-        load_tokenizer(config.teacher), tokenizer, int(meta["vocab_size"]), config.loss.vocab_map
-    )
-    return StudentRows(tokenizer, student_dir, read_meta(student_dir), id_map, teacher_rows)
-
-
-def cross_tokenizer_note(student: StudentRows, student_config: StudentConfig) -> str:
-    """The first line's words on a cross-tokenizer student: its tokenizer, and where its embeddings start."""
-    if not student.cross_tokenizer:
-        return ""
-    note = f"; its own tokenizer ({len(student.tokenizer)} tokens, not the teacher's: rows aligned by bytes"
-    if not student_config.student and student_config.student_init == "teacher-embeddings":
-        shared = int((student.teacher_rows >= 0).sum())
-        others = len(student.tokenizer) - shared
-        note += f"; {shared} embedding rows start from the teacher's (same bytes), the other {others} random"
-    return note + ")"
 
 
 def input_identity(config: TrainConfig, distill: bool, student: StudentRows) -> dict:

@@ -1,7 +1,7 @@
 """The cross-tokenizer distill step against the same-tokenizer one, from the same bench caches.
 
-Both students have the same shape (a head as wide as the larger vocabulary: the teacher's, here), so the two steps differ only in
-what cross-tokenizer distillation adds: the student's rows aligned with the teacher's by bytes, the cached targets
+Both students have the same shape (a head as wide as the larger vocabulary), so the two steps differ only in what
+cross-tokenizer distillation adds: the student's rows aligned with the teacher's by bytes, the cached targets
 carried to its vocabulary (AlignedCacheRows: binary searches, one to three cache rows read, map_topk / map_sampled)
 and the loss's teacher_mask. A step is timed from its rows (read, aligned, collated) to the optimizer step; the
 two students' steps alternate, after one warm-up round each, and the medians are reported.

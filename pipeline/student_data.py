@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import data
+from pipeline import corpora, data
 from pipeline.alignment import tokenizer_maps
 from pipeline.cache_format import id_dtype_for
 from pipeline.config import StudentConfig, TrainConfig
+from pipeline.corpora import split_pieces, stream_pieces
 from pipeline.data import (
     DATA_FORMAT_VERSION,
     SPLITS,
@@ -31,8 +32,6 @@ from pipeline.data import (
     file_hashes,
     require_fast,
     sha256_key,
-    split_pieces,
-    stream_pieces,
 )
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_json, folder_lock, read_json
@@ -78,7 +77,7 @@ class _FileRange(io.RawIOBase):
 def _part_pieces(text_file, start: int, end: int, name: str) -> Iterator[str]:
     """The text of bytes [start, end) of a split's text file in pieces cut at whitespace_cut (a part of any size
     is streamed, never read whole)."""
-    if end - start <= data.PIECE_CHARS:  # read at call time, like data.split_pieces
+    if end - start <= corpora.PIECE_CHARS:  # read at call time, like corpora.split_pieces
         text_file.seek(start)
         yield from split_pieces(text_file.read(end - start).decode("utf-8"))
     else:

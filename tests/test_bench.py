@@ -198,8 +198,10 @@ def test_cross_tokenizer_step_row(bench_run):
     assert cross["student_vocab"] > 256  # a byte-level BPE trained on the bench data's train text
     for mode in ("topk", "sampled"):
         x = cross[mode]
-        assert _positive(x["same_ms"]) and _positive(x["cross_ms"]) and x["ratio"] == pytest.approx(
-            x["cross_ms"] / x["same_ms"]
+        assert (
+            _positive(x["same_ms"])
+            and _positive(x["cross_ms"])
+            and x["ratio"] == pytest.approx(x["cross_ms"] / x["same_ms"])
         )
         assert x["cross_rows_ms"] <= x["cross_ms"] and 0 < x["coverage"] <= 1
     assert "Cross-tokenizer distill step" in (bench_run.out / "bench.md").read_text()

@@ -20,15 +20,8 @@ from conftest import make_tiny_teacher, run_cli, willows_text
 from text8 import write_text8
 
 from pipeline.config import DataConfig
-from pipeline.data import (
-    Corpus,
-    TokenSplitWriter,
-    prepare_data,
-    split_pieces,
-    stream_pieces,
-    strip_gutenberg,
-    tokenize_corpus,
-)
+from pipeline.corpora import Corpus, split_pieces, stream_pieces, strip_gutenberg
+from pipeline.data import TokenSplitWriter, prepare_data, tokenize_corpus
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
 from pipeline.rows import load_tokens, read_meta
@@ -409,7 +402,7 @@ def test_encoding_option_reads_latin1(tmp_path, tiny_teacher):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
     ids = np.concatenate([load_tokens(tmp_path / "b", "train"), load_tokens(tmp_path / "b", "val")])
-    from pipeline.data import strip_gutenberg
+    from pipeline.corpora import strip_gutenberg
 
     assert tokenizer.decode(ids[:-1]) == strip_gutenberg(text)  # the decoded text, EOS excluded
 
@@ -479,9 +472,9 @@ def test_memory_does_not_grow_with_a_one_line_corpus(tmp_path, tiny_teacher, mon
     scale", measures the defaults on 100 MB)."""
     import tracemalloc
 
-    from pipeline import data
+    from pipeline import corpora, data
 
-    monkeypatch.setattr(data, "PIECE_CHARS", 1 << 13)
+    monkeypatch.setattr(corpora, "PIECE_CHARS", 1 << 13)
     monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 1 << 15)
     monkeypatch.setattr(data, "DOCUMENT_BUFFER_TOKENS", 1 << 12)
     monkeypatch.setattr(data, "MOVE_BLOCK_BYTES", 1 << 16)
@@ -603,7 +596,7 @@ def test_text_files_above_the_limit_are_streamed_gz_by_its_uncompressed_size(tmp
     """Files with more text than STREAMED_FILE_BYTES (lowered here) are never read whole: a .gz counts its
     uncompressed size. Same tokens as the whole-file path for a text without a Gutenberg header; a damaged .gz
     is one error line."""
-    from pipeline import data
+    from pipeline import corpora
 
     text = willows_text()[60_000:80_000].strip() + "\n"
     raw, packed = text.encode("utf-8"), gzip.compress(text.encode("utf-8"))
@@ -612,13 +605,13 @@ def test_text_files_above_the_limit_are_streamed_gz_by_its_uncompressed_size(tmp
     (tmp_path / "a.txt.gz").write_bytes(packed)
     whole = {name: build(tmp_path / name, tiny_teacher, tmp_path / f"whole-{name}") for name in ("a.txt", "a.txt.gz")}
 
-    monkeypatch.setattr(data, "STREAMED_FILE_BYTES", 10_000)
-    monkeypatch.setattr(data, "_read_text_file", lambda *a, **k: pytest.fail("a big file was read whole"))
+    monkeypatch.setattr(corpora, "STREAMED_FILE_BYTES", 10_000)
+    monkeypatch.setattr(corpora, "_read_text_file", lambda *a, **k: pytest.fail("a big file was read whole"))
     for name in ("a.txt", "a.txt.gz"):
         meta = build(tmp_path / name, tiny_teacher, tmp_path / f"streamed-{name}")
         for split in ("train", "val"):
             assert meta[f"{split}_sha256"] == whole[name][f"{split}_sha256"], (name, split)
-    monkeypatch.setattr(data, "STREAMED_FILE_BYTES", 0)  # whatever its trailer says
+    monkeypatch.setattr(corpora, "STREAMED_FILE_BYTES", 0)  # whatever its trailer says
     (tmp_path / "broken.txt.gz").write_bytes(packed[: len(packed) // 2])
     with pytest.raises(PipelineError, match=r"broken\.txt\.gz cannot be read \(EOFError.*valid \.txt\.gz") as info:
         build(tmp_path / "broken.txt.gz", tiny_teacher, tmp_path / "broken")

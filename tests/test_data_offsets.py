@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from conftest import make_tiny_teacher, make_tokenizer, willows_text
 
-from pipeline import data, student_data
+from pipeline import corpora, data, student_data
 from pipeline.config import DataConfig
+from pipeline.corpora import strip_gutenberg
 from pipeline.data import (
     OffsetFiles,
     TokenSplitWriter,
     prepare_data,
-    strip_gutenberg,
     token_byte_ends,
     tokenize_corpus,
 )
@@ -235,7 +235,7 @@ def test_text_ends_and_parts_of_a_folder_corpus(three_data, three_documents, tin
 
 def test_token_files_are_the_same_with_and_without_offsets(tmp_path, three_documents, tiny_tokenizer):
     """The cache keys on train.bin's sha256: recording offsets changes no token byte."""
-    corpus = data.folder_corpus(three_documents[0])
+    corpus = corpora.folder_corpus(three_documents[0])
     written = {}
     for offsets in (False, True):
         folder = tmp_path / str(offsets)
@@ -272,7 +272,7 @@ def test_spilled_documents_give_the_files_of_the_in_memory_split(
     (folder / "d.txt").write_text("  \n\t\n   " * 40, encoding="utf-8")
     monkeypatch.setattr(data, "DOCUMENT_BUFFER_TOKENS", buffer_tokens)
     monkeypatch.setattr(data, "MOVE_BLOCK_BYTES", 20)
-    monkeypatch.setattr(data, "PIECE_CHARS", 40)
+    monkeypatch.setattr(corpora, "PIECE_CHARS", 40)
     build(folder, tiny_teacher, tmp_path / "spilled", val_fraction=0.2)
     assert file_bytes(tmp_path / "spilled") == file_bytes(three_data)
 
@@ -468,7 +468,7 @@ def test_student_data_of_a_character_tokenizer_advances_a_character_a_token(thre
         assert ends[-1] == len(split_text) == parts[-1, 1]
         assert len(ids) == len(split_text.decode("utf-8")) + (ids == tokenizer.eos_token_id).sum()
     check_student_folder(student, teacher, tokenizer)
-    monkeypatch.setattr(data, "PIECE_CHARS", 64)
+    monkeypatch.setattr(corpora, "PIECE_CHARS", 64)
     monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 200)
     streamed = prepare_student_data(teacher, tokenizer, tmp_path / "chars-streamed")
     names = [f"{split}.{suffix}" for split in SPLITS for suffix in ("bin", "ends", "docs")]

@@ -32,6 +32,7 @@ BOTTOM = {
     "evaluate",
     "drafting",
     "alignment",
+    "corpora",
 }
 STAGES = {
     "data",

@@ -744,7 +744,7 @@ def _teacher_mask(n, seed=0):
 def reference_loss(x, labels, mask, targets, present, *, alpha, temperature, kind, renormalize=False, beta=0.5):
     """LossParts by hand in float64 from full softmaxes of x [N,V], independent of pipeline.losses: CE the mean
     cross-entropy over mask (None: every row); KD the divergence summed over the rows in mask and present only, per
-    row of mask (0 if none), top-k on the K ids plus the tail bucket (or renormalised over the ids), sampled the
+    row of mask (0 if none), and the rows of mask without a target given (1 - alpha) of their CE besides; top-k on the K ids plus the tail bucket (or renormalised over the ids), sampled the
     forward-KL estimate."""
     x = x.double()
     mask = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask
@@ -765,7 +765,9 @@ def reference_loss(x, labels, mask, targets, present, *, alpha, temperature, kin
         cross = -(counts * log_q.gather(1, targets["sample_ids"][rows].long())).sum(1) / targets["num_samples"]
         kd_rows = cross - targets["teacher_entropy"][rows].double()
     kd = kd_rows.sum() / int(mask.sum())  # summed over the rows with a target, per masked-in position as the CE
-    return LossParts(alpha * ce + (1 - alpha) * temperature**2 * kd, ce, kd)
+    rest = mask & ~present  # no teacher target: the soft loss's share goes to their CE
+    ce_rest = F.cross_entropy(x[rest], labels[rest], reduction="sum") / int(mask.sum())
+    return LossParts(alpha * ce + (1 - alpha) * (temperature**2 * kd + ce_rest), ce, kd)
 
 
 def _with_teacher_mask(targets, present):
@@ -822,7 +824,10 @@ def test_teacher_mask_with_full_vocabulary_equals_dense_kd_loss_on_the_subset(te
     share = rows.sum() / s["mask"].sum()  # KD summed over the rows with a target, per masked-in row
     torch.testing.assert_close(out.kd, dense.kd * share, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.ce, ce)
-    torch.testing.assert_close(out.total, 0.3 * ce + 0.7 * temperature**2 * dense.kd * share, rtol=1e-5, atol=1e-6)
+    rest = s["mask"] & ~present
+    ce_rest = F.cross_entropy(s["student"][rest], s["labels"][rest], reduction="sum") / s["mask"].sum()
+    want = 0.3 * ce + 0.7 * (temperature**2 * dense.kd * share + ce_rest)
+    torch.testing.assert_close(out.total, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode,kind,renormalize", KD_CASES)
@@ -851,7 +856,8 @@ def test_teacher_mask_all_true_is_bit_identical_to_none(mode, kind, renormalize,
 @pytest.mark.parametrize("mode,kind,renormalize", KD_CASES)
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_teacher_mask_all_false_gives_ce_alone(mode, kind, renormalize, with_mask):
-    # No position has a teacher target, and every target is garbage: KD is 0, total alpha CE, gradients finite.
+    # No position has a teacher target, and every target is garbage: KD is 0, total the CE (alpha of it as the hard
+    # loss, the rest as the soft loss's share), gradients finite and the CE's.
     s = _setup(n=10, temperature=2.0, dtype=torch.float32)
     mask = s["mask"] if with_mask else None
     absent = torch.zeros(10, dtype=torch.bool)
@@ -869,12 +875,12 @@ def test_teacher_mask_all_false_gives_ce_alone(mode, kind, renormalize, with_mas
         chunk_size=3,
     )
     assert out.kd.item() == 0.0
-    assert torch.equal(out.total, 0.3 * out.ce)
+    torch.testing.assert_close(out.total, out.ce, rtol=1e-6, atol=0)
     torch.testing.assert_close(out.ce, hard_ce(s["student"], s["labels"], mask))
     (g_total,) = torch.autograd.grad(out.total, x, retain_graph=True)
     (g_kd,) = torch.autograd.grad(out.kd, x)
     y = s["student"].clone().requires_grad_(True)
-    (g_ce,) = torch.autograd.grad(0.3 * hard_ce(y, s["labels"], mask), y)
+    (g_ce,) = torch.autograd.grad(hard_ce(y, s["labels"], mask), y)
     assert torch.isfinite(g_total).all() and (g_kd == 0).all()
     torch.testing.assert_close(g_total, g_ce, rtol=1e-6, atol=1e-8)
 
@@ -976,7 +982,9 @@ def test_tiny_student_tails_outside_teacher_mask_are_not_redone(monkeypatch):
     rows = s["mask"] & present
     ref_kd = topk_divergence(y, s["ids"], s["logprobs"].double(), s["tail"].double(), rows, 1.0)
     ref_kd = ref_kd * rows.sum() / s["mask"].sum()  # summed over the rows with a target, per masked-in row
-    ref = 0.3 * hard_ce(y, s["labels"], s["mask"]) + 0.7 * ref_kd
+    rest = s["mask"] & ~present  # without a teacher target: the soft loss's share goes to their CE
+    ce_rest = F.cross_entropy(y[rest], s["labels"][rest], reduction="sum") / s["mask"].sum()
+    ref = 0.3 * hard_ce(y, s["labels"], s["mask"]) + 0.7 * (ref_kd + ce_rest)
     (want,) = torch.autograd.grad(ref, y)
     torch.testing.assert_close(out.kd.double(), ref_kd, rtol=1e-5, atol=0)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)

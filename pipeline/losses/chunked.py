@@ -74,11 +74,12 @@ class LossSpec:
         return cls(mode, kd_loss, float(jsd_beta), bool(topk_renormalize), float(alpha), float(temperature), chunk_size)
 
     @property
-    def weights(self) -> tuple[float, float]:
-        """(a_ce, a_kd): total = a_ce CE + a_kd KD."""
+    def weights(self) -> tuple[float, float, float]:
+        """(a_ce, a_kd, a_rest): total = a_ce CE + a_kd KD + a_rest CE_rest, CE_rest the CE of the positions
+        without a teacher target (which take the soft loss's share as hard loss)."""
         if self.mode is None:
-            return 1.0, 0.0
-        return self.alpha, (1.0 - self.alpha) * self.temperature**2
+            return 1.0, 0.0, 0.0
+        return self.alpha, (1.0 - self.alpha) * self.temperature**2, 1.0 - self.alpha
 
     @property
     def tail(self) -> bool:
@@ -97,12 +98,14 @@ class LossSpec:
 class PreparedInputs(NamedTuple):
     """The inputs of a chunked loss, checked and cast: labels [N] long and mask [N] bool on the device (masked-out
     labels 0), kd_mask [N] bool, the positions the KD counts (mask and the teacher's `present`; mask itself, the
-    same tensor, when every position has a target), the teacher's targets (rows outside kd_mask given dummies; None
+    same tensor, when every position has a target), rest_mask [N] bool, the masked-in positions outside kd_mask
+    (None when there are none by construction), the teacher's targets (rows outside kd_mask given dummies; None
     for CE alone), the spec and the chunks of rows that hold a masked-in position."""
 
     labels: torch.Tensor
     mask: torch.Tensor
     kd_mask: torch.Tensor
+    rest_mask: torch.Tensor | None
     teacher: TeacherTargets | None
     spec: LossSpec
     chunks: list[slice]
@@ -113,7 +116,8 @@ class PreparedInputs(NamedTuple):
         n = self.labels[rows].shape[0]
         mask = self.mask[rows]
         kd_mask = mask if self.kd_mask is self.mask else self.kd_mask[rows]
-        return PreparedInputs(self.labels[rows], mask, kd_mask, teacher, self.spec, [slice(0, n)])
+        rest_mask = None if self.rest_mask is None else self.rest_mask[rows]
+        return PreparedInputs(self.labels[rows], mask, kd_mask, rest_mask, teacher, self.spec, [slice(0, n)])
 
 
 def prepare_inputs(n: int, dtype, device, labels, mask, targets: Mapping | None, **options) -> PreparedInputs:
@@ -125,10 +129,11 @@ def prepare_inputs(n: int, dtype, device, labels, mask, targets: Mapping | None,
     every_position = mask is None
     mask = all_positions(mask, n, device)
     labels = torch.where(mask, labels.reshape(-1).to(device=device, dtype=torch.long), 0)
-    kd_mask = mask
+    kd_mask, rest_mask = mask, None
     if teacher is not None:
         if teacher.present is not None:  # the KD counts the positions with a teacher target only; the CE all
-            kd_mask = mask & teacher.present.to(device=device, dtype=torch.bool)
+            present = teacher.present.to(device=device, dtype=torch.bool)
+            kd_mask, rest_mask = mask & present, mask & ~present
         teacher = teacher.masked(kd_mask, dtype, device)
     chunk_size = spec.chunk_size
     n_chunks = -(-n // chunk_size)
@@ -137,19 +142,25 @@ def prepare_inputs(n: int, dtype, device, labels, mask, targets: Mapping | None,
     else:  # one host sync for the whole batch, to skip chunks that are all padding
         busy = F.pad(mask, (0, n_chunks * chunk_size - n)).view(n_chunks, chunk_size).any(1).tolist()
     chunks = [slice(i * chunk_size, (i + 1) * chunk_size) for i, b in enumerate(busy) if b]
-    return PreparedInputs(labels, mask, kd_mask, teacher, spec, chunks)
+    return PreparedInputs(labels, mask, kd_mask, rest_mask, teacher, spec, chunks)
 
 
-def loss_parts(ce_sum, kd_sum, inputs: PreparedInputs) -> LossParts:
-    """The means and the total from the sums over the masked-in rows. The KD sums over kd_mask's rows only but is
-    divided by the same count as the CE: a position with a teacher target weighs what it weighs when every position
-    has one, and a batch's loss does not depend on how its rows are split over micro-batches or ranks."""
+def loss_parts(ce_sum, kd_sum, rest_sum, inputs: PreparedInputs) -> LossParts:
+    """The means and the total from the sums over the masked-in rows. With a teacher target at some positions only,
+    the KD sums over those (kd_mask) and the positions without one take the soft loss's share as hard loss
+    (rest_sum: their CE), both divided by the same count as the CE:
+
+        total = alpha CE + (1 - alpha) (T^2 KD + CE_rest)
+
+    so a position with a teacher target weighs what it weighs when every position has one, a position without one
+    is trained as by the CE alone, and a batch's loss does not depend on how its rows are split over micro-batches
+    or ranks."""
     count = masked_count(inputs.mask)
-    ce, kd = ce_sum / count, kd_sum / count
-    spec = inputs.spec
-    if spec.mode is None:
+    ce, kd, rest = ce_sum / count, kd_sum / count, rest_sum / count
+    if inputs.spec.mode is None:
         return LossParts(total=ce, ce=ce, kd=kd)
-    return LossParts(total=spec.alpha * ce + (1.0 - spec.alpha) * spec.temperature**2 * kd, ce=ce, kd=kd)
+    a_ce, a_kd, a_rest = inputs.spec.weights
+    return LossParts(total=a_ce * ce + a_kd * kd + a_rest * rest, ce=ce, kd=kd)
 
 
 # ----------------------------------------------------------------------------- one chunk, forward
@@ -277,7 +288,8 @@ class BackwardInputs(NamedTuple):
 
 
 def loss_forward(logits_of, n: int, dtype, device, inputs: PreparedInputs, buffers: WorkBuffers):
-    """The forward of both chunked losses: (ce_sum, kd_sum, BackwardInputs, rows redone).
+    """The forward of both chunked losses: (ce_sum, kd_sum, rest_sum, BackwardInputs, rows redone); rest_sum the CE
+    of the rows in rest_mask (0 without one).
 
     logits_of(rows) gives the student's logits at rows (a slice of a chunk, or a LongTensor of rows redone), any
     float dtype; `dtype` is the compute dtype. Only [N,1] / [N,K] statistics outlive a chunk."""
@@ -296,7 +308,9 @@ def loss_forward(logits_of, n: int, dtype, device, inputs: PreparedInputs, buffe
             lse_t[rows] = st.lse_t
         if spec.tail:
             lse_out[rows], empty[rows], redo[rows] = st.lse_out, st.empty, st.redo
-    ce_sum = masked_sum((lse - x_label).squeeze(1), mask)
+    ce_rows = (lse - x_label).squeeze(1)
+    ce_sum = masked_sum(ce_rows, mask)
+    rest_sum = ce_sum.new_zeros(()) if inputs.rest_mask is None else masked_sum(ce_rows, inputs.rest_mask)
     kd = KdGrads(torch.zeros((), dtype=dtype, device=device), None, None, None)
     redo_rows = []
     if spec.mode is not None:
@@ -309,7 +323,7 @@ def loss_forward(logits_of, n: int, dtype, device, inputs: PreparedInputs, buffe
             redo_lse_out(logits_of, ids, spec, redo_rows, lse_out)
             kd = kd_grads(spec, kd_mask, teacher, stats)
     kept = BackwardInputs(ids, lse, lse_t, lse_out, empty | redo, kd.d_lse_t, kd.d_z_ids, kd.d_lse_out)
-    return ce_sum, kd.kd_sum, kept, redo_rows
+    return ce_sum, kd.kd_sum, rest_sum, kept, redo_rows
 
 
 # ----------------------------------------------------------------------------- one chunk, backward
@@ -320,17 +334,19 @@ class RowCoefficients:
     """Per-row coefficients of the softmax passes that make d loss / d logits (see chunk_grad); [N,1] except
     z_ids [N,K]; None where the loss has no such term."""
 
-    ce: torch.Tensor  # w_ce: the CE's weight, upstream gradient times mask
+    ce: torch.Tensor  # w_ce: the CE's weight, upstream gradient times mask (plus the rest's on rest_mask)
     kd: torch.Tensor | None  # softmax(x/T)'s factor from lse_t
     outside: torch.Tensor | None  # softmax(x/T)'s factor outside the ids: kd's plus the tail's
     z_ids: torch.Tensor | None  # added at the ids
     tail: torch.Tensor | None  # the tail term's factor on rows whose tail was redone: exp(x/T - lse_out) times it
 
     @classmethod
-    def of(cls, spec: LossSpec, mask, kept: BackwardInputs, grad_ce, grad_kd) -> RowCoefficients:
+    def of(cls, spec: LossSpec, mask, rest_mask, kept: BackwardInputs, grad_ce, grad_kd, grad_rest) -> RowCoefficients:
         dtype = kept.lse.dtype
         scale = grad_kd / spec.temperature  # dz/dx = 1/T
         w_ce = grad_ce * mask[:, None].to(dtype)
+        if rest_mask is not None:  # the rows without a teacher target: their CE counts twice, in CE and in CE_rest
+            w_ce = w_ce + grad_rest * rest_mask[:, None].to(dtype)
         c_kd = scale * kept.d_lse_t if spec.uses_lse_t else None
         c_out = c_kd
         c_tail = None
@@ -398,11 +414,11 @@ def loss_backward(
     upstream: tuple,
     buffers: WorkBuffers,
 ) -> None:
-    """The backward of both chunked losses, for upstream = (grad_ce, grad_kd): for each chunk, g = d loss / d logits
-    [chunk,V] (chunk_grad, written into out_of(rows) when out_of is given, else into a buffer), handed to
-    emit(rows, g) before the next chunk is made."""
+    """The backward of both chunked losses, for upstream = (grad_ce, grad_kd, grad_rest): for each chunk,
+    g = d loss / d logits [chunk,V] (chunk_grad, written into out_of(rows) when out_of is given, else into a
+    buffer), handed to emit(rows, g) before the next chunk is made."""
     spec, dtype = inputs.spec, kept.lse.dtype
-    coef = RowCoefficients.of(spec, inputs.mask, kept, *upstream)
+    coef = RowCoefficients.of(spec, inputs.mask, inputs.rest_mask, kept, *upstream)
     for rows in inputs.chunks:
         x = logits_of(rows)
         ids = None if kept.ids is None else kept.ids[rows]

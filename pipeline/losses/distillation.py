@@ -19,7 +19,8 @@ from pipeline.losses.divergences import LossParts, compute_dtype
 
 
 class ChunkedLoss(torch.autograd.Function):
-    """(sum of CE, sum of KD) over the masked-in rows of logits [N,V], a chunk of rows at a time.
+    """(sum of CE, sum of KD, sum of CE_rest) over the masked-in rows of logits [N,V], a chunk of rows at a time
+    (CE_rest: the CE of the rows without a teacher target).
 
     Forward (loss_forward): per chunk, chunk_stats makes [chunk,1] and [chunk,K] statistics without a graph.
     Then, for all rows at once, the divergence goes through autograd on those small tensors only, and its
@@ -43,15 +44,15 @@ class ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, inputs: PreparedInputs):
         n, dtype = logits.shape[0], compute_dtype(logits.dtype)
-        ce_sum, kd_sum, kept, redo_rows = loss_forward(
+        ce_sum, kd_sum, rest_sum, kept, redo_rows = loss_forward(
             logits.__getitem__, n, dtype, logits.device, inputs, WorkBuffers()
         )
         ctx.inputs, ctx.redo_rows = inputs, redo_rows
         ctx.save_for_backward(logits, *kept)
-        return ce_sum, kd_sum
+        return ce_sum, kd_sum, rest_sum
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_kd):
+    def backward(ctx, grad_ce, grad_kd, grad_rest):
         logits, *kept = ctx.saved_tensors
         n = logits.shape[0]
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -69,7 +70,14 @@ class ChunkedLoss(torch.autograd.Function):
         out_of = grad.__getitem__ if in_place else None
         kept = BackwardInputs(*kept)
         loss_backward(
-            logits.__getitem__, out_of, emit, ctx.inputs, kept, ctx.redo_rows, (grad_ce, grad_kd), WorkBuffers()
+            logits.__getitem__,
+            out_of,
+            emit,
+            ctx.inputs,
+            kept,
+            ctx.redo_rows,
+            (grad_ce, grad_kd, grad_rest),
+            WorkBuffers(),
         )
         return grad, None
 
@@ -93,9 +101,9 @@ def distillation_loss(
     bool (None: every position); targets holds either topk_ids/topk_logprobs/tail_logprob ([N,K], [N,K], [N]) or
     sample_ids/sample_counts/teacher_entropy ([N,S], [N,S], [N]) plus num_samples (int), and optionally
     teacher_mask [N] bool, the positions that have a teacher target (cross-tokenizer distillation): CE is the mean
-    over mask, KD the sum over mask & teacher_mask divided by the same count (0 where none), so a position with a
-    target weighs what it does when all have one and micro-batches or ranks split a batch without changing its loss;
-    the other rows' targets reach no arithmetic.
+    over mask, KD the sum over mask & teacher_mask divided by the same count (0 where none), and the positions
+    without a target take the soft loss's share as hard loss: total = alpha CE + (1 - alpha) (T^2 KD + CE_rest)
+    (chunked.loss_parts); the other rows' targets reach no arithmetic.
     CE is at temperature 1; KD is topk_divergence / sampled_divergence at `temperature`, and T^2
     keeps its gradient on the scale of the CE's (Hinton et al. 2015).
 
@@ -122,5 +130,4 @@ def distillation_loss(
         topk_renormalize=topk_renormalize,
         chunk_size=chunk_size,
     )
-    ce_sum, kd_sum = ChunkedLoss.apply(logits, inputs)
-    return loss_parts(ce_sum, kd_sum, inputs)
+    return loss_parts(*ChunkedLoss.apply(logits, inputs), inputs)

@@ -34,14 +34,14 @@ class FusedHeadLoss(torch.autograd.Function):
     with g the chunk's d loss / d logits, cast to logits_dtype as the head's own backward would see it.
 
     The divergence is a sum over rows, so a chunk's statistics, its part of the KD and its gradients need no other
-    chunk: with `eager` (the spec's weights (a_ce, a_kd) of the two sums in the loss that will be differentiated,
-    alpha and (1 - alpha) T^2; 1 and 0 for CE alone), the forward runs loss_forward and loss_backward chunk by chunk
-    while the chunk's logits exist, and keeps the [N,H] / [V,H] gradients: three head matmuls per chunk, as the
-    unfused head takes, and no second pass. The backward scales them by the upstream gradient when it is
-    (a_ce, a_kd) times a number (it is for LossParts.total and for any multiple of it, e.g. under gradient
-    accumulation); otherwise (a backward of one part alone, or a second backward) it makes every chunk's logits
-    again from the kept statistics and computes the gradients for that upstream. The head's gradients are summed
-    over chunks as HeadGrads says, then cast to the parameters' dtype."""
+    chunk: with `eager` (the spec's weights (a_ce, a_kd, a_rest) of the three sums in the loss that will be
+    differentiated, alpha, (1 - alpha) T^2 and 1 - alpha; 1, 0 and 0 for CE alone), the forward runs loss_forward
+    and loss_backward chunk by chunk while the chunk's logits exist, and keeps the [N,H] / [V,H] gradients: three
+    head matmuls per chunk, as the unfused head takes, and no second pass. The backward scales them by the upstream
+    gradient when it is (a_ce, a_kd, a_rest) times a number (it is for LossParts.total and for any multiple of it,
+    e.g. under gradient accumulation); otherwise (a backward of one part alone, or a second backward) it makes every
+    chunk's logits again from the kept statistics and computes the gradients for that upstream. The head's gradients
+    are summed over chunks as HeadGrads says, then cast to the parameters' dtype."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, logits_dtype, eager: bool, inputs: PreparedInputs, buffers: WorkBuffers):
@@ -51,13 +51,13 @@ class FusedHeadLoss(torch.autograd.Function):
             w = buffers.take(HEAD_WEIGHT, weight.shape, logits_dtype, weight.device).copy_(weight)
         logits_of = head_logits(hidden, w, bias, logits_dtype, buffers)
         grads = HeadGrads(hidden, w, bias, logits_dtype, weight.dtype, buffers) if eager else None
-        ce_sum = kd_sum = torch.zeros((), dtype=dtype, device=hidden.device)
+        ce_sum = kd_sum = rest_sum = torch.zeros((), dtype=dtype, device=hidden.device)
         kept_by_chunk, redo_by_chunk = [], []
         for rows in inputs.chunks:
             x = logits_of(rows)  # [chunk,V], the only vocabulary-sized tensors are this chunk's
             chunk = inputs.rows(rows)
-            ce, kd, kept, redo_rows = loss_forward(x.__getitem__, x.shape[0], dtype, x.device, chunk, buffers)
-            ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+            ce, kd, rest, kept, redo_rows = loss_forward(x.__getitem__, x.shape[0], dtype, x.device, chunk, buffers)
+            ce_sum, kd_sum, rest_sum = ce_sum + ce, kd_sum + kd, rest_sum + rest
             kept_by_chunk += kept
             redo_by_chunk.append(redo_rows)
             if eager:
@@ -68,15 +68,15 @@ class FusedHeadLoss(torch.autograd.Function):
         # Not saved for backward: the backward scales them in place and hands them on, once.
         ctx.eager_grads = grads.result(weight, bias) if eager else None
         ctx.save_for_backward(hidden, weight, bias, *kept_by_chunk)
-        return ce_sum, kd_sum
+        return ce_sum, kd_sum, rest_sum
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_kd):
+    def backward(ctx, grad_ce, grad_kd, grad_rest):
         hidden, weight, bias, *kept_by_chunk = ctx.saved_tensors
         eager_grads, ctx.eager_grads = ctx.eager_grads, None  # a second backward (retain_graph) recomputes
         nones = (None,) * 4  # logits_dtype, eager, inputs, buffers
         if eager_grads is not None:
-            scale = upstream_scale(ctx.inputs.spec.weights, grad_ce, grad_kd)
+            scale = upstream_scale(ctx.inputs.spec.weights, (grad_ce, grad_kd, grad_rest))
             if scale is not None:  # the kept gradients, scaled in place by the upstream's multiple of (a_ce, a_kd)
                 return tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in eager_grads) + nones
         dtype, width = ctx.logits_dtype, len(BackwardInputs._fields)
@@ -88,18 +88,25 @@ class FusedHeadLoss(torch.autograd.Function):
             kept = BackwardInputs(*kept_by_chunk[i * width : (i + 1) * width])
             chunk, redo_rows = ctx.inputs.rows(rows), ctx.redo_by_chunk[i]
             loss_backward(
-                x.__getitem__, None, grads.for_chunk(rows), chunk, kept, redo_rows, (grad_ce, grad_kd), buffers
+                x.__getitem__,
+                None,
+                grads.for_chunk(rows),
+                chunk,
+                kept,
+                redo_rows,
+                (grad_ce, grad_kd, grad_rest),
+                buffers,
             )
         return grads.result(weight, bias) + nones
 
 
-def upstream_scale(weights: tuple[float, float], grad_ce, grad_kd) -> torch.Tensor | None:
-    """s where (grad_ce, grad_kd) = s (a_ce, a_kd), weights = (a_ce, a_kd); None when there is no such s. One host
-    sync."""
-    a_ce, a_kd = weights
-    scale = grad_ce / a_ce if a_ce != 0 else grad_kd / a_kd
-    expected = torch.stack([scale * a_ce, scale * a_kd])
-    same = torch.allclose(torch.stack([grad_ce, grad_kd]).to(expected.dtype), expected, rtol=1e-6, atol=0.0)
+def upstream_scale(weights: tuple[float, ...], upstream: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """s where upstream = s weights (the loss's (a_ce, a_kd, a_rest) and the gradients reaching its three sums);
+    None when there is no such s. One host sync."""
+    first = next(i for i, a in enumerate(weights) if a != 0)  # a_ce, or a_kd when alpha is 0
+    scale = upstream[first] / weights[first]
+    expected = torch.stack([scale * a for a in weights])
+    same = torch.allclose(torch.stack(list(upstream)).to(expected.dtype), expected, rtol=1e-6, atol=0.0)
     return scale if same else None
 
 
@@ -198,5 +205,5 @@ def fused_distillation_loss(
     # the gradients in the forward when a backward will follow (see FusedHeadLoss), for total's weights
     eager = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
     buffers = WorkBuffers() if buffers is None else buffers
-    ce_sum, kd_sum = FusedHeadLoss.apply(hidden, head_weight, head_bias, logits_dtype, eager, inputs, buffers)
-    return loss_parts(ce_sum, kd_sum, inputs)
+    sums = FusedHeadLoss.apply(hidden, head_weight, head_bias, logits_dtype, eager, inputs, buffers)
+    return loss_parts(*sums, inputs)

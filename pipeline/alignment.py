@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -239,14 +240,25 @@ def matching_rows(
     return rows
 
 
-def tokenizer_maps(teacher_tokenizer, student_tokenizer, teacher_size: int, kind: str = "prefix"):
-    """(vocab_map, matching_rows) of two transformers tokenizers: teacher id -> student id ([teacher_size], the ids
-    the cache holds) and student id -> teacher id with the same bytes ([len(student_tokenizer)])."""
+@dataclass(frozen=True)
+class TokenizerMaps:
+    """Between a teacher's tokenizer and a student's: teacher id -> student id ([teacher_size]: vocab_map), student
+    id -> the teacher id with the same bytes ([student vocabulary]: matching_rows), and the continuations of
+    teacher tokens the student has read part of (Continuations)."""
+
+    id_map: np.ndarray
+    teacher_rows: np.ndarray
+    continuations: Continuations
+
+
+def tokenizer_maps(teacher_tokenizer, student_tokenizer, teacher_size: int, kind: str = "prefix") -> TokenizerMaps:
+    """The TokenizerMaps of two transformers tokenizers; teacher_size: the ids the cache holds."""
     teacher_bytes, student_bytes = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
     teacher_eos, student_eos = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
-    return (
+    return TokenizerMaps(
         vocab_map(teacher_bytes, student_bytes, teacher_size, student_eos, teacher_eos, kind),
         matching_rows(teacher_bytes, student_bytes, student_eos, teacher_eos),
+        Continuations(teacher_bytes, student_bytes),
     )
 
 
@@ -305,6 +317,77 @@ def align_positions(student_ends, start: int, count: int, teacher_ends, teacher_
     matched &= fits
     positions[np.flatnonzero(alignable)[matched]] = found[matched]
     return positions
+
+
+def positions_inside(student_ends, start: int, count: int, teacher_ends, teacher_limit: int, within: int):
+    """For the student positions start .. start+count-1 that align with no teacher position: the teacher position
+    of the last teacher token boundary before them and how many bytes past it they end ((g, consumed) int64
+    [count] each; g = -1 where there is none within `within` bytes, in [0, teacher_limit)).
+
+    Position p ends e = student_ends[p] inside the teacher token that follows boundary g (the first teacher token
+    with end E < e, the largest such E): the teacher's target at g is its distribution over that next token, and the
+    student has read e - E of its bytes. `continuation_ids` conditions that distribution on those bytes. Positions
+    that align exactly (align_positions) and zero-width ones get -1, as do those with no boundary before them."""
+    first = max(start - 1, 0)
+    window = np.asarray(student_ends[first : start + count], dtype=np.int64)
+    ends = window[start - first :]
+    previous = window[:-1] if start > 0 else np.concatenate([[-1], window[:-1]])[: len(ends)]
+    searched = teacher_ends[: max(0, min(teacher_limit, len(teacher_ends)))]
+    boundary = np.full(count, -1, np.int64)
+    consumed = np.zeros(count, np.int64)
+    if not len(searched) or not count:
+        return boundary, consumed
+    dtype = searched.dtype
+    values = ends.astype(dtype)
+    last = np.searchsorted(searched, values, side="left") - 1  # the last teacher token ending before e
+    has = last >= 0
+    last_end = np.zeros(count, np.int64)
+    last_end[has] = np.asarray(searched[last[has]], dtype=np.int64)
+    g = np.full(count, -1, np.int64)
+    g[has] = np.searchsorted(searched, last_end[has].astype(dtype), side="left")  # the first with that end
+    consumed = ends - last_end
+    inside = has & (previous < ends) & (consumed > 0) & (consumed <= within)
+    boundary[inside] = g[inside]
+    return boundary, np.where(inside, consumed, 0)
+
+
+class Continuations:
+    """Where a teacher token's probability goes when the student has already read the first bytes of it: for the
+    consumed bytes c, teacher token t counts only if its bytes start with c and go on past it, and then goes to the
+    student token that is the longest prefix of the rest of t (the prefix map, one step on). The teacher's target at
+    the boundary before c conditioned on c (Phan et al. 2024's byte-level probability, one token deep): targets for
+    the positions inside a teacher token, which a character-level student has most of."""
+
+    def __init__(self, teacher_bytes: Sequence[bytes | None], student_bytes: Sequence[bytes | None]):
+        self.teacher_bytes = list(teacher_bytes)
+        self.student_ids = lowest_id_of_bytes(student_bytes)
+        self.longest = max(map(len, self.student_ids), default=0)
+        self.within = max((len(b) for b in self.teacher_bytes if b), default=0) - 1  # bytes that can be consumed
+        self._first: dict[bytes, int] = {}
+
+    def first_student_token(self, text: bytes) -> int:
+        """The student token that is the longest prefix of text, -1 if none."""
+        found = self._first.get(text)
+        if found is None:
+            found = -1
+            for length in range(min(len(text), self.longest), 0, -1):
+                if text[:length] in self.student_ids:
+                    found = self.student_ids[text[:length]]
+                    break
+            self._first[text] = found
+        return found
+
+    def continuation_ids(self, teacher_ids: np.ndarray, consumed: Sequence[bytes]) -> np.ndarray:
+        """[n, K] teacher ids and each row's consumed bytes -> the student ids their probability goes to, -1 for
+        the teacher tokens that do not continue the consumed bytes (their mass is conditioned away)."""
+        out = np.full(teacher_ids.shape, -1, np.int64)
+        for row, (ids, text) in enumerate(zip(teacher_ids.tolist(), consumed)):
+            n = len(text)
+            for column, teacher_id in enumerate(ids):
+                spelled = self.teacher_bytes[teacher_id] if 0 <= teacher_id < len(self.teacher_bytes) else None
+                if spelled is not None and len(spelled) > n and spelled.startswith(text):
+                    out[row, column] = self.first_student_token(spelled[n:])
+        return out
 
 
 # ----------------------------------------------------------------------------- teacher targets -> student ids
@@ -366,8 +449,15 @@ def map_topk(
       - a row with no mapped mass is all padding (id 0): the caller masks it.
     Total mass (sum exp(logprobs) + exp(tail)) is preserved. Sums are taken in float64.
     """
-    shape, k = ids.shape, ids.shape[-1]
-    student_ids = id_map[np.asarray(ids).reshape(-1, k)]  # [R, K]
+    return merge_topk(id_map[np.asarray(ids)], logprobs, tail_logprob)
+
+
+def merge_topk(
+    student_ids: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """map_topk given each entry's student id ([..., K], -1: none) instead of a map."""
+    shape, k = student_ids.shape, student_ids.shape[-1]
+    student_ids = student_ids.reshape(-1, k)  # [R, K]
     logp = np.asarray(logprobs, np.float64).reshape(-1, k)
     tail = np.asarray(tail_logprob).reshape(-1)
     with np.errstate(under="ignore"):
@@ -404,8 +494,13 @@ def map_sampled(ids: np.ndarray, counts: np.ndarray, id_map: np.ndarray) -> tupl
     (-1) are dropped, so a row's counts may sum to less than num_samples. The entries come first, in the order
     of their first occurrence in the row, then padding: id 0 with count 0 (the cache's own padding).
     """
-    shape, s = ids.shape, ids.shape[-1]
-    student_ids = id_map[np.asarray(ids).reshape(-1, s)]
+    return merge_sampled(id_map[np.asarray(ids)], counts)
+
+
+def merge_sampled(student_ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """map_sampled given each entry's student id ([..., S], -1: none) instead of a map."""
+    shape, s = student_ids.shape, student_ids.shape[-1]
+    student_ids = student_ids.reshape(-1, s)
     weights = np.asarray(counts, np.float64).reshape(-1, s)
     sorted_ids, columns, sums = merge_equal_ids(student_ids, weights)
     _, by_first = sort_rows(np.where(sums > 0, columns, s))  # kept first, by first occurrence

@@ -3,8 +3,7 @@ in a deterministic order that depends only on the seed and the step, so that dis
 the same sequences in the same order and a resumed run continues exactly where it stopped.
 
 A student with another tokenizer than the teacher's reads its own token rows; distilling, AlignedCacheRows adds the
-teacher's cached targets at the positions where the two tokenizations align (alignment.py), carried to its
-vocabulary, and `teacher_mask` marking them."""
+teacher's cached targets carried to its positions and vocabulary (alignment.py), and `teacher_mask` marking them."""
 
 from __future__ import annotations
 
@@ -14,9 +13,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.alignment import align_positions, map_sampled, map_topk
+from pipeline.alignment import (
+    ZERO_MASS_LOGPROB,
+    align_positions,
+    map_sampled,
+    map_topk,
+    merge_sampled,
+    merge_topk,
+    positions_inside,
+)
 from pipeline.cache_format import CacheReader
-from pipeline.rows import load_ends, load_tokens, num_rows, row_tokens
+from pipeline.rows import load_ends, load_tokens, num_rows, row_tokens, text_path
 
 
 class TokenRows(Dataset):
@@ -55,33 +62,44 @@ class CacheRows(Dataset):
 
 class AlignedCacheRows(Dataset):
     """Row i of a cross-tokenizer student's own rows (TokenRows of its data folder, the reader's split), with the
-    teacher's cached targets where the two tokenizations align: position j gets the teacher's target at the teacher
-    position whose text ends at the same byte (align_positions), its ids carried to the student's vocabulary through
-    `id_map` (map_topk / map_sampled); `teacher_mask` [L] marks those positions (elsewhere the hard loss only).
+    teacher's cached targets carried to its positions and vocabulary (`maps`: alignment.TokenizerMaps):
 
-    Streaming: a row reads its L student byte ends, searches the teacher's (memory-mapped) for them and reads the one
-    to three cache rows they fall in; nothing is computed for the whole corpus."""
+      - aligned: position j's text ends at the same byte as a teacher position's (align_positions): the teacher's
+        target there, its ids sent to student ids by the vocabulary map (map_topk / map_sampled);
+      - inside a teacher token: position j ends c bytes into the teacher token after the last teacher boundary g
+        (positions_inside): the target at g conditioned on those bytes (Continuations: the teacher tokens that
+        start with them, each sent to the student token that begins the rest; the others' mass left out, top-k
+        entries rescaled so that the tail keeps its share, sampled counts rescaled to num_samples draws).
 
-    def __init__(self, student_dir: str, teacher_data_dir: str, reader: CacheReader, id_map: np.ndarray, max_rows=None):
+    `teacher_mask` [L] marks the positions with a target (elsewhere the hard loss only), `aligned_mask` [L] the
+    aligned ones. Streaming: a row reads its L student byte ends, binary-searches the teacher's (memory-mapped) and
+    reads the few cache rows and text bytes they need; nothing is computed for the whole corpus."""
+
+    def __init__(self, student_dir: str, teacher_data_dir: str, reader: CacheReader, maps, max_rows=None):
         self.token_rows = TokenRows(student_dir, reader.split, reader.seq_len, max_rows)
         self.student_dir, self.teacher_data_dir = student_dir, teacher_data_dir
-        self.reader, self.id_map, self.seq_len = reader, id_map, reader.seq_len
+        self.reader, self.maps, self.seq_len = reader, maps, reader.seq_len
         self.teacher_positions = len(reader) * reader.seq_len  # teacher positions with a cached target
-        self._ends = None  # (student, teacher) byte ends, opened lazily in each DataLoader worker
+        self._files = None  # (student ends, teacher ends, text), opened lazily in each DataLoader worker
 
     def __len__(self) -> int:
         return len(self.token_rows)
 
     def __getstate__(self):
-        return {**self.__dict__, "_ends": None}
+        return {**self.__dict__, "_files": None}
+
+    def _opened(self):
+        if self._files is None:
+            split = self.reader.split
+            text = np.memmap(text_path(self.teacher_data_dir, split), dtype=np.uint8, mode="r")
+            self._files = (load_ends(self.student_dir, split), load_ends(self.teacher_data_dir, split), text)
+        return self._files
 
     def teacher_positions_of(self, index: int) -> np.ndarray:
         """[L] the teacher position aligned with each position of row `index`, -1 where none."""
-        if self._ends is None:
-            split = self.reader.split
-            self._ends = (load_ends(self.student_dir, split), load_ends(self.teacher_data_dir, split))
-        student_ends, teacher_ends = self._ends
-        return align_positions(student_ends, index * self.seq_len, self.seq_len, teacher_ends, self.teacher_positions)
+        student_ends, teacher_ends, _ = self._opened()
+        start = index * self.seq_len
+        return align_positions(student_ends, start, self.seq_len, teacher_ends, self.teacher_positions)
 
     def teacher_targets_at(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         """The cached targets at teacher positions [n] ({name: [n, ...]}, teacher ids), one cache row at a time."""
@@ -96,6 +114,46 @@ class AlignedCacheRows(Dataset):
                     targets[name][take] = values[columns[take]]
         return targets
 
+    def _inside_targets(self, index: int, aligned: np.ndarray) -> tuple[np.ndarray, dict]:
+        """The positions of row `index` inside a teacher token ([L] bool) and their conditioned targets."""
+        student_ends, teacher_ends, text = self._opened()
+        continuations = self.maps.continuations
+        start = index * self.seq_len
+        boundary, consumed = positions_inside(
+            student_ends, start, self.seq_len, teacher_ends, self.teacher_positions, continuations.within
+        )
+        inside = (boundary >= 0) & ~aligned
+        targets = self.teacher_targets_at(boundary[inside])
+        ends = np.asarray(student_ends[start : start + self.seq_len], dtype=np.int64)[inside]
+        read = [bytes(text[end - n : end]) for end, n in zip(ends.tolist(), consumed[inside].tolist())]
+        if self.reader.mode == "topk":
+            ids = continuations.continuation_ids(targets["topk_ids"], read)
+            logprobs = targets["topk_logprobs"].astype(np.float64)
+            with np.errstate(under="ignore", divide="ignore"):
+                mass = np.where(logprobs > ZERO_MASS_LOGPROB, np.exp(logprobs), 0.0)
+                kept = np.where(ids >= 0, mass, 0.0)
+                # conditioned: the kept top-k mass scaled up to the top-k's whole share, the tail's share as it was
+                kept_mass = kept.sum(1, keepdims=True)
+                scale = np.divide(
+                    mass.sum(1, keepdims=True), kept_mass, out=np.zeros_like(kept_mass), where=kept_mass > 0
+                )
+                logprobs = np.log(kept * scale).astype(np.float32)
+            merged = merge_topk(ids, logprobs, targets["tail_logprob"])
+            targets.update(topk_ids=merged[0], topk_logprobs=merged[1], tail_logprob=merged[2])
+            has_target = (kept.sum(1) > 0) if len(kept) else np.zeros(0, bool)
+        else:
+            ids = continuations.continuation_ids(targets["sample_ids"], read)
+            counts = np.where(ids >= 0, targets["sample_counts"].astype(np.float64), 0.0)
+            draws = counts.sum(1, keepdims=True)
+            scale = np.divide(self.reader.num_samples, draws, out=np.zeros_like(draws), where=draws > 0)
+            counts = counts * scale  # as if every draw continued what the student read
+            merged = merge_sampled(ids, counts.astype(np.float32))
+            targets.update(sample_ids=merged[0], sample_counts=merged[1])
+            has_target = draws[:, 0] > 0 if len(draws) else np.zeros(0, bool)
+        where = np.flatnonzero(inside)
+        inside[where[~has_target]] = False  # no teacher token continues what the student read: no target
+        return inside, {name: values[has_target] for name, values in targets.items()}
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         out = self.token_rows[index]
         positions = self.teacher_positions_of(index)
@@ -103,16 +161,19 @@ class AlignedCacheRows(Dataset):
         targets = self.teacher_targets_at(positions[aligned])
         if self.reader.mode == "topk":
             ids, logprobs, tail = map_topk(
-                targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], self.id_map
+                targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], self.maps.id_map
             )
             targets.update(topk_ids=ids, topk_logprobs=logprobs, tail_logprob=tail)
         else:
-            ids, counts = map_sampled(targets["sample_ids"], targets["sample_counts"], self.id_map)
+            ids, counts = map_sampled(targets["sample_ids"], targets["sample_counts"], self.maps.id_map)
             targets.update(sample_ids=ids, sample_counts=counts)
+        inside, inside_targets = self._inside_targets(index, aligned)
         for name, values in targets.items():  # positions without a teacher target: zeros, never read (teacher_mask)
             out[name] = np.zeros((self.seq_len, *values.shape[1:]), values.dtype)
             out[name][aligned] = values
-        out["teacher_mask"] = aligned
+            out[name][inside] = inside_targets[name].astype(values.dtype)
+        out["teacher_mask"] = aligned | inside
+        out["aligned_mask"] = aligned
         return out
 
 

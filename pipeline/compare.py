@@ -136,7 +136,7 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
             str(student_dir),
             config.data_dir,
             val_cache,
-            tokenizer_maps(tokenizer, student_tokenizer, int(val_cache.attrs["vocab_size"]))[0],
+            tokenizer_maps(tokenizer, student_tokenizer, int(val_cache.attrs["vocab_size"])),
             count=count,
             batch_size=config.batch_size,
             temperature=temperature,

@@ -220,18 +220,19 @@ def evaluate_across_tokenizers(
     student_dir: str,
     data_dir: str,
     val_cache,
-    id_map,
+    maps,
     *,
     count: int,
     batch_size: int = 4,
     temperature: float = 1.0,
 ) -> dict:
     """Students with another tokenizer than the teacher's (their rows in student_dir), on their own val rows over the
-    text of the teacher's first `count` val cache rows: perplexity (of their tokens) and bits per byte (`evaluate`),
-    KL, agreement and coverage at the positions aligned with the teacher's (`aligned_figures`; id_map: teacher id ->
-    student id). Returns {"models": {label: figures}, "student_rows": n, "student_positions": n * L}."""
+    text of the teacher's first `count` val cache rows: perplexity (of their tokens) and bits per byte
+    (`evaluate`); KL, agreement and coverage at the positions aligned with the teacher's (`aligned_figures`; maps:
+    alignment.TokenizerMaps, whose id_map sends teacher ids to student ids). Returns {"models": {label: figures},
+    "student_rows": n, "student_positions": n * L}."""
     seq_len = val_cache.seq_len
-    rows = AlignedCacheRows(student_dir, data_dir, val_cache, id_map)
+    rows = AlignedCacheRows(student_dir, data_dir, val_cache, maps)
     teacher_ends, student_ends = load_ends(data_dir, "val"), load_ends(student_dir, "val")
     text_end = int(teacher_ends[count * seq_len])  # where the teacher's last scored label ends
     last_label = int(np.searchsorted(student_ends, text_end, side="right")) - 1
@@ -247,7 +248,7 @@ def evaluate_across_tokenizers(
         rows.teacher_positions_of,
         val_cache.tokens,
         seq_len,
-        torch.from_numpy(np.asarray(id_map)),
+        torch.from_numpy(np.asarray(maps.id_map)),
         count=student_count,
         batch_size=batch_size,
         temperature=temperature,

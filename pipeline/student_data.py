@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import corpora, data
-from pipeline.alignment import tokenizer_maps
+from pipeline.alignment import TokenizerMaps, tokenizer_maps
 from pipeline.cache_format import id_dtype_for
 from pipeline.config import StudentConfig, TrainConfig
 from pipeline.corpora import split_pieces, stream_pieces
@@ -273,18 +273,17 @@ def check_student_data(student_dir: str | Path, data_dir: str | Path) -> dict:
 class StudentRows:
     """What the student reads: its tokenizer and the data folder of its rows. With the teacher's tokenizer that is the
     run's --data-dir; with another (cross-tokenizer) a folder of its own built from the data folder's text
-    (data.prepare_student_data), plus id_map (teacher id -> student id: alignment.vocab_map) and teacher_rows
-    (student id -> the teacher id with the same bytes, or -1: where a new student's embeddings start)."""
+    (prepare_student_data), plus the maps between the two tokenizers (alignment.TokenizerMaps: teacher id ->
+    student id, the student's embedding rows that start from the teacher's, continuations)."""
 
     tokenizer: object
     data_dir: str
     meta: dict
-    id_map: object = None
-    teacher_rows: object = None
+    maps: TokenizerMaps | None = None
 
     @property
     def cross_tokenizer(self) -> bool:
-        return self.id_map is not None
+        return self.maps is not None
 
 
 def student_rows_for(config: TrainConfig, student_config: StudentConfig, meta: dict, accelerator) -> StudentRows:
@@ -296,12 +295,10 @@ def student_rows_for(config: TrainConfig, student_config: StudentConfig, meta: d
     if accelerator.is_main_process:
         prepare_student_data(config.data_dir, tokenizer)
     accelerator.wait_for_everyone()
-    student_dir = str(prepare_student_data(config.data_dir, tokenizer))  # up to date: returns at once
+    student_dir = str(student_data_dir(config.data_dir, tokenizer))  # built by the main process
     check_student_data(student_dir, config.data_dir)
-    id_map, teacher_rows = tokenizer_maps(
-        load_tokenizer(config.teacher), tokenizer, int(meta["vocab_size"]), config.loss.vocab_map
-    )
-    return StudentRows(tokenizer, student_dir, read_meta(student_dir), id_map, teacher_rows)
+    maps = tokenizer_maps(load_tokenizer(config.teacher), tokenizer, int(meta["vocab_size"]), config.loss.vocab_map)
+    return StudentRows(tokenizer, student_dir, read_meta(student_dir), maps)
 
 
 def cross_tokenizer_note(student: StudentRows, student_config: StudentConfig) -> str:
@@ -310,7 +307,7 @@ def cross_tokenizer_note(student: StudentRows, student_config: StudentConfig) ->
         return ""
     note = f"; its own tokenizer ({len(student.tokenizer)} tokens, not the teacher's: rows aligned by bytes"
     if not student_config.student and student_config.student_init == "teacher-embeddings":
-        shared = int((student.teacher_rows >= 0).sum())
+        shared = int((student.maps.teacher_rows >= 0).sum())
         others = len(student.tokenizer) - shared
         note += f"; {shared} embedding rows start from the teacher's (same bytes), the other {others} random"
     return note + ")"

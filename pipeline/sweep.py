@@ -224,7 +224,7 @@ def _evaluate_runs(base: TrainConfig, runs: dict) -> dict:
             str(student_dir),
             base.data_dir,
             val_cache,
-            tokenizer_maps(teacher_tokenizer, tokenizer, int(val_cache.attrs["vocab_size"]))[0],
+            tokenizer_maps(teacher_tokenizer, tokenizer, int(val_cache.attrs["vocab_size"])),
             count=len(val_cache),
             batch_size=base.steps.batch_size,
             temperature=temperature,

@@ -623,7 +623,7 @@ def train(
         accelerator.wait_for_everyone()
         reader = CacheReader(config.cache_dir, "train")
         if student.cross_tokenizer:
-            train_rows = AlignedCacheRows(student.data_dir, config.data_dir, reader, student.id_map, config.max_rows)
+            train_rows = AlignedCacheRows(student.data_dir, config.data_dir, reader, student.maps, config.max_rows)
         else:
             train_rows = CacheRows(reader, config.max_rows)
     else:
@@ -658,7 +658,7 @@ def train(
             config.steps.seed,
             config.seq_len,
             tokenizer if student.cross_tokenizer else None,
-            student.teacher_rows,
+            student.maps.teacher_rows if student.cross_tokenizer else None,
         )
         loss_fn = dataclasses.replace(loss_fn, fused_head=use_fused_head(config.loss.fused_head, model, vocab_size))
         optimizer = make_optimizer(model, config.optim)

@@ -744,8 +744,8 @@ def _teacher_mask(n, seed=0):
 def reference_loss(x, labels, mask, targets, present, *, alpha, temperature, kind, renormalize=False, beta=0.5):
     """LossParts by hand in float64 from full softmaxes of x [N,V], independent of pipeline.losses: CE the mean
     cross-entropy over mask (None: every row); KD the divergence summed over the rows in mask and present only, per
-    row of mask (0 if none), and the rows of mask without a target given (1 - alpha) of their CE besides; top-k on the K ids plus the tail bucket (or renormalised over the ids), sampled the
-    forward-KL estimate."""
+    row of mask (0 if none), and the rows of mask without a target given (1 - alpha) of their CE besides; top-k on
+    the K ids plus the tail bucket (or renormalised over the ids), sampled the forward-KL estimate."""
     x = x.double()
     mask = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask
     ce = F.cross_entropy(x[mask], labels[mask])

@@ -48,12 +48,12 @@ def run_cross_tokenizer(
     """{"student_vocab", mode: {same_ms, cross_ms, ratio, same_rows_ms, cross_rows_ms, coverage}} per cache mode."""
     tokenizer = trained_tokenizer(config.data_dir, "bpe", STUDENT_VOCAB)
     student_dir = prepare_student_data(config.data_dir, tokenizer, Path(config.out_dir) / "student-data")
-    id_map, _ = tokenizer_maps(load_tokenizer(config.teacher), tokenizer, vocab)
+    maps = tokenizer_maps(load_tokenizer(config.teacher), tokenizer, vocab)
     head_rows = max(vocab, len(tokenizer))  # both students' head: wide enough for either tokenizer's ids
     out = {"student_vocab": len(tokenizer)}
     for mode, reader in readers.items():
         variant = StepVariant(f"{mode} KD", cache_mode=mode)
-        cross_rows = AlignedCacheRows(str(student_dir), config.data_dir, reader, id_map)
+        cross_rows = AlignedCacheRows(str(student_dir), config.data_dir, reader, maps)
         runs = {}  # label: (rows, student, the row indices of each step)
         for label, rows, count in (
             ("same", CacheRows(reader), len(reader)),

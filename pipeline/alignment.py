@@ -7,7 +7,8 @@ thing both tokenizations share:
   - vocab_map / matching_rows: teacher id -> student id and back, by those bytes;
   - align_positions: student position -> the teacher position whose prefix ends at the same byte, from the
     per-token end offsets (`ends`) the data stage records for each split;
-  - map_topk / map_sampled: a batch of cached teacher targets ([..., K] arrays) rewritten in student ids.
+  - map_topk / map_sampled: a batch of cached teacher targets ([..., K] arrays) rewritten in student ids;
+  - positions_inside / Continuations: targets for student positions that end inside a teacher token.
 
 All numpy, and streaming: align_positions reads only the student rows it is asked for and binary-searches the
 teacher's ends (a memmap is fine), so no whole-corpus array is ever built.
@@ -22,7 +23,10 @@ The approximations, in one place:
     special tokens other than EOS) have their probability moved to the tail bucket, and the tail's own mass (the
     teacher ids outside its top-k) stays in the tail: it is never split among student ids;
   - for sampled targets, draws of unmapped teacher ids are dropped, so a row's counts may sum to less than
-    num_samples, and the teacher's entropy is the entropy over the teacher's vocabulary, not the mapped one.
+    num_samples, and the teacher's entropy is the entropy over the teacher's vocabulary, not the mapped one;
+  - inside a teacher token (positions_inside, Continuations), the target is the teacher's at the boundary before,
+    conditioned on the bytes read since: one teacher token deep, and the tail is assumed to continue those bytes
+    as often as the top-k does.
 """
 
 from __future__ import annotations

@@ -636,10 +636,14 @@ def train(
 
     # ---- a finished run of the same options and inputs is up to date
     options = {k: v for k, v in to_flags(config).items() if k not in VOLATILE_OPTIONS}
+    student_options = to_flags(student_config)
+    if not student.cross_tokenizer:  # options only a cross-tokenizer run reads: runs of earlier versions stay valid
+        options.pop("vocab_map")
+        student_options.pop("student_tokenizer")
     resolved = {
         "kind": run_kind,
         "train": options,
-        "student": to_flags(student_config),
+        "student": student_options,
         "temperature": loss_fn.temperature,
         "inputs": {**input_identity(config, distill, student), **(extra_inputs or {})},
     }

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.alignment import tokenizer_maps
 from pipeline.batches import AlignedCacheRows, CacheRows, StepBatches, collate_rows
+from pipeline.bench.probes import Laps
 from pipeline.bench.students import BenchStudent, StepVariant, bench_step
 from pipeline.config import BenchConfig, StudentConfig
 from pipeline.models import load_tokenizer
@@ -51,6 +52,7 @@ def run_cross_tokenizer(
     maps = tokenizer_maps(load_tokenizer(config.teacher), tokenizer, vocab)
     head_rows = max(vocab, len(tokenizer))  # both students' head: wide enough for either tokenizer's ids
     out = {"student_vocab": len(tokenizer)}
+    laps = Laps(accelerator.device)  # the step's phases, each GPU-synchronised; their sum is the step
     for mode, reader in readers.items():
         variant = StepVariant(f"{mode} KD", cache_mode=mode)
         cross_rows = AlignedCacheRows(str(student_dir), config.data_dir, reader, maps)
@@ -68,7 +70,7 @@ def run_cross_tokenizer(
                 start = time.perf_counter()
                 batch = collate_rows([rows[i] for i in batches[step]])
                 read = time.perf_counter() - start
-                seconds = bench_step(accelerator, student, {mode: batch}, config, step, config.steps + 1)["step"]
+                seconds = bench_step(accelerator, student, {mode: batch}, config, step, config.steps + 1, laps)["step"]
                 if step == 0:
                     continue  # warm-up
                 times[label]["rows"].append(read)

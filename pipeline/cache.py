@@ -400,6 +400,7 @@ def build_cache(config: CacheConfig) -> dict:
         cache_format.MANIFEST_NAME,
         attrs,
         _shard_sizes,
+        touch=True,
         ignore=ignored,
         read=lambda path: cache_format.read_manifest(path.parent),
     )

@@ -444,7 +444,7 @@ def prepare_data(config: DataConfig) -> dict:
             "encoding": config.encoding,
         }
         meta_path = out_dir / META_FILE
-        meta = up_to_date(out_dir, META_FILE, {"inputs": inputs}, data_file_bytes)  # every file, by its size
+        meta = up_to_date(out_dir, META_FILE, {"inputs": inputs}, data_file_bytes, touch=True)  # every file, by size
         if meta is not None:
             print(f"data: {out_dir} is up to date ({meta['train_tokens']} train / {meta['val_tokens']} val tokens)")
             return meta

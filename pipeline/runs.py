@@ -22,6 +22,7 @@ options, and the output files it names are there with their sizes. What a stage 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -67,13 +68,16 @@ def up_to_date(
     *,
     ignore: Iterable[str] = (),
     read: Callable[[Path], dict | None] = read_json,
+    touch: bool = False,
 ) -> dict | None:
     """The record `folder/record_name` when the folder's output is there for these inputs and options, else None.
 
     Up to date means: the record exists (the stage writes it last, so a killed run leaves none), it holds every key
     of `made_from` with the same value (`matches`; `ignore` names keys left out), and every output file it names is
     present with its size (`outputs`: {name: bytes or None}, or a function of the record giving them; None: no
-    files). `read` reads the record (default: JSON; a reader may raise, or return None for an unreadable one)."""
+    files). `read` reads the record (default: JSON; a reader may raise, or return None for an unreadable one).
+    touch: the stage itself asks (its rerun found its output current): the record's and the output files' times are
+    set to now, so that `make`, which compares file times, sees them as newer than the inputs it reran for."""
     path = Path(folder) / record_name
     if not path.exists():
         return None
@@ -81,7 +85,12 @@ def up_to_date(
     if record is None or not matches(record, made_from, ignore):
         return None
     sizes = outputs(record) if callable(outputs) else outputs or {}
-    return record if outputs_present(folder, sizes) else None
+    if not outputs_present(folder, sizes):
+        return None
+    if touch:
+        for name in (record_name, *sizes):
+            os.utime(Path(folder) / name)
+    return record
 
 
 # ---------------------------------------------------------------- config.yaml
@@ -162,11 +171,11 @@ def clear_run_config(run_dir: str | Path) -> None:
     (Path(run_dir) / RUN_CONFIG_FILE).unlink(missing_ok=True)
 
 
-def finished_run(run_dir: str | Path, resolved: dict | None = None) -> dict | None:
+def finished_run(run_dir: str | Path, resolved: dict | None = None, touch: bool = False) -> dict | None:
     """The run_config.json of a finished training run in the folder (with the model's weights beside it), of these
-    resolved options and inputs when `resolved` is given; else None."""
+    resolved options and inputs when `resolved` is given; else None. touch: as up_to_date's (the training stage)."""
     made_from = {"resolved": resolved} if resolved is not None else {}
-    return up_to_date(run_dir, RUN_CONFIG_FILE, made_from, {MODEL_FILE: None})
+    return up_to_date(run_dir, RUN_CONFIG_FILE, made_from, {MODEL_FILE: None}, touch=touch)
 
 
 # ---------------------------------------------------------------- best/

@@ -647,7 +647,7 @@ def train(
         "temperature": loss_fn.temperature,
         "inputs": {**input_identity(config, distill, student), **(extra_inputs or {})},
     }
-    if finished_run(out_dir, resolved) is not None:
+    if finished_run(out_dir, resolved, touch=accelerator.is_main_process) is not None:
         accelerator.print(f"{run_kind}: {out_dir} is up to date")
         return out_dir
 

@@ -98,6 +98,14 @@ def tiny_tokenizer():
     return make_tokenizer(willows_text())
 
 
+def written_files(paths) -> dict[str, tuple[int, str]]:
+    """{name: (inode, sha256)} of files: a stage that writes a file again (temp file + rename) gives it a new inode;
+    one that finds it up to date leaves both (it may set its time, for make)."""
+    from pipeline.fsutil import sha256_file
+
+    return {Path(p).name: (Path(p).stat().st_ino, sha256_file(p)) for p in paths}
+
+
 def folder_digest(folder: Path) -> dict[str, str]:
     """{path relative to `folder`: sha256} of every file under it."""
     return {

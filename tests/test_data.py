@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_teacher, run_cli, willows_text
+from conftest import make_tiny_teacher, run_cli, willows_text, written_files
 from text8 import write_text8
 
 from pipeline.config import DataConfig
@@ -243,13 +243,13 @@ def test_rerun_is_a_noop_and_changed_inputs_rebuild(tmp_path, tiny_teacher, tiny
     corpus.write_text(text, encoding="utf-8")
     out = tmp_path / "story"
     first = build(corpus, tiny_teacher, out, val_fraction=0.1)
-    stamps = {name: (out / name).stat().st_mtime_ns for name in ("train.bin", "val.bin", "meta.json")}
+    stamps = written_files(out / name for name in ("train.bin", "val.bin", "meta.json"))
 
     again = run_cli(
         "data", "--corpus", corpus, "--tokenizer", tiny_teacher, "--out-dir", out, "--val-fraction", "0.1", check=True
     )
     assert "up to date" in again.stdout
-    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    assert written_files(out / name for name in stamps) == stamps
     assert read_meta(out) == first
 
     meta = build(corpus, tiny_teacher, out, val_fraction=0.2)

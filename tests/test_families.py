@@ -445,7 +445,9 @@ def test_pretrained_students_padded_or_of_another_tokenizer_train_and_too_small_
 
     other_tokenizer = make_tokenizer(willows_text()[:30_000], vocab_size=512)
     foreign = save_llama(tmp_path / "foreign", 512, other_tokenizer)  # its own tokenizer: a cross-tokenizer run
-    result = distill(llama_runs, tmp_path / "foreign-run", "--student", foreign)
+    data = tmp_path / "data"  # its rows go into the data folder: a copy, the shared one stays as it is
+    shutil.copytree(llama_runs["data"], data)
+    result = distill({**llama_runs, "data": data}, tmp_path / "foreign-run", "--student", foreign)
     assert result.exit_code == 0, result.output[-2000:]
     assert "its own tokenizer (512 tokens" in result.output
     run_config = json.loads((tmp_path / "foreign-run" / "run_config.json").read_text())

@@ -148,9 +148,10 @@ def test_a_killed_sweep_continues_where_it_stopped(swept, tmp_path):
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     first = out / "runs" / "01-alpha-0.2" / "model.safetensors"
     assert first.exists() and not (out / "runs" / "02-alpha-0.8" / "model.safetensors").exists()
-    before = first.stat().st_mtime_ns
+    metrics = first.parent / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
     run_cli("sweep", *args, check=True)
-    assert first.stat().st_mtime_ns == before  # finished: up to date, not retrained
+    assert metrics.stat().st_mtime_ns == before  # finished: up to date, not retrained (its metrics never rewritten)
     report = json.loads((out / "sweep.json").read_text())
     for row in report["ranked"]:
         reference = swept["root"] / "sweep" / "runs" / row["name"] / "model.safetensors"

@@ -179,6 +179,27 @@ def lowest_id_of_bytes(spelled: Sequence[bytes | None]) -> dict[bytes, int]:
     return ids
 
 
+class StudentPrefixes:
+    """The student token that is the longest prefix of a byte string (the student token that begins that text),
+    memoised: the one lookup behind the prefix map and the continuations."""
+
+    def __init__(self, student_bytes: Sequence[bytes | None]):
+        self.ids = lowest_id_of_bytes(student_bytes)
+        self.longest = max(map(len, self.ids), default=0)
+        self._found: dict[bytes, int] = {}
+
+    def first_token(self, text: bytes) -> int:
+        """The id of the student token that is the longest prefix of text, -1 if none (tokens are short: a few
+        lookups each)."""
+        found = self._found.get(text)
+        if found is None:
+            found = next(
+                (self.ids[text[:n]] for n in range(min(len(text), self.longest), 0, -1) if text[:n] in self.ids), -1
+            )
+            self._found[text] = found
+        return found
+
+
 def vocab_map(
     teacher_bytes: Sequence[bytes | None],
     student_bytes: Sequence[bytes | None],
@@ -204,20 +225,11 @@ def vocab_map(
         raise ValueError(f"vocab_map kind must be 'prefix' or 'exact', not {kind!r}")
     if teacher_size < len(teacher_bytes):
         raise ValueError(f"teacher_size {teacher_size} is smaller than the teacher's {len(teacher_bytes)} tokens")
-    student_ids = lowest_id_of_bytes(student_bytes)
-    longest = max(map(len, student_ids), default=0)
+    prefixes = StudentPrefixes(student_bytes)
     id_map = np.full(teacher_size, -1, np.int64)
     for teacher_id, text in enumerate(teacher_bytes):
-        if not text:
-            continue
-        if kind == "exact":
-            id_map[teacher_id] = student_ids.get(text, -1)
-            continue
-        for length in range(min(len(text), longest), 0, -1):  # tokens are short: a few lookups each
-            student_id = student_ids.get(text[:length])
-            if student_id is not None:
-                id_map[teacher_id] = student_id
-                break
+        if text:
+            id_map[teacher_id] = prefixes.ids.get(text, -1) if kind == "exact" else prefixes.first_token(text)
     if teacher_eos is not None and student_eos is not None:
         id_map[teacher_eos] = student_eos
     return id_map
@@ -296,20 +308,11 @@ def align_positions(student_ends, start: int, count: int, teacher_ends, teacher_
     Reads only what it needs: the count + 1 student ends, and one binary search of the teacher's ends per
     alignable position (O(count log N)).
     """
-    if start < 0 or count < 0 or start + count > len(student_ends):
-        raise ValueError(f"positions {start}..{start + count} lie outside the {len(student_ends)} student tokens")
-    first = max(start - 1, 0)
-    window = np.asarray(student_ends[first : start + count], dtype=np.int64)
-    ends = window[start - first :]  # [count]
-    alignable = np.ones(count, bool)
-    if count:
-        previous = window[:-1] if start > 0 else np.concatenate([[-1], window[:-1]])
-        alignable = previous < ends
-    searched = teacher_ends[: max(0, min(teacher_limit, len(teacher_ends)))]  # a view: nothing read
+    ends, first_with_end, searched = _student_window(student_ends, start, count, teacher_ends, teacher_limit)
     positions = np.full(count, -1, np.int64)
-    if not len(searched) or not alignable.any():
+    if not len(searched) or not first_with_end.any():
         return positions
-    wanted = ends[alignable]
+    wanted = ends[first_with_end]
     # searchsorted converts the searched array to the values' dtype when they differ, which would read (and copy)
     # the whole memmap: search with values of its own dtype, those past its range set aside (they match nothing).
     fits = wanted <= np.iinfo(searched.dtype).max if np.issubdtype(searched.dtype, np.integer) else True
@@ -319,40 +322,49 @@ def align_positions(student_ends, start: int, count: int, teacher_ends, teacher_
     matched = np.zeros(len(found), bool)
     matched[inside] = np.asarray(searched[found[inside]], dtype=np.int64) == wanted[inside]
     matched &= fits
-    positions[np.flatnonzero(alignable)[matched]] = found[matched]
+    positions[np.flatnonzero(first_with_end)[matched]] = found[matched]
     return positions
+
+
+def _student_window(student_ends, start: int, count: int, teacher_ends, teacher_limit: int):
+    """The student positions' byte ends (int64 [count]), which of them are the first token with their end, and the
+    teacher's ends that have cached targets (a view: nothing read)."""
+    if start < 0 or count < 0 or start + count > len(student_ends):
+        raise ValueError(f"positions {start}..{start + count} lie outside the {len(student_ends)} student tokens")
+    first = max(start - 1, 0)
+    window = np.asarray(student_ends[first : start + count], dtype=np.int64)
+    ends = window[start - first :]
+    previous = window[:-1] if start > 0 else np.concatenate([[-1], window[:-1]])[:count]
+    searched = teacher_ends[: max(0, min(teacher_limit, len(teacher_ends)))]
+    return ends, previous < ends, searched
 
 
 def positions_inside(student_ends, start: int, count: int, teacher_ends, teacher_limit: int, within: int):
     """For the student positions start .. start+count-1 that align with no teacher position: the teacher position
-    of the last teacher token boundary before them and how many bytes past it they end ((g, consumed) int64
-    [count] each; g = -1 where there is none within `within` bytes, in [0, teacher_limit)).
+    of the last teacher token boundary before them (g = -1 where there is none within `within` bytes, in
+    [0, teacher_limit)) and the bytes they have read past it.
 
     Position p ends e = student_ends[p] inside the teacher token that follows boundary g (the first teacher token
     with end E < e, the largest such E): the teacher's target at g is its distribution over that next token, and the
     student has read e - E of its bytes. `continuation_ids` conditions that distribution on those bytes. Positions
-    that align exactly (align_positions) and zero-width ones get -1, as do those with no boundary before them."""
-    first = max(start - 1, 0)
-    window = np.asarray(student_ends[first : start + count], dtype=np.int64)
-    ends = window[start - first :]
-    previous = window[:-1] if start > 0 else np.concatenate([[-1], window[:-1]])[: len(ends)]
-    searched = teacher_ends[: max(0, min(teacher_limit, len(teacher_ends)))]
+    that align exactly (align_positions) and zero-width ones get -1, as do those with no boundary before them.
+    Returns (g [count], spans [count, 2]): g the boundary, spans the bytes read past it, (E, e), in the split's
+    text."""
+    ends, first_with_end, searched = _student_window(student_ends, start, count, teacher_ends, teacher_limit)
     boundary = np.full(count, -1, np.int64)
-    consumed = np.zeros(count, np.int64)
+    spans = np.zeros((count, 2), np.int64)
     if not len(searched) or not count:
-        return boundary, consumed
+        return boundary, spans
     dtype = searched.dtype
-    values = ends.astype(dtype)
-    last = np.searchsorted(searched, values, side="left") - 1  # the last teacher token ending before e
+    last = np.searchsorted(searched, ends.astype(dtype), side="left") - 1  # the last teacher token ending before e
     has = last >= 0
     last_end = np.zeros(count, np.int64)
     last_end[has] = np.asarray(searched[last[has]], dtype=np.int64)
-    g = np.full(count, -1, np.int64)
-    g[has] = np.searchsorted(searched, last_end[has].astype(dtype), side="left")  # the first with that end
     consumed = ends - last_end
-    inside = has & (previous < ends) & (consumed > 0) & (consumed <= within)
-    boundary[inside] = g[inside]
-    return boundary, np.where(inside, consumed, 0)
+    inside = has & first_with_end & (consumed > 0) & (consumed <= within)
+    boundary[inside] = np.searchsorted(searched, last_end[inside].astype(dtype), side="left")  # first with that end
+    spans[inside] = np.stack([last_end[inside], ends[inside]], axis=1)
+    return boundary, spans
 
 
 class Continuations:
@@ -364,22 +376,8 @@ class Continuations:
 
     def __init__(self, teacher_bytes: Sequence[bytes | None], student_bytes: Sequence[bytes | None]):
         self.teacher_bytes = list(teacher_bytes)
-        self.student_ids = lowest_id_of_bytes(student_bytes)
-        self.longest = max(map(len, self.student_ids), default=0)
+        self.prefixes = StudentPrefixes(student_bytes)
         self.within = max((len(b) for b in self.teacher_bytes if b), default=0) - 1  # bytes that can be consumed
-        self._first: dict[bytes, int] = {}
-
-    def first_student_token(self, text: bytes) -> int:
-        """The student token that is the longest prefix of text, -1 if none."""
-        found = self._first.get(text)
-        if found is None:
-            found = -1
-            for length in range(min(len(text), self.longest), 0, -1):
-                if text[:length] in self.student_ids:
-                    found = self.student_ids[text[:length]]
-                    break
-            self._first[text] = found
-        return found
 
     def continuation_ids(self, teacher_ids: np.ndarray, consumed: Sequence[bytes]) -> np.ndarray:
         """[n, K] teacher ids and each row's consumed bytes -> the student ids their probability goes to, -1 for
@@ -390,7 +388,7 @@ class Continuations:
             for column, teacher_id in enumerate(ids):
                 spelled = self.teacher_bytes[teacher_id] if 0 <= teacher_id < len(self.teacher_bytes) else None
                 if spelled is not None and len(spelled) > n and spelled.startswith(text):
-                    out[row, column] = self.first_student_token(spelled[n:])
+                    out[row, column] = self.prefixes.first_token(spelled[n:])
         return out
 
 
@@ -411,13 +409,6 @@ def sort_rows(rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return key >> bits, key & ((1 << bits) - 1)  # (an arithmetic shift: negative ranks come back)
 
 
-def take_rows(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """values[r, columns[r, j]] for every r, j: [R, K] (np.take_along_axis, by one flat index)."""
-    rows, k = columns.shape
-    flat = columns + np.arange(0, rows * values.shape[1], values.shape[1])[:, None]
-    return values.reshape(-1)[flat]
-
-
 def merge_equal_ids(student_ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of student_ids [R, K] (-1: no student id) and float64 weights [R, K], the entries grouped by id ->
     (sorted_ids, columns, sums), all [R, K] in each row's id order (ascending, the -1s last as NO_STUDENT_ID):
@@ -430,7 +421,9 @@ def merge_equal_ids(student_ids: np.ndarray, weights: np.ndarray) -> tuple[np.nd
     np.not_equal(sorted_ids[:, 1:], sorted_ids[:, :-1], out=starts[:, 1:])
     heads = np.flatnonzero(starts)
     sums = np.zeros(rows * k)
-    sums[heads] = np.add.reduceat(take_rows(weights, columns).reshape(-1), heads)  # each group's sum, in order
+    sums[heads] = np.add.reduceat(
+        np.take_along_axis(weights, columns, axis=1).reshape(-1), heads
+    )  # each group's sum, in order
     sums = sums.reshape(rows, k)
     sums[sorted_ids == NO_STUDENT_ID] = 0.0
     return sorted_ids, columns, sums
@@ -476,12 +469,12 @@ def merge_topk(
     # Kept entries first, largest first, padding (rank 0) after: ranked by minus the float32 bit pattern of the
     # mass, which orders positive floats as their values (a kept mass is >= exp(ZERO_MASS_LOGPROB), a normal float).
     rank, columns = sort_rows(-sums.astype(np.float32).view(np.int32).astype(np.int64))
-    out_ids = take_rows(sorted_ids, columns)
+    out_ids = np.take_along_axis(sorted_ids, columns, axis=1)
     out_kept = rank < 0
     padding_id = np.where(out_kept[:, 0], out_ids[:, 0], 0)
     out_ids = np.where(out_kept, out_ids, padding_id[:, None])
     with np.errstate(divide="ignore"):
-        out_logp = np.log(take_rows(sums, columns))  # padding: log 0 = -inf
+        out_logp = np.log(np.take_along_axis(sums, columns, axis=1))  # padding: log 0 = -inf
     return (
         out_ids.reshape(shape),
         out_logp.astype(np.asarray(logprobs).dtype).reshape(shape),
@@ -508,6 +501,6 @@ def merge_sampled(student_ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarr
     weights = np.asarray(counts, np.float64).reshape(-1, s)
     sorted_ids, columns, sums = merge_equal_ids(student_ids, weights)
     _, by_first = sort_rows(np.where(sums > 0, columns, s))  # kept first, by first occurrence
-    out_counts = take_rows(sums, by_first)
-    out_ids = np.where(out_counts > 0, take_rows(sorted_ids, by_first), 0)
+    out_counts = np.take_along_axis(sums, by_first, axis=1)
+    out_ids = np.where(out_counts > 0, np.take_along_axis(sorted_ids, by_first, axis=1), 0)
     return out_ids.reshape(shape), out_counts.astype(np.asarray(counts).dtype).reshape(shape)

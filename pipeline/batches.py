@@ -95,6 +95,14 @@ class AlignedCacheRows(Dataset):
             self._files = (load_ends(self.student_dir, split), load_ends(self.teacher_data_dir, split), text)
         return self._files
 
+    def rows_within(self, teacher_rows: int) -> int:
+        """How many of the first rows lie in the text the teacher's first `teacher_rows` rows cover (their labels end
+        where the teacher's last label does, or before): at least 1."""
+        student_ends, teacher_ends, _ = self._opened()
+        text_end = int(teacher_ends[teacher_rows * self.seq_len])
+        last_label = int(np.searchsorted(student_ends, np.asarray(text_end, student_ends.dtype), side="right")) - 1
+        return max(1, min(len(self), last_label // self.seq_len))
+
     def teacher_positions_of(self, index: int) -> np.ndarray:
         """[L] the teacher position aligned with each position of row `index`, -1 where none."""
         student_ends, teacher_ends, _ = self._opened()
@@ -114,18 +122,10 @@ class AlignedCacheRows(Dataset):
                     targets[name][take] = values[columns[take]]
         return targets
 
-    def _inside_targets(self, index: int, aligned: np.ndarray) -> tuple[np.ndarray, dict]:
-        """The positions of row `index` inside a teacher token ([L] bool) and their conditioned targets."""
-        student_ends, teacher_ends, text = self._opened()
+    def _conditioned(self, targets: dict[str, np.ndarray], read: list[bytes]) -> tuple[dict, np.ndarray]:
+        """Cached targets at teacher boundaries conditioned on the bytes read past each (Continuations), in student
+        ids; and which rows keep any mass (a row no cached id continues has no target)."""
         continuations = self.maps.continuations
-        start = index * self.seq_len
-        boundary, consumed = positions_inside(
-            student_ends, start, self.seq_len, teacher_ends, self.teacher_positions, continuations.within
-        )
-        inside = (boundary >= 0) & ~aligned
-        targets = self.teacher_targets_at(boundary[inside])
-        ends = np.asarray(student_ends[start : start + self.seq_len], dtype=np.int64)[inside]
-        read = [bytes(text[end - n : end]) for end, n in zip(ends.tolist(), consumed[inside].tolist())]
         if self.reader.mode == "topk":
             ids = continuations.continuation_ids(targets["topk_ids"], read)
             logprobs = targets["topk_logprobs"].astype(np.float64)
@@ -139,26 +139,28 @@ class AlignedCacheRows(Dataset):
                 )
                 logprobs = np.log(kept * scale).astype(np.float32)
             merged = merge_topk(ids, logprobs, targets["tail_logprob"])
-            targets.update(topk_ids=merged[0], topk_logprobs=merged[1], tail_logprob=merged[2])
-            has_target = (kept.sum(1) > 0) if len(kept) else np.zeros(0, bool)
-        else:
-            ids = continuations.continuation_ids(targets["sample_ids"], read)
-            counts = np.where(ids >= 0, targets["sample_counts"].astype(np.float64), 0.0)
-            draws = counts.sum(1, keepdims=True)
-            scale = np.divide(self.reader.num_samples, draws, out=np.zeros_like(draws), where=draws > 0)
-            counts = counts * scale  # as if every draw continued what the student read
-            merged = merge_sampled(ids, counts.astype(np.float32))
-            targets.update(sample_ids=merged[0], sample_counts=merged[1])
-            has_target = draws[:, 0] > 0 if len(draws) else np.zeros(0, bool)
-        where = np.flatnonzero(inside)
-        inside[where[~has_target]] = False  # no teacher token continues what the student read: no target
-        return inside, {name: values[has_target] for name, values in targets.items()}
+            targets = dict(targets, topk_ids=merged[0], topk_logprobs=merged[1], tail_logprob=merged[2])
+            return targets, kept_mass[:, 0] > 0
+        ids = continuations.continuation_ids(targets["sample_ids"], read)
+        counts = np.where(ids >= 0, targets["sample_counts"].astype(np.float64), 0.0)
+        draws = counts.sum(1, keepdims=True)
+        scale = np.divide(self.reader.num_samples, draws, out=np.zeros_like(draws), where=draws > 0)
+        merged = merge_sampled(ids, (counts * scale).astype(np.float32))  # as if every draw continued the bytes
+        return dict(targets, sample_ids=merged[0], sample_counts=merged[1]), draws[:, 0] > 0
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         out = self.token_rows[index]
+        student_ends, teacher_ends, text = self._opened()
+        start = index * self.seq_len
         positions = self.teacher_positions_of(index)
         aligned = positions >= 0
-        targets = self.teacher_targets_at(positions[aligned])
+        boundary, spans = positions_inside(
+            student_ends, start, self.seq_len, teacher_ends, self.teacher_positions, self.maps.continuations.within
+        )
+        inside = (boundary >= 0) & ~aligned
+        n_aligned = int(aligned.sum())
+        both = self.teacher_targets_at(np.concatenate([positions[aligned], boundary[inside]]))  # each row read once
+        targets = {name: values[:n_aligned] for name, values in both.items()}
         if self.reader.mode == "topk":
             ids, logprobs, tail = map_topk(
                 targets["topk_ids"], targets["topk_logprobs"], targets["tail_logprob"], self.maps.id_map
@@ -167,11 +169,13 @@ class AlignedCacheRows(Dataset):
         else:
             ids, counts = map_sampled(targets["sample_ids"], targets["sample_counts"], self.maps.id_map)
             targets.update(sample_ids=ids, sample_counts=counts)
-        inside, inside_targets = self._inside_targets(index, aligned)
+        read = [bytes(text[begin:end]) for begin, end in spans[inside].tolist()]
+        inside_targets, kept = self._conditioned({name: values[n_aligned:] for name, values in both.items()}, read)
+        inside[np.flatnonzero(inside)[~kept]] = False  # no cached teacher token continues what the student read
         for name, values in targets.items():  # positions without a teacher target: zeros, never read (teacher_mask)
             out[name] = np.zeros((self.seq_len, *values.shape[1:]), values.dtype)
             out[name][aligned] = values
-            out[name][inside] = inside_targets[name].astype(values.dtype)
+            out[name][inside] = inside_targets[name][kept].astype(values.dtype)
         out["teacher_mask"] = aligned | inside
         out["aligned_mask"] = aligned
         return out

@@ -233,10 +233,8 @@ def evaluate_across_tokenizers(
     "student_rows": n, "student_positions": n * L}."""
     seq_len = val_cache.seq_len
     rows = AlignedCacheRows(student_dir, data_dir, val_cache, maps)
-    teacher_ends, student_ends = load_ends(data_dir, "val"), load_ends(student_dir, "val")
-    text_end = int(teacher_ends[count * seq_len])  # where the teacher's last scored label ends
-    last_label = int(np.searchsorted(student_ends, text_end, side="right")) - 1
-    student_count = max(1, min(len(rows), last_label // seq_len))  # the student rows within that text
+    student_count = rows.rows_within(count)  # the student rows over the text of the teacher's `count` rows
+    student_ends = load_ends(student_dir, "val")
     text_bytes = int(student_ends[student_count * seq_len]) - int(student_ends[0])
     models = evaluate(
         students, rows.token_rows, count=student_count, batch_size=batch_size, desc="eval", text_bytes=text_bytes

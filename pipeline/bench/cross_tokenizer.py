@@ -21,20 +21,10 @@ from pipeline.bench.probes import Laps
 from pipeline.bench.students import BenchStudent, StepVariant, bench_step
 from pipeline.config import BenchConfig, StudentConfig
 from pipeline.models import load_tokenizer
-from pipeline.rows import load_ends
 from pipeline.student_data import prepare_student_data
 from pipeline.student_tokenizers import trained_tokenizer
 
 STUDENT_VOCAB = 8192  # the cross-tokenizer student's byte-level BPE, trained on the bench data's train text
-
-
-def rows_within_cache(rows: AlignedCacheRows, data_dir: str) -> int:
-    """How many of the student's first rows lie in the text the cache's rows cover (their positions can align)."""
-    seq_len, reader = rows.seq_len, rows.reader
-    cached_end = int(load_ends(data_dir, reader.split)[len(reader) * seq_len])
-    student_ends = load_ends(rows.student_dir, reader.split)
-    last_label = int(np.searchsorted(student_ends, cached_end, side="right")) - 1
-    return max(1, min(len(rows), last_label // seq_len))
 
 
 def run_cross_tokenizer(
@@ -59,7 +49,7 @@ def run_cross_tokenizer(
         runs = {}  # label: (rows, student, the row indices of each step)
         for label, rows, count in (
             ("same", CacheRows(reader), len(reader)),
-            ("cross", cross_rows, rows_within_cache(cross_rows, config.data_dir)),
+            ("cross", cross_rows, cross_rows.rows_within(len(reader))),
         ):
             student = BenchStudent(accelerator, variant, student_config, config, head_rows, None, num_samples)
             runs[label] = (rows, student, list(StepBatches(count, batch_size, 1, config.seed, 0, config.steps + 1)))

@@ -103,7 +103,7 @@ class _DocumentEnd:
 
 @dataclass
 class OffsetFiles:
-    """A split's files beside its token file when offsets are written (rows.py describes them): the text its
+    """A split's files beside its token file (rows.py describes them): the text its
     tokens cover, the byte end of each token in that text, and the (token end, byte end) of each document part.
     Train's ends and text files are opened for reading too: a spilled document's val tail is read back."""
 
@@ -122,7 +122,7 @@ class TokenSplitWriter:
     `max_tokens` caps the tokens kept, cutting the document that reaches it (its val tail is taken after
     the cut), as the data stage always has.
 
-    With `train_offsets` and `val_offsets` each split also gets its text, token ends and document parts, written
+    Each split also gets its text, token ends and document parts (`train_offsets`, `val_offsets`), written
     (spilled, moved) alongside its ids: a document's text is cut between the splits where its last train token
     ends, and a capped document's text where its last kept token ends."""
 
@@ -134,14 +134,13 @@ class TokenSplitWriter:
         val_fraction: float,
         max_tokens: int | None,
         buffer_tokens: int,
-        train_offsets: OffsetFiles | None = None,
-        val_offsets: OffsetFiles | None = None,
+        train_offsets: OffsetFiles,
+        val_offsets: OffsetFiles,
     ):
         self.dtype, self.val_fraction, self.max_tokens = np.dtype(dtype), val_fraction, max_tokens
         self.buffer_tokens = buffer_tokens
         self.train_file, self.val_file = train_file, val_file  # binary files; train's opened for reading too
         self.train_offsets, self.val_offsets = train_offsets, val_offsets
-        self.offsets = train_offsets is not None and val_offsets is not None
         self.train_tokens = self.val_tokens = self.documents = 0
         self.train_text_bytes = self.val_text_bytes = 0
         self._buffer: list[np.ndarray] = []  # ids of the current document not yet in the train file
@@ -162,24 +161,21 @@ class TokenSplitWriter:
     def _kept(self) -> int:
         return self.train_tokens + self.val_tokens
 
-    def add(self, ids, ends=None, text: bytes = b"") -> None:
-        """Append a piece's ids to the current document (beyond max_tokens they are dropped). With offsets, also
-        the piece's UTF-8 text and each id's byte end in it (token_byte_ends)."""
+    def add(self, ids, ends, text: bytes) -> None:
+        """Append a piece's ids to the current document (beyond max_tokens they are dropped), with its UTF-8 text
+        and each id's byte end in it (token_byte_ends)."""
         ids = np.asarray(ids, dtype=np.int64)
-        document_ends = np.asarray(ends, dtype=np.int64) + self._document_bytes if self.offsets else None
-        self._append(ids, document_ends, text)
+        self._append(ids, np.asarray(ends, dtype=np.int64) + self._document_bytes, text)
 
-    def _append(self, ids: np.ndarray, document_ends: np.ndarray | None, text: bytes) -> None:
+    def _append(self, ids: np.ndarray, document_ends: np.ndarray, text: bytes) -> None:
         """Append ids with their byte ends from the document's start; a capped piece keeps the text up to the
         end of its last id kept, and once the cap is reached no text is kept."""
         if self.max_tokens is not None:
             room = max(0, self.max_tokens - self._kept() - self._buffered - self._spilled)
             if len(ids) > room or not room:
-                ids = ids[:room]
-                if self.offsets:
-                    document_ends = document_ends[:room]
-                    text = text[: max(0, int(document_ends[-1]) - self._document_bytes)] if room else b""
-        if self.offsets and text:
+                ids, document_ends = ids[:room], document_ends[:room]
+                text = text[: max(0, int(document_ends[-1]) - self._document_bytes)] if room else b""
+        if text:
             self._text.append(text)
             self._document_bytes += len(text)
         if not len(ids):
@@ -190,19 +186,17 @@ class TokenSplitWriter:
             )
         self._buffer.append(ids.astype(self.dtype))
         self._buffered += len(ids)
-        if self.offsets:
-            self._ends.append(document_ends)
-            self._last_end = int(document_ends[-1])
+        self._ends.append(document_ends)
+        self._last_end = int(document_ends[-1])
         if self._buffered > self.buffer_tokens:
             self._spill()
 
     def _spill(self) -> None:
         """Write the buffered ids (and their ends and text) to the train files."""
         self._write(self.train_file, self._take_buffer())
-        if self.offsets:
-            ends, text = self._take_text()
-            self._write(self.train_offsets.ends, (ends + self.train_text_bytes).astype(ENDS_DTYPE))
-            self.train_offsets.text.write(text)
+        ends, text = self._take_text()
+        self._write(self.train_offsets.ends, (ends + self.train_text_bytes).astype(ENDS_DTYPE))
+        self.train_offsets.text.write(text)
         self._spilled += self._buffered
         self._buffered = 0
 
@@ -212,11 +206,10 @@ class TokenSplitWriter:
         if not has_text:  # an empty or whitespace-only document adds nothing
             self.train_file.seek(self.train_tokens * self.dtype.itemsize)
             self.train_file.truncate()
-            if self.offsets:
-                self.train_offsets.ends.seek(self.train_tokens * ENDS_DTYPE.itemsize)
-                self.train_offsets.ends.truncate()
-                self.train_offsets.text.seek(self.train_text_bytes)
-                self.train_offsets.text.truncate()
+            self.train_offsets.ends.seek(self.train_tokens * ENDS_DTYPE.itemsize)
+            self.train_offsets.ends.truncate()
+            self.train_offsets.text.seek(self.train_text_bytes)
+            self.train_offsets.text.truncate()
             self._buffer, self._buffered, self._spilled = [], 0, 0
             self._reset_text()
             return
@@ -227,37 +220,31 @@ class TokenSplitWriter:
             return
         n_val = int(round(length * self.val_fraction))
         cut = length - n_val
-        cut_byte = 0  # where the document's train text ends, from its start
         if not self._spilled:
             ids = self._take_buffer()
             self._write(self.train_file, ids[:cut])
             self._write(self.val_file, ids[cut:])
-            if self.offsets:
-                ends, text = self._take_text()
-                cut_byte = int(ends[cut - 1]) if cut else 0
-                self._write(self.train_offsets.ends, (ends[:cut] + self.train_text_bytes).astype(ENDS_DTYPE))
-                self._write(self.val_offsets.ends, (ends[cut:] - cut_byte + self.val_text_bytes).astype(ENDS_DTYPE))
-                self.train_offsets.text.write(text[:cut_byte])
-                self.val_offsets.text.write(text[cut_byte:])
+            ends, text = self._take_text()
+            cut_byte = int(ends[cut - 1]) if cut else 0  # where the document's train text ends, from its start
+            self._write(self.train_offsets.ends, (ends[:cut] + self.train_text_bytes).astype(ENDS_DTYPE))
+            self._write(self.val_offsets.ends, (ends[cut:] - cut_byte + self.val_text_bytes).astype(ENDS_DTYPE))
+            self.train_offsets.text.write(text[:cut_byte])
+            self.val_offsets.text.write(text[cut_byte:])
         else:
             self._spill()
-            if self.offsets:
-                cut_byte = self._spilled_end(cut)
-                text_cut = self.train_text_bytes + cut_byte
-                ends_cut = (self.train_tokens + cut) * ENDS_DTYPE.itemsize
-                self._move_tail(
-                    self.train_offsets.ends, self.val_offsets.ends, ends_cut, self.val_text_bytes - text_cut
-                )
-                self._move_tail(self.train_offsets.text, self.val_offsets.text, text_cut)
+            cut_byte = self._spilled_end(cut)
+            text_cut = self.train_text_bytes + cut_byte
+            ends_cut = (self.train_tokens + cut) * ENDS_DTYPE.itemsize
+            self._move_tail(self.train_offsets.ends, self.val_offsets.ends, ends_cut, self.val_text_bytes - text_cut)
+            self._move_tail(self.train_offsets.text, self.val_offsets.text, text_cut)
             self._move_tail(self.train_file, self.val_file, (self.train_tokens + cut) * self.dtype.itemsize)
         self.train_tokens += cut
         self.val_tokens += n_val
         self.documents += 1
-        if self.offsets:
-            self.train_text_bytes += cut_byte
-            self.val_text_bytes += self._document_bytes - cut_byte
-            self._write(self.train_offsets.docs, np.array([self.train_tokens, self.train_text_bytes], ENDS_DTYPE))
-            self._write(self.val_offsets.docs, np.array([self.val_tokens, self.val_text_bytes], ENDS_DTYPE))
+        self.train_text_bytes += cut_byte
+        self.val_text_bytes += self._document_bytes - cut_byte
+        self._write(self.train_offsets.docs, np.array([self.train_tokens, self.train_text_bytes], ENDS_DTYPE))
+        self._write(self.val_offsets.docs, np.array([self.val_tokens, self.val_text_bytes], ENDS_DTYPE))
         self._buffered = self._spilled = 0
         self._reset_text()
 
@@ -307,16 +294,14 @@ class TokenSplitWriter:
         source.truncate()
 
 
-def batch_encoder(tokenizer, offsets: bool = False):
+def batch_encoder(tokenizer):
     """pieces -> per piece (ids, byte ends, UTF-8 text), in one batched call of the fast tokenizer (parallel over
-    the pieces). Without offsets the ends are None and the text empty."""
+    the pieces)."""
 
     def encode(pieces: list[str]) -> list[tuple[list[int], np.ndarray | None, bytes]]:
         if not pieces:
             return []
         encoded = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False)
-        if not offsets:
-            return [(ids, None, b"") for ids in encoded["input_ids"]]
         # The call's offset mapping (what return_offsets_mapping=True returns), read piece by piece from its
         # encodings: a whole batch's spans are never held as Python tuples at once.
         return [
@@ -328,8 +313,7 @@ def batch_encoder(tokenizer, offsets: bool = False):
 
 
 def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None:
-    """Tokenize every document of the corpus into `writer`, in corpus order (with its text and token ends when
-    the writer takes offsets).
+    """Tokenize every document of the corpus into `writer`, in corpus order, with its text and token ends.
 
     Pieces of consecutive documents are encoded together, about ENCODE_BATCH_CHARS characters per call of
     the fast tokenizer (which spreads a batch over its threads), and the next batch is encoded while the
@@ -337,7 +321,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer, writer: TokenSplitWriter) -> None
     eos = tokenizer.eos_token_id
     if eos is None:
         raise PipelineError("the tokenizer has no EOS token; documents cannot be joined")
-    encode = batch_encoder(tokenizer, writer.offsets)
+    encode = batch_encoder(tokenizer)
     progress = tqdm(desc=f"tokenize {corpus.name}", unit="tok", unit_scale=True)
 
     def consume(items: list, encoded_future) -> None:

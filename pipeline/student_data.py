@@ -101,7 +101,7 @@ def _tokenize_parts(data_dir: Path, split: str, teacher_eos: int, tokenizer, dty
     with the teacher's EOS."""
     parts = load_document_parts(data_dir, split)
     teacher_tokens = load_tokens(data_dir, split)
-    encode = batch_encoder(tokenizer, offsets=True)
+    encode = batch_encoder(tokenizer)
     student_eos, id_max = tokenizer.eos_token_id, np.iinfo(dtype).max
     path = text_path(data_dir, split)
     written = position = 0  # tokens written; byte of the split's text the next piece starts at

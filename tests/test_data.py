@@ -7,6 +7,7 @@ compared with what the stage wrote; the CLI is run as a subprocess for the stage
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -21,7 +22,7 @@ from text8 import write_text8
 
 from pipeline.config import DataConfig
 from pipeline.corpora import Corpus, split_pieces, stream_pieces, strip_gutenberg
-from pipeline.data import TokenSplitWriter, prepare_data, tokenize_corpus
+from pipeline.data import OffsetFiles, TokenSplitWriter, prepare_data, tokenize_corpus
 from pipeline.errors import PipelineError
 from pipeline.fsutil import sha256_file
 from pipeline.rows import load_tokens, read_meta
@@ -416,8 +417,17 @@ def documents_corpus(texts: list[str], piece_chars: int = 50) -> Corpus:
 
 
 def write_splits(tmp_path: Path, corpus: Corpus, tokenizer, val_fraction: float, max_tokens=None, buffer_tokens=7):
-    with open(tmp_path / "train", "wb+") as train_file, open(tmp_path / "val", "wb") as val_file:
-        writer = TokenSplitWriter(train_file, val_file, np.dtype("uint16"), val_fraction, max_tokens, buffer_tokens)
+    with contextlib.ExitStack() as files:
+        train_file, val_file = (files.enter_context(open(tmp_path / name, "wb+")) for name in ("train", "val"))
+        offsets = [
+            OffsetFiles(
+                *(files.enter_context(open(tmp_path / f"{split}.{kind}", "wb+")) for kind in ("ends", "txt", "docs"))
+            )
+            for split in ("train", "val")
+        ]
+        writer = TokenSplitWriter(
+            train_file, val_file, np.dtype("uint16"), val_fraction, max_tokens, buffer_tokens, *offsets
+        )
         tokenize_corpus(corpus, tokenizer, writer)
     train, val = (np.fromfile(tmp_path / name, dtype=np.uint16).astype(np.int64) for name in ("train", "val"))
     assert (writer.train_tokens, writer.val_tokens) == (len(train), len(val))

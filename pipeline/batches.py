@@ -146,7 +146,8 @@ class AlignedCacheRows(Dataset):
         draws = counts.sum(1, keepdims=True)
         scale = np.divide(self.reader.num_samples, draws, out=np.zeros_like(draws), where=draws > 0)
         merged = merge_sampled(ids, (counts * scale).astype(np.float32))  # as if every draw continued the bytes
-        return dict(targets, sample_ids=merged[0], sample_counts=merged[1]), draws[:, 0] > 0
+        entropy = draws_entropy(merged[1], self.reader.num_samples)  # conditioned: no longer the cached distribution
+        return dict(targets, sample_ids=merged[0], sample_counts=merged[1], teacher_entropy=entropy), draws[:, 0] > 0
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         out = self.token_rows[index]
@@ -167,8 +168,14 @@ class AlignedCacheRows(Dataset):
             )
             targets.update(topk_ids=ids, topk_logprobs=logprobs, tail_logprob=tail)
         else:
-            ids, counts = map_sampled(targets["sample_ids"], targets["sample_counts"], self.maps.id_map)
-            targets.update(sample_ids=ids, sample_counts=counts)
+            cached_counts = targets["sample_counts"]
+            ids, counts = map_sampled(targets["sample_ids"], cached_counts, self.maps.id_map)
+            # The cached entropy (the constant in the reported KD, not in its gradient) is the teacher's over its own
+            # vocabulary: it stays where the draws reach the student one to one (the same entries and draws), else
+            # the carried draws' own entropy takes its place, so the reported KD is the KL to them (>= 0).
+            one_to_one = ((cached_counts > 0).sum(1) == (counts > 0).sum(1)) & (cached_counts.sum(1) == counts.sum(1))
+            entropy = np.where(one_to_one, targets["teacher_entropy"], draws_entropy(counts, self.reader.num_samples))
+            targets.update(sample_ids=ids, sample_counts=counts, teacher_entropy=entropy.astype(np.float32))
         read = [bytes(text[begin:end]) for begin, end in spans[inside].tolist()]
         inside_targets, kept = self._conditioned({name: values[n_aligned:] for name, values in both.items()}, read)
         inside[np.flatnonzero(inside)[~kept]] = False  # no cached teacher token continues what the student read
@@ -179,6 +186,15 @@ class AlignedCacheRows(Dataset):
         out["teacher_mask"] = aligned | inside
         out["aligned_mask"] = aligned
         return out
+
+
+def draws_entropy(counts: np.ndarray, num_samples: int) -> np.ndarray:
+    """-sum p log p of the draws' frequencies p = counts / num_samples, per position: counts [..., S] -> float32
+    [...]."""
+    p = counts.astype(np.float64) / num_samples
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p), 0.0)
+    return (-terms.sum(-1)).astype(np.float32)
 
 
 class StepBatches(Sampler):

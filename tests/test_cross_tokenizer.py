@@ -22,8 +22,9 @@ from pipeline.alignment import tokenizer_maps
 from pipeline.batches import AlignedCacheRows
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
+from pipeline.losses import distillation_loss, teacher_targets
 from pipeline.models import input_embeddings, load_causal_lm, load_tokenizer, logit_width
-from pipeline.rows import load_tokens, read_meta
+from pipeline.rows import load_ends, load_tokens, read_meta
 from pipeline.student import build_student, student_rows, teacher_embedding_projection
 from pipeline.student_data import prepare_student_data
 from pipeline.student_tokenizers import trained_tokenizer
@@ -177,12 +178,71 @@ def test_student_rows_carry_the_teacher_targets_of_the_same_text(request, kind, 
                 total = reader.num_samples if reader.mode == "sampled" else whole
                 want = {i: w * total / sum(want.values()) for i, w in want.items()}
             assert same_targets(row_targets(row, j, reader.mode), want), (index, j)
+            if reader.mode == "sampled":  # the reported KD's constant: the cached entropy or the carried draws' own
+                carried_as_cached = row["aligned_mask"][j] and sorted(want.values()) == sorted(
+                    c for c in cached["sample_counts"][g % SEQ_LEN].tolist() if c > 0
+                )
+                frequencies = np.array(list(want.values())) / reader.num_samples
+                entropy = (
+                    cached["teacher_entropy"][g % SEQ_LEN]
+                    if carried_as_cached
+                    else -(frequencies * np.log(frequencies)).sum()
+                )
+                assert row["teacher_entropy"][j] == pytest.approx(entropy, rel=1e-5, abs=1e-6), (index, j)
     if kind == "bpe":
         assert counts["aligned"] > 0.5 * counts["positions"]
     else:  # characters: a position ends where a teacher token does, or inside one
         assert counts["aligned"] > 0.15 * counts["positions"] and counts["inside"] > 0
     if reader.mode == "topk":  # the rest: inside a teacher token none of the 16 cached ids (a random teacher) continues
         assert counts["aligned"] + counts["inside"] > 0.6 * counts["positions"]
+
+
+@pytest.mark.parametrize("cache", ["tiny_topk_cache", "tiny_sampled_cache"])
+def test_the_teachers_own_tokenizer_as_the_other_gives_the_same_targets_and_loss(request, cache, cross_data):
+    """The teacher's tokenizer taken through the cross-tokenizer path: the same rows, every position whose token ends
+    past the one before aligned with its own teacher position (zero-width tokens and tokens ending inside a character
+    are not, by the alignment's rule), the cached targets unchanged (identity map), and so the loss of a
+    batch the same as the same-tokenizer loss."""
+    reader = CacheReader(request.getfixturevalue(cache), "train")
+    tokenizer = load_tokenizer(read_meta(cross_data)["tokenizer_name"])
+    student_dir = prepare_student_data(cross_data, tokenizer, cross_data.parent / "teacher-as-student")
+    assert (load_tokens(student_dir, "train") == load_tokens(cross_data, "train")).all()
+    maps = tokenizer_maps(tokenizer, tokenizer, int(reader.attrs["vocab_size"]))
+    rows = AlignedCacheRows(str(student_dir), str(cross_data), reader, maps)
+    full_rows, ends = [], load_ends(cross_data, "train")
+    for index in range(len(reader)):
+        row, cached = rows[index], reader.row(index)
+        assert (row["tokens"] == cached["tokens"]).all()
+        # the positions whose token ends past the one before it (not zero-width, not inside a character)
+        own = ends[index * SEQ_LEN : (index + 1) * SEQ_LEN].astype(np.int64)
+        before = np.concatenate([ends[index * SEQ_LEN - 1 : index * SEQ_LEN] if index else [-1], own[:-1]])
+        spells = own > before
+        assert (row["aligned_mask"] == spells).all() and (row["teacher_mask"] == spells).all()
+        assert (rows.teacher_positions_of(index)[spells] == index * SEQ_LEN + np.flatnonzero(spells)).all()
+        if reader.mode == "topk":  # the same entries (map_topk orders them by mass) and the same tail
+            entries = [zip(source["topk_ids"][spells].tolist(), source["topk_logprobs"][spells].tolist())
+                       for source in (row, cached)]  # fmt: skip
+            for got, want in zip(*entries):
+                assert sorted(zip(*got)) == sorted(zip(*want))
+            assert np.array_equal(row["tail_logprob"][spells], cached["tail_logprob"][spells])
+        else:
+            for name in ("sample_ids", "sample_counts", "teacher_entropy"):
+                assert np.array_equal(row[name][spells], cached[name][spells]), name
+        if spells.all():
+            full_rows.append((row, cached))
+    assert len(full_rows) >= 2  # rows without an EOS position: the whole loss compares
+
+    def loss(batch):
+        batch = {name: torch.from_numpy(np.stack([values[name] for values in batch])) for name in batch[0]}
+        vocab = int(reader.attrs["vocab_size"])
+        logits = torch.randn(*batch["tokens"][:, :-1].shape, vocab, generator=torch.Generator().manual_seed(0))
+        targets = teacher_targets(batch, reader.num_samples)
+        return distillation_loss(logits.reshape(-1, vocab), batch["tokens"][:, 1:].reshape(-1), None, targets,
+                                 alpha=0.3, temperature=float(reader.attrs["temperature"]))  # fmt: skip
+
+    cross, same = loss([row for row, _ in full_rows[:2]]), loss([cached for _, cached in full_rows[:2]])
+    for a, b in zip(cross, same):  # top-k entries in another order: the same sums up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
 def test_new_student_embeddings_start_from_the_teachers_rows_of_the_same_bytes(tiny_teacher, cross_data):

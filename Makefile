@@ -71,7 +71,10 @@ STUDENT_TOKENIZER ?=
 TOKENIZER_KIND ?= bpe
 VOCAB         ?= 8192
 TOKENIZER_DIR := checkpoints/tokenizers/$(NAME)-$(TOKENIZER_KIND)$(if $(filter bpe,$(TOKENIZER_KIND)),$(VOCAB))
-RUN           := $(NAME)$(if $(STUDENT_TOKENIZER),-$(patsubst $(NAME)-%,%,$(notdir $(STUDENT_TOKENIZER:/=))))
+# SEED=N: distill and baseline with training seed N (the initialisation and the row order; the cache is the same) in
+# run folders named after it, so a comparison can be repeated over seeds (make compare SEED=1).
+SEED          ?=
+RUN           := $(NAME)$(if $(STUDENT_TOKENIZER),-$(patsubst $(NAME)-%,%,$(notdir $(STUDENT_TOKENIZER:/=))))$(if $(SEED),-seed$(SEED))
 STUDENT_TOKENIZER_DEP := $(if $(STUDENT_TOKENIZER),$(STUDENT_TOKENIZER:/=)/tokenizer.json)
 DATA_DIR      := data/$(NAME)
 CACHE_DIR     := cache/$(NAME)
@@ -106,7 +109,7 @@ CACHE_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) --out-dir $(CACHE_D
                  $(call option,NUM_SAMPLES,--num-samples) $(call option,TEMPERATURE,--temperature) $(call option,SEQ_LEN,--seq-len) $(call option,CACHE_BATCH,--batch-size) $(CACHE_ARGS)$(CONFIG_ARG)
 TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) $(call option,SEQ_LEN,--seq-len) $(call option,STEPS,--max-steps) \
                  $(call option,BATCH,--batch-size) --resume $(TRAIN_ARGS) $(STUDENT_ARGS)$(CONFIG_ARG) \
-                 $(if $(STUDENT_TOKENIZER),--student-tokenizer $(STUDENT_TOKENIZER))
+                 $(if $(STUDENT_TOKENIZER),--student-tokenizer $(STUDENT_TOKENIZER))$(if $(SEED), --seed $(SEED))
 ALPHA_OPT     := $(call option,ALPHA,--alpha)
 
 .PHONY: help install teacher data train-tokenizer cache-logits distill baseline compare test test-fast lint bench docs clean finetune-teacher export sweep

@@ -210,6 +210,10 @@ def test_make_passes_the_config_file_and_only_the_variables_given(tmp_path):
     plain = make_dry_run(tmp_path)
     distill_line = next(line for line in plain.splitlines() if " distill " in line)
     assert "--alpha 0.1" in distill_line and "--seq-len 512" in distill_line and "--config" not in distill_line
+    assert "--seed" not in distill_line
+    seeded = next(line for line in make_dry_run(tmp_path, "SEED=2").splitlines() if " distill " in line)
+    assert "--seed 2" in seeded and "--out-dir checkpoints/default-seed2-distill" in seeded  # its own run folder
+    assert "--cache-dir cache/default " in seeded  # the same cache
     with_file = make_dry_run(tmp_path, f"CONFIG={config}", "STEPS=20")
     distill_line = next(line for line in with_file.splitlines() if " distill " in line)
     assert f"--config {config}" in distill_line and "--max-steps 20" in distill_line  # given to make: passed

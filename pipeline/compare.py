@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.alignment import tokenizer_maps
 from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader, check_compatible
 from pipeline.config import CompareConfig, SampleConfig, check
@@ -33,7 +32,7 @@ from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
 from pipeline.rows import label_text_bytes, read_meta
 from pipeline.runs import STUDENT_RUNS, best_dir, finished_run, read_best, read_metrics
-from pipeline.student_data import check_student_data, student_data_dir
+from pipeline.student_data import built_student_rows
 from pipeline.tables import cell_text, markdown_table, number
 from pipeline.teacher import teacher_identity
 
@@ -128,15 +127,14 @@ def compare(config: CompareConfig, sample: SampleConfig, user_prompts: tuple[str
     student_tokenizer = tokenizer
     if cross_tokenizer:
         student_tokenizer = load_tokenizer(config.distilled)
-        student_dir = student_data_dir(config.data_dir, student_tokenizer)
-        check_student_data(student_dir, config.data_dir)
+        student = built_student_rows(config.data_dir, tokenizer, student_tokenizer, int(val_cache.attrs["vocab_size"]))
         student_eval = evaluate_across_tokenizers(
             loaded["teacher"],
             {label: model for label, model in loaded.items() if label != "teacher"},
-            str(student_dir),
+            student.data_dir,
             config.data_dir,
             val_cache,
-            tokenizer_maps(tokenizer, student_tokenizer, int(val_cache.attrs["vocab_size"])),
+            student.maps,
             count=count,
             batch_size=config.batch_size,
             temperature=temperature,

@@ -251,7 +251,7 @@ def check_student_data(student_dir: str | Path, data_dir: str | Path) -> dict:
     if not (student_dir / META_FILE).exists():
         raise PipelineError(
             f"no student data in {student_dir} (meta.json missing); build it with "
-            f"pipeline.data.prepare_student_data({str(data_dir)!r}, TOKENIZER)"
+            f"pipeline.student_data.prepare_student_data({str(data_dir)!r}, TOKENIZER)"
         )
     student_meta = read_json(student_dir / META_FILE)
     teacher_meta = read_meta(data_dir)
@@ -260,7 +260,7 @@ def check_student_data(student_dir: str | Path, data_dir: str | Path) -> dict:
     if changed:
         raise PipelineError(
             f"student data {student_dir} was built from other teacher data than {data_dir} holds now "
-            f"({', '.join(changed)} differ); rebuild it with pipeline.data.prepare_student_data, which reruns "
+            f"({', '.join(changed)} differ); rebuild it with pipeline.student_data.prepare_student_data, which reruns "
             "when its inputs change"
         )
     return student_meta
@@ -295,10 +295,21 @@ def student_rows_for(config: TrainConfig, student_config: StudentConfig, meta: d
     if accelerator.is_main_process:
         prepare_student_data(config.data_dir, tokenizer)
     accelerator.wait_for_everyone()
-    student_dir = str(student_data_dir(config.data_dir, tokenizer))  # built by the main process
-    check_student_data(student_dir, config.data_dir)
-    maps = tokenizer_maps(load_tokenizer(config.teacher), tokenizer, int(meta["vocab_size"]), config.loss.vocab_map)
-    return StudentRows(tokenizer, student_dir, read_meta(student_dir), maps)
+    return built_student_rows(  # built by the main process
+        config.data_dir, load_tokenizer(config.teacher), tokenizer, int(meta["vocab_size"]), config.loss.vocab_map
+    )
+
+
+def built_student_rows(
+    data_dir: str, teacher_tokenizer, tokenizer, teacher_vocab: int, vocab_map: str = "prefix"
+) -> StudentRows:
+    """A cross-tokenizer student's rows that prepare_student_data built from data_dir, checked against it (one
+    error line naming the rebuild otherwise), with the maps between the two tokenizers (teacher_vocab: the ids the
+    cache holds)."""
+    student_dir = student_data_dir(data_dir, tokenizer)
+    student_meta = check_student_data(student_dir, data_dir)
+    maps = tokenizer_maps(teacher_tokenizer, tokenizer, teacher_vocab, vocab_map)
+    return StudentRows(tokenizer, str(student_dir), student_meta, maps)
 
 
 def cross_tokenizer_note(student: StudentRows, student_config: StudentConfig) -> str:

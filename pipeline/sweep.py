@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.alignment import tokenizer_maps
 from pipeline.batches import CacheRows
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig, SweepConfig, TrainConfig, check, flag_fields, from_flags, to_flags
@@ -34,7 +33,7 @@ from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.plots import plot_val_ppl
 from pipeline.rows import label_text_bytes
 from pipeline.runs import read_metrics
-from pipeline.student_data import check_student_data, student_data_dir
+from pipeline.student_data import built_student_rows
 from pipeline.tables import markdown_table, number
 from pipeline.teacher import tokenizer_hash
 from pipeline.train import train
@@ -215,16 +214,15 @@ def _evaluate_runs(base: TrainConfig, runs: dict) -> dict:
         figures[name]["tokenizer"] = teacher_hash
     for student_hash, names in by_tokenizer.items():
         tokenizer = load_tokenizer(runs[names[0]]["path"])
-        student_dir = student_data_dir(base.data_dir, tokenizer)
-        check_student_data(student_dir, base.data_dir)
+        student = built_student_rows(base.data_dir, teacher_tokenizer, tokenizer, int(val_cache.attrs["vocab_size"]))
         students = {name: load_causal_lm(runs[name]["path"]).to(device) for name in names}
         across = evaluate_across_tokenizers(
             models["teacher"],
             students,
-            str(student_dir),
+            student.data_dir,
             base.data_dir,
             val_cache,
-            tokenizer_maps(teacher_tokenizer, tokenizer, int(val_cache.attrs["vocab_size"])),
+            student.maps,
             count=len(val_cache),
             batch_size=base.steps.batch_size,
             temperature=temperature,

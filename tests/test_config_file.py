@@ -204,6 +204,10 @@ def test_make_passes_the_config_file_and_only_the_variables_given(tmp_path):
     for name in ("setup.cfg", "pyproject.toml", "constraints.txt", ".venv/.installed"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
+    fake_python = tmp_path / ".venv" / "bin" / "python"  # every stage "succeeds" without doing anything
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text("#!/bin/sh\nexit 0\n")
+    fake_python.chmod(0o755)
     config = tmp_path / "run.yaml"
     config.write_text("distill:\n  alpha: 0.3\n")
 
@@ -222,7 +226,14 @@ def test_make_passes_the_config_file_and_only_the_variables_given(tmp_path):
     for stage in ("teacher", "data", "cache-logits"):
         assert any(f"pipeline {stage} " in line and f"--config {config}" in line for line in with_file.splitlines())
 
-    # Fake every stage's output, newer than its stamp: nothing to do. Editing the file makes the stages stale.
+    # A dry run and `make help` write nothing: no stage folder, no recorded options.
+    subprocess.run(["make", "help"], cwd=tmp_path, capture_output=True, check=True)
+    assert not any((tmp_path / folder).exists() for folder in ("data", "cache", "checkpoints"))
+
+    # A run records each stage's options; with every stage's output faked, newer than those records, there is
+    # nothing to do. Editing the file makes the stages stale.
+    subprocess.run(["make", "distill", f"CONFIG={config}", "STEPS=20"], cwd=tmp_path, capture_output=True, check=True)
+    assert (tmp_path / "checkpoints" / "default-distill" / ".options").read_text().startswith("--data-dir data/default")
     time.sleep(1.1)
     for output in (
         "checkpoints/teacher/config.json",

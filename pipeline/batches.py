@@ -103,6 +103,11 @@ class AlignedCacheRows(Dataset):
         last_label = int(np.searchsorted(student_ends, np.asarray(text_end, student_ends.dtype), side="right")) - 1
         return max(1, min(len(self), last_label // self.seq_len))
 
+    def label_text_bytes(self, rows: int) -> int:
+        """UTF-8 bytes of the text the first `rows` rows' labels spell (tokens 1 .. rows*L, from their byte ends)."""
+        student_ends = self._opened()[0]
+        return int(student_ends[rows * self.seq_len]) - int(student_ends[0])
+
     def teacher_positions_of(self, index: int) -> np.ndarray:
         """[L] the teacher position aligned with each position of row `index`, -1 where none."""
         student_ends, teacher_ends, _ = self._opened()

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from pipeline.batches import AlignedCacheRows, collate_rows
 from pipeline.losses import sampled_divergence, teacher_targets, topk_divergence
-from pipeline.rows import load_ends
 
 
 def cache_kl(logits: torch.Tensor, targets: Mapping, temperature: float) -> torch.Tensor:
@@ -234,10 +233,13 @@ def evaluate_across_tokenizers(
     seq_len = val_cache.seq_len
     rows = AlignedCacheRows(student_dir, data_dir, val_cache, maps)
     student_count = rows.rows_within(count)  # the student rows over the text of the teacher's `count` rows
-    student_ends = load_ends(student_dir, "val")
-    text_bytes = int(student_ends[student_count * seq_len]) - int(student_ends[0])
     models = evaluate(
-        students, rows.token_rows, count=student_count, batch_size=batch_size, desc="eval", text_bytes=text_bytes
+        students,
+        rows.token_rows,
+        count=student_count,
+        batch_size=batch_size,
+        desc="eval",
+        text_bytes=rows.label_text_bytes(student_count),
     )
     aligned = aligned_figures(
         teacher,
